@@ -7,16 +7,19 @@ from vaops.components.images import CPU_IMAGE
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
 def augment(dataset: dsl.Input[dsl.Dataset], augmented: dsl.Output[dsl.Dataset], report: dsl.Output[dsl.Artifact],
-            summary: dsl.Output[dsl.Markdown], copies: int = 1, seed: int = 0, paraphrase: bool = True,
-            action_noise_std: float = 0.0) -> int:
-    """Keep the originals and append `copies` augmented copies of each; returns the episode count."""
+            summary: dsl.Output[dsl.Markdown], copies: int = 1, seed: int = 0, preset: str = "default") -> int:
+    """Keep the originals and append `copies` augmented copies of each, drawn as the named preset
+    says (default, photometric, strong); returns the episode count."""
+    import dataclasses
     import shutil
 
-    from vaops.components.augment.config import AugmentConfig
+    from vaops.components.augment.config import PRESETS
     from vaops.components.augment.stage import run
 
-    result = run(AugmentConfig(dataset=dataset.path, output=augmented.path, report_dir=report.path, copies=copies,
-                               seed=seed, paraphrase=paraphrase, action_noise_std=action_noise_std))
+    if preset not in PRESETS:
+        raise ValueError(f"augment preset {preset!r}: choose one of {sorted(PRESETS)}")
+    result = run(dataclasses.replace(PRESETS[preset], dataset=dataset.path, output=augmented.path,
+                                     report_dir=report.path, copies=copies, seed=seed))
     shutil.copyfile(f"{report.path}/report.md", summary.path)
     total = result.originals + len(result.augmented)
     augmented.metadata.update({"episodes": total, "originals": result.originals})

@@ -25,6 +25,9 @@ class AugmentConfig:
 
 PRESETS: dict[str, AugmentConfig] = {
     "default": AugmentConfig(),
+    # Colour only: the grasp is a function of where the cube is in the image, so a crop-shift would
+    # teach wrong actions, and the policy is prompted with the task's own text (no paraphrases).
+    "photometric": AugmentConfig(max_shift=0.0, paraphrase=False),
     "strong": AugmentConfig(copies=2, brightness=0.3, contrast=0.3, saturation=0.3, hue=0.05, max_shift=0.08,
                             action_noise_std=0.005),
 }

@@ -34,4 +34,7 @@ class CleanConfig:
 PRESETS: dict[str, CleanConfig] = {
     "default": CleanConfig(),
     "aloha": CleanConfig(gripper_channels=(6, 13)),
+    # The `small` policy's demos: their length is chosen so the encoded 1 + 16k frames cover the
+    # whole plan, release included; trimming the idle tail would cut the last latent frame.
+    "aloha-full": CleanConfig(gripper_channels=(6, 13), trim_idle=False),
 }

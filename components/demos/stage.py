@@ -7,7 +7,12 @@ positions and actions at `fps`, and keep the episode if the task succeeded.
 
 from __future__ import annotations
 
+import itertools
 import math
+import multiprocessing
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,7 +53,10 @@ def segments(task: sim.SimTask, num_frames: int, hold: int, time_scale: float) -
 
 def check_config(cfg: DemosConfig) -> int:
     """Validates the config and returns the number of control steps each recorded frame holds."""
-    sim.get_task(cfg.task)
+    if not cfg.tasks:
+        raise ValueError("task: name at least one sim task")
+    for task in cfg.tasks:
+        sim.get_task(task)
     if cfg.fps <= 0 or sim.CONTROL_HZ % cfg.fps:
         raise ValueError(f"fps={cfg.fps}: must divide the sim's control rate of {sim.CONTROL_HZ} Hz")
     if cfg.episodes < 1:
@@ -58,42 +66,80 @@ def check_config(cfg: DemosConfig) -> int:
     return sim.CONTROL_HZ // cfg.fps
 
 
-def rollout(cfg: DemosConfig, seed: int, render: bool = True) -> sim.Rollout:
+def rollout(cfg: DemosConfig, seed: int, render: bool = True, task: str | None = None) -> sim.Rollout:
     hold = check_config(cfg)
-    poses = sim.object_poses(cfg.task, seed)
-    joints = sim.plan_joint_trajectory(cfg.task, poses, cfg.time_scale)
+    task = task or cfg.tasks[0]
+    poses = sim.object_poses(task, seed)
+    joints = sim.plan_joint_trajectory(task, poses, cfg.time_scale)
     size = (cfg.image_height, cfg.image_width) if render else None
-    return sim.replay(cfg.task, poses, joints, hold, size)
+    return sim.replay(task, poses, joints, hold, size)
 
 
-def run(cfg: DemosConfig) -> DemosResult:
-    hold = check_config(cfg)
-    task = sim.get_task(cfg.task)
-    kept: list[Episode] = []
-    seeds: list[int] = []
-    attempts = 0
-    successes = 0
-    with tqdm(total=cfg.episodes, desc=f"scripted {cfg.task}", unit="ep") as bar:
-        for seed in range(cfg.first_seed, cfg.first_seed + cfg.max_attempts):
-            if len(kept) == cfg.episodes:
+def _rollouts(cfg: DemosConfig, task: str, seeds: range) -> Iterator[tuple[int, sim.Rollout]]:
+    """`(seed, rollout)` in seed order; with several workers, computed ahead in child processes
+    (spawned: each makes its own EGL context, which a forked child cannot share)."""
+    if cfg.workers == 1:
+        yield from ((s, rollout(cfg, s, task=task)) for s in seeds)
+        return
+    with ProcessPoolExecutor(cfg.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        ahead = 2 * cfg.workers
+        pending: deque = deque()
+        it = iter(seeds)
+        try:
+            for s in itertools.islice(it, ahead):
+                pending.append((s, pool.submit(rollout, cfg, s, True, task)))
+            while pending:
+                s, future = pending.popleft()
+                yield s, future.result()
+                nxt = next(it, None)
+                if nxt is not None:
+                    pending.append((nxt, pool.submit(rollout, cfg, nxt, True, task)))
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _record_task(cfg: DemosConfig, task_name: str, hold: int, kept: list[Episode], seeds: list[int],
+                 bar: tqdm) -> tuple[int, int]:
+    """Appends `cfg.episodes` successful episodes of one task; returns (attempts, successes)."""
+    task = sim.get_task(task_name)
+    attempts = successes = recorded = 0
+    rollouts = _rollouts(cfg, task_name, range(cfg.first_seed, cfg.first_seed + cfg.max_attempts))
+    try:
+        for seed, r in rollouts:
+            if recorded == cfg.episodes:
                 break
             attempts += 1
-            r = rollout(cfg, seed)
             successes += r.success
-            bar.set_postfix(success=f"{successes}/{attempts}")
+            bar.set_postfix(task=task_name.split("-")[0], success=f"{successes}/{attempts}")
             if not (r.success or cfg.keep_failed):
                 continue
             n = len(r.actions)
-            meta = EpisodeMeta(episode_index=len(kept), length=n, tasks=[task.task_text],
-                               action_config=segments(task, n, hold, cfg.time_scale),
+            config = (segments(task, n, hold, cfg.time_scale) if cfg.segments == "phases"
+                      else [Segment(0, n, task.task_text)])
+            meta = EpisodeMeta(episode_index=len(kept), length=n, tasks=[task.task_text], action_config=config,
                                success=r.success, seed=seed)
             kept.append(Episode(meta, {"observation.state": r.states, "action": r.actions},
                                 {CAMERA.key: r.images}, [task.task_text] * n))
             seeds.append(seed)
+            recorded += 1
             bar.update(1)
-    if len(kept) < cfg.episodes:
-        raise RuntimeError(f"{cfg.task}: only {len(kept)} of {cfg.episodes} episodes succeeded "
+    finally:
+        rollouts.close()  # stops the workers' look-ahead
+    if recorded < cfg.episodes:
+        raise RuntimeError(f"{task_name}: only {recorded} of {cfg.episodes} episodes succeeded "
                            f"in {attempts} seeds from {cfg.first_seed}; raise max_attempts")
+    return attempts, successes
+
+
+def run(cfg: DemosConfig) -> DemosResult:
+    hold = check_config(cfg)
+    kept: list[Episode] = []
+    seeds: list[int] = []
+    attempts = successes = 0
+    with tqdm(total=cfg.episodes * len(cfg.tasks), desc="scripted demos", unit="ep") as bar:
+        for task_name in cfg.tasks:
+            a, s = _record_task(cfg, task_name, hold, kept, seeds, bar)
+            attempts, successes = attempts + a, successes + s
     out = write_dataset(cfg.output, kept, fps=cfg.fps, features=features(cfg), robot_type="aloha",
                         vcodec=cfg.vcodec, total=len(kept), desc="write demos")
     return DemosResult(Path(out), len(kept), attempts, successes / attempts, seeds)

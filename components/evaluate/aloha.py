@@ -25,6 +25,15 @@ CAMERA = ALOHA_CAMERAS[0]
 ACTION_CHANNELS = len(ALOHA_CHANNELS)
 
 
+def camera_size(metadata: dict | None) -> tuple[int, int]:
+    """The top camera's size the server's model takes (its metadata), else the demos' default: the
+    frames are rendered at the size the policy was trained on, not resized on the server."""
+    size = ((metadata or {}).get("cameras") or {}).get(CAMERA.key)
+    if isinstance(size, (list, tuple)) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size):
+        return int(size[0]), int(size[1])
+    return CAMERA.height, CAMERA.width
+
+
 def episode_seed(seed: int, episode: int) -> int:
     return 10000 * (1 + seed) + episode
 
@@ -34,7 +43,8 @@ class AlohaEpisode:
 
     action_channels = ACTION_CHANNELS
 
-    def __init__(self, task: str, seed: int, max_steps: int, fps: int):
+    def __init__(self, task: str, seed: int, max_steps: int, fps: int,
+                 size: tuple[int, int] = (CAMERA.height, CAMERA.width)):
         if fps <= 0 or sim.CONTROL_HZ % fps:
             raise ValueError(f"fps={fps}: must divide the sim's control rate of {sim.CONTROL_HZ} Hz")
         self.task = task
@@ -42,6 +52,7 @@ class AlohaEpisode:
         self.hold = sim.CONTROL_HZ // fps
         self.control_period_s = self.hold / sim.CONTROL_HZ  # the sim time one action takes
         self.max_steps = max_steps
+        self.size = size
         self.env, self.physics = sim.joint_environment(task, sim.object_poses(task, seed))
         self.qpos = np.asarray(self.env.reset().observation["qpos"], np.float32)
         self.previous = self.qpos.astype(np.float64)
@@ -49,7 +60,7 @@ class AlohaEpisode:
         self._steps = 0
 
     def observation(self) -> dict[str, Any]:
-        image = sim.render_top(self.physics, CAMERA.height, CAMERA.width)
+        image = sim.render_top(self.physics, *self.size)
         return {CAMERA.key: image, "observation.state": self.qpos.copy(), "task": self.prompt}
 
     def step(self, action: np.ndarray) -> None:

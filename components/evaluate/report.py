@@ -136,7 +136,7 @@ def episode_table(records: Sequence[EpisodeRecord]) -> str:
                 f"every episode is in `episodes.jsonl`.\n\n")
     rows = [[r.setting, r.task, r.episode, r.seed, r.status, _pct(r.progress), r.steps, r.chunks,
              f"{np.mean(r.chunk_latency_s):.3f}" if r.chunk_latency_s else "–",
-             f"[mp4]({r.video})" if r.video else "–", r.error or ""] for r in shown]
+             f"[{Path(r.video).suffix[1:]}]({r.video})" if r.video else "–", r.error or ""] for r in shown]
     return note + markdown_table(["Setting", "Task", "Episode", "Seed", "Status", "Progress (%)", "Length", "Chunks",
                                   "Chunk latency (s)", "Video", "Reason"], rows)
 
@@ -198,8 +198,9 @@ def render_html(markdown: str, records: Sequence[EpisodeRecord], title: str, fol
         body += "<h2>Videos: real camera | imagined</h2>\n"
         for r in videos:
             caption = html.escape(f"{r.setting} / {r.task} / episode {r.episode} (seed {r.seed}): {r.status}")
-            body += (f'<figure><video src="{html.escape(r.video)}" controls muted loop></video>'
-                     f"<figcaption>{caption}</figcaption></figure>\n")
+            media = (f'<img src="{html.escape(r.video)}">' if r.video.endswith(".gif")
+                     else f'<video src="{html.escape(r.video)}" controls muted loop></video>')
+            body += f"<figure>{media}<figcaption>{caption}</figcaption></figure>\n"
     style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
              "table{border-collapse:collapse;font-size:90%}td,th{border:1px solid #ccc;padding:2px 6px}"
              "img{max-width:100%}video{max-width:100%}figure{display:inline-block;margin:6px}")

@@ -12,6 +12,7 @@ writes its episodes and `merge_and_report` (`vaops eval --merge`) makes the repo
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from typing import Iterator
 
 from tqdm import tqdm
 
-from .client import PolicyClient
+from .client import PolicyClient, PolicyConnectionError
 from .config import EvalConfig, TrackingConfig
 from .episode import EpisodeEnv, run_episode
 from .metrics import flat_metrics, summarize
@@ -39,7 +40,7 @@ from .results import (
     write_manifest,
 )
 from .tracking import log_evaluation, model_run_tags
-from .video import side_by_side, write_mp4
+from .video import side_by_side, write_video
 
 VIDEO_FPS = 8
 
@@ -66,7 +67,7 @@ def _episode(config: EvalConfig, client: PolicyClient, env: EpisodeEnv, setting:
     if config.videos and outcome.frames:
         path = (config.shard_dir() / "videos" / setting / task /
                 f"ep{episode:04d}_seed{seed}_{outcome.status}.mp4")
-        write_mp4(path, side_by_side(outcome.frames, caption=f"{task} #{episode}"), VIDEO_FPS)
+        path = write_video(path, side_by_side(outcome.frames, caption=f"{task} #{episode}"), VIDEO_FPS)
         video = path.relative_to(config.output_dir).as_posix()
     record = EpisodeRecord(
         suite=config.suite, setting=setting, task=task, episode=episode, seed=seed, prompt=env.prompt,
@@ -79,13 +80,17 @@ def _episode(config: EvalConfig, client: PolicyClient, env: EpisodeEnv, setting:
 
 def _aloha_unit(config: EvalConfig, client: PolicyClient, unit: WorkUnit,
                 done: dict) -> Iterator[tuple[EpisodeRecord, bool]]:
-    from .aloha import AlohaEpisode, episode_seed
+    from .aloha import AlohaEpisode, camera_size, episode_seed
 
+    if not client.connected:  # the server's metadata names the camera size; an unreachable one fails per episode
+        with contextlib.suppress(PolicyConnectionError):
+            client.connect()
+    size = camera_size(client.metadata)
     for e in unit.episodes:
         if (unit.setting, unit.task, e) in done:
             continue
         seed = episode_seed(config.seed, e)
-        env = AlohaEpisode(unit.task, seed, config.max_steps, config.fps)
+        env = AlohaEpisode(unit.task, seed, config.max_steps, config.fps, size)
         yield _episode(config, client, env, unit.setting, unit.task, e, seed,
                        env.control_period_s if config.real_time else 0.0)
 

@@ -61,6 +61,39 @@ def side_by_side(chunks: Sequence[ChunkFrames], caption: str = "") -> list[np.nd
     return out
 
 
+def ffmpeg_available() -> bool:
+    """Whether imageio can reach an ffmpeg binary (imageio-ffmpeg's bundled one, or IMAGEIO_FFMPEG_EXE)."""
+    try:
+        import imageio_ffmpeg
+
+        imageio_ffmpeg.get_ffmpeg_exe()
+    except (ImportError, RuntimeError):
+        return False
+    return True
+
+
+def write_video(path: Path, frames: Sequence[np.ndarray], fps: float) -> Path:
+    """`path` as H.264 mp4 where ffmpeg is at hand, else as an animated GIF beside it (`.gif`): a GPU
+    node's image without ffmpeg still gets its episode videos. Returns the path written."""
+    if ffmpeg_available():
+        return write_mp4(path, frames, fps)
+    return write_gif(Path(path).with_suffix(".gif"), frames, fps)
+
+
+def write_gif(path: Path, frames: Sequence[np.ndarray], fps: float) -> Path:
+    """An animated GIF (Pillow), written to a temp file and renamed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    images = [Image.fromarray(np.asarray(f, dtype=np.uint8)) for f in frames]
+
+    def write(tmp: Path) -> None:
+        images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:],
+                       duration=int(round(1000 / fps)), loop=0)
+
+    write_file_atomically(path, write)
+    return path
+
+
 def write_mp4(path: Path, frames: Sequence[np.ndarray], fps: float) -> Path:
     """H.264 mp4, written to a temp file and renamed; frames are padded to even sizes (yuv420p)."""
     path = Path(path)

@@ -8,6 +8,7 @@ same engine as the GPU runs.
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 from dataclasses import dataclass
@@ -109,6 +110,25 @@ def warmup_constant(warmup_steps: int):
     return lambda step: min(1.0, (step + 1) / (warmup_steps + 1)) if warmup_steps else 1.0
 
 
+def warmup_cosine(warmup_steps: int, total_steps: int, floor: float = 0.1):
+    """Linear warm-up, then a cosine from 1 down to `floor` at `total_steps` (training from scratch:
+    the late, small steps are what make the actions precise)."""
+    warm = warmup_constant(warmup_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return warm(step)
+        done = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * done))
+
+    return factor
+
+
+def lr_factor(cfg: TrainConfig):
+    return (warmup_cosine(cfg.warmup_steps, cfg.steps) if cfg.lr_schedule == "cosine"
+            else warmup_constant(cfg.warmup_steps))
+
+
 def build_engine(model: torch.nn.Module, cfg: TrainConfig, info: DistInfo, external_params=()):
     """DeepSpeed engine over `model`; `external_params` are parameters the model uses outside
     their owner's forward (ZeRO-3 must gather them for the wrapper's forward)."""
@@ -116,7 +136,7 @@ def build_engine(model: torch.nn.Module, cfg: TrainConfig, info: DistInfo, exter
         for p in external_params:
             deepspeed.zero.register_external_parameter(model, p)
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg, info)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_constant(cfg.warmup_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(cfg, info), dist_init_required=False)
     return engine

@@ -1,0 +1,11 @@
+# Source on a bare GPU node of the lab's device tool (torch there, nothing else of the project's):
+# unpacks the carried EGL loaders (.gl/*.deb) for headless MuJoCo, installs the carried wheels of
+# the folder given, and puts the project's packages on the path.
+#   source bench/device_env.sh .whl-gpu
+for f in .gl/*.deb; do dpkg -x "$f" /; done
+ldconfig
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$1"/*.whl \
+  || return 1
+mkdir -p /tmp/site/vaops
+for d in models components pipelines serving; do ln -sfn "$PWD/$d" "/tmp/site/vaops/$d"; done
+export PYTHONPATH=/tmp/site MUJOCO_GL=egl HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
