@@ -9,3 +9,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 mkdir -p /tmp/site/vaops
 for d in models components pipelines serving; do ln -sfn "$PWD/$d" "/tmp/site/vaops/$d"; done
 export PYTHONPATH=/tmp/site MUJOCO_GL=egl HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+# NVIDIA's EGL vendor file, where the node mounts the driver outside the loader's search path.
+nv_egl=/usr/local/nvidia/share/glvnd/egl_vendor.d/10_nvidia.json
+[ -f "$nv_egl" ] && export __EGL_VENDOR_LIBRARY_FILENAMES=$nv_egl
+true
