@@ -15,6 +15,15 @@ from pathlib import Path
 from typing import Callable
 
 
+def link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """A hard link to `src` at `dst` (no bytes copied: checkpoints are tens of GB), or a copy
+    where links are not possible (another file system); a `copy_function` for shutil.copytree."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 def write_folder_atomically(folder: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Run `write(tmp_dir)` on a fresh sibling folder and swap it in for `folder` once it
     completed; a failed or interrupted write leaves any existing `folder` untouched."""

@@ -93,11 +93,12 @@ def read_preset(folder: str | os.PathLike) -> Preset:
 
 
 def save_checkpoint(folder: str | os.PathLike, preset: Preset, transformer: LingBotVATransformer,
-                    vae: torch.nn.Module, text_encoder: TextEncoder) -> Path:
-    """Write a complete checkpoint folder atomically (a temp folder renamed into place)."""
+                    vae: torch.nn.Module, text_encoder: TextEncoder, max_shard_bytes: int | None = None) -> Path:
+    """Write a complete checkpoint folder atomically (a temp folder renamed into place); the
+    transformer in shards of `max_shard_bytes` when given (the released layout)."""
 
     def write(tmp: Path) -> None:
-        save_transformer(transformer, tmp / "transformer")
+        save_transformer(transformer, tmp / "transformer", max_shard_bytes)
         save_vae(vae, tmp / "vae")
         text_encoder.save(tmp / "text_encoder", tmp / "tokenizer")
         (tmp / POLICY_FILE).write_text(json.dumps(policy_dict(preset), indent=2) + "\n")
@@ -132,7 +133,28 @@ def build_random_weights(preset: Preset, seed: int = 0, device: str | torch.devi
     return PolicyWeights(preset, transformer.eval(), vae.eval(), text)
 
 
+def write_random_checkpoint(folder: str | os.PathLike, preset: Preset | str, seed: int = 0,
+                            device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                            max_shard_bytes: int | None = None) -> Path:
+    """A complete random checkpoint of `preset`'s sizes in the released layout: the transformer and
+    text encoder built on `device` in `dtype` (bfloat16 on a GPU makes the real sizes take seconds
+    and half the disk), the VAE in float32 as released. The parts are built and written one at a
+    time, so the real sizes need one network's memory at a time."""
+    preset = get_preset(preset) if isinstance(preset, str) else preset
+
+    def write(tmp: Path) -> None:
+        transformer = build_transformer(preset.transformer, seed=seed, device=device, dtype=dtype)
+        save_transformer(transformer, tmp / "transformer", max_shard_bytes)
+        del transformer
+        save_vae(build_vae(preset.vae, seed=seed), tmp / "vae")
+        text = build_text_encoder(preset.text_encoder, seed=seed, device=device, dtype=dtype)
+        text.save(tmp / "text_encoder", tmp / "tokenizer")
+        del text
+        (tmp / POLICY_FILE).write_text(json.dumps(policy_dict(preset), indent=2) + "\n")
+
+    return write_folder_atomically(folder, write)
+
+
 def write_tiny_checkpoint(folder: str | os.PathLike, seed: int = 0) -> Path:
     """A complete tiny random checkpoint (the `tiny` preset) for tests and the demo."""
-    w = build_random_weights(get_preset("tiny"), seed=seed)
-    return save_checkpoint(folder, w.preset, w.transformer, w.vae, w.text_encoder)
+    return write_random_checkpoint(folder, get_preset("tiny"), seed=seed)

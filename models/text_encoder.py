@@ -79,15 +79,19 @@ class TextEncoder:
         write_folder_atomically(folder_tokenizer, lambda tmp: self.tokenizer.save_pretrained(tmp))
 
 
-def build_text_encoder(cfg: TextEncoderConfig, seed: int = 0) -> TextEncoder:
-    """A randomly initialised UMT5 encoder of the given sizes (deterministic in `seed`) with
-    the offline tiny tokenizer."""
+def build_text_encoder(cfg: TextEncoderConfig, seed: int = 0, device: str | torch.device = "cpu",
+                       dtype: torch.dtype = torch.float32) -> TextEncoder:
+    """A randomly initialised UMT5 encoder of the given sizes (deterministic in `seed` on a given
+    device) with the offline tiny tokenizer. Built on `device`: the real size (5.7 B) initialises
+    in seconds on a GPU, minutes on a CPU."""
     config = UMT5Config(vocab_size=cfg.vocab_size, d_model=cfg.d_model, d_kv=cfg.d_kv, d_ff=cfg.d_ff,
                         num_layers=cfg.num_layers, num_heads=cfg.num_heads)
-    with torch.random.fork_rng(devices=[]):
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        model = UMT5EncoderModel(config)
-    return TextEncoder(model, build_tokenizer(cfg.max_length), cfg.max_length)
+        with device:
+            model = UMT5EncoderModel(config)
+    return TextEncoder(model.to(dtype), build_tokenizer(cfg.max_length), cfg.max_length)
 
 
 def _require_folder(folder: Path, what: str, needed: str) -> None:

@@ -378,13 +378,40 @@ def load_transformer(folder: str | os.PathLike, dtype: torch.dtype = torch.float
     return model.to(device).to_dtype(dtype).eval()
 
 
-def save_transformer(model: LingBotVATransformer, folder: str | os.PathLike) -> None:
-    """Write config.json and the safetensors weights (the released layout) atomically."""
+def shard_names(state: dict[str, torch.Tensor], max_shard_bytes: int | None) -> dict[str, str]:
+    """Parameter name -> weights file: one file, or diffusers' shards
+    `diffusion_pytorch_model-0000i-of-0000n.safetensors` of at most `max_shard_bytes` each
+    (a tensor larger than that gets a shard of its own)."""
+    if max_shard_bytes is None:
+        return dict.fromkeys(state, WEIGHTS_NAME)
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    stem, suffix = WEIGHTS_NAME.split(".", 1)
+    return {name: f"{stem}-{i + 1:05d}-of-{len(shards):05d}.{suffix}" for i, names in enumerate(shards)
+            for name in names}
+
+
+def save_transformer(model: LingBotVATransformer, folder: str | os.PathLike, max_shard_bytes: int | None = None) -> None:
+    """Write config.json and the safetensors weights (the released layout) atomically; with
+    `max_shard_bytes`, sharded with an index, as the released checkpoints are."""
 
     def write(tmp: Path) -> None:
         (tmp / "config.json").write_text(json.dumps(model.config.to_json_dict(), indent=2) + "\n")
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        files = shard_names(state, max_shard_bytes)
+        for file in dict.fromkeys(files.values()):
+            save_file({k: v for k, v in state.items() if files[k] == file}, str(tmp / file), metadata={"format": "pt"})
+        if max_shard_bytes is not None:
+            total = sum(v.numel() * v.element_size() for v in state.values())
+            index = {"metadata": {"total_size": total}, "weight_map": files}
+            (tmp / WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
 
     write_folder_atomically(folder, write)
 

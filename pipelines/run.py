@@ -4,7 +4,8 @@ Pipelines cluster.
 Locally every step is a process in this virtualenv (`SubprocessRunner(use_venv=False)`), its
 outputs under `--root` (default outputs/pipeline), cached there: a rerun with the same inputs
 skips the steps that already finished and resumes at the first that did not. A failing step
-ends the run with the step's name and its error.
+ends the run with one line: the step's name, its exception and the path of its full log (each
+step's output is also written to <root>/logs/<step>.log).
 
 Pipeline parameters are flags (`--demo-episodes 2`, `--train-config '{"steps": 10}'`).
 """
@@ -18,29 +19,35 @@ import os
 import re
 import sys
 import warnings
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vaops.components.tracebacks import clean, describe_failure
+
 from .pipeline import LOCAL, PIPELINE_NAME, ClusterOptions, add_cluster_arguments, build_pipeline, cluster_options
 
 DEFAULT_ROOT = Path("outputs/pipeline")
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-# The last line of a Python traceback: "SomeError: message" (module-qualified or not).
-_EXCEPTION_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Exit|Aborted|Interrupt)): ?(.*)$")
+LOGS = "logs"  # under the run's root: one file per step, <step>.log (<step>-2.log for a second task of that name)
+# kfp.local's own lines (each step's start, end, outputs), module-qualified or not.
+_EXECUTING = re.compile(r"Executing task '([\w-]+)'")
+_FINISHED = re.compile(r"Task '([\w-]+)' finished with status")
 _CACHE_HIT = re.compile(r"Task '?([\w-]+)'? cache hit")
+_KFP_LINE = re.compile(r"^\d{2}:\d{2}:\d{2}(\.\d+)? - [A-Z]+ - |^-{10,}$|^(Streamed logs:|Task '[\w-]+' )")
+_STREAM_INDENT = " " * 4  # kfp.local indents the steps' own output by this much
 _PARSERS = {"String": str, "Integer": int, "Float": float,
             "Boolean": lambda s: {"true": True, "false": False}[s.lower()], "Dict": json.loads}
 
 
 class PipelineFailed(RuntimeError):
-    """A step failed; the message names it and its error."""
+    """A step failed; the one-line message names it, its error and its full log."""
 
-    def __init__(self, step: str, reason: str):
-        super().__init__(f"step {step!r} failed: {reason}")
+    def __init__(self, step: str, reason: str, log: Path | None = None):
+        reason = " ".join(reason.split("\n"))
+        super().__init__(f"step {step!r} failed: {reason}" + (f" (full log: {log})" if log else ""))
         self.step = step
         self.reason = reason
+        self.log = log
 
 
 @dataclass
@@ -48,6 +55,7 @@ class LocalRun:
     outputs: dict[str, Any]  # the pipeline's outputs: artifacts (with .path) and values
     root: Path
     cached: list[str]  # steps served from the cache
+    logs: list[tuple[str, Path]]  # (step, its log file) of the steps that ran, in order
 
 
 def parameters() -> dict[str, tuple[str, Any]]:
@@ -62,21 +70,54 @@ def parse_value(name: str, kind: str, text: str) -> Any:
         raise ValueError(f"--{name.replace('_', '-')}: {text!r} is not a valid {kind} ({e})") from None
 
 
-class _Tee:
-    """stdout that also keeps its last lines (the steps' logs, where their errors are) and notes
-    the steps kfp.local serves from its cache."""
+class _StepLogs:
+    """stdout that also writes each step's part of it to the step's own log file (kfp.local streams
+    every step's output into this one stream, indented) and notes the steps served from the cache."""
 
-    def __init__(self, stream, keep: int = 400):
+    def __init__(self, stream, folder: Path):
         self.stream = stream
-        self.lines: deque[str] = deque(maxlen=keep)
+        self.folder = folder
+        self.logs: list[tuple[str, Path]] = []
         self.cached: list[str] = []
+        self._file = None
+        self._pending = ""
 
     def write(self, text: str) -> int:
-        for line in text.splitlines():
-            self.lines.append(line)
-            if m := _CACHE_HIT.search(_ANSI.sub("", line)):
-                self.cached.append(m.group(1))
+        # Lines arrive in pieces (kfp prints the indent, then the line): split only whole lines.
+        self._pending += text
+        *lines, self._pending = self._pending.split("\n")
+        for line in lines:
+            self._line(line)
         return self.stream.write(text)
+
+    def _line(self, raw: str) -> None:
+        line = clean(raw)
+        if m := _EXECUTING.search(line):
+            self._open(m.group(1))
+        elif m := _CACHE_HIT.search(line):
+            self.cached.append(m.group(1))
+        if self._file is not None:
+            self._file.write((raw[len(_STREAM_INDENT):] if raw.startswith(_STREAM_INDENT) else raw) + "\n")
+            if _FINISHED.search(line):
+                self.close()
+
+    def _open(self, step: str) -> None:
+        self.close()
+        taken = sum(1 for name, _ in self.logs if name == step)
+        path = self.folder / (f"{step}.log" if not taken else f"{step}-{taken + 1}.log")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.logs.append((step, path))
+        self._file = open(path, "w", buffering=1, errors="replace")
+
+    def log_of(self, step: str) -> Path | None:
+        """The log of the last task named `step` (a ParallelFor runs several)."""
+        found = [path for name, path in self.logs if name == step]
+        return found[-1] if found else None
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
     def flush(self) -> None:
         self.stream.flush()
@@ -85,16 +126,16 @@ class _Tee:
         return getattr(self.stream, name)
 
 
-def failure(message: str, lines: list[str]) -> PipelineFailed:
-    """The failed step (innermost) and the last exception its log shows."""
-    message = _ANSI.sub("", message)
+def failure(message: str, logs: _StepLogs) -> PipelineFailed:
+    """The failed step (innermost), the exception its log ends with, and that log's path."""
+    message = clean(message)
     chain = re.search(r"Inner task failed: (.*?)\.?$", message)
     steps = re.findall(r"'([^']+)'", chain.group(1)) if chain else []
     step = steps[0] if steps else "unknown"
-    found = (_EXCEPTION_LINE.match(_ANSI.sub("", line).strip()) for line in reversed(lines))
-    m = next((m for m in found if m), None)
-    reason = f"{m.group(1).rsplit('.', 1)[-1]}: {m.group(2)}" if m else "no error message in its log (see above)"
-    return PipelineFailed(step, reason)
+    log = logs.log_of(step)
+    lines = log.read_text(errors="replace").splitlines() if log is not None and log.is_file() else []
+    reason = describe_failure(lines, skip=_KFP_LINE) or "it printed no error"
+    return PipelineFailed(step, reason, log)
 
 
 def run_local(arguments: dict[str, Any], root: Path = DEFAULT_ROOT) -> LocalRun:
@@ -108,7 +149,7 @@ def run_local(arguments: dict[str, Any], root: Path = DEFAULT_ROOT) -> LocalRun:
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), enable_caching=True,
                raise_on_error=True)
     pipeline = build_pipeline(LOCAL)
-    tee = _Tee(sys.stdout)
+    tee = _StepLogs(sys.stdout, root / LOGS)
     sys.stdout = tee  # kfp.local prints the steps' logs and its own there
     # kfp.local logs its cache hits outside its own logging setup: show them too.
     root_logger, hits = logging.getLogger(), logging.StreamHandler(tee)
@@ -124,12 +165,13 @@ def run_local(arguments: dict[str, Any], root: Path = DEFAULT_ROOT) -> LocalRun:
     except RuntimeError as e:
         if "Inner task failed" not in str(e):
             raise
-        raise failure(str(e), list(tee.lines)) from None
+        raise failure(str(e), tee) from None
     finally:
         sys.stdout = tee.stream
+        tee.close()
         root_logger.removeHandler(hits)
         root_logger.setLevel(level)
-    return LocalRun(dict(task.outputs), root, tee.cached)
+    return LocalRun(dict(task.outputs), root, tee.cached, tee.logs)
 
 
 def submit(arguments: dict[str, Any], host: str, options: ClusterOptions, experiment: str = PIPELINE_NAME,

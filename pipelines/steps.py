@@ -51,12 +51,12 @@ def base_model(model: dsl.Output[dsl.Model], base_checkpoint: str = "", preset: 
     else a tiny random one (only for the tiny preset: nothing downloads weights). Returns its preset."""
     import os
     import shutil
-    import tempfile
     from pathlib import Path
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if tracking_uri:
         os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
+    from vaops.models.atomic import link_or_copy
     from vaops.models.checkpoint import POLICY_FILE, read_preset, write_tiny_checkpoint
     from vaops.serving.model_source import WEIGHT_PARTS, resolve_checkpoint
 
@@ -69,21 +69,15 @@ def base_model(model: dsl.Output[dsl.Model], base_checkpoint: str = "", preset: 
         model.metadata.update({"source": f"random tiny (seed {seed})", "preset": "tiny"})
         return "tiny"
 
-    def link_or_copy(src: str, dst: str) -> None:
-        try:
-            os.link(src, dst)
-        except OSError:  # another file system
-            shutil.copy2(src, dst)
-
-    with tempfile.TemporaryDirectory(prefix="base-", dir=out.parent) as tmp:
-        folder = resolve_checkpoint(base_checkpoint, download_dir=tmp)
-        found = read_preset(folder).name
-        if found != preset:
-            raise ValueError(f"{base_checkpoint}: a {found!r} checkpoint, but the pipeline's preset is {preset!r}")
-        out.mkdir(parents=True)
-        for part in WEIGHT_PARTS:
-            shutil.copytree(folder / part, out / part, copy_function=link_or_copy)
-        link_or_copy(str(folder / POLICY_FILE), str(out / POLICY_FILE))
+    # A registry version is downloaded once into the model cache (serving's), then linked from there.
+    folder = resolve_checkpoint(base_checkpoint)
+    found = read_preset(folder).name
+    if found != preset:
+        raise ValueError(f"{base_checkpoint}: a {found!r} checkpoint, but the pipeline's preset is {preset!r}")
+    out.mkdir(parents=True)
+    for part in WEIGHT_PARTS:
+        shutil.copytree(folder / part, out / part, copy_function=link_or_copy)
+    link_or_copy(str(folder / POLICY_FILE), str(out / POLICY_FILE))
     model.metadata.update({"source": base_checkpoint, "preset": found})
     return found
 

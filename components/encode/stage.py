@@ -29,7 +29,8 @@ from tqdm import tqdm
 
 from vaops.components.dataset import DatasetError, LeRobotData, Segment
 from vaops.components.reports import markdown_table, write_report
-from vaops.models.atomic import write_folder_atomically
+from vaops.models.atomic import link_or_copy, write_folder_atomically
+from vaops.models.checkpoint import POLICY_FILE, read_preset
 from vaops.models.config import Preset, get_preset
 from vaops.models.observation import VideoEncoder
 from vaops.models.text_encoder import TextEncoder, build_text_encoder, load_text_encoder
@@ -70,12 +71,6 @@ def load_models(cfg: EncodeConfig, preset: Preset):
     return vae, text
 
 
-def _link_or_copy(src: str, dst: str) -> None:
-    try:
-        Path(dst).hardlink_to(src)
-    except OSError:  # another filesystem, or links not allowed
-        shutil.copy2(src, dst)
-
 
 @dataclass
 class EncodeResult:
@@ -95,8 +90,16 @@ def _segments(meta) -> list[Segment]:
     return meta.action_config or [Segment(0, meta.length, meta.tasks[0] if meta.tasks else "")]
 
 
+def encoding_preset(cfg: EncodeConfig) -> Preset:
+    """The cameras and sizes to encode for: a checkpoint's policy.json wins over the named preset (as
+    in training), so the latents fit the model that will train on them."""
+    if cfg.checkpoint is not None and (Path(cfg.checkpoint) / POLICY_FILE).is_file():
+        return read_preset(cfg.checkpoint)
+    return get_preset(cfg.model_preset)
+
+
 def run(cfg: EncodeConfig) -> EncodeResult:
-    preset = get_preset(cfg.model_preset)
+    preset = encoding_preset(cfg)
     robot = get_robot(cfg.robot)
     per_latent = preset.frames_per_latent
     stride = cfg.stride or preset.action_per_frame // per_latent
@@ -129,7 +132,7 @@ def run(cfg: EncodeConfig) -> EncodeResult:
 
     def build(tmp: Path) -> None:
         shutil.copytree(data.root, tmp, dirs_exist_ok=True,
-                        copy_function=_link_or_copy if cfg.link_files else shutil.copy2)
+                        copy_function=link_or_copy if cfg.link_files else shutil.copy2)
         # an already encoded input is re-encoded from scratch
         shutil.rmtree(tmp / LATENTS_DIR, ignore_errors=True)
         for stale in (EMPTY_EMB_FILE, NORM_STATS_FILE):

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vaops.models.atomic import link_or_copy
 from vaops.models.checkpoint import POLICY_FILE, read_preset
 from vaops.models.config import Preset
 from vaops.serving.model_source import CHECKPOINT_ARTIFACT, WEIGHT_PARTS, artifact_root, refuse_pickles, tracking_uri
@@ -87,12 +88,6 @@ def _requirements() -> list[str]:
     return pins
 
 
-def _link_or_copy(src: str, dst: str) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:  # another file system, or links not allowed
-        shutil.copy2(src, dst)
-
 
 def _stage_serving_parts(checkpoint: Path, into: Path) -> Path:
     """The serving parts only (optimizer state and the like stay behind), hard-linked where possible:
@@ -102,9 +97,9 @@ def _stage_serving_parts(checkpoint: Path, into: Path) -> Path:
     for part in SERVING_PARTS:
         src = checkpoint / part
         if src.is_dir():
-            shutil.copytree(src, staged / part, copy_function=_link_or_copy)
+            shutil.copytree(src, staged / part, copy_function=link_or_copy)
         else:
-            _link_or_copy(str(src), str(staged / part))
+            link_or_copy(str(src), str(staged / part))
     return staged
 
 

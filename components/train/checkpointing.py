@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from vaops.models.atomic import write_folder_atomically
+from vaops.models.atomic import link_or_copy, write_folder_atomically
 from vaops.models.checkpoint import POLICY_FILE, policy_dict
 from vaops.models.config import Preset, TransformerConfig
 from vaops.models.transformer import LingBotVATransformer, save_transformer
@@ -100,12 +100,6 @@ def check_resumable(state: TrainerState, config: dict, world: int, source: Path)
                          + " (use a new output folder for a new run)")
 
 
-def _link_or_copy(src: str, dst: str) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
-
 
 def write_transformer(weights: dict[str, torch.Tensor], config: TransformerConfig, folder: Path) -> None:
     state = {k[len(MODULE_PREFIX):]: v for k, v in weights.items() if k.startswith(MODULE_PREFIX)}
@@ -116,8 +110,9 @@ def write_transformer(weights: dict[str, torch.Tensor], config: TransformerConfi
 
 
 def save(engine, output: Path, state: TrainerState, preset: Preset, base: Path | None, keep_last: int,
-         info: DistInfo) -> Path:
-    """Write checkpoint `state.step` (all ranks call this); returns its folder."""
+         info: DistInfo, training_state: bool = True) -> Path:
+    """Write checkpoint `state.step` (all ranks call this); returns its folder. Without
+    `training_state` only the weights: the checkpoint serves but cannot be resumed."""
     final = checkpoint_dir(output, state.step)
 
     def write_shared(tmp: Path | None):
@@ -125,7 +120,8 @@ def save(engine, output: Path, state: TrainerState, preset: Preset, base: Path |
         shared = [str(tmp) if tmp is not None else None]
         broadcast_object(shared)
         tmp = Path(shared[0])
-        engine.save_checkpoint(str(tmp / ENGINE_STATE), tag=ENGINE_TAG, save_latest=False)
+        if training_state:
+            engine.save_checkpoint(str(tmp / ENGINE_STATE), tag=ENGINE_TAG, save_latest=False)
         weights = full_state_dict(engine)
         barrier()
         return weights
@@ -135,7 +131,7 @@ def save(engine, output: Path, state: TrainerState, preset: Preset, base: Path |
         (tmp / POLICY_FILE).write_text(json.dumps(policy_dict(preset), indent=2) + "\n")
         for part in BASE_PARTS:
             if base is not None and (base / part).is_dir():
-                shutil.copytree(base / part, tmp / part, copy_function=_link_or_copy)
+                shutil.copytree(base / part, tmp / part, copy_function=link_or_copy)
         state.write(tmp / STATE_FILE)
 
     if info.is_main:
@@ -158,6 +154,9 @@ def load(engine, folder: Path, config: dict, world: int) -> TrainerState:
     after checking that the run's configuration allows continuing its curve."""
     state = TrainerState.read(folder / STATE_FILE)
     check_resumable(state, config, world, folder)
+    if not (folder / ENGINE_STATE).is_dir():
+        raise ValueError(f"{folder}: saved without its training state (save_training_state false), so it cannot "
+                         f"be resumed; use a new output folder")
     path, _ = engine.load_checkpoint(str(folder / ENGINE_STATE), tag=ENGINE_TAG, load_optimizer_states=True,
                                      load_lr_scheduler_states=True)
     if path is None:

@@ -64,6 +64,9 @@ class TrainConfig:
     # Checkpoints and tracking
     save_every: int = 100
     keep_last: int = 2
+    # False: checkpoints hold the weights only, not DeepSpeed's optimizer state (14 bytes per
+    # parameter: 70 GB at 5 B), so a run cannot resume from them; for rehearsals and short runs.
+    save_training_state: bool = True
     experiment: str = "vaops-train"
     run_name: str | None = None
     log_checkpoints: LogCheckpoints = "final"

@@ -1,10 +1,17 @@
-"""Launch a TrainJob from a Kubeflow Pipelines step and wait for it (in-cluster credentials)."""
+"""Launch a training from a Kubeflow Pipelines step: a TrainJob on the cluster, waited for
+(in-cluster credentials), or several ranks on the step's own machine (one GPU each, torchrun)."""
 
 from __future__ import annotations
 
+import collections
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
+
+from vaops.components.tracebacks import describe_failure
 
 from .cli import train_arguments
 from .config import TrainConfig
@@ -37,4 +44,29 @@ def run_train_job(cfg: TrainConfig, recipe: str, name: str, nodes: int, gpus_per
     outputs = Path(cfg.output) / "outputs.json"
     if not outputs.is_file():
         raise FileNotFoundError(f"{outputs}: the TrainJob finished but its outputs are not on the shared volume")
+    return json.loads(outputs.read_text())
+
+
+def run_local_ranks(cfg: TrainConfig, recipe: str, processes: int, keep_lines: int = 400) -> dict:
+    """Train with `processes` ranks on this machine (torchrun, one GPU each: the same entry point
+    as a TrainJob) and return its `outputs.json`. The ranks' output goes to this process's stdout;
+    a failure raises with the first failing rank's exception, not just torchrun's exit code."""
+    if processes < 1:
+        raise ValueError(f"processes must be >= 1, got {processes}")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
+           "-m", "vaops.pipelines.cli", "train", *train_arguments(cfg, recipe)]
+    tail: collections.deque[str] = collections.deque(maxlen=keep_lines)
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
+                          env=dict(os.environ, PYTHONUNBUFFERED="1")) as proc:
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            tail.append(line)
+    sys.stdout.flush()
+    if proc.returncode:
+        # torchrun's own ChildFailedError comes last and only says which rank died.
+        reason = describe_failure(tail, ignore=("ChildFailedError",)) or "no output"
+        raise RuntimeError(f"training on {processes} local ranks failed (exit code {proc.returncode}): {reason}")
+    outputs = Path(cfg.output) / "outputs.json"
+    if not outputs.is_file():
+        raise FileNotFoundError(f"{outputs}: the ranks finished but wrote no outputs")
     return json.loads(outputs.read_text())

@@ -158,7 +158,8 @@ def run(cfg: TrainConfig) -> TrainOutputs:
             if state.step % cfg.save_every == 0 or state.step == cfg.steps:
                 if tracker is not None:
                     tracker.flush()
-                last = checkpointing.save(engine, output, state, preset, base, cfg.keep_last, info)
+                last = checkpointing.save(engine, output, state, preset, base, cfg.keep_last, info,
+                                           cfg.save_training_state)
                 if tracker is not None and cfg.log_checkpoints == "all":
                     _log_checkpoint(tracker, last)
         bar.close()
