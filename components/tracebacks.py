@@ -12,7 +12,7 @@ import re
 from collections.abc import Iterable
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
-RANK_PREFIX = re.compile(r"^\[(rank|default)\d+\]:")  # torchrun's per-rank line prefix (with --tee, or torch's own)
+RANK_PREFIX = re.compile(r"^\[(rank|default)\d+\]: ?")  # torchrun's per-rank line prefix (with --tee, or torch's own)
 TRACEBACK = "Traceback (most recent call last):"
 # "pkg.mod.SomeError: message", "SomeError" alone, or "pkg.mod.SomeError: " (an empty message).
 _EXCEPTION = re.compile(r"^(?P<type>[A-Za-z_][\w.]*)(?::\s?(?P<message>.*))?$")

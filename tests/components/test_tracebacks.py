@@ -21,7 +21,7 @@ def test_types_without_error_in_their_name_and_empty_messages():
 
 
 def test_a_launcher_report_is_passed_over_for_the_rank_error():
-    for prefix in ("", "[rank1]:"):  # torchrun may prefix each rank's lines
+    for prefix in ("", "[rank1]: "):  # torch prefixes each rank's lines under torchrun
         log = [*(prefix + line for line in [*FRAMES, "FloatingPointError: step 1: loss is nan"]), *FRAMES,
                "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: ", "train FAILED"]
         assert describe_failure(log, ignore=("ChildFailedError",)) == "FloatingPointError: step 1: loss is nan"
