@@ -3,7 +3,7 @@ RoboTwin-shaped LeRobot dataset -> validate, clean, encode -> post-train on 1..N
 MLflow -> serve from the registry -> one episode over the upstream websocket protocol.
 
 Every step is the project's own entry point in its own process (the stage CLIs the pipeline's
-steps call, training under torchrun through `components/train/launch.run_local_ranks`, `vaops
+steps call, training as `torchrun --nproc-per-node N -m vaops.pipelines.cli train`, `vaops
 serve` from `models:/NAME/VERSION`), so each step's wall time and peak GPU memory (nvidia-smi,
 every GPU, sampled every 100 ms) are its own. At the end the served model's first chunk is
 compared with the trained checkpoint's first chunk run directly (same prompt, seed, images).
@@ -330,7 +330,7 @@ def rehearse(args) -> dict:
         cfg = train_config(args, gpus, stage, data / "encoded", r.out / "train" / tag, base)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}", "-m",
                "vaops.pipelines.cli", "train", *train_arguments(cfg, args.preset)]
-        # The same launch as the train step's (run_local_ranks), here with its output in the step's log.
+        # launch.run_local_ranks's command (the TrainJob's entry point), its output in the step's log.
         r.step(f"train {tag}", lambda cmd=cmd: r.sh(f"train-{tag}", cmd))
         outputs = json.loads((Path(cfg.output) / "outputs.json").read_text())
         results.append({"gpus": gpus, "zero_stage": stage, "steps": outputs["steps"], "final_loss": outputs["final_loss"],
