@@ -4,8 +4,13 @@
 #   source bench/device_env.sh .whl-gpu
 for f in .gl/*.deb; do dpkg -x "$f" /; done
 ldconfig
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$1"/*.whl \
-  || return 1
+# A node kept warm between calls keeps /tmp/site: install once per wheel folder.
+stamp=/tmp/site/.installed-$(basename "$1")
+if [ ! -f "$stamp" ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$1"/*.whl \
+    || return 1
+  touch "$stamp"
+fi
 mkdir -p /tmp/site/vaops
 for d in models components pipelines serving; do ln -sfn "$PWD/$d" "/tmp/site/vaops/$d"; done
 export PYTHONPATH=/tmp/site MUJOCO_GL=egl HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1

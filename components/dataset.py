@@ -251,21 +251,20 @@ class LeRobotData:
 
     def video(self, index: int, key: str, timestamps: np.ndarray | None = None) -> np.ndarray:
         """uint8 `[T, H, W, 3]` frames of camera `key` at the episode's frame timestamps."""
-        from torchcodec.decoders import VideoDecoder
-
         path = self.video_file(index, key)
         if not path.is_file():
             raise DatasetError(f"{path}: video of camera {key!r}, episode {index} is missing")
         if timestamps is None:
             timestamps = self.frames(index)["timestamp"].to_numpy()
         offset = float(self._rows[index][f"videos/{key}/from_timestamp"])
-        query = [offset + float(t) for t in timestamps]
+        # +0.1 ms: t = i/fps in float lands a hair before frame i's pts (0.7 * 10240 = 7167.99...), and
+        # torchcodec then returns frame i-1 (seen on 10 fps demos); far below half a frame at any rate.
+        query = [offset + float(t) + 1e-4 for t in timestamps]
         try:
-            batch = VideoDecoder(str(path)).get_frames_played_at(seconds=query)
-        except Exception as e:  # torchcodec raises RuntimeError/ValueError variants for broken files
+            return decode_frames(path, query)
+        except Exception as e:  # torchcodec and PyAV raise RuntimeError/ValueError/av.error variants
             reason = re.sub(r"(SingleStreamDecoder, )?\S+\.cpp:\d+,\s*", "", str(e)).strip()
             raise DatasetError(f"{path}: camera {key!r}, episode {index}: cannot decode ({reason})") from None
-        return batch.data.permute(0, 2, 3, 1).numpy()
 
     def episode(self, index: int) -> Episode:
         """The whole episode, its videos marked as reusable where they stand alone."""
@@ -278,6 +277,43 @@ class LeRobotData:
         sources = {k: p for k in self.video_keys if (p := self.standalone_video(index, k)) is not None}
         return Episode(dataclasses.replace(meta), self.arrays(index, df),
                        {k: self.video(index, k, ts) for k in self.video_keys}, frame_tasks, sources)
+
+
+def _torchcodec_decoder():
+    """torchcodec's decoder, or None where it cannot load (it needs the system's FFmpeg libraries,
+    which GPU images often lack)."""
+    try:
+        from torchcodec.decoders import VideoDecoder
+    except (ImportError, RuntimeError, OSError):
+        return None
+    return VideoDecoder
+
+
+def decode_frames(path: Path, seconds: list[float]) -> np.ndarray:
+    """uint8 `[T, H, W, 3]`: the frames played at `seconds`, by torchcodec (lerobot's decoder), else
+    by PyAV (the FFmpeg that lerobot's writer already brings)."""
+    decoder = _torchcodec_decoder()
+    if decoder is not None:
+        return decoder(str(path)).get_frames_played_at(seconds=seconds).data.permute(0, 2, 3, 1).numpy()
+    import av
+
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        pts, frames = [], []
+        for frame in container.decode(stream):
+            pts.append(float(frame.pts * stream.time_base))
+            frames.append(frame.to_ndarray(format="rgb24"))
+    if not frames:
+        raise ValueError("no video frames")
+    # The frame played at t is the last one presented at or before it; lerobot's timestamps are
+    # multiples of 1/fps that the stream's time base rounds either way, so within half a frame.
+    pts_arr = np.asarray(pts)
+    half = 0.5 * float(np.median(np.diff(pts_arr))) if len(pts) > 1 else 0.0
+    idx = np.searchsorted(pts_arr, np.asarray(seconds) + half, side="right") - 1
+    if (idx < 0).any() or max(seconds) > pts[-1] + 1.0:
+        raise ValueError(f"timestamps {min(seconds):.3f}-{max(seconds):.3f} s outside the video's "
+                         f"{pts[0]:.3f}-{pts[-1]:.3f} s")
+    return np.stack([frames[i] for i in idx])
 
 
 def write_dataset(dst: str | Path, episodes: Iterable[Episode], *, fps: int, features: dict,

@@ -145,6 +145,9 @@ class Preset:
     action_per_frame: int = 16
     frames_per_latent: int = 4
     fps: int = 10
+    # The robot's action rate the policy was made for, where it is fixed (the ALOHA sim's demos and
+    # evaluation run at 10 actions/s); None: any dataset rate (the released presets resample).
+    control_fps: int | None = None
 
     @property
     def latent_hw(self) -> tuple[int, int]:
@@ -250,6 +253,7 @@ PRESETS: dict[str, Preset] = {
         vae=TINY_VAE,
         text_encoder=TINY_TEXT,
         action_per_frame=16,
+        control_fps=10,
     ),
     "small": Preset(
         name="small",
@@ -265,6 +269,7 @@ PRESETS: dict[str, Preset] = {
         vae=SMALL_VAE,
         text_encoder=SMALL_TEXT,
         action_per_frame=16,
+        control_fps=10,
     ),
 }
 

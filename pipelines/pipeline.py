@@ -100,12 +100,14 @@ def build_pipeline(options: ClusterOptions = ClusterOptions()):
         dvc_repo: str = "",  # git+DVC repository of the dataset; empty: record sim demos
         dvc_path: str = "data/demos",
         dvc_rev: str = "",  # a commit keeps the cache honest; a branch name is resolved at run time
-        demo_task: str = "AlohaTransferCube-v0",
-        demo_episodes: int = 4,
-        demo_time_scale: float = 0.6,
+        demo_task: str = "",  # sim task(s), comma-separated; empty: the preset's demos (tiny: transfer cube)
+        demo_episodes: int = 4,  # per task
+        demo_time_scale: float = 0.0,  # 0: the preset's demos (0.6 of ACT's 8 s plan; small: 0.6125)
+        demo_workers: int = 0,  # rollout processes; 0: the preset's demos
         robot: str = "aloha",  # action adapter of encode: aloha | robotwin
         clean_preset: str = "aloha",
         augment_copies: int = 1,
+        augment_preset: str = "default",  # default | photometric (small: colour only) | strong
         base_checkpoint: str = "",  # folder or models:/name@alias; empty: tiny random weights
         train_config: dict = {},  # noqa: B006 (a literal default for the spec) TrainConfig fields over the recipe
         eval_preset: str = "smoke",
@@ -116,19 +118,20 @@ def build_pipeline(options: ClusterOptions = ClusterOptions()):
         gate_metric: str = "success_rate",
         threshold: float = 0.5,
         tracking_uri: str = "",  # empty: the steps' MLFLOW_TRACKING_URI (or ./mlflow.db)
-        device: str = device,  # torch device of encode
+        device: str = device,  # torch device of encode and of the policy server in evaluate
         serving_image: str = GPU_IMAGE,
         serving_gpus: int = 1,
         serving_namespace: str = "default",  # of the InferenceService
     ) -> Outputs:
         source = dataset_source(dvc_repo=dvc_repo, dvc_path=dvc_path, dvc_rev=dvc_rev, task=demo_task,
-                                episodes=demo_episodes, time_scale=demo_time_scale)
+                                episodes=demo_episodes, time_scale=demo_time_scale, preset=preset,
+                                workers=demo_workers)
         base = _cluster(base_model(base_checkpoint=base_checkpoint, preset=preset, tracking_uri=tracking_uri),
                         options)
         checked = validate(dataset=source.outputs["dataset"])
         cleaned = clean(dataset=source.outputs["dataset"], validation_report=checked.outputs["report"],
                         preset=clean_preset)
-        augmented = augment(dataset=cleaned.outputs["cleaned"], copies=augment_copies)
+        augmented = augment(dataset=cleaned.outputs["cleaned"], copies=augment_copies, preset=augment_preset)
         encoded = _cluster(encode(dataset=augmented.outputs["augmented"], base_checkpoint=base.outputs["model"],
                                   preset=preset, robot=robot, device=device), options, gpu=True)
         trained = _cluster(train(latent_dataset=encoded.outputs["encoded"], base_checkpoint=base.outputs["model"],
@@ -141,7 +144,7 @@ def build_pipeline(options: ClusterOptions = ClusterOptions()):
             # Each shard links to the training run through the checkpoint's metadata instead.
             evaluated = _cluster(evaluate(checkpoint=trained.outputs["checkpoint"], preset=eval_preset,
                                           episodes=eval_episodes, max_steps=eval_max_steps, shard=shard,
-                                          tracking_uri=tracking_uri), options)
+                                          device=device, tracking_uri=tracking_uri), options, gpu=True)
         merged = _cluster(merge(shards=dsl.Collected(evaluated.outputs["results"]), model_run_id=train_run,
                                 tracking_uri=tracking_uri), options)
         registered = _cluster(register(checkpoint=trained.outputs["checkpoint"], evaluation=merged.outputs["results"],

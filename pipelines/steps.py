@@ -8,12 +8,15 @@ from vaops.components.images import CPU_IMAGE
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
 def dataset_source(dataset: dsl.Output[dsl.Dataset], dvc_repo: str = "", dvc_path: str = "data/demos",
-                   dvc_rev: str = "", task: str = "AlohaTransferCube-v0", episodes: int = 4, first_seed: int = 0,
-                   time_scale: float = 0.6, fps: int = 10) -> int:
+                   dvc_rev: str = "", task: str = "", episodes: int = 4, first_seed: int = 0,
+                   time_scale: float = 0.0, preset: str = "tiny", workers: int = 0) -> int:
     """The training data: `dvc_path` of the git+DVC repository `dvc_repo` at `dvc_rev` when a
     repository is given (fetched from its DVC cache or remote), else scripted-expert demonstrations
-    recorded in the ALOHA sim. The data's lineage goes into the dataset's metadata["lineage"] (the
-    register step tags the model version with it); returns the episode count."""
+    recorded in the ALOHA sim with the demos settings named after the model `preset` where there are
+    some (`small`: both tasks, one task-text segment per episode), else the defaults, at the preset's
+    camera size and rate; `task` (comma-separated), `time_scale` and `workers` override them when set.
+    The data's lineage goes into the dataset's metadata["lineage"] (the register step tags the model
+    version with it); returns the episode count."""
     import os
 
     os.environ.setdefault("MUJOCO_GL", "egl")
@@ -33,13 +36,17 @@ def dataset_source(dataset: dsl.Output[dsl.Dataset], dvc_repo: str = "", dvc_pat
                                  "episodes": result.episodes, "frames": result.frames, "lineage": lineage})
         return result.episodes
 
-    from vaops.components.demos.config import DemosConfig
+    import dataclasses
+
+    from vaops.components.demos.config import PRESETS, for_model_preset
     from vaops.components.demos.stage import run as record
 
-    demos = record(DemosConfig(output=dataset.path, task=task, episodes=episodes, first_seed=first_seed,
-                               time_scale=time_scale, fps=fps))
-    lineage = {"vaops.data_path": f"sim:{task}", "vaops.data_seeds": ",".join(map(str, demos.seeds))}
-    dataset.metadata.update({"source": "sim", "episodes": demos.episodes, "task": task, "lineage": lineage})
+    overrides = {k: v for k, v in dict(task=task, time_scale=time_scale, workers=workers).items() if v}
+    cfg = dataclasses.replace(PRESETS.get(preset, PRESETS["default"]), output=dataset.path, episodes=episodes,
+                              first_seed=first_seed, **overrides)
+    demos = record(for_model_preset(cfg, preset))
+    lineage = {"vaops.data_path": f"sim:{cfg.task}", "vaops.data_seeds": ",".join(map(str, demos.seeds))}
+    dataset.metadata.update({"source": "sim", "episodes": demos.episodes, "task": cfg.task, "lineage": lineage})
     return demos.episodes
 
 
@@ -57,17 +64,17 @@ def base_model(model: dsl.Output[dsl.Model], base_checkpoint: str = "", preset: 
     if tracking_uri:
         os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
     from vaops.models.atomic import link_or_copy
-    from vaops.models.checkpoint import POLICY_FILE, read_preset, write_tiny_checkpoint
+    from vaops.models.checkpoint import POLICY_FILE, RANDOM_INIT_PRESETS, read_preset, write_random_checkpoint
     from vaops.serving.model_source import WEIGHT_PARTS, resolve_checkpoint
 
     out = Path(model.path)
     if not base_checkpoint:
-        if preset != "tiny":
+        if preset not in RANDOM_INIT_PRESETS:
             raise ValueError(f"preset {preset!r} needs base_checkpoint (a released checkpoint folder or a "
-                             f"models:/ URI); only the tiny preset has random weights to start from")
-        write_tiny_checkpoint(out, seed=seed)
-        model.metadata.update({"source": f"random tiny (seed {seed})", "preset": "tiny"})
-        return "tiny"
+                             f"models:/ URI); only {', '.join(RANDOM_INIT_PRESETS)} start from random weights")
+        write_random_checkpoint(out, preset, seed=seed)
+        model.metadata.update({"source": f"random {preset} (seed {seed})", "preset": preset})
+        return preset
 
     # A registry version is downloaded once into the model cache (serving's), then linked from there.
     folder = resolve_checkpoint(base_checkpoint)

@@ -117,6 +117,9 @@ def run(cfg: EncodeConfig) -> EncodeResult:
     if width != (robot.width,):
         raise DatasetError(f"{data.root / 'meta' / 'info.json'}: action shape {list(width)}, robot "
                            f"{robot.name!r} records {robot.width} values")
+    if preset.control_fps is not None and data.fps != preset.control_fps:
+        raise DatasetError(f"{data.root / 'meta' / 'info.json'}: fps {data.fps}, preset {preset.name!r} runs its "
+                           f"robot at {preset.control_fps} actions/s")
     vae, text_encoder = load_models(cfg, preset)
     encoder = VideoEncoder(vae, cfg.chunk_latent_frames)
     chunks_size = int(data.info.get("chunks_size", 1000))

@@ -293,6 +293,16 @@ class LatentDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.segments)
 
+    def check_rate(self) -> None:
+        """A preset with a fixed control rate refuses latents encoded from data at another rate (one
+        file read, before any model is built)."""
+        want = self.preset.control_fps
+        seg = self.segments[0]
+        got = load_latent_file(seg.files[0]).get("ori_fps")
+        if want is not None and got is not None and float(got) != want:
+            raise ValueError(f"{seg.files[0]}: encoded from {got} fps data; preset {self.preset.name!r} runs its "
+                             f"robot at {want} actions/s")
+
     def __getitem__(self, index: int) -> Sample:
         seg = self.segments[index]
         cfg = self.preset.transformer

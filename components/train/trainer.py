@@ -71,6 +71,23 @@ def resolve_preset(cfg: TrainConfig, dataset: Path) -> tuple[Preset, Path | None
     return preset.replace(norm_q01=tuple(stats["q01"]), norm_q99=tuple(stats["q99"])), base
 
 
+class TimeLimit:
+    """This launch's training time budget; all ranks agree on when it is reached (rank 0's clock)."""
+
+    def __init__(self, minutes: float | None):
+        self.end = None if minutes is None else time.monotonic() + 60 * minutes
+
+    def reached(self) -> bool:
+        if self.end is None:
+            return False
+        flag = torch.tensor([float(time.monotonic() >= self.end)])
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            if torch.distributed.get_backend() == "nccl":
+                flag = flag.cuda()
+            torch.distributed.broadcast(flag, src=0)
+        return bool(flag.item())
+
+
 def micro_step_generator(seed: int, rank: int, micro_step: int) -> torch.Generator:
     mixed = np.random.SeedSequence([seed, rank, micro_step]).generate_state(2, dtype=np.uint64)[0]
     return torch.Generator().manual_seed(int(mixed) & (2**63 - 1))
@@ -92,6 +109,7 @@ def run(cfg: TrainConfig) -> TrainOutputs:
     backend = ("flex" if info.cuda else "sdpa") if cfg.attention == "auto" else cfg.attention
     preset, base = resolve_preset(cfg, dataset_dir)
     dataset = LatentDataset(dataset_dir, preset, cfg.max_latent_frames)
+    dataset.check_rate()
     if info.is_main:
         output.mkdir(parents=True, exist_ok=True)
         checkpointing.remove_partial(output)
@@ -122,6 +140,7 @@ def run(cfg: TrainConfig) -> TrainOutputs:
     batches = _loader(dataset, cfg, info, state.micro_steps)
     last = checkpointing.latest_checkpoint(output) if state.step >= cfg.steps else None
     bar = tqdm(total=cfg.steps, initial=state.step, desc="train", disable=not info.is_main, dynamic_ncols=True)
+    deadline = TimeLimit(cfg.time_limit_min)
     try:
         while state.step < cfg.steps:
             start = time.perf_counter()
@@ -155,13 +174,18 @@ def run(cfg: TrainConfig) -> TrainOutputs:
                 tracker.log_metrics(metrics, state.step)
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
-            if state.step % cfg.save_every == 0 or state.step == cfg.steps:
+            out_of_time = deadline.reached()  # every rank's clock: agreed below, so all ranks save together
+            if state.step % cfg.save_every == 0 or state.step == cfg.steps or out_of_time:
                 if tracker is not None:
                     tracker.flush()
                 last = checkpointing.save(engine, output, state, preset, base, cfg.keep_last, info,
                                            cfg.save_training_state)
                 if tracker is not None and cfg.log_checkpoints == "all":
                     _log_checkpoint(tracker, last)
+            if out_of_time:
+                log.warning("time limit of %.1f min reached at step %d of %d; launch again to resume",
+                            cfg.time_limit_min, state.step, cfg.steps)
+                break
         bar.close()
     except BaseException:
         if tracker is not None:
