@@ -141,7 +141,7 @@ def base_checkpoint(work: Path, device: str = "cpu") -> Path:
             stats = calibrate(vae, work / "demos")
             stats_file.write_text(json.dumps(stats, indent=2) + "\n")
         save_vae(vae.cpu(), folder / "vae")
-    hashes = {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+    hashes = {p.relative_to(folder).as_posix(): _content_hash(p)
               for part in ("vae", "text_encoder", "tokenizer") for p in sorted((folder / part).rglob("*")) if p.is_file()}
     record = work / "base.json"
     if record.is_file():
@@ -153,6 +153,17 @@ def base_checkpoint(work: Path, device: str = "cpu") -> Path:
     else:
         record.write_text(json.dumps(hashes, indent=2) + "\n")
     return folder
+
+
+def _content_hash(path: Path) -> str:
+    """sha256 of a file; of a JSON config without the library versions that wrote it."""
+    data = path.read_bytes()
+    if path.suffix == ".json":
+        raw = json.loads(data)
+        if isinstance(raw, dict):
+            raw = {k: v for k, v in raw.items() if not k.endswith("_version")}
+        data = json.dumps(raw, sort_keys=True).encode()
+    return hashlib.sha256(data).hexdigest()
 
 
 def calibrate(vae, demos: Path) -> dict:
@@ -384,8 +395,9 @@ def report(a: argparse.Namespace) -> None:
 def copy_videos(work: Path, results: Path) -> dict:
     """One success and one failure of the synchronous evaluation, per task where there is one."""
     chosen = {}
-    for row in _pick_videos(_episodes(work / "eval" / "sync")):
-        src = work / "eval" / "sync" / row["video"]
+    folder = work / "eval" / "sync"
+    for row in _pick_videos([r for r in _episodes(folder) if r.get("video") and (folder / r["video"]).is_file()]):
+        src = folder / row["video"]
         if src.is_file():
             dst = results / f"policy_aloha_{row['task'].split('-')[0]}_{row['status']}{src.suffix}"
             shutil.copyfile(src, dst)
@@ -407,7 +419,7 @@ def markdown(s: dict) -> str:
              "`bench/policy_aloha.py`; the commands are listed at the end.", ""]
     lines += ["## Success rate (95% Wilson interval)", "",
               "| variant | task | successes / episodes | success | 95% interval | median task time (s) | "
-              "median chunk latency (s) |", "| --- | --- | --- | --- | --- | --- | --- |"]
+              "median chunk round trip (s) |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for name, tasks in s["variants"].items():
         for task, r in tasks.items():
             lo, hi = r["wilson95"]
@@ -425,6 +437,9 @@ def markdown(s: dict) -> str:
         lines += ["## Videos (real camera | imagined)", ""]
         lines += [f"- {k} (seed {v['seed']}): ![{k}]({v['file']})" for k, v in s["videos"].items()]
         lines.append("")
+    notes = ROOT / "bench" / "results" / "policy_aloha_notes.md"
+    if notes.is_file():  # what the numbers mean, written by whoever ran it
+        lines += [notes.read_text().strip(), ""]
     lines += ["## Commands", "", "```", *s["command"], "```", ""]
     return "\n".join(lines)
 
