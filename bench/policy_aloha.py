@@ -113,32 +113,28 @@ def data(a: argparse.Namespace) -> None:
     timed(Timings(w), "data", a.on_gpu, run)
 
 
-# The small preset's encoders are random (nothing pretrained is reachable offline). bench/vae_probe.py
-# showed the draw matters: a linear probe reads the cube's position from seed 1's latents to 0.45 cm
-# (reset frames; pixels of the same size 0.60 cm) but not from seed 0's (7.2 cm, no better than the mean).
-VAE_SEED = 1
-CALIBRATION_FRAMES = (0, 12, 24, 36, 48)  # per episode: reset, approach, grasp, hand-over, release
-
-
 def base_checkpoint(work: Path, device: str = "cpu") -> Path:
-    """The random `small` checkpoint training starts from (seed VAE_SEED); its VAE's latent statistics
-    are measured on the demos (`base_stats.json`) and its VAE and text encoder encode the data.
+    """The random `small` checkpoint training starts from (the preset's seed, which bench/vae_probe.py
+    chose); its VAE's latent statistics are fitted on the demos (`base_stats.json`) and its VAE and
+    text encoder encode the data.
 
     `base.json` keeps the hashes of the encoders the data was encoded with, so a machine that
     rebuilds them (training elsewhere, from base_stats.json) proves it got the same weights."""
+    from vaops.components.encode.calibrate import calibrate_vae
     from vaops.models.checkpoint import write_random_checkpoint
+    from vaops.models.config import get_preset
     from vaops.models.vae import load_vae, save_vae
 
     folder = work / "base"
     if not folder.is_dir():
         stats_file = work / "base_stats.json"
-        write_random_checkpoint(folder, "small", seed=VAE_SEED)
+        write_random_checkpoint(folder, "small")
         vae = load_vae(folder / "vae", device=device)
         if stats_file.is_file():
             stats = json.loads(stats_file.read_text())
             vae.register_to_config(latents_mean=stats["latents_mean"], latents_std=stats["latents_std"])
         else:
-            stats = calibrate(vae, work / "demos")
+            stats = calibrate_vae(vae, work / "demos", get_preset("small"))
             stats_file.write_text(json.dumps(stats, indent=2) + "\n")
         save_vae(vae.cpu(), folder / "vae")
     hashes = {p.relative_to(folder).as_posix(): _content_hash(p)
@@ -164,27 +160,6 @@ def _content_hash(path: Path) -> str:
             raw = {k: v for k, v in raw.items() if not k.endswith("_version")}
         data = json.dumps(raw, sort_keys=True).encode()
     return hashlib.sha256(data).hexdigest()
-
-
-def calibrate(vae, demos: Path) -> dict:
-    """The VAE's per-channel latent statistics over CALIBRATION_FRAMES of every demo episode."""
-    import torch
-
-    from vaops.components.dataset import LeRobotData
-    from vaops.models.config import get_preset
-    from vaops.models.observation import frames_to_video
-    from vaops.models.vae import fit_latent_stats
-
-    data = LeRobotData(demos)
-    cam = get_preset("small").cameras[0]
-    clips = []
-    for meta in data.episodes:
-        frames = data.video(meta.episode_index, cam.key)
-        picks = [i for i in CALIBRATION_FRAMES if i < len(frames)]
-        clips.append(frames_to_video(frames[picks], cam.height, cam.width).transpose(0, 1))  # [T, 3, H, W]
-    frames = torch.cat(clips)
-    mean, std = fit_latent_stats(vae, frames)
-    return {"latents_mean": mean, "latents_std": std, "frames": len(frames), "vae_seed": VAE_SEED}
 
 
 def train(a: argparse.Namespace) -> None:

@@ -29,7 +29,10 @@ def clean(line: str) -> str:
 def _exception_after(rest: list[str]) -> tuple[str, str] | None:
     """(type without its module, message on one line) of the traceback whose frames start `rest`."""
     # The frames are indented ("  File ...", the source line, the ^^^ markers).
-    first = next((i for i, line in enumerate(rest) if line and not line[0].isspace()), None)
+    # Log records of other writers (a runner's timestamped lines) can land inside the traceback when
+    # both streams are busy: they are not its exception line.
+    first = next((i for i, line in enumerate(rest) if line and not line[0].isspace()
+                  and not _NOT_MESSAGE.match(line.strip())), None)
     if first is None:
         return None
     m = _EXCEPTION.match(rest[first].strip())

@@ -138,7 +138,7 @@ def build_random_weights(preset: Preset, seed: int = 0, device: str | torch.devi
 RANDOM_INIT_PRESETS = ("tiny", "small")
 
 
-def write_random_checkpoint(folder: str | os.PathLike, preset: Preset | str, seed: int = 0,
+def write_random_checkpoint(folder: str | os.PathLike, preset: Preset | str, seed: int | None = None,
                             device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                             max_shard_bytes: int | None = None) -> Path:
     """A complete random checkpoint of `preset`'s sizes in the released layout: the transformer and
@@ -146,6 +146,7 @@ def write_random_checkpoint(folder: str | os.PathLike, preset: Preset | str, see
     and half the disk), the VAE in float32 as released. The parts are built and written one at a
     time, so the real sizes need one network's memory at a time."""
     preset = get_preset(preset) if isinstance(preset, str) else preset
+    seed = preset.init_seed if seed is None else seed
 
     def write(tmp: Path) -> None:
         transformer = build_transformer(preset.transformer, seed=seed, device=device, dtype=dtype)

@@ -148,6 +148,8 @@ class Preset:
     # The robot's action rate the policy was made for, where it is fixed (the ALOHA sim's demos and
     # evaluation run at 10 actions/s); None: any dataset rate (the released presets resample).
     control_fps: int | None = None
+    # Seed of the random weights of a preset trained from scratch.
+    init_seed: int = 0
 
     @property
     def latent_hw(self) -> tuple[int, int]:
@@ -270,6 +272,9 @@ PRESETS: dict[str, Preset] = {
         text_encoder=SMALL_TEXT,
         action_per_frame=16,
         control_fps=10,
+        # bench/vae_probe.py: a linear probe reads the cube's position from seed 1's latents to 0.45 cm
+        # (pixels of the same size: 0.60 cm), from seed 0's not at all (7.2 cm, the mean's error).
+        init_seed=1,
     ),
 }
 

@@ -126,8 +126,8 @@ def build_pipeline(options: ClusterOptions = ClusterOptions()):
         source = dataset_source(dvc_repo=dvc_repo, dvc_path=dvc_path, dvc_rev=dvc_rev, task=demo_task,
                                 episodes=demo_episodes, time_scale=demo_time_scale, preset=preset,
                                 workers=demo_workers)
-        base = _cluster(base_model(base_checkpoint=base_checkpoint, preset=preset, tracking_uri=tracking_uri),
-                        options)
+        base = _cluster(base_model(base_checkpoint=base_checkpoint, preset=preset, tracking_uri=tracking_uri,
+                                   calibration_data=source.outputs["dataset"]), options)
         checked = validate(dataset=source.outputs["dataset"])
         cleaned = clean(dataset=source.outputs["dataset"], validation_report=checked.outputs["report"],
                         preset=clean_preset)

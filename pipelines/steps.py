@@ -51,11 +51,12 @@ def dataset_source(dataset: dsl.Output[dsl.Dataset], dvc_repo: str = "", dvc_pat
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
-def base_model(model: dsl.Output[dsl.Model], base_checkpoint: str = "", preset: str = "tiny", seed: int = 0,
-               tracking_uri: str = "") -> str:
+def base_model(model: dsl.Output[dsl.Model], base_checkpoint: str = "", preset: str = "tiny", seed: int = -1,
+               tracking_uri: str = "", calibration_data: dsl.Input[dsl.Dataset] = None) -> str:
     """The checkpoint training starts from and whose VAE and text encoder encode the data:
     `base_checkpoint` (a folder the step can read, or models:/name@alias in the MLflow registry),
-    else a tiny random one (only for the tiny preset: nothing downloads weights). Returns its preset."""
+    else random weights of a from-scratch preset (tiny, small; `seed` -1: the preset's own), whose
+    VAE's latent statistics are fitted on `calibration_data` when given. Returns its preset."""
     import os
     import shutil
     from pathlib import Path
@@ -65,6 +66,7 @@ def base_model(model: dsl.Output[dsl.Model], base_checkpoint: str = "", preset: 
         os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
     from vaops.models.atomic import link_or_copy
     from vaops.models.checkpoint import POLICY_FILE, RANDOM_INIT_PRESETS, read_preset, write_random_checkpoint
+    from vaops.models.config import get_preset
     from vaops.serving.model_source import WEIGHT_PARTS, resolve_checkpoint
 
     out = Path(model.path)
@@ -72,8 +74,17 @@ def base_model(model: dsl.Output[dsl.Model], base_checkpoint: str = "", preset: 
         if preset not in RANDOM_INIT_PRESETS:
             raise ValueError(f"preset {preset!r} needs base_checkpoint (a released checkpoint folder or a "
                              f"models:/ URI); only {', '.join(RANDOM_INIT_PRESETS)} start from random weights")
-        write_random_checkpoint(out, preset, seed=seed)
-        model.metadata.update({"source": f"random {preset} (seed {seed})", "preset": preset})
+        write_random_checkpoint(out, preset, seed=None if seed < 0 else seed)
+        source = f"random {preset} (seed {get_preset(preset).init_seed if seed < 0 else seed})"
+        if calibration_data is not None:
+            from vaops.components.encode.calibrate import calibrate_vae
+            from vaops.models.vae import load_vae, save_vae
+
+            vae = load_vae(out / "vae")
+            fitted = calibrate_vae(vae, calibration_data.path, get_preset(preset))
+            save_vae(vae, out / "vae")
+            source += f", VAE latent statistics fitted on {fitted['frames']} frames"
+        model.metadata.update({"source": source, "preset": preset})
         return preset
 
     # A registry version is downloaded once into the model cache (serving's), then linked from there.

@@ -35,6 +35,8 @@ def _write(tmp: Path, preset: Preset, rng: np.random.Generator, episodes: int, l
     cfg = preset.transformer
     stride = preset.action_per_frame // preset.frames_per_latent
     seg_len = (latent_frames - 1) * preset.frames_per_latent * stride + 1
+    # the recorded rate: the robot's control rate where the preset fixes one (the ALOHA sim's 10 Hz)
+    ori_fps = preset.control_fps or preset.fps * stride
     length = segments_per_episode * seg_len + stride
     used = list(preset.used_action_channels)
     robot = robot_adapter({}, preset, "synthetic")
@@ -55,7 +57,7 @@ def _write(tmp: Path, preset: Preset, rng: np.random.Generator, episodes: int, l
             "episode_index": np.full(length, ep, dtype=np.int64),
             "frame_index": np.arange(length, dtype=np.int64),
             "index": np.arange(ep * length, (ep + 1) * length, dtype=np.int64),
-            "timestamp": (np.arange(length) / (preset.fps * stride)).astype(np.float32),
+            "timestamp": (np.arange(length) / ori_fps).astype(np.float32),
             "action": pa.array(list(actions), type=pa.list_(pa.float32())),
         })
         pq.write_table(table, tmp / "data" / "chunk-000" / f"episode_{ep:06d}.parquet")
@@ -82,7 +84,7 @@ def _write(tmp: Path, preset: Preset, rng: np.random.Generator, episodes: int, l
                             "latent_width": cam.width // s, "video_num_frames": len(frame_ids),
                             "video_height": cam.height, "video_width": cam.width, "text_emb": text_emb,
                             "text": text, "frame_ids": frame_ids, "start_frame": start, "end_frame": end,
-                            "fps": preset.fps, "ori_fps": preset.fps * stride}, path)
+                            "fps": ori_fps / stride, "ori_fps": ori_fps}, path)
         rows.append({"episode_index": ep, "tasks": ["synthetic"], "length": length, "action_config": segments})
 
     stats = quantile_stats(all_actions, robot)
@@ -91,7 +93,7 @@ def _write(tmp: Path, preset: Preset, rng: np.random.Generator, episodes: int, l
     (tmp / NORM_STATS_FILE).write_text(json.dumps(stats))
     (tmp / "meta" / "episodes.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp / "meta" / "info.json").write_text(json.dumps({
-        "codebase_version": "v2.1", "fps": preset.fps * stride, "chunks_size": 1000, "total_episodes": episodes,
+        "codebase_version": "v2.1", "fps": ori_fps, "chunks_size": 1000, "total_episodes": episodes,
         "data_path": "data/chunk-{episode_chunk:03d}/episode_{episode_index:06d}.parquet"}))
     torch.save(torch.from_numpy(0.1 * rng.standard_normal((text_tokens, cfg.text_dim))).to(torch.bfloat16),
                tmp / EMPTY_EMB_FILE)

@@ -31,3 +31,12 @@ def test_no_traceback_gives_the_last_words():
     assert describe_failure(["working", "vaops train: --dataset and --output are required", ""]) == \
         "vaops train: --dataset and --output are required"
     assert describe_failure([]) is None
+
+
+def test_a_runner_log_line_inside_the_traceback_is_not_taken_for_the_exception():
+    # kfp.local's own record landed between the frames and the exception line (both streams busy)
+    lines = ["Traceback (most recent call last):", '  File "steps.py", line 30, in dataset_source',
+             "    result = run(IngestConfig(...))",
+             "21:31:26.961 - ERROR - Task 'dataset-source' finished with status FAILURE",
+             "vaops.components.dataset.DatasetError: /data/no-such-repo: cannot fetch"]
+    assert describe_failure(lines) == "DatasetError: /data/no-such-repo: cannot fetch"

@@ -109,6 +109,20 @@ def test_killed_run_resumes_onto_the_uninterrupted_curve(workspace, reference):
     assert all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in b)
 
 
+def test_time_limited_launches_resume_onto_the_uninterrupted_curve(workspace, reference):
+    cfg, ref = reference
+    output = workspace["root"] / "limited"
+    # A budget spent before the first step ends: the launch stops after it, at a checkpoint.
+    first = run(cfg.replace(output=str(output), system_metrics=False, time_limit_min=1e-9))
+    assert first.steps == 1 and [p.name for p in list_checkpoints(output)] == ["step-00000001"]
+    second = run(cfg.replace(output=str(output), system_metrics=False, time_limit_min=30.0))
+    assert second.run_id == first.run_id and second.steps == 40
+    resumed, steps = _history(workspace["uri"], first.run_id)
+    uninterrupted, _ = _history(workspace["uri"], ref.run_id)
+    assert steps == list(range(1, 41))
+    np.testing.assert_allclose(resumed, uninterrupted, rtol=0, atol=1e-6)
+
+
 def test_checkpoint_loads_and_acts(workspace, reference):
     _, out = reference
     ckpt = Path(out.checkpoint)
