@@ -101,7 +101,8 @@ def data(a: argparse.Namespace) -> None:
 
     def run():
         vaops("validate", "--preset", "aloha", "--dataset", str(w / "demos"), "--report-dir", str(reports / "validate"))
-        vaops("clean", "--preset", "aloha-full", "--vcodec", "h264", "--dataset", str(w / "demos"), "--output", str(w / "clean"),
+        vaops("clean", "--preset", "aloha-full", "--vcodec", "h264", "--dataset", str(w / "demos"),
+              "--output", str(w / "clean"),
               "--report-dir", str(reports / "clean"), "--validation-report", str(reports / "validate"))
         # No copies: the sim evaluates in the demos' own lighting, and the latents must travel to the GPU.
         vaops("augment", "--preset", "photometric", "--copies", "0", "--dataset", str(w / "clean"),
@@ -138,7 +139,8 @@ def base_checkpoint(work: Path, device: str = "cpu") -> Path:
             stats_file.write_text(json.dumps(stats, indent=2) + "\n")
         save_vae(vae.cpu(), folder / "vae")
     hashes = {p.relative_to(folder).as_posix(): _content_hash(p)
-              for part in ("vae", "text_encoder", "tokenizer") for p in sorted((folder / part).rglob("*")) if p.is_file()}
+              for part in ("vae", "text_encoder", "tokenizer")
+              for p in sorted((folder / part).rglob("*")) if p.is_file()}
     record = work / "base.json"
     if record.is_file():
         expected = json.loads(record.read_text())
@@ -152,12 +154,13 @@ def base_checkpoint(work: Path, device: str = "cpu") -> Path:
 
 
 def _content_hash(path: Path) -> str:
-    """sha256 of a file; of a JSON config without the library versions that wrote it."""
+    """sha256 of a file; of a JSON config without what only says where and by which library version
+    it was written (`_name_or_path`, `transformers_version`, `_diffusers_version`)."""
     data = path.read_bytes()
     if path.suffix == ".json":
         raw = json.loads(data)
         if isinstance(raw, dict):
-            raw = {k: v for k, v in raw.items() if not k.endswith("_version")}
+            raw = {k: v for k, v in raw.items() if not (k.endswith("_version") or k == "_name_or_path")}
         data = json.dumps(raw, sort_keys=True).encode()
     return hashlib.sha256(data).hexdigest()
 
@@ -179,8 +182,8 @@ def tracking_uri(work: Path) -> str:
 
 def trained_checkpoint(work: Path) -> Path:
     outputs = work / "train" / "outputs.json"
-    if outputs.is_file():
-        return Path(json.loads(outputs.read_text())["checkpoint"])
+    if outputs.is_file():  # written where it trained: the same folder name under this work folder
+        return work / "train" / "checkpoints" / Path(json.loads(outputs.read_text())["checkpoint"]).name
     found = sorted((work / "train").glob("checkpoints/step-*"))
     if not found:
         raise SystemExit(f"{work / 'train'}: no checkpoint yet; run the train step first")
@@ -360,7 +363,8 @@ def report(a: argparse.Namespace) -> None:
     videos = copy_videos(w, results)
     state = json.loads((trained_checkpoint(w) / "trainer_state.json").read_text()) if (
         trained_checkpoint(w) / "trainer_state.json").is_file() else {}
-    summary = {"variants": variants, "timings": timings, "train_steps": history[-1][0] if history else state.get("step"),
+    steps = history[-1][0] if history else state.get("step")
+    summary = {"variants": variants, "timings": timings, "train_steps": steps,
                "final_loss": history[-1][1] if history else None, "videos": videos, "command": a.commands}
     (results / "policy_aloha.json").write_text(json.dumps(summary, indent=2) + "\n")
     (results / "policy_aloha.md").write_text(markdown(summary))
@@ -435,6 +439,7 @@ def pack(a: argparse.Namespace) -> None:
     MLflow metrics, the trained checkpoint's small files) and its transformer in 15 MB shards."""
     import tarfile
 
+    from vaops.components.train.checkpointing import ENGINE_STATE
     from vaops.models.transformer import load_transformer, save_transformer
 
     w, dest = a.work, Path(a.dest)
@@ -450,12 +455,12 @@ def pack(a: argparse.Namespace) -> None:
             return None
         if name.endswith(".safetensors"):  # the transformer travels in shards; the encoders are rebuilt
             return None
-        if "/engine/" in name or name.endswith(("policy_server.log",)) or "/variants/" in name:
-            return None
+        if f"/{ENGINE_STATE}/" in name or name.endswith("policy_server.log") or "/variants/" in name:
+            return None  # optimizer state (290 MB a checkpoint), server logs, linked variant folders
         return info
 
     with tarfile.open(dest / "results.tar.gz", "w:gz") as tar:
-        for part in ("timings.json", "base.json", "reports", "eval", "mlruns", "train"):
+        for part in ("timings.json", "base.json", "base_stats.json", "reports", "eval", "mlruns", "train"):
             if (w / part).exists():
                 tar.add(w / part, arcname=part, filter=wanted)
     print(f"packed {ckpt} into {dest}")
@@ -493,9 +498,8 @@ def unpack(a: argparse.Namespace) -> None:
     base = base_checkpoint(w)
     shutil.rmtree(ckpt / "transformer", ignore_errors=True)
     shutil.copytree(src / "transformer", ckpt / "transformer")
-    for part in ("vae", "text_encoder", "tokenizer"):
-        if not (ckpt / part).exists():
-            shutil.copytree(base / part, ckpt / part)
+    for part in ("vae", "text_encoder", "tokenizer"):  # their weights stayed behind (rebuilt, hash-checked)
+        shutil.copytree(base / part, ckpt / part, dirs_exist_ok=True)
     print(f"unpacked into {w}; trained checkpoint {ckpt}")
 
 
