@@ -173,7 +173,9 @@ def train(a: argparse.Namespace) -> None:
         args += ["--steps", str(a.steps)]
     if a.time_limit_min:
         args += ["--time-limit-min", str(a.time_limit_min)]
-    timed(Timings(w), "train", a.on_gpu, lambda: vaops(*args, env={"MLFLOW_TRACKING_URI": tracking_uri(w)}))
+    # A file store in the work folder: it travels with the results, and needs only mlflow-skinny.
+    env = {"MLFLOW_TRACKING_URI": tracking_uri(w), "MLFLOW_ALLOW_FILE_STORE": "true"}
+    timed(Timings(w), "train", a.on_gpu, lambda: vaops(*args, env=env))
 
 
 def tracking_uri(work: Path) -> str:

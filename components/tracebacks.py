@@ -75,4 +75,13 @@ def describe_failure(lines: Iterable[str], skip: re.Pattern | None = None, ignor
     """The last traceback's exception (types in `ignore` passed over), else the last words; None
     for an empty log."""
     lines = list(lines)
-    return last_exception(lines, ignore) or last_words(lines, skip)
+    found = last_exception(lines, ignore)
+    if found:
+        return found
+    words = last_words(lines, skip)
+    # An exception line whose traceback header was lost (streams interleaved under load): the
+    # same form as a traceback's, type without its module.
+    m = _EXCEPTION.match(words) if words else None
+    if m and m["type"].rsplit(".", 1)[-1] not in ignore:
+        return f"{m['type'].rsplit('.', 1)[-1]}: {m['message']}" if m["message"] else m["type"].rsplit(".", 1)[-1]
+    return words

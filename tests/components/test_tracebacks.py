@@ -1,5 +1,7 @@
 """The error a failed process printed, read back from its output as one line."""
 
+import re
+
 from vaops.components.tracebacks import describe_failure, last_exception
 
 FRAMES = ["Traceback (most recent call last):", '  File "/x/stage.py", line 3, in run',
@@ -40,3 +42,11 @@ def test_a_runner_log_line_inside_the_traceback_is_not_taken_for_the_exception()
              "21:31:26.961 - ERROR - Task 'dataset-source' finished with status FAILURE",
              "vaops.components.dataset.DatasetError: /data/no-such-repo: cannot fetch"]
     assert describe_failure(lines) == "DatasetError: /data/no-such-repo: cannot fetch"
+
+
+def test_an_exception_line_without_its_traceback_header_reads_the_same():
+    lines = ["12:00:00.000 - INFO - Executing task 'dataset-source'", "    result = run(IngestConfig(...))",
+             "vaops.components.dataset.DatasetError: /data/no-such-repo: cannot fetch",
+             "12:00:01.000 - ERROR - Task 'dataset-source' finished with status FAILURE"]
+    skip = re.compile(r"^\d{2}:\d{2}:\d{2}(\.\d+)? - [A-Z]+ - ")
+    assert describe_failure(lines, skip=skip) == "DatasetError: /data/no-such-repo: cannot fetch"
