@@ -1,6 +1,6 @@
 # Source on a bare GPU node of the lab's device tool (torch there, nothing else of the project's):
 # unpacks the carried EGL loaders (.gl/*.deb) for headless MuJoCo, installs the carried wheels of
-# the folder given, and puts the project's packages on the path.
+# the folder given (bench/device_wheels.sh builds them), and puts the project's packages on the path.
 #   source bench/device_env.sh .whl-gpu
 for f in .gl/*.deb; do dpkg -x "$f" /; done
 ldconfig
