@@ -97,3 +97,22 @@ def test_data_at_another_rate_is_refused_before_any_model(tmp_path, demos_source
     with pytest.raises(DatasetError, match="fps 5, preset 'small' runs its robot at 10"):
         encode(EncodeConfig(dataset=str(demos), output=str(tmp_path / "enc"), report_dir=str(tmp_path / "r"),
                             model_preset="small"))
+
+
+def test_the_pipelines_demos_for_the_small_preset(tmp_path):
+    """`vaops run --preset small` records the preset's demos: both tasks, at its camera size and control
+    rate, one segment per episode with the prompt the evaluation sends."""
+    from kfp import dsl
+
+    from vaops.components.dataset import LeRobotData
+    from vaops.components.demos import sim
+    from vaops.pipelines.steps import dataset_source
+
+    out = dsl.Dataset(name="dataset", uri=str(tmp_path / "demos"), metadata={})
+    assert dataset_source.python_func(dataset=out, episodes=1, preset="small", workers=1) == 2
+    data = LeRobotData(out.path)
+    assert data.fps == SMALL.control_fps and data.video_keys == [SMALL.cameras[0].key]
+    assert data.video(0, SMALL.cameras[0].key).shape == (49, 192, 256, 3)
+    texts = [[s.action_text for s in m.action_config] for m in data.episodes]
+    assert texts == [[sim.TASKS[t].task_text] for t in ("AlohaTransferCube-v0", "AlohaInsertion-v0")]
+    assert out.metadata["lineage"]["vaops.data_path"] == "sim:AlohaTransferCube-v0,AlohaInsertion-v0"
