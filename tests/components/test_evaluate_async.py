@@ -21,7 +21,10 @@ from vaops.components.evaluate.run import run
 from vaops.models.checkpoint import build_random_weights, save_checkpoint
 from vaops.models.config import get_preset
 
-FPS = 25  # divides the sim's 50 Hz; 1/25 s of wall time per action
+# Divides the sim's 50 Hz. At 25 the 32 actions of a chunk (1.28 s) left too little room for the
+# chunk computed ahead (~0.6 s alone) when the suite's other worker loaded the second core; at 10,
+# the demos' own rate, a chunk runs 3.2 s.
+FPS = 10
 CHUNK_ACTIONS = (16, 32, 32, 32)  # the first chunk runs one latent frame, the others two
 MAX_STEPS = sum(CHUNK_ACTIONS)
 
