@@ -30,7 +30,8 @@ system-deps:
 	fi
 
 test: $(STAMP)
-	MUJOCO_GL=egl $(BIN)/python -m pytest -q -n 2 --dist loadfile
+	MUJOCO_GL=egl $(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not serial"
+	MUJOCO_GL=egl $(BIN)/python -m pytest -q -m serial
 
 demo: $(STAMP)
 	MUJOCO_GL=egl $(BIN)/vaops demo
