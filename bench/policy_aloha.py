@@ -475,7 +475,7 @@ def _stored_dtype(folder: Path):
     first = next(iter(sorted(folder.glob("*.safetensors"))))
     with safe_open(str(first), "pt") as f:
         key = next(k for k in f.keys() if k.endswith("ffn.net.0.proj.weight"))
-        return f.get_slice(key).get_dtype() == "BF16" and torch.bfloat16 or torch.float32
+        return torch.bfloat16 if f.get_slice(key).get_dtype() == "BF16" else torch.float32
 
 
 def _pick_videos(rows: list[dict]) -> list[dict]:

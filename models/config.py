@@ -207,11 +207,11 @@ TINY_VAE = VAEConfig(base_dim=16, decoder_base_dim=24, z_dim=48, dim_mult=(1, 1,
 TINY_TEXT = TextEncoderConfig(vocab_size=32128, d_model=40, d_kv=8, d_ff=64, num_layers=1,
                               num_heads=2, max_length=512)
 
-# `small`: the same classes at a size that learns the ALOHA sim tasks from scratch in minutes on one
-# GPU (19 M transformer parameters, 38 MB in bf16). Heads keep the released 128 dims (the rotary
-# split f/h/w = 44/42/42 and the attention kernels are the ones the released model uses); the top
-# camera at 192x256 keeps the render's 3:4 aspect and shows the 4 cm cube at ~8 px (12x16 latent,
-# 48 tokens per frame); the VAE and text encoder are small random networks (no offline weights).
+# `small`: the same classes sized to train on the ALOHA sim tasks from scratch on one GPU (21.7 M
+# transformer parameters, 43 MB in bf16; bench/results/policy_aloha.md has where that stands). Heads
+# keep the released 128 dims (the rotary split f/h/w = 44/42/42 and the attention kernels are the
+# ones the released model uses); the top camera at 192x256 keeps the render's 3:4 aspect (12x16
+# latent, 48 tokens per frame); the VAE and text encoder are small random networks (no offline weights).
 SMALL_CAMERAS = (Camera("observation.images.top", 192, 256),)
 SMALL_TRANSFORMER = TransformerConfig(
     num_layers=8, num_attention_heads=3, attention_head_dim=128, ffn_dim=1536, text_dim=64, freq_dim=256,
