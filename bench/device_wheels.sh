@@ -4,6 +4,8 @@
 # there). A call carries at most 64 MiB, so the project's needs are split by role:
 #   .whl-data  demos and data stages: the MuJoCo sim, lerobot's writer (PyAV), diffusers (59 MB)
 #   .whl-gpu   training, serving and evaluation: deepspeed, mlflow-skinny, kserve, the sim (46 MB)
+#   .whl-train training alone: .whl-gpu without the sim and the serving stack (24 MB), so one call can
+#              carry a dataset's latents beside it; a later call on the warm node adds .whl-gpu
 # dm_control ships 55 MB of locomotion and dog assets the ALOHA scenes never load: they are cut from
 # its wheel. The versions are this venv's (constraints.txt resolves them), so both sides agree.
 # usage: bench/device_wheels.sh            (from the repository root; then see bench/device_env.sh)
@@ -44,4 +46,13 @@ csv.writer(open(rec, "w", newline="")).writerows(rows)
 EOF
   zip -q -r -9 "$tmp/dm_control.whl" .)
 for d in .whl-data .whl-gpu; do cp "$tmp/dm_control.whl" "$d/$(basename "$tmp"/dmc/dm_control-*.whl)"; done
-du -sh .whl-data .whl-gpu
+rm -rf .whl-train && mkdir .whl-train
+for f in .whl-gpu/*.whl; do
+  case $(basename "$f") in
+    mujoco-*|dm_*|pyopengl-*|glfw-*|gym_aloha-*|gymnasium-*|farama_*|kserve-*|kubernetes-*|grpc*|cloudevents-*|\
+    deprecation-*|oauthlib-*|requests_oauthlib-*|websocket_client-*|timing_asgi-*|watchfiles-*|websockets-*|\
+    httptools-*|pyjwt-*) ;;
+    *) cp "$f" .whl-train/ ;;
+  esac
+done
+du -sh .whl-data .whl-gpu .whl-train

@@ -166,16 +166,49 @@ def _content_hash(path: Path) -> str:
 
 
 def train(a: argparse.Namespace) -> None:
+    """`vaops train --recipe small`; `--fit-min M` sizes the run (its cosine schedule) to M minutes of
+    this machine from a measured step rate, and later launches resume that same run."""
     w = a.work
-    args = ["train", "--recipe", "small", "--dataset", str(w / "encoded"), "--output", str(w / "train"),
-            "--init-from", str(base_checkpoint(w)), "--experiment", "policy-aloha"]
-    if a.steps:
-        args += ["--steps", str(a.steps)]
+    args = ["train", "--recipe", "small", "--dataset", str(w / "encoded"), "--init-from", str(base_checkpoint(w))]
+    timings = Timings(w)
+    before = timings.data.get("train", {}).get("seconds", 0.0) if (w / "train").is_dir() else 0.0
+    start = time.perf_counter()  # the probe's minutes count as training time
+    plan = w / "train_plan.json"
+    steps = a.steps
+    if plan.is_file():
+        steps = json.loads(plan.read_text())["steps"]
+    elif a.fit_min:
+        rate = measured_rate(w, args)
+        steps = int(rate * 60 * a.fit_min)
+        plan.write_text(json.dumps({"steps": steps, "steps_per_s": round(rate, 3), "fit_min": a.fit_min}) + "\n")
+        print(f"{rate:.2f} steps/s measured: {steps} steps fit {a.fit_min} min")
+    args += ["--output", str(w / "train"), "--experiment", "policy-aloha"]
+    if steps:
+        args += ["--steps", str(steps)]
     if a.time_limit_min:
         args += ["--time-limit-min", str(a.time_limit_min)]
+    vaops(*args, env=_file_store(tracking_uri(w)))
+    timings.record("train", before + time.perf_counter() - start, a.on_gpu)
+
+
+def _file_store(uri: str) -> dict:
     # A file store in the work folder: it travels with the results, and needs only mlflow-skinny.
-    env = {"MLFLOW_TRACKING_URI": tracking_uri(w), "MLFLOW_ALLOW_FILE_STORE": "true"}
-    timed(Timings(w), "train", a.on_gpu, lambda: vaops(*args, env=env))
+    return {"MLFLOW_TRACKING_URI": uri, "MLFLOW_ALLOW_FILE_STORE": "true"}
+
+
+def measured_rate(work: Path, args: list[str], probe_steps: int = 40) -> float:
+    """Optimizer steps per second of the recipe here: a short run in a scratch folder, the median
+    step time after the first 10 steps (compilation and loader start-up excluded)."""
+    scratch = work / "probe"
+    shutil.rmtree(scratch, ignore_errors=True)
+    vaops(*args, "--output", str(scratch / "run"), "--experiment", "probe", "--steps", str(probe_steps),
+          log=work / "probe.log", env=_file_store((scratch / "mlruns").absolute().as_uri()))
+    found = sorted(scratch.glob("mlruns/*/*/metrics/step_time_s"))
+    times = [float(line.split()[1]) for line in found[-1].read_text().splitlines()[10:]] if found else []
+    shutil.rmtree(scratch, ignore_errors=True)
+    if not times:
+        raise SystemExit(f"probe run logged no step times; see {work / 'probe.log'}")
+    return 1.0 / _median(times)
 
 
 def tracking_uri(work: Path) -> str:
@@ -517,6 +550,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2), help="demo rollout processes")
     p.add_argument("--steps", type=int, default=0, help="optimizer steps (0: the recipe's)")
     p.add_argument("--time-limit-min", type=float, default=0, help="this launch's training budget (resumable)")
+    p.add_argument("--fit-min", type=float, default=0, help="train: size the run to this many minutes here")
     p.add_argument("--variants", nargs="+", default=["sync"], choices=sorted(VARIANTS))
     p.add_argument("--eval-episodes", type=int, default=50, help="per task")
     p.add_argument("--eval-workers", type=int, default=max(1, (os.cpu_count() or 2) - 2))
