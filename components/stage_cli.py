@@ -1,4 +1,5 @@
-"""Command lines of the data stages, generated from their typed configs.
+"""Command lines of the data stages, generated from their typed configs, and the console output
+the stages share (errors, progress bars).
 
 Every field of a stage's config dataclass becomes a `--flag` (underscores as dashes) whose
 default is the chosen `--preset`'s value; help texts come from `field(metadata={"help": ...})`.
@@ -13,7 +14,13 @@ import typing
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from tqdm import tqdm
+
 C = TypeVar("C")
+
+# Redraw interval of a progress bar whose stderr is a file or a pipe (kfp.local's step logs, a pod,
+# `2> log`): tqdm's default 0.1 s writes a line per training step or episode there.
+SPARSE_PROGRESS_S = 30.0
 
 
 def _base_type(hint) -> tuple[type, bool]:
@@ -61,3 +68,12 @@ def run_stage(name: str, body: Callable[[], int]) -> int:
     except (DatasetError, ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"vaops {name}: error: {e}", file=sys.stderr)
         return 2
+
+
+def progress(**kwargs) -> tqdm:
+    """A tqdm bar that redraws at most every SPARSE_PROGRESS_S when stderr is not a terminal.
+    maxinterval goes up with mininterval: tqdm's monitor thread otherwise redraws every 10 s."""
+    if not sys.stderr.isatty():
+        kwargs.setdefault("mininterval", SPARSE_PROGRESS_S)
+        kwargs.setdefault("maxinterval", SPARSE_PROGRESS_S)
+    return tqdm(**kwargs)

@@ -89,6 +89,7 @@ def _print_summary(result) -> None:
 def main(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("MUJOCO_GL", "egl")
+    from .client import PolicyConnectionError
     from .run import EvaluationAborted, merge_and_report, run
 
     try:
@@ -117,6 +118,10 @@ def main(args: argparse.Namespace) -> int:
     except EvaluationAborted as e:
         print(f"vaops eval: {e}", file=sys.stderr)
         return 1
+    except PolicyConnectionError as e:  # checked before the first episode: nothing ran
+        hint = "" if args.checkpoint else "; start one (`vaops serve`) or give --checkpoint to serve one here"
+        print(f"vaops eval: error: {' '.join(str(e).split())}{hint}", file=sys.stderr)
+        return 2
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"vaops eval: error: {e}", file=sys.stderr)
         return 2

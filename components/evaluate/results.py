@@ -4,7 +4,8 @@ Work is split into units: one episode of the ALOHA sim, or all trials of one Rob
 setting (its seeds are found by walking the expert-feasible ones in order, so a task's trials
 belong together). Shard `i/n` runs units `i, i+n, i+2n, ...` and appends one JSON line per
 finished episode to its own `shards/shard-i-of-n/episodes.jsonl`, so an interrupted shard
-resumes where it stopped. `merge` checks that all `n` shards of one evaluation finished and
+resumes where it stopped; an episode that ended in error runs again on resuming, and its new
+line supersedes the old one. `merge` checks that all `n` shards of one evaluation finished and
 agree on what they evaluated, then concatenates their records.
 """
 
@@ -83,20 +84,22 @@ def shard_units(units: list[WorkUnit], shard: Shard) -> list[WorkUnit]:
 
 
 class EpisodeLog:
-    """Append-only JSON lines; a line cut short by a crash is ignored on reading."""
+    """Append-only JSON lines; a line cut short by a crash is ignored on reading, and of several
+    lines of one episode (it ended in error and ran again) the last one counts."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
 
     def read(self) -> list[EpisodeRecord]:
-        """The records so far; a trailing partial line (a shard killed mid-write) is cut off."""
+        """The latest record of each episode so far; a trailing partial line (a shard killed
+        mid-write) is cut off."""
         if not self.path.exists():
             return []
         data = self.path.read_bytes()
         if data and not data.endswith(b"\n"):
             data = data[: data.rfind(b"\n") + 1]
             self.path.write_bytes(data)
-        records = []
+        records: dict[tuple[str, str, int], EpisodeRecord] = {}
         for n, line in enumerate(data.decode().splitlines(), 1):
             if not line.strip():
                 continue
@@ -104,8 +107,9 @@ class EpisodeLog:
                 raw = json.loads(line)
             except json.JSONDecodeError:
                 raise ValueError(f"{self.path}:{n}: not a JSON line") from None
-            records.append(EpisodeRecord.from_json(raw, f"{self.path}:{n}"))
-        return records
+            record = EpisodeRecord.from_json(raw, f"{self.path}:{n}")
+            records[record.key] = record
+        return list(records.values())
 
     def append(self, record: EpisodeRecord) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

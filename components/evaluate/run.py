@@ -2,12 +2,15 @@
 
 ```
 <output_dir>/
-  shards/shard-000-of-001/episodes.jsonl   one line per episode (resumable), shard.json
+  shards/shard-000-of-001/episodes.jsonl   one line per episode run (resumable), shard.json
   shards/shard-000-of-001/videos/<setting>/<task>/ep0000_seed10000_success.mp4
   episodes.jsonl metrics.json report.md report.html plots/   (after the last shard, or --merge)
 ```
 A single-shard run finishes with the report and the MLflow run; with several shards each
 writes its episodes and `merge_and_report` (`vaops eval --merge`) makes the report.
+
+Resuming keeps the policy's verdicts (success, failure) and runs again the episodes that ended in
+error: a server that was down, restarted or out of memory says nothing about the policy.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from tqdm import tqdm
+from vaops.components.stage_cli import progress
 
 from .client import PolicyClient, PolicyConnectionError
 from .config import EvalConfig, TrackingConfig
@@ -96,58 +99,82 @@ def _aloha_unit(config: EvalConfig, client: PolicyClient, unit: WorkUnit,
 
 
 def _robotwin_unit(checkout, config: EvalConfig, client: PolicyClient, unit: WorkUnit,
-                   done: dict) -> Iterator[tuple[EpisodeRecord, bool]]:
+                   done: dict, retry: dict) -> Iterator[tuple[EpisodeRecord, bool]]:
     from .robotwin import trials
 
-    prior = sorted((r for r in done.values() if (r.setting, r.task) == (unit.setting, unit.task)),
-                   key=lambda r: r.episode)
+    def of_unit(records: dict) -> list[EpisodeRecord]:
+        return sorted((r for r in records.values() if (r.setting, r.task) == (unit.setting, unit.task)),
+                      key=lambda r: r.episode)
+
+    # A trial that ended in error runs again on its own seed (the expert solved it: the walk from
+    # there yields it first); the walk then goes on after every trial so far, errors included.
+    for r in of_unit(retry):
+        for trial in trials(checkout, unit.task, unit.setting, r.episode + 1, config.seed, config.max_steps,
+                            (r.episode, r.seed)):
+            yield _episode(config, client, trial.episode, unit.setting, unit.task, trial.index, trial.seed)
+    prior = of_unit(retry | done)
     resume = (len(prior), prior[-1].seed + 1) if prior else None
     for trial in trials(checkout, unit.task, unit.setting, config.episodes, config.seed, config.max_steps, resume):
         yield _episode(config, client, trial.episode, unit.setting, unit.task, trial.index, trial.seed)
 
 
-def _units(config: EvalConfig, client: PolicyClient, units: list[WorkUnit], done: dict):
+def _units(config: EvalConfig, client: PolicyClient, units: list[WorkUnit], done: dict, retry: dict):
     if config.suite == "aloha":
-        for unit in units:
+        for unit in units:  # an episode not in `done` runs, whether new or one that ended in error
             yield from _aloha_unit(config, client, unit, done)
         return
     from .robotwin import RoboTwinCheckout
 
     with RoboTwinCheckout(config.robotwin_root) as checkout:
         for unit in units:
-            yield from _robotwin_unit(checkout, config, client, unit, done)
+            yield from _robotwin_unit(checkout, config, client, unit, done, retry)
 
 
 def run(config: EvalConfig) -> EvalResult:
-    """Run this config's shard (resuming what it already did); report when it is the only shard."""
+    """Run this config's shard (resuming what it already did); report when it is the only shard.
+    Raises PolicyError before any episode when the policy server cannot be reached."""
     if config.tracking.enabled:
         model_run_tags(config.tracking)
     check_resumable(config)
     log = EpisodeLog(config.shard_dir() / EPISODES_FILE)
-    done = {r.key: r for r in log.read()}
+    earlier = {r.key: r for r in log.read()}
+    done = {k: r for k, r in earlier.items() if r.status != "error"}
+    retry = {k: r for k, r in earlier.items() if r.status == "error"}
     units = shard_units(work_units(config), config.shard)
     total = sum(len(u.episodes) for u in units)
-    write_manifest(config, complete=False, episodes=len(done))
+    finished = sum((u.setting, u.task, e) in done for u in units for e in u.episodes)
+    with PolicyClient(config.client) as client:
+        if finished < total:
+            # Once, before any episode: a wrong --policy-url or a server not up yet is one error
+            # naming the url, not a run of failed episodes.
+            client.connect()
+        write_manifest(config, complete=False, episodes=len(done))
+        _run_episodes(config, client, units, log, done, retry, total, finished)
+    write_manifest(config, complete=True, episodes=len(done))
+    if config.shard.count == 1:
+        return merge_and_report(config.output_dir, config.tracking)
+    return EvalResult(config.output_dir, sort_records(done.values()), None, None, None)
+
+
+def _run_episodes(config: EvalConfig, client: PolicyClient, units: list[WorkUnit], log: EpisodeLog, done: dict,
+                  retry: dict, total: int, finished: int) -> None:
+    """Run the shard's episodes not in `done`, appending each to the log and adding it to `done`."""
     successes = sum(r.success for r in done.values())
     unreachable = 0
     desc = f"eval {config.suite}" + (f" shard {config.shard}" if config.shard.count > 1 else "")
-    with PolicyClient(config.client) as client, tqdm(total=total, initial=len(done), desc=desc, unit="ep") as bar:
-        for record, connected in _units(config, client, units, done):
+    with progress(total=total, initial=finished, desc=desc, unit="ep") as bar:
+        for record, connected in _units(config, client, units, done, retry):
             log.append(record)
             done[record.key] = record
             successes += record.success
+            bar.set_postfix(success=f"{successes}/{len(done)}", last=record.status, refresh=False)
             bar.update(1)
-            bar.set_postfix(success=f"{successes}/{len(done)}", last=record.status)
             unreachable = 0 if connected else unreachable + 1
             if unreachable >= config.max_consecutive_connection_failures:
                 write_manifest(config, complete=False, episodes=len(done))
                 raise EvaluationAborted(
                     f"stopped after {unreachable} episodes in a row could not reach the policy server "
                     f"({record.error}); {len(done)} episode(s) are saved in {log.path}, re-run to resume")
-    write_manifest(config, complete=True, episodes=len(done))
-    if config.shard.count == 1:
-        return merge_and_report(config.output_dir, config.tracking)
-    return EvalResult(config.output_dir, sort_records(done.values()), None, None, None)
 
 
 def merge_and_report(output_dir: Path, tracking: TrackingConfig) -> EvalResult:

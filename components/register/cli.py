@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from .registry import RegisterConfig, run
@@ -31,4 +32,5 @@ def main(args: argparse.Namespace) -> int:
         threshold=args.threshold, train_run_id=args.train_run_id, data=args.data, repo=args.repo,
         experiment=args.experiment, alias=args.alias, output=args.output))
     print(json.dumps({"model_uri": result.model_uri, "run_id": result.run_id, **result.decision.to_dict()}, indent=2))
+    print(f"gate: {result.decision.reason}", file=sys.stderr)  # stdout stays JSON
     return 0

@@ -28,6 +28,7 @@ def register(checkpoint: dsl.Input[dsl.Model], evaluation: dsl.Input[dsl.Artifac
     result = run(RegisterConfig(checkpoint=Path(checkpoint.path), metrics=Path(evaluation.path) / "metrics.json",
                                 name=model_name, metric=metric, threshold=threshold,
                                 train_run_id=train_run_id or None, output=Path(decision.path)))
+    print(f"gate: {result.decision.reason}")  # in the step's log
     client = MlflowClient(store_uri())
     tags = dict(training_data.metadata.get("lineage", {})) if training_data is not None else {}
     if evaluation.metadata.get("mlflow_run_id"):

@@ -175,8 +175,9 @@ def run(config: RegisterConfig) -> RegisterResult:
         record = {**decision.to_dict(), "name": config.name, "version": version, "alias": config.alias}
         client.set_model_version_tag(config.name, version, "gate.verdict", decision.verdict)
         client.set_model_version_tag(config.name, version, "gate.reasons", "; ".join(decision.reasons))
+        client.set_model_version_tag(config.name, version, "gate.reason", decision.reason)
         mlflow.log_dict(record, DECISION_FILE)
-        mlflow.set_tag("gate.verdict", decision.verdict)
+        mlflow.set_tags({"gate.verdict": decision.verdict, "gate.reason": decision.reason})
         if decision.promote:
             client.set_registered_model_alias(config.name, config.alias, version)
     if config.output is not None:

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
+from vaops.components.stage_cli import progress
 from vaops.models.atomic import write_text_atomically
 from vaops.models.checkpoint import read_preset
 from vaops.models.config import Preset, TransformerConfig, get_preset
@@ -139,7 +139,7 @@ def run(cfg: TrainConfig) -> TrainOutputs:
 
     batches = _loader(dataset, cfg, info, state.micro_steps)
     last = checkpointing.latest_checkpoint(output) if state.step >= cfg.steps else None
-    bar = tqdm(total=cfg.steps, initial=state.step, desc="train", disable=not info.is_main, dynamic_ncols=True)
+    bar = progress(total=cfg.steps, initial=state.step, desc="train", disable=not info.is_main, dynamic_ncols=True)
     deadline = TimeLimit(cfg.time_limit_min)
     try:
         while state.step < cfg.steps:
@@ -172,8 +172,9 @@ def run(cfg: TrainConfig) -> TrainOutputs:
                 raise FloatingPointError(f"step {state.step}: loss is {metrics['loss']}")
             if tracker is not None:
                 tracker.log_metrics(metrics, state.step)
+            # refresh=False: the update draws it, as often as the bar's interval allows
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}", refresh=False)
             bar.update(1)
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
             out_of_time = deadline.reached()  # every rank's clock: agreed below, so all ranks save together
             if state.step % cfg.save_every == 0 or state.step == cfg.steps or out_of_time:
                 if tracker is not None:

@@ -31,7 +31,8 @@ FIXTURES = Path(__file__).parents[1] / "fixtures" / "robotwin"
 class ScriptedServer:
     """A tiny websocket policy server; episode i (counted by resets) follows behaviours[i]:
     good | malformed (action of the wrong shape) | nan | text (a server error) |
-    dies (drops the connection when the executed actions come back) | hangs (never answers)."""
+    dies (drops the connection when the executed actions come back) | hangs (never answers) |
+    quits (the whole server stops at the first chunk request: later connections are refused)."""
 
     def __init__(self, behaviours, token=None):
         self.behaviours = list(behaviours)
@@ -69,6 +70,12 @@ class ScriptedServer:
                 ws.send("RuntimeError: CUDA out of memory")
             elif behaviour == "hangs":
                 time.sleep(1)
+            elif behaviour == "quits":
+                # shutdown() waits for the handlers, this one included: it runs beside it, and the
+                # handler returns once the listening socket is closed.
+                threading.Thread(target=self.server.shutdown, daemon=True).start()
+                self.server.socket_closed.wait()
+                return
             else:
                 ws.send(packb({"action": np.zeros((14, 2, 16), np.float32)}))
 
@@ -134,21 +141,65 @@ def test_token(scripted):
         assert client.metadata == {"server": "scripted"}
 
 
-def test_dead_server_stops_the_evaluation_with_saved_episodes(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # nothing listens here once the socket is closed
-    config = get_eval_preset("smoke", tmp_path, episodes=5, tasks=("AlohaInsertion-v0",), videos=False,
-                             client=ClientConfig(url=f"ws://127.0.0.1:{port}", connect_attempts=2, retry_delay_s=0.01),
+def test_dead_server_stops_the_evaluation_with_saved_episodes(scripted, tmp_path):
+    server = scripted("quits")
+    config = get_eval_preset("smoke", tmp_path, episodes=6, tasks=("AlohaInsertion-v0",), videos=False,
+                             client=ClientConfig(url=server.url, connect_attempts=2, retry_delay_s=0.01),
                              tracking=TrackingConfig(enabled=False))
     with pytest.raises(EvaluationAborted, match="3 episodes in a row could not reach the policy server"):
         run(config)
     records = EpisodeLog(config.shard_dir() / "episodes.jsonl").read()
-    assert len(records) == 3 and all("unreachable after 2 attempt(s)" in r.error for r in records)
+    assert [r.episode for r in records] == [0, 1, 2, 3]
+    assert "PolicyDisconnected: chunk request: connection to" in records[0].error
+    assert all("unreachable after 2 attempt(s)" in r.error for r in records[1:])
     manifest = json.loads((config.shard_dir() / "shard.json").read_text())
     assert manifest["complete"] is False
     with pytest.raises(ValueError, match="did not finish"):
         merge(tmp_path)
+
+
+def test_no_server_is_one_error_line_before_any_episode(tmp_path, capsys):
+    from vaops.pipelines.cli import main
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        url = f"ws://127.0.0.1:{s.getsockname()[1]}"  # nothing listens here once the socket is closed
+    out = tmp_path / "eval"
+    code = main(["eval", "--preset", "smoke", "--policy-url", url, "--output", str(out), "--no-mlflow",
+                 "--no-videos", "--connect-attempts", "1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith(f"vaops eval: error: policy server at {url} unreachable")
+    assert not out.exists()  # no episode ran, nothing was written
+
+
+def test_resume_runs_error_episodes_again_and_keeps_verdicts(scripted, tmp_path):
+    from vaops.components.evaluate.aloha import episode_seed
+
+    task = "AlohaTransferCube-v0"
+    first = scripted("text", "good")  # episode 0: a server error; episode 1: the policy fails
+    config = get_eval_preset("smoke", tmp_path, tasks=(task,), episodes=3, videos=False,
+                             client=ClientConfig(url=first.url, request_timeout_s=10),
+                             tracking=TrackingConfig(enabled=False))
+    # episode 2 succeeded in an earlier run: a verdict, kept as it is
+    success = EpisodeRecord(suite="aloha", setting="sim", task=task, episode=2, seed=episode_seed(0, 2),
+                            prompt="p", status="success", success=True, progress=1.0, steps=20, chunks=1)
+    EpisodeLog(config.shard_dir() / "episodes.jsonl").append(success)
+    error, failure, kept = run(config).records
+    assert first.episode == 1  # two resets: episode 2 did not run
+    assert error.status == "error" and "CUDA out of memory" in error.error
+    assert failure.status == "failure" and kept == success
+
+    second = scripted("good")
+    result = run(config.replace(client=ClientConfig(url=second.url, request_timeout_s=10)))
+    assert second.episode == 0  # one reset: only the episode that ended in error ran again
+    rerun, failure_again, kept_again = result.records
+    assert (rerun.episode, rerun.status, rerun.error, rerun.steps) == (0, "failure", None, 48)
+    assert (failure_again, kept_again) == (failure, success)
+    assert result.metrics["errors"] == 0 and result.metrics["episodes"] == 3
+    merged = (tmp_path / "episodes.jsonl").read_text().splitlines()
+    assert len(merged) == 3  # the superseded error line stays in the shard's log only
+    assert len((config.shard_dir() / "episodes.jsonl").read_text().splitlines()) == 4
 
 
 def test_check_actions():

@@ -64,7 +64,7 @@ def register(world, success_rate: float | None, name: str = "va", **kw):
                               data=world["repo"] / "data" / "demos", repo=world["repo"], **kw))
 
 
-def test_lineage_and_the_champion_gate(world):
+def test_lineage_and_the_champion_gate(world, capsys):
     client = MlflowClient()
     out = world["root"] / "decision"
     first = register(world, 0.6, output=out)
@@ -82,6 +82,7 @@ def test_lineage_and_the_champion_gate(world):
     recorded = mlflow.artifacts.load_dict(f"runs:/{first.run_id}/gate_decision.json")
     assert recorded == json.loads((out / "gate_decision.json").read_text())
     assert recorded["verdict"] == "promoted" and recorded["version"] == "1"
+    assert recorded["reason"] == "success_rate 0.6 >= threshold 0.5: promoted"
     logged = Path(mlflow.artifacts.download_artifacts(f"models:/va/1", dst_path=str(world["root"] / "dl")))
     files = {p.relative_to(logged).as_posix() for p in logged.rglob("*") if p.is_file()}
     assert "artifacts/checkpoint/transformer/diffusion_pytorch_model.safetensors" in files
@@ -91,8 +92,13 @@ def test_lineage_and_the_champion_gate(world):
     worse = register(world, 0.55)
     assert not worse.decision.promote
     assert "below the champion's (version 1) 0.6000" in " ".join(worse.decision.reasons)
-    low = register(world, 0.4)
-    assert not low.decision.promote and "below the threshold 0.5000" in low.decision.reasons[0]
+    assert client.get_model_version("va", worse.version).tags["gate.reason"] == (
+        "success_rate 0.55 >= threshold 0.5, < champion (version 1) 0.6: not promoted")
+    low = register_cli(world, 0.4, world["root"] / "low")
+    assert not low["promote"] and "below the threshold 0.5000" in low["reasons"][0]
+    assert low["reason"] == "success_rate 0.4 < threshold 0.5: not promoted"
+    assert json.loads((world["root"] / "low" / "gate_decision.json").read_text())["reason"] == low["reason"]
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"gate: {low['reason']}"
     missing = register(world, None)
     assert not missing.decision.promote and "no evaluation metric" in missing.decision.reasons[0]
     assert str(client.get_model_version_by_alias("va", "champion").version) == "1"
@@ -100,6 +106,19 @@ def test_lineage_and_the_champion_gate(world):
     tie = register(world, 0.6)
     assert tie.decision.promote
     assert str(client.get_model_version_by_alias("va", "champion").version) == tie.version == "5"
+
+
+def register_cli(world, success_rate: float, output: Path) -> dict:
+    """`vaops register` as a user runs it; its stdout is the decision as JSON."""
+    from vaops.pipelines.cli import main
+
+    metrics = world["root"] / f"metrics-{success_rate}.json"
+    metrics.write_text(json.dumps({"success_rate": success_rate, "episodes": 20}))
+    code = main(["register", str(world["checkpoint"]), "--name", "va", "--metrics", str(metrics), "--threshold", "0.5",
+                 "--data", str(world["repo"] / "data" / "demos"), "--repo", str(world["repo"]),
+                 "--output", str(output)])
+    assert code == 0
+    return json.loads((output / "gate_decision.json").read_text())
 
 
 def test_pyfunc_by_alias_runs_the_policy(world):
@@ -145,6 +164,9 @@ def test_gate_rules():
     assert not decide(0.49, None, None, 0.5).promote
     assert not decide(float("nan"), None, None, 0.5).promote
     assert decide(0.6, None, "2", 0.5).promote  # a champion without the metric yields to a passing candidate
+    assert decide(0.01, None, None, 0.5).reason == "success_rate 0.01 < threshold 0.5: not promoted"
+    assert decide(0.7, 0.7, "3", 0.5).reason == "success_rate 0.7 >= threshold 0.5, >= champion (version 3) 0.7: promoted"
+    assert decide(None, None, None, 0.5, "sr").reason == "sr missing from the evaluation (threshold 0.5): not promoted"
 
 
 def test_kubeflow_component_compiles(tmp_path):
