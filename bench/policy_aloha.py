@@ -138,9 +138,10 @@ def base_checkpoint(work: Path, device: str = "cpu") -> Path:
             stats = calibrate_vae(vae, work / "demos", get_preset("small"))
             stats_file.write_text(json.dumps(stats, indent=2) + "\n")
         save_vae(vae.cpu(), folder / "vae")
+    # Weights only: the configs come from the preset's code, and their JSON differs with the library
+    # versions that wrote them (diffusers, transformers, tokenizers differ between a laptop and a node).
     hashes = {p.relative_to(folder).as_posix(): _content_hash(p)
-              for part in ("vae", "text_encoder", "tokenizer")
-              for p in sorted((folder / part).rglob("*")) if p.is_file()}
+              for part in ("vae", "text_encoder") for p in sorted((folder / part).glob("*.safetensors"))}
     record = work / "base.json"
     if record.is_file():
         expected = json.loads(record.read_text())
@@ -154,15 +155,7 @@ def base_checkpoint(work: Path, device: str = "cpu") -> Path:
 
 
 def _content_hash(path: Path) -> str:
-    """sha256 of a file; of a JSON config without what only says where and by which library version
-    it was written (`_name_or_path`, `transformers_version`, `_diffusers_version`)."""
-    data = path.read_bytes()
-    if path.suffix == ".json":
-        raw = json.loads(data)
-        if isinstance(raw, dict):
-            raw = {k: v for k, v in raw.items() if not (k.endswith("_version") or k == "_name_or_path")}
-        data = json.dumps(raw, sort_keys=True).encode()
-    return hashlib.sha256(data).hexdigest()
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def train(a: argparse.Namespace) -> None:
