@@ -121,7 +121,6 @@ def base_checkpoint(work: Path, device: str = "cpu") -> Path:
 
     `base.json` keeps the hashes of the encoders the data was encoded with, so a machine that
     rebuilds them (training elsewhere, from base_stats.json) proves it got the same weights."""
-    from vaops.components.encode.calibrate import calibrate_vae
     from vaops.models.checkpoint import write_random_checkpoint
     from vaops.models.config import get_preset
     from vaops.models.vae import load_vae, save_vae
@@ -134,7 +133,9 @@ def base_checkpoint(work: Path, device: str = "cpu") -> Path:
         if stats_file.is_file():
             stats = json.loads(stats_file.read_text())
             vae.register_to_config(latents_mean=stats["latents_mean"], latents_std=stats["latents_std"])
-        else:
+        else:  # reads the demos with lerobot, which a training node need not have
+            from vaops.components.encode.calibrate import calibrate_vae
+
             stats = calibrate_vae(vae, work / "demos", get_preset("small"))
             stats_file.write_text(json.dumps(stats, indent=2) + "\n")
         save_vae(vae.cpu(), folder / "vae")
