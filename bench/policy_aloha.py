@@ -480,6 +480,8 @@ def pack(a: argparse.Namespace) -> None:
 
     def wanted(info: tarfile.TarInfo):
         name = info.name
+        if info.isdir():  # a folder left out would take the chosen videos inside it along
+            return info
         if "/videos/" in name and not any(name.endswith(v) for v in keep_videos):
             return None
         if name.endswith(".safetensors"):  # the transformer travels in shards; the encoders are rebuilt
