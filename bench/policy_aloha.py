@@ -198,7 +198,7 @@ def measured_rate(work: Path, args: list[str], probe_steps: int = 40) -> float:
     vaops(*args, "--output", str(scratch / "run"), "--experiment", "probe", "--steps", str(probe_steps),
           log=work / "probe.log", env=_file_store((scratch / "mlruns").absolute().as_uri()))
     found = sorted(scratch.glob("mlruns/*/*/metrics/step_time_s"))
-    times = [float(line.split()[1]) for line in found[-1].read_text().splitlines()[10:]] if found else []
+    times = [t for step, t in sorted(read_metric(found[-1]).items()) if step > 10] if found else []
     shutil.rmtree(scratch, ignore_errors=True)
     if not times:
         raise SystemExit(f"probe run logged no step times; see {work / 'probe.log'}")
@@ -338,22 +338,22 @@ def summarize_variant(folder: Path) -> dict:
     return per_task
 
 
+def read_metric(path: Path) -> dict[int, float]:
+    """step -> value of one metric file of an MLflow file store (lines `timestamp value step`)."""
+    out = {}
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        _, value, step = line.split()[:3]
+        out[int(step)] = float(value)
+    return out
+
+
 def loss_history(work: Path) -> list[tuple[int, float, float, float]]:
     """(step, loss, video_loss, action_loss) from the run's MLflow file store."""
     runs = sorted((work / "mlruns").glob("*/*/metrics/loss"))
     if not runs:
         return []
     metrics = runs[-1].parent
-
-    def read(name):
-        path = metrics / name
-        out = {}
-        for line in path.read_text().splitlines() if path.is_file() else []:
-            _, value, step = line.split()[:3]
-            out[int(step)] = float(value)
-        return out
-
-    loss, video, action = read("loss"), read("video_loss"), read("action_loss")
+    loss, video, action = (read_metric(metrics / name) for name in ("loss", "video_loss", "action_loss"))
     return [(s, loss[s], video.get(s, math.nan), action.get(s, math.nan)) for s in sorted(loss)]
 
 

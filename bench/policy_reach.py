@@ -19,7 +19,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 
 RIGHT_ARM = {"waist": 7, "shoulder": 8, "elbow": 9, "wrist angle": 11}
 CAMERA = "observation.images.top"
@@ -75,7 +74,6 @@ def main() -> int:
     p.add_argument("--seeds", nargs="+", default=["0-7", "10000-10007"], help="ranges such as 0-7 (one group each)")
     p.add_argument("--out", type=Path, default=Path("bench/results/policy_reach"))
     a = p.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     groups = {g: measure(a.checkpoint, a.task, seed_range(g)) for g in a.seeds}
     result = {"checkpoint": str(a.checkpoint), "task": a.task, "groups": groups}
     a.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")

@@ -16,14 +16,29 @@ class GateDecision:
     champion: float | None = None
     champion_version: str | None = None
     threshold: float = 0.0
-    reason: str = ""  # the verdict in one sentence: "success_rate 0.01 < threshold 0.5: not promoted"
 
     @property
     def verdict(self) -> str:
         return "promoted" if self.promote else "rejected"
 
+    @property
+    def reason(self) -> str:
+        """The comparison that decided, in one sentence with the metric's name, its value and the
+        threshold: "success_rate 0.01 < threshold 0.5: not promoted"."""
+        verdict = "promoted" if self.promote else "not promoted"
+        metric, candidate, threshold = self.metric, self.candidate, self.threshold
+        if candidate is None or not math.isfinite(candidate):
+            return f"{metric} missing from the evaluation (threshold {threshold:g}): {verdict}"
+        if candidate < threshold:
+            return f"{metric} {candidate:.4g} < threshold {threshold:g}: {verdict}"
+        passed = f"{metric} {candidate:.4g} >= threshold {threshold:g}"
+        if self.champion is None:
+            return f"{passed}: {verdict}"
+        relation = ">=" if candidate >= self.champion else "<"
+        return f"{passed}, {relation} champion (version {self.champion_version}) {self.champion:.4g}: {verdict}"
+
     def to_dict(self) -> dict:
-        return {"verdict": self.verdict, **asdict(self)}
+        return {"verdict": self.verdict, **asdict(self), "reason": self.reason}
 
 
 def decide(candidate: float | None, champion: float | None, champion_version: str | None,
@@ -51,20 +66,4 @@ def decide(candidate: float | None, champion: float | None, champion_version: st
             reasons.append(f"{metric} {candidate:.4f} is below the champion's (version {champion_version}) "
                            f"{champion:.4f}")
             ok = False
-    reason = _sentence(ok, candidate, champion, champion_version, threshold, metric)
-    return GateDecision(ok, reasons, metric, candidate, champion, champion_version, threshold, reason)
-
-
-def _sentence(ok: bool, candidate: float | None, champion: float | None, champion_version: str | None,
-              threshold: float, metric: str) -> str:
-    """The comparison that decided, with the metric's name, its value and the threshold."""
-    verdict = "promoted" if ok else "not promoted"
-    if candidate is None or not math.isfinite(candidate):
-        return f"{metric} missing from the evaluation (threshold {threshold:g}): {verdict}"
-    if candidate < threshold:
-        return f"{metric} {candidate:.4g} < threshold {threshold:g}: {verdict}"
-    passed = f"{metric} {candidate:.4g} >= threshold {threshold:g}"
-    if champion is None:
-        return f"{passed}: {verdict}"
-    relation = ">=" if candidate >= champion else "<"
-    return f"{passed}, {relation} champion (version {champion_version}) {champion:.4g}: {verdict}"
+    return GateDecision(ok, reasons, metric, candidate, champion, champion_version, threshold)
