@@ -54,6 +54,11 @@ class TrainConfig:
     # Teacher forcing (MODEL.md "Training"): probabilities and per-step draws.
     text_dropout: float = 0.1
     noisy_history: float = 0.5
+    # Hold latent frame 0 (the first observation) clean at t=0 with no loss in the noisy streams, as
+    # the engine does in an episode's first chunk. Upstream draws it at a random t like every frame
+    # and leans on its pretrained video model; from scratch the first chunk then sees a near-clean
+    # first frame (t < 100) in 1 sample of 10, and the policy learns only the average reach.
+    hold_first_frame: bool = False
     chunk_range: tuple[int, int] = (1, 4)
     window_range: tuple[int, int] = (4, 64)
     video_shift: float | None = None  # None: the preset's sampling shift (upstream snr_shift)
@@ -188,7 +193,7 @@ RECIPES: dict[str, TrainConfig] = {
     # Micro-batch 128: at 32 an H200 ran 6 steps/s, bound by per-step overhead, not arithmetic.
     "small": TrainConfig(preset="small", steps=4000, micro_batch=128, lr=5e-4, warmup_steps=200,
                          lr_schedule="cosine", weight_decay=0.01, zero_stage=0, activation_checkpointing=False,
-                         chunk_range=(2, 2), window_range=(16, 16), save_every=500, keep_last=2, num_workers=8),
+                         chunk_range=(2, 2), window_range=(16, 16), hold_first_frame=True, save_every=500, keep_last=2, num_workers=8),
     "libero": TrainConfig(preset="libero", steps=50000, lr=1e-5, warmup_steps=10, zero_stage=2,
                           save_every=1000, keep_last=3, num_workers=8),
 }

@@ -3,7 +3,8 @@
 `draw_inputs` turns a batch into one step's network inputs, drawing (from one generator, in a fixed
 order) the text dropout, one timestep per latent frame from the 1000-step tables (video and
 action shifts), the noise, the noisy history (the clean video noised with timesteps from the less
-noisy half of the table, never the actions) and the step's chunk size and attention window.
+noisy half of the table, never the actions), optionally the first frame held clean as inference holds
+it, and the step's chunk size and attention window.
 `TeacherForcedModel` is what DeepSpeed wraps: the transformer's teacher-forced forward plus the
 loss, per-frame weighted MSE for video plus per-frame masked weighted MSE for actions.
 """
@@ -41,6 +42,7 @@ class TeacherForcing:
     action: TrainTable
     text_dropout: float
     noisy_history: float
+    hold_first_frame: bool
     chunk_range: tuple[int, int]
     window_range: tuple[int, int]
 
@@ -49,7 +51,7 @@ class TeacherForcing:
         s = preset.sampling
         return cls(train_table(s.video_shift if cfg.video_shift is None else cfg.video_shift),
                    train_table(s.action_shift if cfg.action_shift is None else cfg.action_shift),
-                   cfg.text_dropout, cfg.noisy_history, cfg.chunk_range, cfg.window_range)
+                   cfg.text_dropout, cfg.noisy_history, cfg.hold_first_frame, cfg.chunk_range, cfg.window_range)
 
 
 @dataclass
@@ -119,13 +121,22 @@ def draw_inputs(batch: Batch, empty_emb: torch.Tensor, tf: TeacherForcing, gener
     m = mask.float()
     action_noisy = add_noise(a0, anoise, _per_frame(tf.action.sigmas[aidx], a0.ndim)) * m
 
+    video_t, video_weight = tf.video.timesteps[idx], tf.video.weights[idx]
+    action_t, action_weight = tf.action.timesteps[aidx], tf.action.weights[aidx]
+    if tf.hold_first_frame:
+        # The engine's first chunk: frame 0 is the observation (video) and zero (actions) at t=0.
+        video_noisy[:, :, 0] = x0[:, :, 0]
+        action_noisy[:, :, 0] = a0[:, :, 0] * m[:, :, 0]
+        for t in (video_t, video_weight, action_t, action_weight):
+            t[:, 0] = 0
+
     chunk = int(torch.randint(tf.chunk_range[0], tf.chunk_range[1] + 1, (1,), generator=generator))
     window = int(torch.randint(tf.window_range[0], tf.window_range[1] + 1, (1,), generator=generator))
     return StepInputs(
-        video_noisy=video_noisy, video_clean=video_clean, video_t=tf.video.timesteps[idx], video_cond_t=video_cond_t,
-        video_target=velocity_target(x0, noise), video_weight=tf.video.weights[idx],
-        action_noisy=action_noisy, action_clean=a0 * m, action_t=tf.action.timesteps[aidx],
-        action_target=velocity_target(a0, anoise) * m, action_weight=tf.action.weights[aidx],
+        video_noisy=video_noisy, video_clean=video_clean, video_t=video_t, video_cond_t=video_cond_t,
+        video_target=velocity_target(x0, noise), video_weight=video_weight,
+        action_noisy=action_noisy, action_clean=a0 * m, action_t=action_t,
+        action_target=velocity_target(a0, anoise) * m, action_weight=action_weight,
         action_mask=mask, text_emb=text, chunk=chunk, window=window)
 
 

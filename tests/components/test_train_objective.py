@@ -65,6 +65,28 @@ def test_noising_targets_history_and_masks():
     assert x.tokens == 64 * 2 * 4 * (6 + 16)
 
 
+def test_hold_first_frame_mirrors_the_engines_first_chunk():
+    """Frame 0 clean at t=0 with no loss weight (video and actions); later frames and every draw unchanged."""
+    batch, empty = _batch(b=8, f=4), torch.zeros(512, 40, dtype=torch.bfloat16)
+    held = TeacherForcing.from_config(TrainConfig(hold_first_frame=True), TINY)
+    x = draw_inputs(batch, empty, held, torch.Generator().manual_seed(3))
+    y = draw_inputs(batch, empty, TF, torch.Generator().manual_seed(3))
+    assert torch.equal(x.video_noisy[:, :, 0], batch.latents[:, :, 0])
+    assert torch.all(x.action_noisy[:, :, 0] == (batch.actions * batch.action_mask)[:, :, 0])
+    for name in ("video_t", "video_weight", "action_t", "action_weight"):
+        assert torch.all(getattr(x, name)[:, 0] == 0), name
+        assert torch.equal(getattr(x, name)[:, 1:], getattr(y, name)[:, 1:]), name
+        assert torch.all(getattr(y, name)[:, 0] > 0), name  # the table never draws exactly 0
+    assert torch.equal(x.video_noisy[:, :, 1:], y.video_noisy[:, :, 1:])
+    assert torch.equal(x.video_clean, y.video_clean) and (x.chunk, x.window) == (y.chunk, y.window)
+    # The loss ignores frame 0: any prediction there leaves it unchanged.
+    pv, pa = torch.randn_like(x.video_target), torch.randn_like(x.action_target)
+    pv2, pa2 = pv.clone(), pa.clone()
+    pv2[:, :, 0] += 5
+    pa2[:, :, 0] += 5
+    torch.testing.assert_close(flow_matching_loss(pv, pa, x), flow_matching_loss(pv2, pa2, x))
+
+
 def test_text_dropout_chunk_and_window_ranges():
     b = 4000
     g = torch.Generator().manual_seed(0)
