@@ -4,6 +4,12 @@ chunk computed ahead while the robot executes the current one.
 
 Checks run before anything touches a session, so a bad request leaves the session as it was
 (the streaming VAE and the KV cache only advance on valid input).
+
+Retries are safe: a request may carry a sequence number (`seq`, increasing per session). A request
+with the number of the session's last one is a retry: it gets that request's answer again without
+computing anything (a chunk is never computed twice, an observation never written twice); an older
+number, or the same number for another operation, is a conflict. Without numbers a second act before
+the chunk's observation, or a second observation of one chunk, is a conflict too, never a double step.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from vaops.models.config import Preset
 from vaops.models.policy import Policy, PolicyChunk
 
 from . import metrics
-from .sessions import Session, SessionManager
+from .sessions import Conflict, Session, SessionError, SessionManager
 
 MAX_PROMPT_CHARS = 4096
 MAX_IMAGE_SIDE = 4096
@@ -69,6 +75,16 @@ def check_image(name: str, image, frames: bool) -> np.ndarray:
     if frames and image.shape[0] == 0:
         raise InputError(f"{name}: no frames")
     return image
+
+
+def check_seq(seq) -> int | None:
+    if seq is None:
+        return None
+    if isinstance(seq, (bool, float)) or not isinstance(seq, (int, np.integer)):
+        raise InputError(f"seq must be an integer in [0, 2^63), got {seq!r}")
+    if not 0 <= int(seq) < 2**63:
+        raise InputError(f"seq {seq} must be in [0, 2^63)")
+    return int(seq)
 
 
 def check_flag(name: str, value) -> bool:
@@ -131,8 +147,15 @@ def check_keyframes(keyframes: Sequence[Mapping], count: int, preset: Preset) ->
     return out
 
 
-class AheadFailed(RuntimeError):
+class EpisodeFailed(RuntimeError):
+    """An operation failed inside the policy: the episode's state is unknown, so it needs a reset."""
+
+
+class AheadFailed(EpisodeFailed):
     """The chunk an asynchronous-execution session computed ahead failed: the episode needs a reset."""
+
+
+_NEW = object()  # _replay's answer for a request that is not a retry
 
 
 class EpisodeService:
@@ -168,24 +191,54 @@ class EpisodeService:
         try:
             async with session.lock:
                 start = time.perf_counter()
-                yield
+                try:
+                    yield
+                except (InputError, SessionError, EpisodeFailed):
+                    raise  # refused before anything changed, or failed before already
+                except Exception as e:  # inside the policy: its state is unknown until a reset
+                    session.failure = f"the {op} failed: {type(e).__name__}: {e}"
+                    session.pending = False
+                    raise EpisodeFailed(f"{session.failure}; this episode cannot go on: send a reset") from e
                 metrics.OP_SECONDS.labels(op, protocol).observe(time.perf_counter() - start)
                 session.last_used = self.sessions.clock()
         finally:
             self.sessions.release(session)
             self.update_gauges()
 
+    @staticmethod
+    def _replay(session: Session, op: str, seq: int | None):
+        """The recorded result when this request repeats the session's last numbered one, else _NEW."""
+        if seq is None or session.seq is None or seq > session.seq:
+            return _NEW
+        if seq < session.seq:
+            raise Conflict(f"seq {seq} is behind this session's last request (seq {session.seq}, {session.seq_op}): "
+                           f"sequence numbers must increase; a retry repeats the last one")
+        if op != session.seq_op:
+            raise Conflict(f"seq {seq} was this session's {session.seq_op}; a {op} needs a new sequence number "
+                           f"(above {seq})")
+        return session.seq_result
+
+    @staticmethod
+    def _record(session: Session, op: str, seq: int | None, result=None) -> None:
+        if seq is not None:
+            session.seq, session.seq_op, session.seq_result = seq, op, result
+
     async def _compute(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
-    async def reset(self, session: Session, prompt, seed, protocol: str, async_execution=False) -> None:
-        prompt, seed = check_prompt(prompt), check_seed(seed)
+    async def reset(self, session: Session, prompt, seed, protocol: str, async_execution=False,
+                    seq=None) -> None:
+        prompt, seed, seq = check_prompt(prompt), check_seed(seed), check_seq(seq)
         async_execution = check_flag("async_execution", async_execution)
         async with self._operation(session, "reset", protocol):
+            if self._replay(session, "reset", seq) is not _NEW:
+                return
             await self._discard_ahead(session)
             await self._compute(session.policy.reset, prompt, seed)
             session.async_execution, session.failure, session.frame_offset = async_execution, None, 0
-        session.started = True
+            session.pending = False
+            session.started = True
+            self._record(session, "reset", seq)
 
     def _require_started(self, session: Session) -> None:
         if not session.started:
@@ -193,8 +246,9 @@ class EpisodeService:
         ahead = session.ahead
         if ahead is not None and ahead.done() and not ahead.cancelled() and ahead.exception() is not None:
             self._fail(session, ahead.exception())
+            raise AheadFailed(f"{session.failure}; this episode cannot go on: send a reset")
         if session.failure is not None:
-            raise AheadFailed(session.failure)
+            raise Conflict(f"{session.failure}; this episode cannot go on: send a reset")
 
     def _fail(self, session: Session, error: BaseException) -> None:
         session.ahead = None
@@ -224,53 +278,71 @@ class EpisodeService:
         self.update_gauges()
 
     async def act(self, session: Session, images, protocol: str,
-                  imagine: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+                  imagine: bool = False, seq=None) -> tuple[np.ndarray, np.ndarray | None]:
         """The next chunk's actions `[n_used, FC, N]` float32 in robot units and, when asked, the
         imagined video of the chunk (its predicted latents decoded, uint8 `[T, H, W, 3]`)."""
+        seq = check_seq(seq)
+        imagine = imagine is not None and check_flag("imagine", imagine)
         if images is not None:
             images = check_images(images, self.preset)
         async with self._operation(session, "act", protocol):
-            self._require_started(session)
-            policy = session.policy
-            if session.ahead is not None:
-                raise InputError("asynchronous execution: the next chunk is computed while this one runs; send this "
-                                 "chunk's observation (compute_kv_cache) before asking for another chunk")
-            chunk = session.ready
-            if chunk is None:
-                if images is None and policy.frame_offset == 0:
-                    raise InputError("the first chunk of an episode needs the camera images")
-                chunk = await self._compute(policy.act, images)
-            imagined = await self._compute(policy.imagine, chunk.latents) if imagine else None
-            session.ready, session.frame_offset = None, chunk.frame_offset
-            if session.async_execution:
-                self._start_ahead(session, protocol)
+            chunk = self._replay(session, "act", seq)
+            if chunk is _NEW:
+                self._require_started(session)
+                chunk = await self._next_chunk(session, images, protocol)
+                self._record(session, "act", seq, chunk)
+            imagined = await self._compute(session.policy.imagine, chunk.latents) if imagine else None
         return chunk.actions, imagined
 
-    async def observe(self, session: Session, keyframes, actions, protocol: str) -> None:
+    async def _next_chunk(self, session: Session, images, protocol: str) -> PolicyChunk:
+        policy = session.policy
+        if session.pending:
+            raise Conflict(f"the chunk at frame {session.frame_offset} was handed out and awaits its observation: "
+                           f"send this chunk's observation (compute_kv_cache, op observe) before asking for another "
+                           f"chunk; a client that retries sends a sequence number (seq) to get a lost reply again")
+        chunk = session.ready
+        if chunk is None:
+            if images is None and policy.frame_offset == 0:
+                raise InputError("the first chunk of an episode needs the camera images")
+            chunk = await self._compute(policy.act, images)
+        session.ready, session.frame_offset, session.pending = None, chunk.frame_offset, True
+        if session.async_execution:
+            self._start_ahead(session, protocol)
+        return chunk
+
+    async def observe(self, session: Session, keyframes, actions, protocol: str, seq=None) -> None:
+        seq = check_seq(seq)
         actions = check_actions(actions, self.preset)
         async with self._operation(session, "observe", protocol):
+            if self._replay(session, "observe", seq) is not _NEW:
+                return
             self._require_started(session)
-            ahead = None
-            if session.async_execution and session.ready is not None:
-                raise InputError("asynchronous execution: this chunk was observed already; ask for the next chunk")
-            if session.ahead is not None:
-                if actions.shape[1] != self.preset.frame_chunk_size:
-                    raise InputError(f"actions: F = {actions.shape[1]}; asynchronous execution observes whole chunks "
-                                     f"of {self.preset.frame_chunk_size} latent frames")
-                try:
-                    ahead = await asyncio.wrap_future(session.ahead)
-                except Exception as e:
-                    self._fail(session, e)
-                    raise AheadFailed(session.failure) from e
-            policy = session.policy
+            await self._observe(session, keyframes, actions)
+            self._record(session, "observe", seq)
+
+    async def _observe(self, session: Session, keyframes, actions: np.ndarray) -> None:
+        ahead = None
+        policy = session.policy
+        if not session.pending:
             if policy.observation_offset == 0 and policy.first_latent is None:
                 raise InputError("observe before the first act of the episode: act first")
-            count = expected_keyframes(policy.observation_offset, actions.shape[1], self.preset)
-            keyframes = check_keyframes(keyframes, count, self.preset)
-            await self._compute(policy.observe, keyframes, actions)
-            session.frame_offset = policy.frame_offset
-            if ahead is not None:
-                session.ahead, session.ready = None, ahead
+            raise Conflict("this chunk was observed already; ask for the next chunk (a client that retries sends "
+                           "a sequence number, seq, to get a lost reply again)")
+        if session.ahead is not None:
+            if actions.shape[1] != self.preset.frame_chunk_size:
+                raise InputError(f"actions: F = {actions.shape[1]}; asynchronous execution observes whole chunks "
+                                 f"of {self.preset.frame_chunk_size} latent frames")
+            try:
+                ahead = await asyncio.wrap_future(session.ahead)
+            except Exception as e:
+                self._fail(session, e)
+                raise AheadFailed(f"{session.failure}; this episode cannot go on: send a reset") from e
+        count = expected_keyframes(policy.observation_offset, actions.shape[1], self.preset)
+        keyframes = check_keyframes(keyframes, count, self.preset)
+        await self._compute(policy.observe, keyframes, actions)
+        session.frame_offset, session.pending = policy.frame_offset, False
+        if ahead is not None:
+            session.ahead, session.ready = None, ahead
 
 
 def _act_ahead(policy: Policy, timer) -> PolicyChunk:

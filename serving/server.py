@@ -3,9 +3,13 @@ websocket protocol as a route on the same FastAPI app.
 
 What this adds to a stock ModelServer:
 - it binds the configured host (kserve binds every interface; here loopback unless told otherwise);
-- an optional bearer token on every route except health, readiness and metrics (REST, websocket
-  and gRPC), and a request size limit on all three;
-- kserve's model repository extension (load/unload over REST and gRPC) is switched off;
+- an optional bearer token on every route except health, readiness and metrics, by one rule on
+  REST, websocket and gRPC (server and model metadata need it), and a request size limit on all three;
+- kserve's model repository extension (load/unload over REST and gRPC) is switched off, and the
+  server metadata no longer advertises it;
+- errors in each protocol's terms: 409 / ABORTED for conflicts, 429 with Retry-After /
+  RESOURCE_EXHAUSTED with `retry-after` trailing metadata when every session is in use;
+- upstream's health route, `GET /healthz` -> 200 `OK`, on the websocket's port;
 - idle sessions are swept every second, so their caches are freed without waiting for a request.
 """
 
@@ -22,7 +26,9 @@ import torch
 from grpc import aio
 from kserve import ModelServer
 from kserve.constants.constants import FASTAPI_APP_IMPORT_STRING
+from fastapi.responses import PlainTextResponse
 from kserve.model_server import app as kserve_app  # the FastAPI app kserve's REST server serves
+from kserve.protocol.dataplane import DataPlane
 from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
 from kserve.protocol.grpc.interceptors import ExceptionToStatusInterceptor, LoggingInterceptor
 from kserve.protocol.grpc.server import GRPCServer
@@ -34,7 +40,7 @@ from vaops.models.policy import PolicyWeights
 
 from .config import ServeConfig
 from .episode import EpisodeService
-from .kserve_model import PolicyModel
+from .kserve_model import CapacityExhausted, PolicyModel, ProtocolError, rest_error_handler
 from .model_source import resolve_checkpoint
 from .msgpack_numpy import UnpackLimits
 from .sessions import SessionManager
@@ -43,8 +49,9 @@ from .websocket import EpisodeSocket
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-# Probes and scrapers carry no token: these answer without one (HTTP GET only, never the websocket).
-_OPEN_GRPC_METHODS = ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata")
+# Probes and scrapers carry no token: health, readiness and metrics answer without one (HTTP GET
+# only, never the websocket); metadata, like inference, needs it on every protocol.
+_OPEN_GRPC_METHODS = ("ServerLive", "ServerReady", "ModelReady")
 # kserve's model repository extension would let any client unload the served model: switched off.
 _REPOSITORY_HTTP_PREFIX = "/v2/repository/"
 _REPOSITORY_GRPC_METHODS = ("RepositoryModelLoad", "RepositoryModelUnload")
@@ -145,6 +152,27 @@ class GuardInterceptor(aio.ServerInterceptor):
         return _deny(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
 
 
+class PolicyExceptionInterceptor(ExceptionToStatusInterceptor):
+    """kserve's mapping of exceptions to gRPC status, plus the retry hint of a full session table."""
+
+    async def handle_exception(self, ex, request_or_iterator, context, method_name):
+        if isinstance(ex, CapacityExhausted):
+            await context.abort(ex.status_code, ex.details, trailing_metadata=(("retry-after", str(ex.retry_after_s)),))
+        await super().handle_exception(ex, request_or_iterator, context, method_name)
+
+
+class PolicyDataPlane(DataPlane):
+    """kserve's data plane; the server metadata lists no extensions (the model repository one is off)."""
+
+    def metadata(self) -> dict:
+        return {**super().metadata(), "extensions": []}
+
+
+async def healthz(_request) -> PlainTextResponse:
+    """Upstream's (openpi) websocket server answers this on its port; load balancers probe it."""
+    return PlainTextResponse("OK\n")
+
+
 def _deny(code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
     async def deny(request, context):
         await context.abort(code, message)
@@ -162,7 +190,7 @@ class BoundGRPCServer(GRPCServer):
         self._token = token
 
     async def start(self, max_workers):
-        interceptors = [GuardInterceptor(self._token), LoggingInterceptor(), ExceptionToStatusInterceptor()]
+        interceptors = [GuardInterceptor(self._token), LoggingInterceptor(), PolicyExceptionInterceptor()]
         self._server = aio.server(
             ThreadPoolExecutor(max_workers=max_workers), interceptors=interceptors,
             options=[("grpc.max_receive_message_length", self._max_bytes),
@@ -180,6 +208,7 @@ class PolicyServer(ModelServer):
     def __init__(self, config: ServeConfig):
         super().__init__(http_port=config.http_port, grpc_port=config.grpc_port, workers=1,
                          enable_grpc=config.enable_grpc, enable_docs_url=False, enable_latency_logging=False)
+        self.dataplane = PolicyDataPlane(model_registry=self.registered_models)
         self.config = config
 
     def start(self, models: list[PolicyModel]) -> None:
@@ -190,10 +219,12 @@ class PolicyServer(ModelServer):
                                        cfg.http_port, workers=1, event_loop="asyncio")
         self._rest_server.config.host = cfg.host
         self._rest_server.config.ws_max_size = cfg.max_request_bytes
-        open_paths = frozenset({"/", "/metrics", "/v2", "/v2/health/live", "/v2/health/ready",
-                                f"/v2/models/{cfg.name}", f"/v2/models/{cfg.name}/ready",
-                                f"/v1/models/{cfg.name}"})
+        # Liveness ("/" and /healthz too), readiness (v1's model status is its readiness) and metrics.
+        open_paths = frozenset({"/", "/healthz", "/metrics", "/v2/health/live", "/v2/health/ready",
+                                f"/v2/models/{cfg.name}/ready", f"/v1/models/{cfg.name}"})
         kserve_app.add_middleware(GuardMiddleware, token=cfg.token, max_bytes=cfg.max_request_bytes, open_paths=open_paths)
+        kserve_app.add_exception_handler(ProtocolError, rest_error_handler)
+        kserve_app.add_api_route("/healthz", healthz, methods=["GET"])
         limits = UnpackLimits(max_bytes=cfg.max_request_bytes)
         kserve_app.add_api_websocket_route("/", EpisodeSocket(cfg.name, model.episodes, limits))
         self.servers.append(self._rest_server.start())

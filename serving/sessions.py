@@ -12,9 +12,11 @@ chunk an asynchronous-execution session computes ahead, which runs while the rob
 from __future__ import annotations
 
 import asyncio
+import math
 import re
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -22,6 +24,8 @@ from dataclasses import dataclass, field
 from vaops.models.policy import Policy, PolicyChunk, PolicyWeights
 
 _SESSION_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+# Closed sessions remembered, so a retried close is answered like the first one.
+_CLOSED_REMEMBERED = 1024
 
 
 class SessionError(Exception):
@@ -33,7 +37,15 @@ class UnknownSession(SessionError):
 
 
 class SessionsFull(SessionError):
-    pass
+    """Every session is in use; `retry_after_s` is when the longest-idle one expires if nothing else changes."""
+
+    def __init__(self, message: str, retry_after_s: int):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class Conflict(SessionError):
+    """The request does not fit the session's state or its sequence numbers (a repeated act or observe)."""
 
 
 @dataclass
@@ -52,6 +64,12 @@ class Session:
     ahead: Future | None = None
     ready: PolicyChunk | None = None
     failure: str | None = None  # why the episode cannot go on until a reset
+    # A chunk was handed out and awaits its observation: a second act (or observe) then is refused.
+    pending: bool = False
+    # The last request that carried a sequence number: its number, op and result, replayed on a retry.
+    seq: int | None = None
+    seq_op: str | None = None
+    seq_result: object = None
 
     @property
     def busy(self) -> bool:
@@ -81,6 +99,7 @@ class SessionManager:
             self.capacity = min(max_sessions, fit)
         self._pool: list[Policy] = [probe]
         self._sessions: dict[str, Session] = {}
+        self._closed: OrderedDict[str, None] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -101,9 +120,12 @@ class SessionManager:
             raise SessionError(f"session {session_id!r} already exists")
         self.expire_idle()
         if len(self._sessions) >= self.capacity:
+            wait = self.retry_after_s()
             raise SessionsFull(
                 f"all {self.capacity} sessions are in use (one KV cache is {self.bytes_per_session / 2**20:.1f} MiB); "
-                f"close a session, or wait for idle ones to expire after {self.idle_timeout_s:g} s")
+                f"sessions idle for {self.idle_timeout_s:g} s are closed: retry in {wait} s, or close a session",
+                wait)
+        self._closed.pop(session_id, None)
         policy = self._pool.pop() if self._pool else self.weights.new_policy()
         session = Session(session_id, policy, self.clock())
         self._sessions[session_id] = session
@@ -120,10 +142,24 @@ class SessionManager:
         session.last_used = self.clock()
         return session
 
+    def retry_after_s(self) -> int:
+        """Whole seconds until the longest-idle session expires if none is used meanwhile (at least 1);
+        a busy session counts as used now."""
+        now = self.clock()
+        left = [self.idle_timeout_s - (0.0 if s.busy else now - s.last_used) for s in self._sessions.values()]
+        return max(1, math.ceil(min(left, default=0.0)))
+
+    def closed_recently(self, session_id) -> bool:
+        """Closed (or expired) among the last 1024 sessions: a retried close answers as the first did."""
+        return isinstance(session_id, str) and session_id in self._closed
+
     def close(self, session_id: str) -> None:
         session = self._sessions.pop(session_id, None)
         if session is None:
             return
+        self._closed[session_id] = None
+        while len(self._closed) > _CLOSED_REMEMBERED:
+            self._closed.popitem(last=False)
         if session.ahead is not None:
             session.ahead.cancel()  # a chunk ahead not started yet never runs; a running one finishes
         if session.busy:

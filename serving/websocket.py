@@ -9,8 +9,10 @@ On connect the server sends a metadata map. Then, per message:
 - `{compute_kv_cache: true, obs: [keyframes...], state: executed actions [n_used, F, N]}` -> `{}`;
 - otherwise `{obs: {camera images..., observation.state, task}, prompt}` -> `{action: [n_used, FC, N]}`
   (plus `imagined`, the chunk's decoded video, when the request says `imagine: true`).
-A message the server refuses is answered with a text frame holding the reason (the openpi client
-raises it as `RuntimeError`); the connection and every other session stay up.
+Every message may carry `seq`, an integer increasing over the connection's episode: a message with
+the last message's `seq` is a retry and gets the same reply again, computed once (the metadata says
+`sequence_numbers: true`). A message the server refuses is answered with a text frame holding the
+reason (the openpi client raises it as `RuntimeError`); the connection and every other session stay up.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import numpy as np
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from . import metrics
-from .episode import EpisodeService, InputError
+from .episode import EpisodeFailed, EpisodeService, InputError
 from .msgpack_numpy import UnpackLimits, WireError, packb, unpackb
 from .sessions import Session, SessionError
 
@@ -45,6 +47,7 @@ def server_metadata(name: str, episodes: EpisodeService) -> dict:
         "action_per_frame": preset.action_per_frame,
         "frames_per_latent": preset.frames_per_latent,
         "async_execution": True,  # the reset may ask for it
+        "sequence_numbers": True,  # messages may carry `seq`; a repeated one is answered again, not recomputed
     }
 
 
@@ -73,9 +76,12 @@ class EpisodeSocket:
                         session, reply = await self._handle(session, unpackb(data, self.limits))
                     except (WireError, InputError, SessionError) as e:
                         reply = self._error("invalid", str(e))
-                    except Exception as e:  # the policy failed: report it, keep serving
+                    except EpisodeFailed as e:  # the policy failed; the text says the episode needs a reset
+                        log.error("websocket request failed: %s", e, exc_info=e.__cause__)
+                        reply = self._error("internal", str(e))
+                    except Exception as e:  # a fault outside the policy: report it, keep serving
                         log.exception("websocket request failed")
-                        reply = self._error("internal", f"{type(e).__name__}: {e}; send a reset before going on")
+                        reply = self._error("internal", f"internal error: {type(e).__name__}: {e}")
                 if isinstance(reply, str):
                     await websocket.send_text(reply)
                 else:
@@ -100,7 +106,7 @@ class EpisodeSocket:
             target = self.episodes.open() if new else session
             try:
                 await self.episodes.reset(target, msg.get("prompt", ""), msg.get("seed"), "websocket",
-                                          msg.get("async_execution", False))
+                                          msg.get("async_execution", False), seq=msg.get("seq"))
             except Exception:
                 if new:  # a failed first reset leaves no session behind
                     self.episodes.close(target.id)
@@ -112,11 +118,12 @@ class EpisodeSocket:
         obs = msg.get("obs")
         if msg.get("compute_kv_cache"):
             keyframes = obs if isinstance(obs, list) else ([obs] if obs is not None else [])
-            await self.episodes.observe(session, keyframes, msg.get("state"), "websocket")
+            await self.episodes.observe(session, keyframes, msg.get("state"), "websocket", seq=msg.get("seq"))
             return session, packb({})
         if obs is None:
             raise InputError("an action request needs obs: {camera images...}")
-        actions, imagined = await self.episodes.act(session, obs, "websocket", imagine=bool(msg.get(IMAGINE_FLAG)))
+        actions, imagined = await self.episodes.act(session, obs, "websocket", imagine=msg.get(IMAGINE_FLAG, False),
+                                                    seq=msg.get("seq"))
         reply = {"action": np.ascontiguousarray(actions, dtype=np.float32)}
         if imagined is not None:
             reply[IMAGINED_FIELD] = imagined

@@ -199,7 +199,7 @@ def test_session_limit_gives_a_clear_error(server):
 
     opened, error = asyncio.run(run())
     assert error is not None and 1 <= len(opened) <= 10
-    assert error.response.status_code == 400
+    assert error.response.status_code == 429 and int(error.response.headers["retry-after"]) >= 1
     assert "all 10 sessions are in use" in error.response.json()["error"]
 
 
