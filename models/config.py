@@ -183,15 +183,20 @@ _ROBOTWIN_Q99 = (
     0.034201726913452024, 0.39142737388610793, 0.1792279863357542, 1.0, 1.0, 1.0, 1.0,
 ) + (0.0,) * 14 + (1.0, 1.0)
 
-LIBERO_CHANNELS = tuple(range(0, 6)) + (LEFT_GRIPPER,)
+# LIBERO (one Franka arm, upstream's `va_libero_cfg` as updated on 2026-04-24 for the released
+# LIBERO-Long checkpoint): the dataset's 7-dim action (delta xyz, delta axis-angle, gripper) sits in
+# model channels 0-6 in that order, so the gripper is channel 6 (not the bimanual layout's 28).
+LIBERO_CHANNELS = tuple(range(0, 7))
 _LIBERO_Q01 = (
     -0.6589285731315613, -0.84375, -0.9375, -0.12107142806053162, -0.15964286029338837,
-    -0.26571428775787354,
-) + (0.0,) * 22 + (-1.0, 0.0)
+    -0.26571428775787354, -1.0,
+) + (0.0,) * 23
 _LIBERO_Q99 = (
     0.8999999761581421, 0.8544642925262451, 0.9375, 0.17142857611179352, 0.1842857152223587,
-    0.34392857551574707,
-) + (0.0,) * 22 + (1.0, 0.0)
+    0.34392857551574707, 1.0,
+) + (0.0,) * 23
+LIBERO_CAMERAS = (Camera("observation.images.agentview_rgb", 128, 128),
+                  Camera("observation.images.eye_in_hand_rgb", 128, 128))
 
 # ALOHA (the embedded MuJoCo sim): 14 joint positions -> left joints 14-19, left gripper 28,
 # right joints 21-26, right gripper 29 (six arm joints each; the seventh joint slot stays unused).
@@ -234,13 +239,18 @@ PRESETS: dict[str, Preset] = {
     "libero": Preset(
         name="libero",
         transformer=TransformerConfig(),
-        cameras=(Camera("observation.images.agentview_rgb", 128, 128),
-                 Camera("observation.images.eye_in_hand_rgb", 128, 128)),
+        cameras=LIBERO_CAMERAS,
         layout="side_by_side",
         used_action_channels=LIBERO_CHANNELS,
         norm_q01=_LIBERO_Q01,
         norm_q99=_LIBERO_Q99,
-        sampling=SamplingConfig(video_steps=20, action_steps=50, attn_window=30),
+        # upstream: 20 video steps at shift 5, 50 action steps at shift 0.05 (the action schedule then
+        # spends most steps at low noise: sigma 0.5 is shifted to 0.048), window 30
+        sampling=SamplingConfig(video_steps=20, action_steps=50, video_shift=5.0, action_shift=0.05,
+                                guidance_scale=5.0, action_guidance_scale=1.0, attn_window=30),
+        # 4 latent frames x 4 actions: 16 actions per chunk (12 in the first, whose first latent frame
+        # is the initial image), a camera keyframe after every action
+        frame_chunk_size=4,
         action_per_frame=4,
     ),
     "tiny": Preset(
