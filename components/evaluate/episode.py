@@ -132,6 +132,10 @@ def _loop(client: PolicyClient, env: EpisodeEnv, out: EpisodeOutcome, seed: int 
     initial = [env.camera_frame(obs)] if record else []
     client.reset(prompt, seed, async_execution)
     client.check_compatible(env.action_channels, obs)
+    # An env with `step_limit_between_chunks` (LIBERO, as upstream's client) finishes its chunk past
+    # the step limit; success still ends the episode at once.
+    stops_mid_chunk = ((lambda: env.success) if getattr(env, "step_limit_between_chunks", False)
+                       else (lambda: env.finished))
     first = True
     done_at = None  # when the robot finished the previous chunk's last action
     while not env.finished:
@@ -160,7 +164,7 @@ def _loop(client: PolicyClient, env: EpisodeEnv, out: EpisodeOutcome, seed: int 
                     if record:
                         chunk.real.append(env.camera_frame(obs))
                 done_at = clock.tick()
-                if env.finished:
+                if stops_mid_chunk():
                     out.execution_s.append(done_at - received)
                     return
         out.execution_s.append(done_at - received)

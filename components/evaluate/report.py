@@ -173,7 +173,12 @@ def render_markdown(metrics: dict, records: Sequence[EpisodeRecord], plots: dict
         lines.append(f"- control loop ({_loop_mode(loop)}): idle {idle['p50_s']:.3f} s per chunk (median, p95 "
                      f"{idle['p95_s']:.3f} s), {_pct(loop['idle_fraction'])}% of the time")
     lines += ["", "## Success rates", ""]
-    lines.append(paper_table(metrics) if metrics["suite"] == "robotwin" else task_table(metrics))
+    if metrics["suite"] == "libero":
+        from .libero_report import libero_tables
+
+        lines.append(libero_tables(metrics, records))
+    else:
+        lines.append(paper_table(metrics) if metrics["suite"] == "robotwin" else task_table(metrics))
     lines += [f"![success by task](plots/{plots['success']})", "",
               f"![episode length](plots/{plots['lengths']})", "",
               f"![latency](plots/{plots['latency']})", ""]

@@ -118,7 +118,27 @@ def _robotwin_unit(checkout, config: EvalConfig, client: PolicyClient, unit: Wor
         yield _episode(config, client, trial.episode, unit.setting, unit.task, trial.index, trial.seed)
 
 
+def _libero_unit(config: EvalConfig, client: PolicyClient, unit: WorkUnit,
+                 done: dict) -> Iterator[tuple[EpisodeRecord, bool]]:
+    from .libero import LiberoEpisode, episode_plan, episode_seed, load_task
+
+    task = None
+    for e in unit.episodes:
+        if (unit.setting, unit.task, e) in done:
+            continue
+        task = task or load_task(unit.setting, unit.task)
+        env = LiberoEpisode(task, episode_plan(e)[0], config.max_steps)  # a new env per episode, as upstream
+        try:
+            yield _episode(config, client, env, unit.setting, unit.task, e, episode_seed(config.seed, e))
+        finally:
+            env.close()
+
+
 def _units(config: EvalConfig, client: PolicyClient, units: list[WorkUnit], done: dict, retry: dict):
+    if config.suite == "libero":
+        for unit in units:
+            yield from _libero_unit(config, client, unit, done)
+        return
     if config.suite == "aloha":
         for unit in units:  # an episode not in `done` runs, whether new or one that ended in error
             yield from _aloha_unit(config, client, unit, done)

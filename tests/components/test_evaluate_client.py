@@ -302,7 +302,7 @@ def test_config_errors_are_named():
     with pytest.raises(ValueError, match="must start with ws://"):
         ClientConfig(url="http://localhost:8080")
     with pytest.raises(ValueError, match="unknown evaluation preset"):
-        get_eval_preset("libero", "/tmp/x")
+        get_eval_preset("libero_long", "/tmp/x")
 
 
 def record(episode, seed=1, **kw):
