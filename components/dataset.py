@@ -17,17 +17,22 @@ set to ~0), as in the released layout: one broken video then only loses its own 
 DVC stores unchanged episodes once across dataset versions. Readers also accept lerobot's
 shared files (several episodes per parquet or mp4).
 
-Writers build the whole dataset in a temporary sibling folder and rename it into place.
+Writers build the whole dataset in a temporary sibling folder and rename it into place. The
+encoder's own log lines (SVT-AV1 and FFmpeg print a dozen per video file, to the process's stderr)
+go to a log file the caller names, the console keeps the progress bar; lerobot's temporary `images/`
+folder is not left behind.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import re
 import shutil
-from collections.abc import Iterable
+import sys
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -196,6 +201,21 @@ class LeRobotData:
                     raise DatasetError(f"{path}:{n}: malformed episodes row ({e})") from None
         return rows
 
+    def task_names(self) -> dict[int, str]:
+        """task_index -> task text (lerobot's `meta/tasks.parquet`), read once."""
+        if not hasattr(self, "_task_names"):
+            try:
+                tasks = load_tasks(self.root)
+            except (OSError, pa.ArrowInvalid, ValueError) as e:
+                raise DatasetError(f"{self.root / 'meta' / 'tasks.parquet'}: unreadable ({e})") from None
+            self._task_names = {int(i): str(t) for t, i in zip(tasks.index, tasks["task_index"])}
+        return self._task_names
+
+    def task_texts(self, task_indices) -> list[str]:
+        """The task text of each frame's task_index; "" where the index names no task."""
+        names = self.task_names()
+        return [names.get(int(i), "") for i in task_indices]
+
     def episode_meta(self, index: int) -> EpisodeMeta:
         for ep in self.episodes:
             if ep.episode_index == index:
@@ -249,6 +269,10 @@ class LeRobotData:
                      == (r[f"videos/{key}/chunk_index"], r[f"videos/{key}/file_index"]) for o in self._rows.values())
         return None if shared or float(r[f"videos/{key}/from_timestamp"]) != 0.0 else path
 
+    def video_offset(self, index: int, key: str) -> float:
+        """Where episode `index` starts in camera `key`'s mp4 (seconds; 0 for a file of its own)."""
+        return float(self._rows[index][f"videos/{key}/from_timestamp"])
+
     def video(self, index: int, key: str, timestamps: np.ndarray | None = None) -> np.ndarray:
         """uint8 `[T, H, W, 3]` frames of camera `key` at the episode's frame timestamps."""
         path = self.video_file(index, key)
@@ -256,7 +280,7 @@ class LeRobotData:
             raise DatasetError(f"{path}: video of camera {key!r}, episode {index} is missing")
         if timestamps is None:
             timestamps = self.frames(index)["timestamp"].to_numpy()
-        offset = float(self._rows[index][f"videos/{key}/from_timestamp"])
+        offset = self.video_offset(index, key)
         # +0.1 ms: t = i/fps in float lands a hair before frame i's pts (0.7 * 10240 = 7167.99...), and
         # torchcodec then returns frame i-1 (seen on 10 fps demos); far below half a frame at any rate.
         query = [offset + float(t) + 1e-4 for t in timestamps]
@@ -270,9 +294,7 @@ class LeRobotData:
         """The whole episode, its videos marked as reusable where they stand alone."""
         df = self.frames(index)
         meta = self.episode_meta(index)
-        tasks = load_tasks(self.root)
-        names = {int(i): t for t, i in zip(tasks.index, tasks["task_index"])}
-        frame_tasks = [names[int(i)] for i in df["task_index"]]
+        frame_tasks = self.task_texts(df["task_index"])
         ts = df["timestamp"].to_numpy()
         sources = {k: p for k in self.video_keys if (p := self.standalone_video(index, k)) is not None}
         return Episode(dataclasses.replace(meta), self.arrays(index, df),
@@ -316,11 +338,43 @@ def decode_frames(path: Path, seconds: list[float]) -> np.ndarray:
     return np.stack([frames[i] for i in idx])
 
 
+@contextlib.contextmanager
+def native_stderr_to(log_path: str | Path | None) -> Iterator[None]:
+    """Send what native libraries write to file descriptor 2 (SVT-AV1's `Svt[info]` lines, FFmpeg's
+    `[mp4 @ ...]`) and Python's stderr to `log_path` while keeping `sys.stderr`, and so tqdm's bars,
+    on the console. None: nothing is redirected."""
+    if log_path is None:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    console = os.fdopen(os.dup(saved), "w", buffering=1)
+    old_stderr = sys.stderr
+    with open(log_path, "ab") as log:
+        os.dup2(log.fileno(), 2)
+        sys.stderr = console
+        try:
+            yield
+        finally:
+            sys.stderr = old_stderr
+            console.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            console.close()
+
+
+def _remove_empty_tree(root: Path) -> None:
+    """Remove `root` when it holds folders only (lerobot's per-camera `images/` staging folders)."""
+    if root.is_dir() and not any(p.is_file() for p in root.rglob("*")):
+        shutil.rmtree(root)
+
+
 def write_dataset(dst: str | Path, episodes: Iterable[Episode], *, fps: int, features: dict,
                   robot_type: str | None, vcodec: str = "libsvtav1", total: int | None = None,
-                  desc: str = "write episodes") -> Path:
+                  desc: str = "write episodes", log_path: str | Path | None = None) -> Path:
     """Write `episodes` as a new dataset at `dst` (atomically replacing it) with lerobot's
-    own writer; episodes are renumbered 0..N-1 in the order given."""
+    own writer; episodes are renumbered 0..N-1 in the order given. `log_path`: where the video
+    encoder's own log lines go (appended; None: the console)."""
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
     dst = Path(dst)
@@ -331,6 +385,10 @@ def write_dataset(dst: str | Path, episodes: Iterable[Episode], *, fps: int, fea
                                f"{MIN_SVTAV1_SIZE} pixels; choose another vcodec (e.g. h264)")
 
     def build(tmp: Path) -> None:
+        with native_stderr_to(log_path):
+            encode(tmp)
+
+    def encode(tmp: Path) -> None:
         tmp.rmdir()  # LeRobotDataset.create insists on creating its root itself
         ds = LeRobotDataset.create(repo_id=f"local/{dst.name}", fps=fps, features=features, root=tmp,
                                    robot_type=robot_type, use_videos=True, vcodec=vcodec)
@@ -350,6 +408,7 @@ def write_dataset(dst: str | Path, episodes: Iterable[Episode], *, fps: int, fea
                                              tasks=sorted(set(ep.frame_tasks))))
             sources.append(ep.video_sources)
         ds.finalize()
+        _remove_empty_tree(tmp / "images")
         if not metas:
             raise DatasetError(f"{dst}: no episodes to write (empty dataset)")
         write_episode_metadata(tmp, metas)

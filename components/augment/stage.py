@@ -5,19 +5,24 @@ every camera gets the same colour / brightness / contrast / saturation change an
 crop-shift, the instruction and segment texts one paraphrase, and, when `action_noise_std` > 0,
 the actions Gaussian noise. Copies carry `augmented_from` (the original's index in the output)
 and `augmentation` (the drawn parameters) in the episode metadata.
+
+Episodes without task text are refused (an instruction paraphrased from nothing is no
+instruction): `vaops validate` quarantines them and `vaops clean` drops them. The video encoder's
+own log goes to `encoder.log` in the report folder.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import shutil
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from vaops.components.dataset import Episode, LeRobotData, Segment, write_dataset
+from vaops.components.dataset import DatasetError, Episode, LeRobotData, Segment, write_dataset
 from vaops.components.reports import markdown_table, write_report
 from vaops.models.atomic import link_or_copy, write_folder_atomically
 
@@ -25,6 +30,7 @@ from . import transforms
 from .config import AugmentConfig
 
 PREVIEW = "preview.png"
+ENCODER_LOG = "encoder.log"
 
 
 @dataclass
@@ -67,6 +73,7 @@ def run(cfg: AugmentConfig) -> AugmentResult:
     if missing:
         raise ValueError(f"noise_fields {missing} are not numeric features of {cfg.dataset} ({data.array_keys})")
     originals = [m.episode_index for m in data.episodes]
+    _require_task_text(data)
     augmented: list[dict] = []
 
     def episodes() -> Iterator[Episode]:
@@ -82,15 +89,41 @@ def run(cfg: AugmentConfig) -> AugmentResult:
     total = len(originals) * (1 + cfg.copies)
     if cfg.copies == 0:  # the originals only: linked, not decoded and re-encoded (minutes per 100 episodes)
         out = write_folder_atomically(cfg.output, lambda tmp: shutil.copytree(
-            data.root, tmp, dirs_exist_ok=True, copy_function=link_or_copy))
-    else:
-        out = write_dataset(cfg.output, episodes(), fps=data.fps, features=data.user_features(),
-                            robot_type=data.robot_type, vcodec=cfg.vcodec, total=total, desc="write augmented")
-    result = AugmentResult(Path(out), len(originals), augmented)
-    write_report(cfg.report_dir, {"dataset": cfg.dataset, "output": cfg.output, "config": dataclasses.asdict(cfg),
-                                  "originals": len(originals), "augmented": augmented}, _markdown(cfg, result),
-                 extra={PREVIEW: lambda path: _preview(LeRobotData(out), result, path)})
+            data.root, tmp, dirs_exist_ok=True, copy_function=link_or_copy, ignore=_staging_folders(data.root)))
+    with tempfile.TemporaryDirectory(prefix="vaops-augment-") as logs:
+        log = Path(logs) / ENCODER_LOG
+        if cfg.copies > 0:
+            out = write_dataset(cfg.output, episodes(), fps=data.fps, features=data.user_features(),
+                                robot_type=data.robot_type, vcodec=cfg.vcodec, total=total, desc="write augmented",
+                                log_path=log)
+        result = AugmentResult(Path(out), len(originals), augmented)
+        extra = {PREVIEW: lambda path: _preview(LeRobotData(out), result, path)}
+        if log.exists():
+            extra[ENCODER_LOG] = lambda path: shutil.copyfile(log, path)
+        write_report(cfg.report_dir, {"dataset": cfg.dataset, "output": cfg.output,
+                                      "config": dataclasses.asdict(cfg), "originals": len(originals),
+                                      "augmented": augmented}, _markdown(cfg, result), extra=extra)
     return result
+
+
+def _staging_folders(root: Path):
+    """copytree's `ignore`: lerobot's empty `images/` staging tree at the dataset's top level."""
+    def ignore(folder: str, names: list[str]) -> list[str]:
+        images = root / "images"
+        empty = images.is_dir() and not any(p.is_file() for p in images.rglob("*"))
+        return ["images"] if Path(folder) == root and "images" in names and empty else []
+
+    return ignore
+
+
+def _require_task_text(data: LeRobotData) -> None:
+    for m in data.episodes:
+        texts = data.task_texts(data.frames(m.episode_index)["task_index"])
+        empty = [t for t, text in enumerate(texts) if not text.strip()]
+        if empty:
+            raise DatasetError(f"{data.data_file(m.episode_index)}: episode {m.episode_index} has no task text in "
+                               f"{len(empty)} frames (first: frame {empty[0]}); `vaops validate` quarantines it and "
+                               f"`vaops clean` drops it")
 
 
 def _preview(data: LeRobotData, r: AugmentResult, path: Path, rows: int = 4, columns: int = 4) -> None:

@@ -70,6 +70,8 @@ def _match_case(word: str, like: str) -> str:
 
 def paraphrase(text: str, rng: np.random.Generator) -> str:
     """A reworded instruction with the same meaning: synonyms swapped, then a polite frame."""
+    if not text.strip():
+        return text  # nothing to reword; framing it would make an instruction from nothing
     out = text
     for group in SYNONYMS:
         pattern = re.compile(r"\b(" + "|".join(re.escape(w) for w in group) + r")\b", flags=re.IGNORECASE)

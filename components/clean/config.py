@@ -11,7 +11,7 @@ class CleanConfig:
     output: str = field(default="data/clean", metadata={"help": "cleaned dataset directory to write"})
     report_dir: str = field(default="data/reports/clean", metadata={"help": "where report.json/.md go"})
     validation_report: str | None = field(default=None, metadata={
-        "help": "report folder of `vaops validate` on this dataset (default: run its checks here)"})
+        "help": "report folder of `vaops validate` on this dataset; unset: its checks run here"})
     drop_failed: bool = field(default=True, metadata={"help": "drop episodes recorded as failed"})
     drop_duplicates: bool = field(default=True, metadata={"help": "drop repeated action sequences"})
     trim_idle: bool = field(default=True, metadata={"help": "cut idle head and tail frames"})
@@ -25,8 +25,8 @@ class CleanConfig:
     outlier_quantile: float = field(default=0.01, metadata={"help": "quantile q of the clipping range"})
     outlier_margin: float = field(default=1.0, metadata={"help": "margin m of the clipping range"})
     gripper_channels: tuple[int, ...] = field(default=(), metadata={"help": "gripper channel indices"})
-    gripper_fields: tuple[str, ...] = field(default=("action",), metadata={
-        "help": "features whose gripper channels are mapped"})
+    gripper_fields: tuple[str, ...] = field(default=("action", "observation.state"), metadata={
+        "help": "features whose gripper channels are mapped (each from its own range)"})
     gripper_range: tuple[float, ...] = field(default=(0.0, 1.0), metadata={"help": "target gripper range lo hi"})
     vcodec: str = field(default="libsvtav1", metadata={"help": "video codec of lerobot's writer"})
 

@@ -13,26 +13,38 @@ Rules, in the order they apply:
 7. clip_outliers: values of `clip_fields` outside per-channel `[q - m*s, Q + m*s]` (q, Q the
    `outlier_quantile` and `1 - outlier_quantile` quantiles over all kept frames, s = Q - q,
    m = `outlier_margin`) are clipped to that range.
-8. gripper_channels: those channels of `gripper_fields` are mapped linearly from their range
-   over the kept frames to `gripper_range` (e.g. closed 0, open 1).
+8. gripper_channels: those channels of `gripper_fields` (action and state alike by default, so
+   both carry the gripper in the same units) are mapped linearly from each field's own range over
+   the kept frames to `gripper_range` (e.g. closed 0, open 1).
+
+Without a validation report, validate's checks run here with their defaults and the robot named
+by the dataset's `robot_type`. The video encoder's own log goes to `encoder.log` in the report
+folder; the console shows progress bars and the summary.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import shutil
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from vaops.components.dataset import DatasetError, Episode, LeRobotData, write_dataset
 from vaops.components.reports import markdown_table, read_report, write_report
-from vaops.components.validate.checks import Expectations, check_episode
+from vaops.components.stage_cli import progress
+from vaops.components.validate.checks import check_episode
+from vaops.components.validate.config import ValidateConfig
+from vaops.components.validate.stage import expectations, robot_for
 
 from . import rules
 from .config import CleanConfig
+
+
+ENCODER_LOG = "encoder.log"
 
 
 @dataclass
@@ -60,10 +72,12 @@ def _quarantine(data: LeRobotData, cfg: CleanConfig) -> dict[int, list[str]]:
                                f"({[p['message'] for p in report.get('dataset_problems', [])]})")
         return {int(q["episode_index"]): list(q["reasons"]) for q in report["quarantine"]}
     out = {}
-    for meta in tqdm(data.episodes, desc="check", unit="ep"):
-        problems = check_episode(data, meta, Expectations())
+    defaults = ValidateConfig(dataset=cfg.dataset)
+    expect = expectations(defaults, robot_for(defaults, data))
+    for meta in progress(iterable=data.episodes, desc="check", unit="ep"):
+        problems = check_episode(data, meta, expect)
         if problems:
-            out[meta.episode_index] = [p.message for p in problems]
+            out[meta.episode_index] = [p.line() for p in problems]
     return out
 
 
@@ -103,7 +117,15 @@ def _decide(data: LeRobotData, cfg: CleanConfig) -> dict[int, Decision]:
 def _dataset_ranges(data: LeRobotData, cfg: CleanConfig, kept: list[Decision]):
     """Clipping bounds and gripper source ranges per field, over the kept frames."""
     clip = cfg.clip_fields if cfg.clip_outliers else ()
-    grip_fields = cfg.gripper_fields if cfg.gripper_channels else ()
+    grip_fields = [f for f in cfg.gripper_fields if f in data.array_keys] if cfg.gripper_channels else []
+    if cfg.gripper_channels and not grip_fields:
+        raise DatasetError(f"{data.root}: none of the gripper_fields {list(cfg.gripper_fields)} is in the dataset "
+                           f"({data.array_keys})")
+    for f in grip_fields:
+        width = int(np.prod(data.features[f]["shape"]))
+        if max(cfg.gripper_channels) >= width or min(cfg.gripper_channels) < 0:
+            raise DatasetError(f"{data.root}: gripper_channels {list(cfg.gripper_channels)} are outside {f}'s "
+                               f"{width} channels")
     fields = sorted(set(clip) | set(grip_fields))
     missing = [f for f in fields if f not in data.array_keys]
     if missing:
@@ -163,11 +185,15 @@ def run(cfg: CleanConfig) -> CleanResult:
             d.new_index = new_index
             yield _apply(data.episode(d.episode), d, cfg, bounds, grip)
 
-    out = write_dataset(cfg.output, cleaned(), fps=data.fps, features=data.user_features(),
-                        robot_type=data.robot_type, vcodec=cfg.vcodec, total=len(kept), desc="write cleaned")
-    result = CleanResult(Path(out), len(kept), {d.episode: d.drop for d in decisions.values() if d.drop},
-                         {d.episode: d.changes for d in kept if d.changes})
-    write_report(cfg.report_dir, _report(cfg, decisions, result), _markdown(cfg, decisions, result))
+    with tempfile.TemporaryDirectory(prefix="vaops-clean-") as logs:
+        log = Path(logs) / ENCODER_LOG
+        out = write_dataset(cfg.output, cleaned(), fps=data.fps, features=data.user_features(),
+                            robot_type=data.robot_type, vcodec=cfg.vcodec, total=len(kept), desc="write cleaned",
+                            log_path=log)
+        result = CleanResult(Path(out), len(kept), {d.episode: d.drop for d in decisions.values() if d.drop},
+                             {d.episode: d.changes for d in kept if d.changes})
+        write_report(cfg.report_dir, _report(cfg, decisions, result), _markdown(cfg, decisions, result),
+                     extra={ENCODER_LOG: lambda path: shutil.copyfile(log, path) if log.exists() else path.touch()})
     return result
 
 

@@ -14,5 +14,6 @@ def ingest(source: str, dataset: dsl.Output[dsl.Dataset], repo: str = "", rev: s
 
     result = run(IngestConfig(source=source, output=dataset.path, repo=repo or None, rev=rev or None))
     dataset.metadata.update({"source": source, "source_version": result.source_version,
-                             "episodes": result.episodes, "frames": result.frames})
+                             "episodes": result.episodes, "frames": result.frames, "broken": result.broken,
+                             "notes": result.notes})
     return result.episodes

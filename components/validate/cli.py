@@ -2,6 +2,7 @@
 
     vaops validate --dataset data/demos --report-dir data/reports/validate
     vaops validate --preset aloha --dataset data/demos     # also require fps, widths and camera
+    vaops validate --preset robotwin --dataset data/robotwin   # or libero; joint limits from robot_type
 """
 
 from __future__ import annotations
@@ -24,12 +25,12 @@ def main(args: argparse.Namespace) -> int:
         cfg = config_from_args(ValidateConfig, PRESETS, args)
         report = run(cfg)
         print(f"{cfg.dataset}: {'usable' if report.usable else 'UNUSABLE'}; {len(report.passed)} of "
-              f"{report.episodes} episodes passed, {len(report.quarantine)} quarantined "
-              f"(report: {cfg.report_dir}/report.md)")
+              f"{report.episodes} episodes passed, {len(report.quarantine)} quarantined; robot limits: "
+              f"{report.robot or 'none'} (report: {cfg.report_dir}/report.md)")
         for p in report.dataset_problems:
             print(f"  dataset: {p.message}" + (f" [{p.file}]" if p.file else ""))
         for ep, problems in sorted(report.quarantine.items()):
-            print(f"  episode {ep}: " + "; ".join(p.message for p in problems))
+            print(f"  episode {ep}: " + "; ".join(p.line() for p in problems))
         return 0 if report.usable else 1
 
     return run_stage("validate", body)

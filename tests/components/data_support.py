@@ -44,6 +44,17 @@ def demos_source(tmp_path_factory) -> Path:
     return out
 
 
+def moving_frames(n: int, height: int, width: int, seed: int = 0) -> np.ndarray:
+    """uint8 `[n, H, W, 3]`: a textured image that drifts two pixels per frame (neither blank nor
+    frozen, and smooth enough that video coding keeps it)."""
+    yy, xx = np.mgrid[0:height, 0:width]
+    out = np.empty((n, height, width, 3), np.uint8)
+    for t in range(n):
+        img = (np.sin((xx + 2 * t + 7 * seed) / 4.0) + np.cos(yy / 5.0 + seed)) * 60 + 128
+        out[t] = np.stack([img, img[::-1], 255 - img], axis=-1).astype(np.uint8)
+    return out
+
+
 def copy_dataset(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst

@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from data_support import CAMERA, DEMO_EPISODES, copy_dataset, plant_defects, vaops
+from data_support import CAMERA, DEMO_EPISODES, copy_dataset, moving_frames, plant_defects, vaops
 
 from vaops.components.clean import rules
 from vaops.components.clean.config import CleanConfig
@@ -91,7 +91,7 @@ def test_clean_fails_clearly_when_validation_found_the_dataset_unusable(demos_so
 
 def _episode(actions: np.ndarray, success: bool = True, seed: int = 0) -> Episode:
     n = len(actions)
-    frames = np.full((n, 32, 32, 3), 40 * (seed + 1) % 255, np.uint8)
+    frames = moving_frames(n, 32, 32, seed)
     meta = EpisodeMeta(0, n, ["move"], [Segment(0, n // 2, "first"), Segment(n // 2, n, "second")],
                        success=success, seed=seed)
     return Episode(meta, {"action": actions.astype(np.float32), "observation.state": actions.astype(np.float32)},
@@ -109,7 +109,7 @@ def test_clean_rules_on_a_synthetic_dataset(tmp_path):
     ramp = np.stack([t, 2 * t], axis=1)
     idle = np.concatenate([np.repeat(ramp[:1], 5, axis=0), ramp, np.repeat(ramp[-1:], 6, axis=0)])
     outlier = ramp.copy()
-    outlier[10, 0] = 50.0
+    outlier[10:15, 0] = 50.0  # five frames: longer than a jump (validate's jump_max_frames is 3)
     gripper = ramp * [1.0, 0.5]
     episodes = [
         _episode(ramp, seed=0),                              # 0 kept as is
@@ -133,7 +133,7 @@ def test_clean_rules_on_a_synthetic_dataset(tmp_path):
     assert len(trimmed) == 32  # 30 moving frames + 1 idle frame kept at each end
     np.testing.assert_allclose(trimmed[1:-1, 0], t, atol=1e-6)
     assert out.episodes[1].action_config == [Segment(0, 16, "first"), Segment(16, 32, "second")]  # [0,20) [20,41) - 4
-    assert "clipped 1 outlier values of action" in result.changed[6]
+    assert "clipped 5 outlier values of action" in result.changed[6]
     assert out.arrays(2)["action"][10, 0] < 5
     # gripper channel 1 spans [0, 2] in most episodes and [0.25, 0.75] in one: mapped to [0, 1] overall
     grip = np.concatenate([out.arrays(i)["action"][:, 1] for i in range(4)])
