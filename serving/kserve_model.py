@@ -229,7 +229,8 @@ def _check_numbers(name: str, datatype: str, data) -> None:
     if not flat.size:
         return
     if values.dtype.kind not in allowed:  # floats for an integer type, booleans, strings, huge ints (object)
-        bad = flat[0].item() if values.dtype.kind in "bf" else next(
+        fractional = flat[flat != np.floor(flat)] if values.dtype.kind == "f" else flat
+        bad = (fractional if fractional.size else flat)[0].item() if values.dtype.kind in "bf" else next(
             (v for v in np.asarray(data, dtype=object).reshape(-1)
              if isinstance(v, bool) or not isinstance(v, (int, float)) or not -2**63 <= v < 2**64
              or (integral and isinstance(v, float))), None)

@@ -168,7 +168,7 @@ class PolicyDataPlane(DataPlane):
         return {**super().metadata(), "extensions": []}
 
 
-async def healthz(_request) -> PlainTextResponse:
+async def healthz() -> PlainTextResponse:
     """Upstream's (openpi) websocket server answers this on its port; load balancers probe it."""
     return PlainTextResponse("OK\n")
 

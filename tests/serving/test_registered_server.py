@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import websockets.exceptions
 from kserve import InferenceGRPCClient, InferenceRESTClient, InferInput, InferRequest, RESTConfig
+from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
+from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
 from kserve.protocol.infer_type import to_http_parameters
 from serving_support import MODEL, TOKEN, ServerProcess, UpstreamClient, direct_episode, websocket_episode
 
@@ -63,8 +65,20 @@ def test_serves_the_champion_by_alias(registered, tiny_weights):
 
 def test_token_guards_every_protocol_but_health(registered):
     url = registered.url
-    for path in ("/v2/health/live", "/v2/health/ready", f"/v2/models/{MODEL}/ready", "/metrics"):
+    for path in ("/v2/health/live", "/v2/health/ready", f"/v2/models/{MODEL}/ready", "/metrics", "/healthz"):
         assert httpx.get(url + path).status_code == 200, path
+    # metadata: one rule on both protocols, the token
+    for path in ("/v2", f"/v2/models/{MODEL}"):
+        assert httpx.get(url + path).status_code == 401, path
+        assert httpx.get(url + path, headers=AUTH).status_code == 200, path
+    with grpc.insecure_channel(registered.grpc_url) as channel:
+        stub = grpc_predict_v2_pb2_grpc.GRPCInferenceServiceStub(channel)
+        for call, message in ((stub.ServerMetadata, pb.ServerMetadataRequest()),
+                              (stub.ModelMetadata, pb.ModelMetadataRequest(name=MODEL))):
+            with pytest.raises(grpc.RpcError) as err:
+                call(message)
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            call(message, metadata=(("authorization", f"Bearer {TOKEN}"),))
     body = {"inputs": [], "parameters": {"op": "close", "session_id": "x"}}
     denied = httpx.post(f"{url}/v2/models/{MODEL}/infer", json=body)
     assert denied.status_code == 401 and denied.headers["www-authenticate"] == "Bearer"

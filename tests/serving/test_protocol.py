@@ -1,0 +1,220 @@
+"""Protocol conformance with clients the project did not write: out-of-range numbers are 400 /
+INVALID_ARGUMENT naming input, value and range; retries with the same sequence number get the same
+answer computed once (a repeat without one is a 409 / ABORTED conflict); a full session table is
+429 with Retry-After / RESOURCE_EXHAUSTED; upstream's /healthz; metadata advertises only what works."""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import httpx
+import numpy as np
+import pytest
+from kserve import InferenceGRPCClient
+from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
+from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
+from serving_support import MODEL, UpstreamClient, direct_episode, episode_script
+from test_server import CAMERA, PROMPT, request, tensor
+
+from vaops.serving.episode import EpisodeFailed, EpisodeService
+from vaops.serving.sessions import Conflict, SessionManager
+
+pytestmark = pytest.mark.xdist_group("serve")
+
+
+def infer(http: httpx.Client, op: str, session_id: str | None = None, inputs=(), **params) -> httpx.Response:
+    """One REST infer request with JSON tensors, as curl or any HTTP client sends it."""
+    body = {"inputs": list(inputs), "parameters": {"op": op, **params}}
+    if session_id is not None:
+        body["parameters"]["session_id"] = session_id
+    return http.post(f"/v2/models/{MODEL}/infer", json=body)
+
+
+def json_tensor(name: str, array: np.ndarray, datatype: str) -> dict:
+    return {"name": name, "shape": list(array.shape), "datatype": datatype, "data": array.reshape(-1).tolist()}
+
+
+def prompt_input() -> dict:
+    return {"name": "prompt", "shape": [1], "datatype": "BYTES", "data": [PROMPT]}
+
+
+def actions_of(reply: httpx.Response) -> np.ndarray:
+    out = next(o for o in reply.json()["outputs"] if o["name"] == "actions")
+    return np.asarray(out["data"], dtype=np.float32).reshape(out["shape"])
+
+
+def test_numbers_outside_the_datatype_are_refused_and_the_episode_goes_on(server, tiny_weights):
+    first, keyframes = episode_script(140, 1)
+    image = first[CAMERA]
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        assert infer(http, "reset", "range", [prompt_input()], seed=40).status_code == 200
+        for value, shown in ((300, "300"), (-1, "-1"), (1.5, "1.5")):
+            bad = json_tensor(CAMERA, image, "UINT8")
+            bad["data"][7] = value
+            reply = infer(http, "act", "range", [bad])
+            assert reply.status_code == 400, reply.text
+            assert reply.json()["error"] == (f"input '{CAMERA}': UINT8 data must be integers in [0, 255], "
+                                              f"got {shown}")
+        bad_actions = json_tensor("actions", np.zeros((14, 2, 16), np.float32), "FP32")
+        bad_actions["data"][0] = 1e39
+        stack = np.stack([f[CAMERA] for f in keyframes[0]])
+        reply = infer(http, "observe", "range", [json_tensor(CAMERA, stack, "UINT8"), bad_actions])
+        assert reply.status_code == 400 and "'actions': FP32 values must be within" in reply.json()["error"]
+        # gRPC typed contents: uint_contents are 32-bit, so 300 reaches the server as UINT8 too
+        with grpc.insecure_channel(server.grpc_url) as channel:
+            stub = grpc_predict_v2_pb2_grpc.GRPCInferenceServiceStub(channel)
+            contents = pb.InferTensorContents(uint_contents=[300] * image.size)
+            message = pb.ModelInferRequest(
+                model_name=MODEL, parameters={"op": pb.InferParameter(string_param="act"),
+                                              "session_id": pb.InferParameter(string_param="range")},
+                inputs=[pb.ModelInferRequest.InferInputTensor(name=CAMERA, datatype="UINT8", shape=list(image.shape),
+                                                              contents=contents)])
+            with pytest.raises(grpc.RpcError) as err:
+                stub.ModelInfer(message)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "UINT8 data must be integers in [0, 255], got 300" in err.value.details()
+        # none of that moved the episode: its first chunk is the undisturbed one
+        reply = infer(http, "act", "range", [json_tensor(CAMERA, image, "UINT8")])
+        assert reply.status_code == 200
+        assert infer(http, "close", "range").status_code == 200
+    np.testing.assert_array_equal(actions_of(reply), direct_episode(tiny_weights, PROMPT, 40, 1, 140)[0])
+
+
+def test_retries_with_a_sequence_number_get_the_same_answer_computed_once(server, tiny_weights):
+    first, keyframes = episode_script(141, 3)
+    sid = "retry-episode"
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        for _ in range(2):  # a retried reset naming its session: one session, one reset
+            reply = infer(http, "reset", sid, [prompt_input()], seed=41, seq=0)
+            assert reply.status_code == 200 and reply.json()["parameters"]["seq"] == 0
+        got, seq = [], 1
+        for k in range(3):
+            inputs = [json_tensor(CAMERA, first[CAMERA], "UINT8")] if k == 0 else []
+            replies = [infer(http, "act", sid, inputs, seq=seq) for _ in range(2)]
+            assert [r.status_code for r in replies] == [200, 200]
+            np.testing.assert_array_equal(actions_of(replies[0]), actions_of(replies[1]))
+            actions = actions_of(replies[0])
+            stack = np.stack([f[CAMERA] for f in keyframes[k]])
+            observe = [json_tensor(CAMERA, stack, "UINT8"), json_tensor("actions", actions, "FP32")]
+            offsets = [infer(http, "observe", sid, observe, seq=seq + 1).json()["parameters"]["frame_offset"]
+                       for _ in range(2)]
+            assert offsets == [2 * (k + 1)] * 2  # written once
+            got.append(actions)
+            seq += 2
+        # an older number, or the last number for another op, is a conflict that changes nothing
+        stale = infer(http, "act", sid, seq=1)
+        assert stale.status_code == 409 and "seq 1 is behind this session's last request (seq 6" in stale.json()["error"]
+        reused = infer(http, "act", sid, seq=6)
+        assert reused.status_code == 409 and "seq 6 was this session's observe" in reused.json()["error"]
+        # without numbers a repeated act is refused, not computed twice
+        assert infer(http, "act", sid).status_code == 200
+        again = infer(http, "act", sid)
+        assert again.status_code == 409 and "awaits its observation" in again.json()["error"]
+        # closing twice answers twice the same; a session never opened stays unknown
+        assert [infer(http, "close", sid, seq=9).status_code for _ in range(2)] == [200, 200]
+        unknown = infer(http, "close", "never-opened")
+        assert unknown.status_code == 400 and "unknown session 'never-opened'" in unknown.json()["error"]
+    want = direct_episode(tiny_weights, PROMPT, 41, 3, 141)
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
+
+
+def test_grpc_and_websocket_repeats(server, tiny_weights):
+    first, keyframes = episode_script(142, 1)
+
+    async def grpc_calls():
+        async with InferenceGRPCClient(server.grpc_url, timeout=60, retries=0) as client:
+            prompt = tensor("prompt", np.array([PROMPT.encode()], dtype=object), "BYTES")
+            await client.infer(request("reset", "grpc-repeat", [prompt], seed=42))
+            await client.infer(request("act", "grpc-repeat", [tensor(CAMERA, first[CAMERA], "UINT8")]))
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await client.infer(request("act", "grpc-repeat"))
+            await client.infer(request("close", "grpc-repeat"))
+            return err.value
+
+    error = asyncio.run(grpc_calls())
+    assert error.code() == grpc.StatusCode.ABORTED and "awaits its observation" in error.details()
+    client = UpstreamClient(server.ws_url)
+    try:
+        assert client.metadata["sequence_numbers"] is True
+        assert client.infer({"reset": True, "prompt": PROMPT, "seed": 42, "seq": 0}) == {}
+        a = client.infer({"obs": first, "prompt": PROMPT, "seq": 1})["action"]
+        b = client.infer({"obs": first, "prompt": PROMPT, "seq": 1})["action"]
+        with pytest.raises(RuntimeError, match="seq must be an integer in \\[0, 2\\^63\\), got 'x'"):
+            client.infer({"obs": first, "prompt": PROMPT, "seq": "x"})
+        for _ in range(2):
+            assert client.infer({"obs": keyframes[0], "compute_kv_cache": True, "state": a, "seq": 2}) == {}
+        with pytest.raises(RuntimeError, match="this chunk was observed already"):
+            client.infer({"obs": keyframes[0], "compute_kv_cache": True, "state": a})
+    finally:
+        client.close()
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(a, direct_episode(tiny_weights, PROMPT, 42, 1, 142)[0])
+
+
+def test_full_session_table_is_429_and_resource_exhausted(server):
+    opened = []
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        try:
+            for i in range(12):
+                reply = infer(http, "reset", f"fill-{i}", [prompt_input()])
+                if reply.status_code != 200:
+                    break
+                opened.append(f"fill-{i}")
+            assert reply.status_code == 429 and 1 <= len(opened) <= 10
+            assert 1 <= int(reply.headers["retry-after"]) <= 600  # the server's idle timeout is 600 s
+            assert "all 10 sessions are in use" in reply.json()["error"]
+            with grpc.insecure_channel(server.grpc_url) as channel:
+                stub = grpc_predict_v2_pb2_grpc.GRPCInferenceServiceStub(channel)
+                message = pb.ModelInferRequest(
+                    model_name=MODEL, parameters={"op": pb.InferParameter(string_param="reset")},
+                    inputs=[pb.ModelInferRequest.InferInputTensor(
+                        name="prompt", datatype="BYTES", shape=[1],
+                        contents=pb.InferTensorContents(bytes_contents=[PROMPT.encode()]))])
+                with pytest.raises(grpc.RpcError) as err:
+                    stub.ModelInfer(message)
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert int(dict(err.value.trailing_metadata())["retry-after"]) >= 1
+        finally:
+            for sid in opened:
+                assert infer(http, "close", sid).status_code == 200
+        assert infer(http, "reset", "after-full", [prompt_input()]).status_code == 200
+        assert infer(http, "close", "after-full").status_code == 200
+
+
+def test_health_route_and_metadata(server):
+    reply = httpx.get(f"{server.url}/healthz")
+    assert reply.status_code == 200 and reply.text == "OK\n"
+    assert httpx.get(f"{server.url}/v2").json()["extensions"] == []
+    with grpc.insecure_channel(server.grpc_url) as channel:
+        stub = grpc_predict_v2_pb2_grpc.GRPCInferenceServiceStub(channel)
+        assert list(stub.ServerMetadata(pb.ServerMetadataRequest()).extensions) == []
+
+
+def test_a_failure_inside_the_policy_asks_for_the_reset_it_needs(tiny_weights):
+    first, _ = episode_script(143, 1)
+
+    async def scenario():
+        with ThreadPoolExecutor(1) as executor:
+            svc = EpisodeService(SessionManager(tiny_weights, 2, None, idle_timeout_s=60), executor)
+            s = svc.open()
+            await svc.reset(s, PROMPT, 43, "test")
+
+            def broken(images):
+                raise RuntimeError("device lost")
+
+            s.policy.act = broken
+            with pytest.raises(EpisodeFailed, match="the act failed: RuntimeError: device lost; this episode "
+                                                    "cannot go on: send a reset"):
+                await svc.act(s, first, "test")
+            del s.policy.act
+            with pytest.raises(Conflict, match="send a reset"):  # the advice is enforced
+                await svc.act(s, first, "test")
+            await svc.reset(s, PROMPT, 43, "test")
+            actions, _ = await svc.act(s, first, "test")
+            svc.close(s.id)
+            return actions
+
+    np.testing.assert_array_equal(asyncio.run(scenario()), direct_episode(tiny_weights, PROMPT, 43, 1, 143)[0])
