@@ -41,6 +41,10 @@ IMAGINE_FLAG = "imagine"
 IMAGINED_FIELD = "imagined"
 # Reset field and metadata flag of servers that compute the next chunk while the robot executes.
 ASYNC_FIELD = "async_execution"
+# Metadata flag of servers that take a sequence number (`seq`, increasing per connection) on every
+# message and answer a repeated one again instead of computing it twice; sent only to those.
+SEQ_FIELD = "seq"
+SEQ_FLAG = "sequence_numbers"
 
 
 class PolicyError(RuntimeError):
@@ -99,6 +103,7 @@ class PolicyClient:
         self._ws: ClientConnection | None = None
         self._stack = ExitStack()
         self.metadata: dict | None = None
+        self._seq = 0
 
     # -- connection -------------------------------------------------------------------------
     @property
@@ -130,6 +135,7 @@ class PolicyClient:
                 last = e
                 continue
             self._ws = ws
+            self._seq = 0
             self.metadata = self._read_metadata()
             return
         raise PolicyConnectionError(f"policy server at {cfg.url} unreachable after {cfg.connect_attempts} "
@@ -172,6 +178,9 @@ class PolicyClient:
     def _call(self, message: dict, what: str) -> tuple[dict, float]:
         if self._ws is None:
             raise PolicyDisconnected(f"{what}: not connected to {self.config.url} (the episode's server state is lost)")
+        if (self.metadata or {}).get(SEQ_FLAG) is True:
+            message = {**message, SEQ_FIELD: self._seq}
+            self._seq += 1
         start = time.perf_counter()
         try:
             self._ws.send(packb(message))

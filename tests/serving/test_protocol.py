@@ -105,7 +105,8 @@ def test_retries_with_a_sequence_number_get_the_same_answer_computed_once(server
             seq += 2
         # an older number, or the last number for another op, is a conflict that changes nothing
         stale = infer(http, "act", sid, seq=1)
-        assert stale.status_code == 409 and "seq 1 is behind this session's last request (seq 6" in stale.json()["error"]
+        assert stale.status_code == 409
+        assert "seq 1 is behind this session's last request (seq 6" in stale.json()["error"]
         reused = infer(http, "act", sid, seq=6)
         assert reused.status_code == 409 and "seq 6 was this session's observe" in reused.json()["error"]
         # without numbers a repeated act is refused, not computed twice
@@ -218,3 +219,25 @@ def test_a_failure_inside_the_policy_asks_for_the_reset_it_needs(tiny_weights):
             return actions
 
     np.testing.assert_array_equal(asyncio.run(scenario()), direct_episode(tiny_weights, PROMPT, 43, 1, 143)[0])
+
+
+def test_the_evaluation_client_numbers_its_messages_and_a_resent_one_is_replayed(server, tiny_weights):
+    from vaops.components.evaluate.client import PolicyClient
+    from vaops.components.evaluate.config import ClientConfig
+    from vaops.serving.msgpack_numpy import unpackb
+
+    first, keyframes = episode_script(144, 2)
+    sent = []
+    with PolicyClient(ClientConfig(url=server.ws_url)) as client:
+        client.reset(PROMPT, seed=44)
+        send = client._ws.send
+        client._ws.send = lambda raw: (sent.append(raw), send(raw))[1]
+        a0 = client.act(first, PROMPT, channels=14, frames_per_latent=4).actions
+        client.observe(keyframes[0], a0)
+        a1 = client.act(first, PROMPT, channels=14, frames_per_latent=4).actions
+        send(sent[-1])  # the last chunk request again, as a client retrying after a lost reply would
+        again = unpackb(client._ws.recv(timeout=60))["action"]
+    assert [unpackb(raw)["seq"] for raw in sent] == [1, 2, 3]  # the reset was seq 0
+    np.testing.assert_array_equal(again, a1)
+    for got, want in zip((a0, a1), direct_episode(tiny_weights, PROMPT, 44, 2, 144)):
+        np.testing.assert_array_equal(got, want)
