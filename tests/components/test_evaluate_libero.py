@@ -247,12 +247,18 @@ def test_libero_episode_through_the_server(tmp_path, monkeypatch):
     real_packb = client_module.packb
     monkeypatch.setattr(client_module, "packb", lambda message: sent.append(message) or real_packb(message))
     checkpoint = tiny_libero_checkpoint(tmp_path / "ck" / "libero")
-    config = get_eval_preset("libero_smoke", tmp_path / "eval", max_steps=33,
+    # The imagined video is the ALOHA end-to-end test's business; here it would only add decoding time.
+    config = get_eval_preset("libero_smoke", tmp_path / "eval", max_steps=33, imagine=False,
                              tracking=TrackingConfig(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}"))
-    with LocalPolicyServer(checkpoint, tmp_path / "server.log", torch_threads=1) as server:
+    server = LocalPolicyServer(checkpoint, tmp_path / "server.log", torch_threads=1)
+    try:
+        task = libero.load_task("libero_10", 0)  # imports LIBERO while the server starts
+    except BaseException:
+        server.stop()
+        raise
+    with server:
         result = run(config.replace(client=ClientConfig(url=server.url, request_timeout_s=120)))
 
-    task = libero.load_task("libero_10", 0)
     [r] = result.records
     # 5 settling + 12 (first chunk) = 17 < 33: a second chunk of 16 -> 33, the limit, between chunks
     assert (r.setting, r.task, r.status, r.steps, r.chunks, r.seed) == ("libero_10", "0", "failure", 33, 2, 10000)
