@@ -260,7 +260,7 @@ def test_fuzzed_garbage_never_takes_the_server_down(server, tiny_weights):
                                                       [b"reset", b"act", b"observe", b"nope"][i % 4]))
                 reply = http.post(f"/v2/models/{MODEL}/infer", content=body,
                                   headers={"content-type": "application/json"})
-                assert 400 <= reply.status_code < 600
+                assert 400 <= reply.status_code < 500, reply.text  # bad input is never a server error
         victim.infer({"obs": keyframes[0], "compute_kv_cache": True, "state": actions})
         second = victim.infer({"obs": first, "prompt": PROMPT})["action"]
         assert fuzzer.infer({"reset": True, "prompt": PROMPT}) == {}  # the fuzzed connection still works
