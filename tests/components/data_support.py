@@ -138,3 +138,57 @@ def vaops(*args: str, cwd: Path | None = None, check: bool = True) -> subprocess
     if check and proc.returncode != 0:
         raise AssertionError(f"vaops {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
     return proc
+
+
+ROBOTWIN_CAMERAS = ("observation.images.cam_high", "observation.images.cam_left_wrist",
+                    "observation.images.cam_right_wrist")
+ROBOTWIN_FPS = 25
+
+
+def robotwin_episode(seed: int, n: int = 20, size: tuple[int, int] = (32, 40)) -> dict:
+    """A smooth RoboTwin-shaped episode: 14 joints (grippers at 6 and 13: action 0.1..0.9, state in
+    metres 0.02..0.05), three moving cameras, one task."""
+    t = np.arange(n)[:, None]
+    c = np.arange(14)[None, :]
+    action = 0.3 * np.sin(t / 6.0 + 0.5 * c + seed)
+    action[:, [6, 13]] = 0.5 + 0.4 * np.sin(t[:, 0] / 5.0 + seed)[:, None]
+    state = action.copy()
+    state[:, [6, 13]] = 0.035 + 0.015 * np.sin(t[:, 0] / 5.0 + seed)[:, None]
+    videos = {k: moving_frames(n, *size, seed=seed + 3 * i) for i, k in enumerate(ROBOTWIN_CAMERAS)}
+    return {"action": action.astype(np.float32), "observation.state": state.astype(np.float32),
+            "videos": videos, "tasks": ["lift the pot"] * n}
+
+
+def write_lerobot_default(root: Path, episodes: list[dict], fps: int = ROBOTWIN_FPS,
+                          robot_type: str = "aloha-agilex") -> Path:
+    """Write `episodes` with lerobot's own writer and its defaults: every episode in one shared
+    parquet and one shared mp4 per camera, no action_config."""
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+
+    first = episodes[0]
+    features = {k: {"dtype": "float32", "shape": (first[k].shape[1],), "names": None}
+                for k in ("action", "observation.state")}
+    for k, frames in first["videos"].items():
+        features[k] = {"dtype": "video", "shape": frames.shape[1:], "names": ["height", "width", "channels"]}
+    ds = LeRobotDataset.create(repo_id=f"local/{root.name}", fps=fps, features=features, root=root,
+                               robot_type=robot_type, use_videos=True)
+    for ep in episodes:
+        for t in range(len(ep["action"])):
+            frame = {"action": ep["action"][t], "observation.state": ep["observation.state"][t],
+                     "task": ep["tasks"][t], **{k: v[t] for k, v in ep["videos"].items()}}
+            ds.add_frame(frame)
+        ds.save_episode()
+    ds.finalize()
+    return root
+
+
+def shift_timestamps(root: Path, episode: int, from_frame: int, by_s: float) -> None:
+    """Move the timestamps of `episode`'s frames from `from_frame` on by `by_s` (a recording gap)."""
+    from vaops.components.dataset import LeRobotData
+
+    path = LeRobotData(root).data_file(episode)
+    schema = pq.read_schema(path)
+    df = pq.read_table(path).to_pandas()
+    rows = (df["episode_index"] == episode) & (df["frame_index"] >= from_frame)
+    df.loc[rows, "timestamp"] = df.loc[rows, "timestamp"] + by_s
+    pq.write_table(pa.Table.from_pandas(df, schema=schema, preserve_index=False), path)
