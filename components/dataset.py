@@ -346,6 +346,10 @@ def native_stderr_to(log_path: str | Path | None) -> Iterator[None]:
     if log_path is None:
         yield
         return
+    import datasets.utils as hf_logging
+
+    bars_were_off = hf_logging.are_progress_bars_disabled()
+    hf_logging.disable_progress_bars()  # lerobot's writer draws a datasets "Map" bar per episode
     sys.stderr.flush()
     saved = os.dup(2)
     console = os.fdopen(os.dup(saved), "w", buffering=1)
@@ -361,6 +365,8 @@ def native_stderr_to(log_path: str | Path | None) -> Iterator[None]:
             os.dup2(saved, 2)
             os.close(saved)
             console.close()
+            if not bars_were_off:
+                hf_logging.enable_progress_bars()
 
 
 def _remove_empty_tree(root: Path) -> None:

@@ -152,11 +152,15 @@ def check_episode(data: LeRobotData, meta: EpisodeMeta, expect: Expectations,
                 problems += _check_limits(arrays[key].reshape(n, -1), key, lo, hi, expect.limit_margin, ep,
                                           data_file)
     moving = _moving_steps(arrays, expect.moving_threshold) if finite else np.ones(max(n - 1, 0), bool)
+    decoded = {}
     for key in data.video_keys:
-        found = _check_video(data, ep, key, frames["timestamp"].to_numpy(), expect, moving)
-        problems += found[0]
-        if videos is not None and found[1] is not None and any(p.camera == key for p in found[0]):
-            videos[key] = found[1]
+        found, decoded[key] = _check_video(data, ep, key, frames["timestamp"].to_numpy(), expect, moving)
+        problems += found
+    if videos is not None:
+        # the cameras with a problem; for a problem of the numbers (a jump, a skip) the first camera
+        cameras = {p.camera for p in problems if p.camera} or (
+            {next(iter(decoded))} if decoded and any(p.frames for p in problems) else set())
+        videos.update({k: decoded[k] for k in cameras if decoded.get(k) is not None})
     return problems
 
 

@@ -65,8 +65,10 @@ class ValidationReport:
 
     def _problem(self, p: Problem) -> dict:
         d = p.as_dict()
-        if (p.episode, p.camera) in self.strips:
-            d["thumbnails"] = self.strips[(p.episode, p.camera)]
+        strip = self.strips.get((p.episode, p.camera)) or next(
+            (path for (ep, _), path in sorted(self.strips.items()) if ep == p.episode and p.camera is None), None)
+        if strip is not None and p.frames is not None:
+            d["thumbnails"] = strip
         return d
 
     def markdown(self) -> str:
@@ -172,10 +174,10 @@ def run(cfg: ValidateConfig) -> ValidationReport:
     extra = {}
     for ep, problems in report.quarantine.items():
         for p in problems:
-            if p.camera is not None and p.frames is not None and (ep, p.camera) in videos \
-                    and (ep, p.camera) not in report.strips:
-                name = f"{THUMBNAILS}-ep{ep}-{p.camera.replace('/', '_')}.png"
-                report.strips[(ep, p.camera)] = name
-                extra[name] = (lambda path, f=videos[(ep, p.camera)], span=p.frames: thumbnail_strip(f, span, path))
+            camera = p.camera or next((k for e, k in videos if e == ep), None)
+            if p.frames is not None and camera is not None and (ep, camera) not in report.strips:
+                name = f"{THUMBNAILS}-ep{ep}-{camera.replace('/', '_')}.png"
+                report.strips[(ep, camera)] = name
+                extra[name] = (lambda path, f=videos[(ep, camera)], span=p.frames: thumbnail_strip(f, span, path))
     write_report(cfg.report_dir, report.as_dict(), report.markdown(), extra=extra)
     return report

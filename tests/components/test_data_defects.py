@@ -90,10 +90,13 @@ def test_every_defect_is_quarantined_with_field_and_frames_then_dropped_and_noth
     # thumbnail strips of the affected cameras: six 32x40 frames side by side, linked from the report
     from PIL import Image
 
-    for ep, cam in ((2, LEFT), (3, HIGH)):
+    # (the camera's own for a camera problem, the first camera's around the frames of the others)
+    for ep, cam in ((1, HIGH), (2, LEFT), (3, HIGH), (6, HIGH)):
         name = found[ep][0]["thumbnails"]
-        assert f"]({name})" in (tmp_path / "val" / "report.md").read_text()
-        assert Image.open(tmp_path / "val" / name).size == (6 * 40 + 5 * 2, 32)
+        assert cam in name and f"]({name})" in (tmp_path / "val" / "report.md").read_text()
+        assert Image.open(tmp_path / "val" / name).size[1] == 32
+    assert Image.open(tmp_path / "val" / found[2][0]["thumbnails"]).size == (6 * 40 + 5 * 2, 32)
+    assert Image.open(tmp_path / "val" / found[1][0]["thumbnails"]).size == (3 * 40 + 2 * 2, 32)  # frames 8-10
 
     assert cli("clean", "--dataset", str(root), "--output", str(tmp_path / "clean"), "--report-dir",
                str(tmp_path / "cr"), "--validation-report", str(tmp_path / "val")) == 0
