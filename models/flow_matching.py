@@ -27,6 +27,9 @@ class TrainTable:
     timesteps: torch.Tensor  # [1000], 1000 * sigmas
     weights: torch.Tensor  # [1000], loss weight per entry, mean 1
 
+    def to(self, device: torch.device | str) -> TrainTable:
+        return TrainTable(self.sigmas.to(device), self.timesteps.to(device), self.weights.to(device))
+
 
 def train_table(shift: float, n: int = NUM_TRAIN_TIMESTEPS) -> TrainTable:
     sigmas = sampling_sigmas(n, shift)
@@ -67,8 +70,9 @@ def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
 
 def sample_frame_indices(batch: int, frames: int, generator: torch.Generator | None = None,
                          low: int = 0, high: int = NUM_TRAIN_TIMESTEPS) -> torch.Tensor:
-    """One training-table index per latent frame, uniform in [low, high)."""
-    return torch.randint(low, high, (batch, frames), generator=generator)
+    """One training-table index per latent frame, uniform in [low, high), on the generator's device."""
+    device = generator.device if generator is not None else None
+    return torch.randint(low, high, (batch, frames), generator=generator, device=device)
 
 
 def frame_weighted_mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor,

@@ -67,6 +67,7 @@ class TrainConfig:
     # Data
     max_latent_frames: int | None = None  # keep at most this many leading latent frames of a segment
     num_workers: int = 2
+    preload: bool = False  # read the whole latent dataset into memory before training (datasets that fit)
 
     # Checkpoints and tracking
     save_every: int = 100
@@ -193,7 +194,8 @@ RECIPES: dict[str, TrainConfig] = {
     # Micro-batch 128: at 32 an H200 ran 6 steps/s, bound by per-step overhead, not arithmetic.
     "small": TrainConfig(preset="small", steps=4000, micro_batch=128, lr=5e-4, warmup_steps=200,
                          lr_schedule="cosine", weight_decay=0.01, zero_stage=0, activation_checkpointing=False,
-                         chunk_range=(2, 2), window_range=(16, 16), hold_first_frame=True, save_every=500, keep_last=2, num_workers=8),
+                         chunk_range=(2, 2), window_range=(16, 16), hold_first_frame=True, save_every=500, keep_last=2,
+                         num_workers=2, preload=True),
     "libero": TrainConfig(preset="libero", steps=50000, lr=1e-5, warmup_steps=10, zero_stage=2,
                           save_every=1000, keep_last=3, num_workers=8),
 }

@@ -88,9 +88,10 @@ class TimeLimit:
         return bool(flag.item())
 
 
-def micro_step_generator(seed: int, rank: int, micro_step: int) -> torch.Generator:
+def micro_step_generator(seed: int, rank: int, micro_step: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """The micro-step's own generator (exact resume needs no saved RNG state), on the device that draws."""
     mixed = np.random.SeedSequence([seed, rank, micro_step]).generate_state(2, dtype=np.uint64)[0]
-    return torch.Generator().manual_seed(int(mixed) & (2**63 - 1))
+    return torch.Generator(device=device).manual_seed(int(mixed) & (2**63 - 1))
 
 
 def _loader(dataset: LatentDataset, cfg: TrainConfig, info: DistInfo, micro_steps: int):
@@ -110,6 +111,8 @@ def run(cfg: TrainConfig) -> TrainOutputs:
     preset, base = resolve_preset(cfg, dataset_dir)
     dataset = LatentDataset(dataset_dir, preset, cfg.max_latent_frames)
     dataset.check_rate()
+    if cfg.preload:
+        dataset.preload(lambda it: progress(iterable=it, total=len(dataset), desc="preload", disable=not info.is_main))
     if info.is_main:
         output.mkdir(parents=True, exist_ok=True)
         checkpointing.remove_partial(output)
@@ -118,7 +121,7 @@ def run(cfg: TrainConfig) -> TrainOutputs:
     transformer = build_model(cfg, preset, base, bf16, info.device)
     module = TeacherForcedModel(transformer, backend)
     engine = build_engine(module, cfg, info, external_params=[transformer.scale_shift_table])
-    teacher = TeacherForcing.from_config(cfg, preset)
+    teacher = TeacherForcing.from_config(cfg, preset).to(info.device)
     n_params = count_parameters(transformer) if cfg.zero_stage < 3 else sum(
         getattr(p, "ds_numel", p.numel()) for p in transformer.parameters())
 
@@ -149,7 +152,7 @@ def run(cfg: TrainConfig) -> TrainOutputs:
             for _ in range(cfg.grad_accum):
                 batch = next(batches)
                 x = draw_inputs(batch, dataset.empty_emb, teacher,
-                                micro_step_generator(cfg.seed, info.rank, state.micro_steps))
+                                micro_step_generator(cfg.seed, info.rank, state.micro_steps, info.device))
                 x = x.to(info.device, torch.bfloat16 if bf16 else torch.float32)
                 out = engine(x)
                 engine.backward(out[0])

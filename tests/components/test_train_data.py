@@ -114,6 +114,18 @@ def test_normalisation_clips_outliers(tiny_ds):
     assert (values == 1.5).float().mean() > 0.3
 
 
+def test_preload_serves_the_same_samples_without_reading_files(tiny_ds):
+    ds = LatentDataset(tiny_ds, TINY)
+    fresh = [ds[i] for i in range(len(ds))]
+    ds.preload()
+    for path in (tiny_ds / "latents").rglob("*.pth"):
+        path.unlink()  # a preloaded dataset no longer reads its files
+    for i, want in enumerate(fresh):
+        got = ds[i]
+        for name in ("latents", "actions", "action_mask", "text_emb"):
+            assert torch.equal(getattr(got, name), getattr(want, name)), name
+
+
 def test_episodes_parquet_v30_gives_the_same_segments(tiny_ds):
     before = index_segments(tiny_ds, TINY)
     jsonl = tiny_ds / "meta" / "episodes.jsonl"
