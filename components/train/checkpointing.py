@@ -91,7 +91,9 @@ def remove_partial(output: Path) -> None:
 
 
 def check_resumable(state: TrainerState, config: dict, world: int, source: Path) -> None:
-    changed = [f"{k}: {state.config.get(k)!r} -> {config.get(k)!r}" for k in RESUME_FIELDS
+    # A cosine schedule is shaped by the run's length: more steps on resume would jump the LR back up.
+    fields = RESUME_FIELDS + (("steps",) if config.get("lr_schedule") == "cosine" else ())
+    changed = [f"{k}: {state.config.get(k)!r} -> {config.get(k)!r}" for k in fields
                if k in state.config and state.config[k] != config.get(k)]
     if state.world != world:
         changed.append(f"world size: {state.world} -> {world}")

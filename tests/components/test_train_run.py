@@ -15,9 +15,9 @@ import torch
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
-from vaops.components.train.checkpointing import list_checkpoints
+from vaops.components.train.checkpointing import TrainerState, check_resumable, list_checkpoints
 from vaops.components.train.cli import train_arguments
-from vaops.components.train.config import get_recipe
+from vaops.components.train.config import TrainConfig, get_recipe
 from vaops.components.train.synthetic import write_synthetic_latent_dataset
 from vaops.components.train.trainer import run
 from vaops.models.checkpoint import load_policy, read_preset, write_tiny_checkpoint
@@ -231,3 +231,13 @@ def test_bf16_without_zero_resumes_exactly(workspace):
     got, steps = _history(workspace["uri"], resumed.run_id)
     assert steps == [1, 2, 3, 4]
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
+
+
+def test_a_cosine_run_resumes_only_with_its_own_length(tmp_path):
+    cosine = TrainConfig(lr_schedule="cosine", steps=100).to_dict()
+    state = TrainerState(world=1, config=cosine)
+    check_resumable(state, cosine, 1, tmp_path)
+    with pytest.raises(ValueError, match="cannot resume, the run changed: steps: 100 -> 200"):
+        check_resumable(state, {**cosine, "steps": 200}, 1, tmp_path)
+    constant = TrainConfig(steps=100).to_dict()  # a constant LR may run longer on resume
+    check_resumable(TrainerState(world=1, config=constant), {**constant, "steps": 200}, 1, tmp_path)
