@@ -6,10 +6,13 @@
    preset, tracked in SQLite MLflow under outputs/demo/;
 3. the local KServe policy server on models:/<name>@champion and one sample episode start over
    REST (reset + act);
-4. where everything is: the MLflow UI command, the reports, the served endpoint with curl requests.
+4. where everything is: the MLflow UI command, the reports (`<root>/pipeline/index.html` links them
+   all), the served endpoint with curl requests.
 
-The server stops at the end unless --keep-serving. A rerun reuses the registry and resumes the
-pipeline from its cache (nothing changed: every step is a cache hit); --fresh starts over.
+The server stops at the end unless --keep-serving, which keeps it up on port DEMO_PORT (8080, the
+server's own default); the closing message gives the command that starts it again and the curl
+requests that then work as printed. A rerun reuses the registry and resumes the pipeline from its
+cache (nothing changed: every step is a cache hit); --fresh starts over.
 """
 
 from __future__ import annotations
@@ -27,10 +30,12 @@ from pathlib import Path
 
 from rich.console import Console
 
+from vaops.components.evaluate.local_server import LocalPolicyServer
 from vaops.serving.config import ServeConfig
 
 console = Console(soft_wrap=True)  # paths and commands stay whole when copied
 SERVED_NAME = ServeConfig(model="").name  # the model name on the server's endpoints
+DEMO_PORT = ServeConfig(model="").http_port  # `vaops serve`'s default: the printed commands need no --http-port
 
 DATASET = "data/demos"
 DEMO_TASK = "AlohaTransferCube-v0"
@@ -113,9 +118,12 @@ def data_registry(cfg: DemoConfig) -> str:
     _sh([_tool("dvc"), "remote", "add", "-d", "local", str(cfg.remote)], repo)
     _sh(["git", "add", ".dvc", ".dvcignore"], repo)
     _sh(["git", "commit", "-qm", "DVC data registry with a local-directory remote"], repo)
-    console.print(f"recording {cfg.episodes} scripted-expert demonstrations ({DEMO_TASK}) into {repo / DATASET}")
-    _sh([_tool("vaops"), "demos", "--output", DATASET, "--task", DEMO_TASK, "--episodes", str(cfg.episodes),
-         "--time-scale", str(cfg.time_scale)], repo, quiet=False)
+    log = cfg.root.absolute() / "logs" / "demos.log"
+    console.print(f"recording {cfg.episodes} scripted-expert demonstrations ({DEMO_TASK}) into {repo / DATASET} "
+                  f"(log {log})")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text(_sh([_tool("vaops"), "demos", "--output", DATASET, "--task", DEMO_TASK, "--episodes",
+                        str(cfg.episodes), "--time-scale", str(cfg.time_scale)], repo) + "\n")
     _sh([_tool("dvc"), "add", "-q", DATASET], repo)
     _sh(["git", "add", f"{DATASET}.dvc", str(Path(DATASET).parent / ".gitignore")], repo)
     _sh(["git", "commit", "-qm", f"{cfg.episodes} scripted-expert demonstrations of {DEMO_TASK}"], repo)
@@ -132,10 +140,10 @@ def pipeline_arguments(cfg: DemoConfig, rev: str) -> dict:
             "tracking_uri": cfg.tracking_uri, **cfg.pipeline}
 
 
-def run_pipeline(cfg: DemoConfig, rev: str):
+def run_pipeline(cfg: DemoConfig, rev: str, verbose: bool = False):
     from .run import run_local
 
-    return run_local(pipeline_arguments(cfg, rev), cfg.pipeline_root)
+    return run_local(pipeline_arguments(cfg, rev), cfg.pipeline_root, verbose=verbose)
 
 
 def sample_requests(cfg: DemoConfig) -> tuple[dict, dict]:
@@ -182,12 +190,32 @@ def _manifest(cfg: DemoConfig) -> Path | None:
     return found[-1] if found else None
 
 
-def report(cfg: DemoConfig, run, rev: str, version, server_url: str, requests_dir: Path,
-           keep_serving: bool) -> None:
+def action_layout(preset_name: str = "tiny") -> str:
+    """One line on the act reply's `actions` output."""
+    from vaops.models.config import get_preset
+
+    p = get_preset(preset_name)
+    return (f"actions [{len(p.used_action_channels)}, {p.frame_chunk_size}, {p.action_per_frame}] = "
+            f"[robot channel, latent frame, action step], float32 in robot units: the {len(p.used_action_channels)} "
+            f"ALOHA joint positions (per arm 6 joints + gripper, left then right) for each of the chunk's "
+            f"{p.frame_chunk_size} video frames x {p.action_per_frame} control steps "
+            f"({p.frame_chunk_size * p.action_per_frame} actions, executed in order)")
+
+
+def serve_command(cfg: DemoConfig) -> str:
+    """The command that serves the champion from the demo's store on DEMO_PORT."""
+    return f"MLFLOW_TRACKING_URI={cfg.tracking_uri} {_tool('vaops')} serve --model {cfg.champion} --no-grpc"
+
+
+def report(cfg: DemoConfig, run, rev: str, version, requests_dir: Path, keep_serving: bool) -> None:
+    from .reports import write_index
+
     console.rule("where the results are")
     db = cfg.root.absolute() / "mlflow.db"
     console.print(f"[bold]MLflow[/] (runs, model registry): {_tool('mlflow')} ui --backend-store-uri sqlite:///{db}"
                   f"  -> http://127.0.0.1:5000")
+    console.print(f"  vaops serve/eval/generate read models:/ URIs from the store in MLFLOW_TRACKING_URI "
+                  f"(default ./mlflow.db): export MLFLOW_TRACKING_URI={cfg.tracking_uri}")
     tags = version.tags
     console.print(f"  model {cfg.model_name} version {version.version} @champion: eval success_rate "
                   f"{tags.get('eval.success_rate')}, train run {tags.get('vaops.train_run_id')}, "
@@ -195,30 +223,57 @@ def report(cfg: DemoConfig, run, rev: str, version, server_url: str, requests_di
                   f"{tags.get('vaops.data_git_rev', '')[:10]} (md5 {tags.get('vaops.data_md5')})")
     console.print(f"[bold]data[/]: DVC registry {cfg.registry} (commit {rev[:10]}), remote {cfg.remote}; "
                   f"fetch it with: {_tool('dvc')} get {cfg.registry} {DATASET} --rev {rev[:10]}")
-    console.print("[bold]reports[/]:")
-    for name in ("validation", "cleaning", "augmentation", "training", "evaluation"):
-        console.print(f"  {name:<13}{run.outputs[name].path}")
-    console.print(f"  {'gate':<13}{Path(run.outputs['gate'].path) / 'gate_decision.json'}")
     manifest = _manifest(cfg)
-    if manifest:
-        console.print(f"  {'deployment':<13}{manifest}  (the KServe InferenceService for a cluster)")
-    console.print(f"[bold]pipeline[/] outputs and step cache: {cfg.pipeline_root}")
-    infer = f"{server_url}/v2/models/{SERVED_NAME}/infer"
+    pages = write_index(run.outputs, cfg.pipeline_root, {"deployment": manifest} if manifest else None)
+    console.print("[bold]reports[/] (open in a browser; the index links them all):")
+    for name, page in pages.items():
+        console.print(f"  {name:<13}{page}" + ("  (the KServe InferenceService for a cluster)"
+                                              if name == "deployment" else ""))
+    console.print(f"[bold]pipeline[/] outputs, step cache and logs: {cfg.pipeline_root}")
+    infer = f"http://127.0.0.1:{DEMO_PORT}/v2/models/{SERVED_NAME}/infer"
     console.print(f"[bold]endpoint[/]: {infer} (KServe Open Inference Protocol; the upstream websocket "
-                  f"protocol on the same port)" + ("" if keep_serving else "; it stops with the demo, "
-                                                   "`vaops demo --keep-serving` keeps it up"))
+                  f"protocol on the same port)")
+    if keep_serving:
+        console.print("  up now; try (reset the session, then act on the sim's first camera image):")
+    else:
+        console.print("  it stopped with the demo (`vaops demo --keep-serving` keeps it up); start it with:")
+        console.print(f"  {serve_command(cfg)}")
+        console.print("  then, once it answers (reset the session, then act on the sim's first camera image):")
     for name in ("reset", "act"):
         console.print(f"  curl -s -H 'Content-Type: application/json' -d @{requests_dir / (name + '.json')} {infer}")
+    console.print(f"  the act reply's {action_layout()}")
     console.print(f"[dim]{THRESHOLD_NOTE}[/]")
+
+
+class _Server(LocalPolicyServer):
+    """The local policy server on a given port (LocalPolicyServer picks a free one)."""
+
+    def __init__(self, model: str, log: Path, port: int):
+        import socket
+
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                raise RuntimeError(f"port {port} is taken (another `vaops serve`, or an earlier `vaops demo "
+                                   f"--keep-serving`?); stop it first") from None
+        self.port = port
+        self.url = f"ws://127.0.0.1:{port}"
+        self.log = Path(log)
+        self.startup_timeout_s = 300.0
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        self._out = open(self.log, "wb")
+        self.proc = subprocess.Popen([sys.executable, "-m", "vaops.pipelines.cli", "serve", "--model", model,
+                                      "--http-port", str(port), "--no-grpc", "--device", "cpu"],
+                                     stdout=self._out, stderr=subprocess.STDOUT,
+                                     env=dict(os.environ, HF_HUB_OFFLINE="1"))
 
 
 def _interrupt(*_) -> None:
     raise KeyboardInterrupt
 
 
-def run_demo(cfg: DemoConfig, keep_serving: bool = False, fresh: bool = False) -> int:
-    from vaops.components.evaluate.local_server import LocalPolicyServer
-
+def run_demo(cfg: DemoConfig, keep_serving: bool = False, fresh: bool = False, verbose: bool = False) -> int:
     started = time.perf_counter()
     if fresh:
         shutil.rmtree(cfg.root, ignore_errors=True)
@@ -230,7 +285,7 @@ def run_demo(cfg: DemoConfig, keep_serving: bool = False, fresh: bool = False) -
     console.rule("2/4 pipeline (kfp.local): ingest -> validate -> clean -> augment -> encode -> train -> "
                  "evaluate -> register -> deploy")
     console.print(f"[dim]{THRESHOLD_NOTE}[/]")
-    run = run_pipeline(cfg, rev)
+    run = run_pipeline(cfg, rev, verbose)
     if not run.outputs["promoted"]:
         raise RuntimeError(f"the gate did not promote the model: see {run.outputs['gate'].path}")
     version = champion_version(cfg)
@@ -244,13 +299,15 @@ def run_demo(cfg: DemoConfig, keep_serving: bool = False, fresh: bool = False) -
     reset, act = sample_requests(cfg)
     for name, body in (("reset", reset), ("act", act)):
         (requests_dir / f"{name}.json").write_text(json.dumps(body))
-    with LocalPolicyServer(cfg.champion, cfg.root.absolute() / "serve.log") as server:
+    log = cfg.root.absolute() / "serve.log"
+    server = _Server(cfg.champion, log, DEMO_PORT) if keep_serving else LocalPolicyServer(cfg.champion, log)
+    with server:
         base_url = f"http://127.0.0.1:{server.port}"
         answer = ask(base_url, SERVED_NAME, reset, act)
         console.print(f"the server answered: reset, then act -> actions {answer['shape']} in "
                       f"{answer['latency_s'] * 1000:.0f} ms (session {answer['session_id']})")
         console.rule("4/4 results")
-        report(cfg, run, rev, version, base_url, requests_dir, keep_serving)
+        report(cfg, run, rev, version, requests_dir, keep_serving)
         console.print(f"demo finished in {time.perf_counter() - started:.0f} s")
         if keep_serving:
             console.print(f"serving {cfg.champion} at {base_url} (log {server.log}); Ctrl-C stops it")
@@ -273,7 +330,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-max-steps", type=int, default=d.eval_max_steps, help="actions per episode")
     parser.add_argument("--threshold", type=float, default=d.threshold, help="the champion gate's threshold")
     parser.add_argument("--model-name", default=d.model_name)
-    parser.add_argument("--keep-serving", action="store_true", help="keep the policy server up until Ctrl-C")
+    parser.add_argument("--keep-serving", action="store_true",
+                        help=f"keep the policy server up on port {DEMO_PORT} until Ctrl-C")
+    parser.add_argument("--verbose", action="store_true", help="stream every pipeline step's output to the console")
     parser.add_argument("--fresh", action="store_true", help=f"delete {d.root} first (data, runs, cache)")
 
 
@@ -284,7 +343,7 @@ def main(args: argparse.Namespace) -> int:
                      eval_shards=args.eval_shards, eval_max_steps=args.eval_max_steps, threshold=args.threshold,
                      model_name=args.model_name)
     try:
-        return run_demo(cfg, keep_serving=args.keep_serving, fresh=args.fresh)
+        return run_demo(cfg, keep_serving=args.keep_serving, fresh=args.fresh, verbose=args.verbose)
     except (PipelineFailed, RuntimeError, ValueError) as e:
         console.print(f"[red]vaops demo: {e}[/]")
         return 1

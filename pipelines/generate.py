@@ -9,32 +9,35 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import imageio.v2 as imageio
 import numpy as np
-import torch
-from tqdm import tqdm
 
 from vaops.models.atomic import write_file_atomically, write_text_atomically
-from vaops.models.checkpoint import build_random_weights, load_weights
 from vaops.models.config import PRESETS, get_preset
-from vaops.models.policy import Policy
+
+if TYPE_CHECKING:  # torch, the model and imageio load in main(), after the arguments parse (--help stays fast)
+    from vaops.models.policy import Policy
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", type=Path, help="checkpoint folder (transformer/, vae/, text_encoder/, tokenizer/, policy.json)")
+    src.add_argument("--checkpoint", help="checkpoint folder (transformer/, vae/, text_encoder/, tokenizer/, "
+                                          "policy.json), or models:/<name>@<alias> | models:/<name>/<version> "
+                                          "from the registry at MLFLOW_TRACKING_URI (default ./mlflow.db)")
     src.add_argument("--random-weights", choices=sorted(PRESETS), help="random weights of a preset (smoke tests, demos)")
     p.add_argument("--images", type=Path, help="folder with one <camera key>.png per camera; default: a synthetic scene")
     p.add_argument("--prompt", default="pick up the cube and hand it over")
     p.add_argument("--chunks", type=int, default=4, help="chunks to imagine")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("outputs/generate"))
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
 
 
 def load_images(folder: Path, policy: Policy) -> dict[str, np.ndarray]:
+    import imageio.v2 as imageio
+
     images = {}
     for cam in policy.preset.cameras:
         path = folder / f"{cam.key}.png"
@@ -63,6 +66,9 @@ def synthetic_images(policy: Policy, seed: int) -> dict[str, np.ndarray]:
 
 def generate(policy: Policy, images: dict[str, np.ndarray], prompt: str, chunks: int, seed: int):
     """Returns (video uint8 [T, H, W, 3], actions [chunks, n_used, FC, N])."""
+    import torch
+    from tqdm import tqdm
+
     policy.reset(prompt, seed=seed)
     latents, actions = [], []
     for c in tqdm(range(chunks), desc="imagining chunks", unit="chunk"):
@@ -74,6 +80,8 @@ def generate(policy: Policy, images: dict[str, np.ndarray], prompt: str, chunks:
 
 
 def write_outputs(out: Path, video: np.ndarray, actions: np.ndarray, policy: Policy, prompt: str) -> None:
+    import imageio.v2 as imageio
+
     write_file_atomically(out / "video.mp4",
                           lambda tmp: imageio.mimwrite(tmp, list(video), fps=policy.preset.fps, macro_block_size=1))
     write_file_atomically(out / "actions.npz", lambda tmp: np.savez(
@@ -85,11 +93,18 @@ def write_outputs(out: Path, video: np.ndarray, actions: np.ndarray, policy: Pol
 
 
 def main(args: argparse.Namespace) -> int:
+    import torch
+
+    from vaops.models.checkpoint import build_random_weights, load_weights
+    from vaops.models.model_source import resolve_checkpoint
+
     dtype = getattr(torch, args.dtype)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.checkpoint:
-        weights = load_weights(args.checkpoint, device=args.device, dtype=dtype)
+        # A registry version is downloaded once into the model cache, as `vaops serve` does.
+        weights = load_weights(resolve_checkpoint(args.checkpoint), device=device, dtype=dtype)
     else:
-        weights = build_random_weights(get_preset(args.random_weights), seed=args.seed, device=args.device, dtype=dtype)
+        weights = build_random_weights(get_preset(args.random_weights), seed=args.seed, device=device, dtype=dtype)
     policy = weights.new_policy()
     images = load_images(args.images, policy) if args.images else synthetic_images(policy, args.seed)
     video, actions = generate(policy, images, args.prompt, args.chunks, args.seed)

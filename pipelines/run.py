@@ -4,8 +4,12 @@ Pipelines cluster.
 Locally every step is a process in this virtualenv (`SubprocessRunner(use_venv=False)`), its
 outputs under `--root` (default outputs/pipeline), cached there: a rerun with the same inputs
 skips the steps that already finished and resumes at the first that did not. A failing step
-ends the run with one line: the step's name, its exception and the path of its full log (each
-step's output is also written to <root>/logs/<step>.log).
+ends the run with one line: the step's name, its exception and the path of its full log.
+
+The console shows one line when a step starts (`[7/12] train`, with its log) and one when it ends
+or comes from the cache; everything a step prints (kfp's executor input, third-party banners,
+progress bars) goes to its log file, <root>/logs/<step>.log (`--verbose` streams it as well).
+After the run, <root>/index.html links every stage's report (see reports.py).
 
 Pipeline parameters are flags (`--demo-episodes 2`, `--train-config '{"steps": 10}'`).
 """
@@ -18,6 +22,7 @@ import logging
 import os
 import re
 import sys
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,13 +30,21 @@ from typing import Any
 
 from vaops.components.tracebacks import clean, describe_failure
 
-from .pipeline import LOCAL, PIPELINE_NAME, ClusterOptions, add_cluster_arguments, build_pipeline, cluster_options
+from .pipeline import (
+    LOCAL,
+    PIPELINE_NAME,
+    STAGES,
+    ClusterOptions,
+    add_cluster_arguments,
+    build_pipeline,
+    cluster_options,
+)
 
 DEFAULT_ROOT = Path("outputs/pipeline")
 LOGS = "logs"  # under the run's root: one file per step, <step>.log (<step>-2.log for a second task of that name)
 # kfp.local's own lines (each step's start, end, outputs), module-qualified or not.
 _EXECUTING = re.compile(r"Executing task '([\w-]+)'")
-_FINISHED = re.compile(r"Task '([\w-]+)' finished with status")
+_FINISHED = re.compile(r"Task '([\w-]+)' finished with status (\w+)")
 _CACHE_HIT = re.compile(r"Task '?([\w-]+)'? cache hit")
 _KFP_LINE = re.compile(r"^\d{2}:\d{2}:\d{2}(\.\d+)? - [A-Z]+ - |^-{10,}$|^(Streamed logs:|Task '[\w-]+' )")
 _STREAM_INDENT = " " * 4  # kfp.local indents the steps' own output by this much
@@ -71,16 +84,19 @@ def parse_value(name: str, kind: str, text: str) -> Any:
 
 
 class _StepLogs:
-    """stdout that also writes each step's part of it to the step's own log file (kfp.local streams
-    every step's output into this one stream, indented) and notes the steps served from the cache."""
+    """stdout that writes each step's part of it to the step's own log file (kfp.local streams
+    every step's output into this one stream, indented), notes the steps served from the cache,
+    and shows on the console one line per step's start and end (everything when `verbose`)."""
 
-    def __init__(self, stream, folder: Path):
+    def __init__(self, stream, folder: Path, verbose: bool = False):
         self.stream = stream
         self.folder = folder
+        self.verbose = verbose
         self.logs: list[tuple[str, Path]] = []
         self.cached: list[str] = []
         self._file = None
         self._pending = ""
+        self._started: dict[str, float] = {}
 
     def write(self, text: str) -> int:
         # Lines arrive in pieces (kfp prints the indent, then the line): split only whole lines.
@@ -88,18 +104,32 @@ class _StepLogs:
         *lines, self._pending = self._pending.split("\n")
         for line in lines:
             self._line(line)
-        return self.stream.write(text)
+        if self.verbose:
+            self.stream.write(text)
+        return len(text)
+
+    def _say(self, step: str, text: str) -> None:
+        if not self.verbose:
+            k = STAGES.index(step) + 1 if step in STAGES else "?"
+            self.stream.write(f"[{k}/{len(STAGES)}] {step}: {text}\n")
+            self.stream.flush()
 
     def _line(self, raw: str) -> None:
         line = clean(raw)
         if m := _EXECUTING.search(line):
             self._open(m.group(1))
+            self._started[m.group(1)] = time.monotonic()
+            self._say(m.group(1), f"running (log {self.logs[-1][1]})")
         elif m := _CACHE_HIT.search(line):
             self.cached.append(m.group(1))
+            self._say(m.group(1), "from the cache")
         if self._file is not None:
             self._file.write((raw[len(_STREAM_INDENT):] if raw.startswith(_STREAM_INDENT) else raw) + "\n")
-            if _FINISHED.search(line):
+            if m := _FINISHED.search(line):
                 self.close()
+                took = time.monotonic() - self._started.pop(m.group(1), time.monotonic())
+                status = m.group(2).lower()
+                self._say(m.group(1), f"done in {took:.0f} s" if status == "success" else status)
 
     def _open(self, step: str) -> None:
         self.close()
@@ -138,8 +168,9 @@ def failure(message: str, logs: _StepLogs) -> PipelineFailed:
     return PipelineFailed(step, reason, log)
 
 
-def run_local(arguments: dict[str, Any], root: Path = DEFAULT_ROOT) -> LocalRun:
-    """Run the pipeline with kfp.local; outputs and the step cache live under `root`."""
+def run_local(arguments: dict[str, Any], root: Path = DEFAULT_ROOT, verbose: bool = False) -> LocalRun:
+    """Run the pipeline with kfp.local; outputs and the step cache live under `root`; the console
+    shows a line per step's start and end (`verbose`: everything the steps print)."""
     from kfp import local
 
     root = Path(root).absolute()
@@ -149,7 +180,7 @@ def run_local(arguments: dict[str, Any], root: Path = DEFAULT_ROOT) -> LocalRun:
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), enable_caching=True,
                raise_on_error=True)
     pipeline = build_pipeline(LOCAL)
-    tee = _StepLogs(sys.stdout, root / LOGS)
+    tee = _StepLogs(sys.stdout, root / LOGS, verbose)
     sys.stdout = tee  # kfp.local prints the steps' logs and its own there
     # kfp.local logs its cache hits outside its own logging setup: show them too.
     root_logger, hits = logging.getLogger(), logging.StreamHandler(tee)
@@ -189,6 +220,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", help="Kubeflow Pipelines API URL: submit there instead of running locally (give "
                                        "--tracking-uri, or put it in the MLflow Secret, so the steps share a store)")
     parser.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="local runs: outputs and cache")
+    parser.add_argument("--verbose", action="store_true", help="local runs: stream every step's output to the "
+                                                             "console (always in <root>/logs/<step>.log)")
     remote = parser.add_argument_group("cluster runs (--host)")
     remote.add_argument("--experiment", default=PIPELINE_NAME)
     remote.add_argument("--namespace", help="Kubeflow profile namespace")
@@ -222,17 +255,24 @@ def main(args: argparse.Namespace) -> int:
                         os.environ.get(args.token_env) or None)
         print(f"submitted run {result.run_id} to {args.host} (experiment {args.experiment!r})")
         return 0
-    from vaops.serving.model_source import tracking_uri
+    from vaops.models.model_source import tracking_uri
 
     # One store for every step (each is its own process, maybe in another directory).
     arguments.setdefault("tracking_uri", tracking_uri())
     try:
-        run = run_local(arguments, args.root)
+        run = run_local(arguments, args.root, verbose=args.verbose)
     except PipelineFailed as e:
         print(f"vaops run: {e}", file=sys.stderr)
         return 1
+    from .reports import write_index
+
     print(f"pipeline finished: outputs under {run.root}" + (f" ({len(run.cached)} steps from the cache)"
                                                             if run.cached else ""))
-    for name, value in sorted(run.outputs.items()):
-        print(f"  {name}: {getattr(value, 'path', value)}")
+    for name in ("success_rate", "promoted"):
+        print(f"  {name}: {run.outputs[name]}")
+    print(f"  tracked in MLflow at {arguments['tracking_uri']}")
+    pages = write_index(run.outputs, run.root)
+    print("reports (open in a browser):")
+    for name, page in pages.items():
+        print(f"  {name:<13}{page}")
     return 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import html
+import io
 from pathlib import Path
 from typing import Sequence
 
@@ -19,7 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from markdown_it import MarkdownIt  # noqa: E402
 
-from vaops.components.reports import markdown_table  # noqa: E402
+from vaops.components.reports import data_uri, html_page, inline_media, markdown_table  # noqa: E402
 from vaops.models.atomic import write_text_atomically
 
 from .results import EpisodeRecord  # noqa: E402
@@ -27,6 +28,9 @@ from .robotwin import PAPER_AVERAGE, SETTING_LABELS  # noqa: E402
 
 MAX_EPISODE_ROWS = 200
 MAX_EMBEDDED_VIDEOS = 24
+# Videos up to this many bytes in all are inlined as data URIs: MLflow's artifact viewer shows the
+# page from a blob URL, where a relative path resolves to nothing (a demo episode is ~50-200 KB).
+MAX_INLINED_VIDEO_BYTES = 12 * 2**20
 STATUS_COLORS = {"success": "tab:green", "failure": "tab:red", "error": "tab:gray"}
 
 
@@ -191,26 +195,56 @@ def render_markdown(metrics: dict, records: Sequence[EpisodeRecord], plots: dict
     return "\n".join(lines)
 
 
+def poster(video: Path) -> str | None:
+    """The video's first frame as a JPEG data URI (a <video> is black until it is played or seeked)."""
+    try:
+        import imageio.v2 as imageio
+        from PIL import Image
+
+        with imageio.get_reader(video, format="FFMPEG") as reader:
+            frame = reader.get_data(0)
+    except Exception:  # noqa: BLE001 (no decoder at hand: the video still plays, without a poster)
+        return None
+    buffer = io.BytesIO()
+    Image.fromarray(frame).save(buffer, format="JPEG", quality=80)
+    return f"data:image/jpeg;base64,{base64.b64encode(buffer.getvalue()).decode()}"
+
+
+def video_figures(records: Sequence[EpisodeRecord], folder: Path) -> tuple[str, dict[str, str]]:
+    """Each episode's video with its caption: inlined while the budget lasts, linked beyond it
+    (then it plays from the evaluation folder, not from MLflow's viewer), a poster on each.
+    Returns the figures and, for the inlined videos, their path -> the figure's anchor."""
+    out, budget, anchors = "", MAX_INLINED_VIDEO_BYTES, {}
+    for i, r in enumerate([r for r in records if r.video][:MAX_EMBEDDED_VIDEOS]):
+        path = folder / r.video
+        caption = html.escape(f"{r.setting} / {r.task} / episode {r.episode} (seed {r.seed}): {r.status}")
+        size = path.stat().st_size if path.is_file() else None
+        if size is not None and size <= budget:
+            src, budget, anchors[r.video] = data_uri(path), budget - size, f"video-{i}"
+        else:
+            src = html.escape(r.video)
+            caption += f' (<a href="{src}">{src}</a> in the evaluation folder)'
+        if r.video.endswith(".gif"):
+            media = f'<img src="{src}" alt="episode video">'
+        else:
+            still = poster(path) if size is not None else None
+            media = (f'<video src="{src}"' + (f' poster="{still}"' if still else "")
+                     + ' controls muted loop preload="auto"></video>')
+        out += f'<figure id="video-{i}">{media}<figcaption>{caption}</figcaption></figure>\n'
+    return out, anchors
+
+
 def render_html(markdown: str, records: Sequence[EpisodeRecord], title: str, folder: Path) -> str:
-    """The Markdown as one HTML page; plots are embedded (the page stands alone in Kubeflow's and
-    MLflow's viewers), videos are linked relative to the evaluation folder."""
+    """The Markdown as one HTML page that stands alone (Kubeflow's and MLflow's viewers, a copy
+    elsewhere): plots and, up to MAX_INLINED_VIDEO_BYTES, videos are inlined as data URIs."""
     body = MarkdownIt("commonmark", {"html": False}).enable("table").render(markdown)
-    for png in sorted((folder / "plots").glob("*.png")):
-        data = base64.b64encode(png.read_bytes()).decode()
-        body = body.replace(f'src="plots/{png.name}"', f'src="data:image/png;base64,{data}"')
-    videos = [r for r in records if r.video][:MAX_EMBEDDED_VIDEOS]
+    body = inline_media(body, folder)
+    videos, anchors = video_figures(records, folder)
+    for video, anchor in anchors.items():  # the episode table's links go to the page's own player
+        body = body.replace(f'href="{html.escape(video)}"', f'href="#{anchor}"')
     if videos:
-        body += "<h2>Videos: real camera | imagined</h2>\n"
-        for r in videos:
-            caption = html.escape(f"{r.setting} / {r.task} / episode {r.episode} (seed {r.seed}): {r.status}")
-            media = (f'<img src="{html.escape(r.video)}">' if r.video.endswith(".gif")
-                     else f'<video src="{html.escape(r.video)}" controls muted loop></video>')
-            body += f"<figure>{media}<figcaption>{caption}</figcaption></figure>\n"
-    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
-             "table{border-collapse:collapse;font-size:90%}td,th{border:1px solid #ccc;padding:2px 6px}"
-             "img{max-width:100%}video{max-width:100%}figure{display:inline-block;margin:6px}")
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{style}</style></head><body>\n{body}</body></html>\n")
+        body += "<h2>Videos: real camera | imagined</h2>\n" + videos
+    return html_page(title, body)
 
 
 def write_report(folder: Path, metrics: dict, records: Sequence[EpisodeRecord], title: str) -> dict[str, Path]:
