@@ -241,7 +241,7 @@ def report(cfg: DemoConfig, run, rev: str, version, requests_dir: Path, keep_ser
         console.print("  then, once it answers (reset the session, then act on the sim's first camera image):")
     for name in ("reset", "act"):
         console.print(f"  curl -s -H 'Content-Type: application/json' -d @{requests_dir / (name + '.json')} {infer}")
-    console.print(f"  the act reply's {action_layout()}")
+    console.print(f"  the act reply's {action_layout()}", markup=False)  # [...] is text, not markup
     console.print(f"[dim]{THRESHOLD_NOTE}[/]")
 
 
