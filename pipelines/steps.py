@@ -67,7 +67,7 @@ def base_model(model: dsl.Output[dsl.Model], base_checkpoint: str = "", preset: 
     from vaops.models.atomic import link_or_copy
     from vaops.models.checkpoint import POLICY_FILE, RANDOM_INIT_PRESETS, read_preset, write_random_checkpoint
     from vaops.models.config import get_preset
-    from vaops.serving.model_source import WEIGHT_PARTS, resolve_checkpoint
+    from vaops.models.model_source import WEIGHT_PARTS, resolve_checkpoint
 
     out = Path(model.path)
     if not base_checkpoint:

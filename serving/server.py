@@ -36,13 +36,13 @@ from kserve.protocol.grpc.servicer import InferenceServicer
 from kserve.protocol.rest.server import RESTServer
 
 from vaops.models.checkpoint import load_weights
+from vaops.models.model_source import resolve_checkpoint
+from vaops.models.msgpack_numpy import UnpackLimits
 from vaops.models.policy import PolicyWeights
 
 from .config import ServeConfig
 from .episode import EpisodeService
 from .kserve_model import CapacityExhausted, PolicyModel, ProtocolError, rest_error_handler
-from .model_source import resolve_checkpoint
-from .msgpack_numpy import UnpackLimits
 from .sessions import SessionManager
 from .websocket import EpisodeSocket
 

@@ -22,9 +22,10 @@ import logging
 import numpy as np
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from vaops.models.msgpack_numpy import UnpackLimits, WireError, packb, unpackb
+
 from . import metrics
 from .episode import EpisodeFailed, EpisodeService, InputError
-from .msgpack_numpy import UnpackLimits, WireError, packb, unpackb
 from .sessions import Session, SessionError
 
 log = logging.getLogger(__name__)

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
-from vaops.serving.config import TOKEN_ENV, ServeConfig
-from vaops.serving.model_source import parse_model_uri
+from vaops.models.model_source import parse_model_uri
 
 from .deploy import DeployConfig, run, service_name
 from .manifest import ManifestSpec
@@ -35,21 +35,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     local.add_argument("--http-port", type=int, default=8080)
     local.add_argument("--grpc-port", type=int, default=8081)
     local.add_argument("--device", default="cpu")
-    local.add_argument("--idle-timeout", type=float, default=ServeConfig(model="").idle_timeout_s)
-    local.add_argument("--max-request-mb", type=float, default=ServeConfig(model="").max_request_mb)
+    local.add_argument("--idle-timeout", type=float, help="seconds (default: vaops serve's)")
+    local.add_argument("--max-request-mb", type=float, help="default: vaops serve's")
+
+
+def serve_command(args: argparse.Namespace, name: str) -> list[str]:
+    """`vaops serve` for `--local`. A command, not a call: components do not import the serving layer."""
+    cmd = [sys.executable, "-m", "vaops.pipelines.cli", "serve", "--model", args.model, "--name", name,
+           "--http-port", str(args.http_port), "--grpc-port", str(args.grpc_port), "--device", args.device,
+           # float32 on CPU: bfloat16 matmuls there are slow and gain nothing
+           "--dtype", "float32" if args.device == "cpu" else args.dtype, "--max-sessions", str(args.max_sessions)]
+    if args.idle_timeout is not None:
+        cmd += ["--idle-timeout", str(args.idle_timeout)]
+    if args.max_request_mb is not None:
+        cmd += ["--max-request-mb", str(args.max_request_mb)]
+    return cmd
 
 
 def main(args: argparse.Namespace) -> int:
     name = args.name or service_name(parse_model_uri(args.model)[0])
     if args.local:
-        from vaops.serving.server import serve
-
-        # float32 on CPU: bfloat16 matmuls there are slow and gain nothing
-        serve(ServeConfig(model=args.model, name=name, http_port=args.http_port, grpc_port=args.grpc_port,
-                          device=args.device, dtype="float32" if args.device == "cpu" else args.dtype,
-                          max_sessions=args.max_sessions, idle_timeout_s=args.idle_timeout,
-                          max_request_mb=args.max_request_mb, token=os.environ.get(TOKEN_ENV) or None).validate())
-        return 0
+        # The same process id becomes the server ($VAOPS_SERVE_TOKEN passes through the environment).
+        cmd = serve_command(args, name)
+        os.execv(cmd[0], cmd)
     spec = ManifestSpec(name=name, storage_uri="", model_uri="", namespace=args.namespace, image=args.image,
                         gpus=args.gpus, cpu=args.cpu, memory=args.memory, dtype=args.dtype,
                         max_sessions=args.max_sessions, token_secret=args.token_secret)

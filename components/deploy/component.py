@@ -17,7 +17,7 @@ def deploy(model_uri: str, manifest: dsl.Output[dsl.Artifact], storage_uri: str 
     from vaops.components.deploy.deploy import DeployConfig, run, service_name
     from vaops.components.deploy.manifest import ManifestSpec
     from vaops.components.images import GPU_IMAGE
-    from vaops.serving.model_source import parse_model_uri
+    from vaops.models.model_source import parse_model_uri
 
     if tracking_uri:
         os.environ["MLFLOW_TRACKING_URI"] = tracking_uri

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from vaops.serving.model_source import CHECKPOINT_ARTIFACT, parse_model_uri, tracking_uri
+from vaops.models.model_source import CHECKPOINT_ARTIFACT, parse_model_uri, tracking_uri
 
 from .manifest import ManifestSpec, build_manifest, validate_manifest
 

@@ -31,7 +31,7 @@ from websockets.exceptions import (
 )
 from websockets.sync.client import ClientConnection, connect
 
-from vaops.serving.msgpack_numpy import WireError, packb, unpackb
+from vaops.models.msgpack_numpy import WireError, packb, unpackb
 
 from .config import ClientConfig
 

@@ -21,7 +21,7 @@ def register(checkpoint: dsl.Input[dsl.Model], evaluation: dsl.Input[dsl.Artifac
     from mlflow import MlflowClient
 
     from vaops.components.register.registry import RegisterConfig, run
-    from vaops.serving.model_source import tracking_uri as store_uri
+    from vaops.models.model_source import tracking_uri as store_uri
 
     if tracking_uri:
         os.environ["MLFLOW_TRACKING_URI"] = tracking_uri

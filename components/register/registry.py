@@ -22,7 +22,7 @@ import numpy as np
 from vaops.models.atomic import link_or_copy
 from vaops.models.checkpoint import POLICY_FILE, read_preset
 from vaops.models.config import Preset
-from vaops.serving.model_source import CHECKPOINT_ARTIFACT, WEIGHT_PARTS, artifact_root, refuse_pickles, tracking_uri
+from vaops.models.model_source import CHECKPOINT_ARTIFACT, WEIGHT_PARTS, artifact_root, refuse_pickles, tracking_uri
 
 from .gate import GateDecision, decide
 from .lineage import Lineage, data_revision, git_state, read_metrics, train_run_from_checkpoint

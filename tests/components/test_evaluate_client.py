@@ -23,7 +23,7 @@ from vaops.components.evaluate.episode import ChunkFrames
 from vaops.components.evaluate.results import EpisodeLog, EpisodeRecord, merge, shard_units, work_units
 from vaops.components.evaluate.run import EvaluationAborted, run
 from vaops.components.evaluate.video import side_by_side
-from vaops.serving.msgpack_numpy import packb, unpackb
+from vaops.models.msgpack_numpy import packb, unpackb
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "robotwin"
 

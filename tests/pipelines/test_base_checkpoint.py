@@ -53,7 +53,7 @@ def monkeypatch_module():
 def _registered_checkpoint(uri: str, name: str) -> Path:
     from mlflow import MlflowClient
 
-    from vaops.serving.model_source import resolve_checkpoint
+    from vaops.models.model_source import resolve_checkpoint
 
     client = MlflowClient(uri)
     latest = max(client.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version))

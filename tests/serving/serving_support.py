@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import websockets.sync.client
 
-from vaops.serving.msgpack_numpy import packb, unpackb
+from vaops.models.msgpack_numpy import packb, unpackb
 
 MODEL = "lingbot-va"
 TOKEN = "test-token-0123456789"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from vaops.serving.model_source import parse_model_uri, resolve_checkpoint, tracking_uri
+from vaops.models.model_source import parse_model_uri, resolve_checkpoint, tracking_uri
 
 
 def test_checkpoint_folders_with_pickles_are_refused(tiny_checkpoint, tmp_path):

@@ -224,7 +224,7 @@ def test_a_failure_inside_the_policy_asks_for_the_reset_it_needs(tiny_weights):
 def test_the_evaluation_client_numbers_its_messages_and_a_resent_one_is_replayed(server, tiny_weights):
     from vaops.components.evaluate.client import PolicyClient
     from vaops.components.evaluate.config import ClientConfig
-    from vaops.serving.msgpack_numpy import unpackb
+    from vaops.models.msgpack_numpy import unpackb
 
     first, keyframes = episode_script(144, 2)
     sent = []

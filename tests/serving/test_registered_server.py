@@ -141,7 +141,7 @@ def test_idle_sessions_expire(registered):
 
 
 def test_registry_download_is_cached(registered, monkeypatch):
-    from vaops.serving.model_source import resolve_checkpoint
+    from vaops.models.model_source import resolve_checkpoint
 
     cache = registered.log.parent / "model-cache"
     monkeypatch.setenv("VAOPS_MODEL_CACHE", str(cache))

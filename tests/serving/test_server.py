@@ -15,7 +15,7 @@ from kserve.protocol.grpc import grpc_predict_v2_pb2, grpc_predict_v2_pb2_grpc
 from kserve.protocol.infer_type import to_http_parameters
 from serving_support import MODEL, UpstreamClient, direct_episode, episode_script, websocket_episode
 
-from vaops.serving.msgpack_numpy import packb
+from vaops.models.msgpack_numpy import packb
 
 pytestmark = pytest.mark.xdist_group("serve")
 PROMPT = "pick up the cube"

@@ -6,7 +6,7 @@ import msgpack
 import numpy as np
 import pytest
 
-from vaops.serving.msgpack_numpy import UnpackLimits, WireError, packb, unpackb
+from vaops.models.msgpack_numpy import UnpackLimits, WireError, packb, unpackb
 
 
 def openpi_pack(obj) -> bytes:
