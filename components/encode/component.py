@@ -12,11 +12,9 @@ def encode(dataset: dsl.Input[dsl.Dataset], encoded: dsl.Output[dsl.Dataset], re
     """Latents, text embeddings and norm stats per segment, with the VAE and text encoder of
     `base_checkpoint` (the model training starts from) or of `checkpoint` (a path the step can read:
     vae/, text_encoder/, tokenizer/); neither: the preset's random weights. Returns the segment count."""
-    import json
-    from pathlib import Path
-
     from vaops.components.encode.config import EncodeConfig
     from vaops.components.encode.stage import run
+    from vaops.components.step_outputs import save_metrics
 
     if base_checkpoint is not None and checkpoint:
         raise ValueError("give at most one of base_checkpoint (an artifact) and checkpoint (a path)")
@@ -26,7 +24,6 @@ def encode(dataset: dsl.Input[dsl.Dataset], encoded: dsl.Output[dsl.Dataset], re
     metrics.log_metric("segments", result.segments)
     metrics.log_metric("skipped_segments", len(result.skipped))
     metrics.log_metric("frames_per_second", result.frames_per_second)
-    # kfp.local caches a step only when every output exists as a file
-    Path(metrics.path).write_text(json.dumps(metrics.metadata))
+    save_metrics(metrics)
     encoded.metadata.update({"preset": preset, "robot": robot, "segments": result.segments})
     return result.segments

@@ -17,7 +17,6 @@ def evaluate(results: dsl.Output[dsl.Artifact], metrics: dsl.Output[dsl.Metrics]
              checkpoint: dsl.Input[dsl.Model] = None, policy_url: str = "", preset: str = "aloha",
              episodes: int = 0, max_steps: int = 0, robotwin_root: str = "", shard: str = "0/1",
              device: str = "cpu", model_run_id: str = "", tracking_uri: str = "") -> float:
-    import json
     import os
     from pathlib import Path
 
@@ -34,6 +33,7 @@ def evaluate(results: dsl.Output[dsl.Artifact], metrics: dsl.Output[dsl.Metrics]
     from vaops.components.evaluate.local_server import LocalPolicyServer
     from vaops.components.evaluate.outputs import publish
     from vaops.components.evaluate.run import run
+    from vaops.components.step_outputs import save_metrics
 
     if bool(policy_url) == (checkpoint is not None):
         raise ValueError("give exactly one of policy_url (a running server) and checkpoint (served in this step)")
@@ -50,8 +50,7 @@ def evaluate(results: dsl.Output[dsl.Artifact], metrics: dsl.Output[dsl.Metrics]
     if result.metrics is None:  # one shard of several: the merge step reports
         metrics.log_metric("episodes", len(result.records))
         metrics.log_metric("successes", sum(r.success for r in result.records))
-        # kfp.local caches a step only when every output exists as a file
-        Path(metrics.path).write_text(json.dumps(metrics.metadata))
+        save_metrics(metrics)
         Path(report.path).write_text(f"<p>Shard {shard}: {len(result.records)} episode(s); the merge step reports.</p>")
         return -1.0
     return publish(result, metrics, report.path, results, suite=config.suite)

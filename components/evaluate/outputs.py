@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import shutil
-from pathlib import Path
+
+from vaops.components.step_outputs import save_metrics
 
 from .run import EvalResult
 
@@ -15,8 +15,7 @@ def publish(result: EvalResult, metrics, report_path: str, results, **metadata) 
         metrics.log_metric(f"success_rate_{name}", setting["success_rate"])
     metrics.log_metric("success_rate", result.metrics["success_rate"])
     metrics.log_metric("episodes", result.metrics["episodes"])
-    # kfp.local caches a step only when every output exists as a file
-    Path(metrics.path).write_text(json.dumps(metrics.metadata))
+    save_metrics(metrics)
     shutil.copyfile(result.report["html"], report_path)
     results.metadata.update({"mlflow_run_id": result.mlflow_run_id, **metadata})
     return float(result.metrics["success_rate"])

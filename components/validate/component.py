@@ -10,10 +10,9 @@ def validate(dataset: dsl.Input[dsl.Dataset], report: dsl.Output[dsl.Artifact],
              summary: dsl.Output[dsl.Markdown], metrics: dsl.Output[dsl.Metrics], fps: int = 0,
              action_dim: int = 0, state_dim: int = 0, min_usable_fraction: float = 0.5) -> bool:
     """Check the dataset (0 = no requirement); fails the step when it is unusable."""
-    import json
     import shutil
-    from pathlib import Path
 
+    from vaops.components.step_outputs import save_metrics
     from vaops.components.validate.config import ValidateConfig
     from vaops.components.validate.stage import run
 
@@ -23,8 +22,7 @@ def validate(dataset: dsl.Input[dsl.Dataset], report: dsl.Output[dsl.Artifact],
     shutil.copyfile(f"{report.path}/report.md", summary.path)
     for name in ("episodes", "frames", "passed", "quarantined"):
         metrics.log_metric(name, result.as_dict()[name])
-    # kfp.local caches a step only when every output exists as a file
-    Path(metrics.path).write_text(json.dumps(metrics.metadata))
+    save_metrics(metrics)
     if not result.usable:
         raise RuntimeError(f"dataset unusable: {[p.message for p in result.dataset_problems]}")
     return result.usable
