@@ -3,12 +3,12 @@ InferenceService manifest for it, and check the written file (parsed back) befor
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import yaml
 
+from vaops.models.atomic import write_file_atomically
 from vaops.models.model_source import CHECKPOINT_ARTIFACT, parse_model_uri, tracking_uri
 
 from .manifest import ManifestSpec, build_manifest, validate_manifest
@@ -56,16 +56,16 @@ def run(config: DeployConfig) -> DeployResult:
     if errors:
         raise ValueError("the generated InferenceService is invalid: " + "; ".join(errors))
     out = Path(config.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     header = "# " + "\n# ".join(line.strip() for line in _HEADER.strip().splitlines()) + "\n"
-    tmp.write_text(header + yaml.safe_dump(doc, sort_keys=False))
-    parsed = yaml.safe_load(tmp.read_text())
-    errors, _ = validate_manifest(parsed)
-    if parsed != doc or errors:
-        tmp.unlink()
-        raise ValueError(f"{out}: the written manifest does not parse back to what was generated ({errors})")
-    os.replace(tmp, out)
+
+    def write(tmp: Path) -> None:
+        tmp.write_text(header + yaml.safe_dump(doc, sort_keys=False))
+        parsed = yaml.safe_load(tmp.read_text())
+        errors, _ = validate_manifest(parsed)
+        if parsed != doc or errors:
+            raise ValueError(f"{out}: the written manifest does not parse back to what was generated ({errors})")
+
+    write_file_atomically(out, write)
     return DeployResult(out, storage, version, warnings)
 
 

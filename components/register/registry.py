@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vaops.models.atomic import link_or_copy
+from vaops.models.atomic import link_or_copy, write_text_atomically
 from vaops.models.checkpoint import POLICY_FILE, read_preset
 from vaops.models.config import Preset
 from vaops.models.model_source import CHECKPOINT_ARTIFACT, WEIGHT_PARTS, artifact_root, refuse_pickles, tracking_uri
@@ -120,13 +120,6 @@ def _champion(client, name: str, alias: str, metric: str) -> tuple[str | None, f
     return str(version.version), None if value is None else float(value)
 
 
-def _write_json(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def run(config: RegisterConfig) -> RegisterResult:
     import mlflow
     from mlflow import MlflowClient
@@ -181,5 +174,5 @@ def run(config: RegisterConfig) -> RegisterResult:
         if decision.promote:
             client.set_registered_model_alias(config.name, config.alias, version)
     if config.output is not None:
-        _write_json(Path(config.output) / DECISION_FILE, record)
+        write_text_atomically(Path(config.output) / DECISION_FILE, json.dumps(record, indent=2) + "\n")
     return RegisterResult(config.name, version, run_.info.run_id, f"models:/{config.name}/{version}", decision)
