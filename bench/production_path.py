@@ -240,7 +240,7 @@ def websocket_episode(url: str, preset, chunks: int, seed: int) -> list[np.ndarr
     """reset -> infer -> compute_kv_cache, `chunks` times, as the upstream RoboTwin client does."""
     import websockets.sync.client
 
-    from vaops.serving.msgpack_numpy import packb, unpackb
+    from vaops.models.msgpack_numpy import packb, unpackb
 
     actions = []
     with websockets.sync.client.connect(url, compression=None, max_size=None, open_timeout=60) as ws:

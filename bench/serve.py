@@ -35,7 +35,7 @@ import websockets.sync.client
 from vaops.models.checkpoint import build_random_weights
 from vaops.models.config import get_preset
 from vaops.serving.config import ServeConfig
-from vaops.serving.msgpack_numpy import packb, unpackb
+from vaops.models.msgpack_numpy import packb, unpackb
 from vaops.serving.server import DTYPES, model_from_weights, serve
 
 PROMPT = "stack the red block on the blue block"

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vaops.components.train.tracking import STAGE_TAG, experiment_id, tracking_uri
+from vaops.components.train.tracking import STAGE_TAG, experiment_id
+from vaops.models.model_source import tracking_uri
 
 from .config import TrackingConfig
 

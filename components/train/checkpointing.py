@@ -27,6 +27,7 @@ import torch
 
 from vaops.models.atomic import link_or_copy, write_folder_atomically
 from vaops.models.checkpoint import POLICY_FILE, policy_dict
+from vaops.models.model_source import WEIGHT_PARTS
 from vaops.models.config import Preset, TransformerConfig
 from vaops.models.transformer import LingBotVATransformer, save_transformer
 
@@ -36,7 +37,7 @@ CHECKPOINTS = "checkpoints"
 ENGINE_STATE = "training"
 ENGINE_TAG = "state"
 STATE_FILE = "trainer_state.json"
-BASE_PARTS = ("vae", "text_encoder", "tokenizer")
+BASE_PARTS = WEIGHT_PARTS[1:]  # vae, text_encoder, tokenizer: what a checkpoint takes from its base
 MODULE_PREFIX = "transformer."  # the trained module wraps the transformer under this name
 # Changing these between a run and its resumption would break the continued curve or be silently
 # ignored (the optimizer and LR schedule come back from the checkpoint).

@@ -38,6 +38,7 @@ def train(latent_dataset: dsl.Input[dsl.Dataset], checkpoint: dsl.Output[dsl.Mod
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if tracking_uri:
         os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
+    from vaops.components.step_outputs import save_metrics
     from vaops.components.train.checkpointing import servable_items
     from vaops.components.train.config import TrainConfig, get_recipe
 
@@ -67,8 +68,7 @@ def train(latent_dataset: dsl.Input[dsl.Dataset], checkpoint: dsl.Output[dsl.Mod
     for key, value in summary.items():
         if isinstance(value, (int, float)):
             metrics.log_metric(key, value)
-    # kfp.local caches a step only when every output exists as a file
-    Path(metrics.path).write_text(json.dumps(metrics.metadata))
+    save_metrics(metrics)
     shutil.copyfile(outputs["report"], report.path)
     checkpoint.metadata.update({"mlflow_run_id": outputs["run_id"], "steps": outputs["steps"],
                                 "final_loss": outputs["final_loss"]})

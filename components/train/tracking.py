@@ -7,7 +7,6 @@ continues, so its curves are one run's curves.
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -15,24 +14,18 @@ import mlflow
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
+from vaops.models.model_source import CHECKPOINT_ARTIFACT, artifact_root, tracking_uri
+
 STAGE_TAG = "vaops.stage"
 FLUSH_METRICS = 200  # MLflow takes up to 1000 per batch
 FLUSH_SECONDS = 30.0
-CHECKPOINT_ARTIFACT = "checkpoint"
-
-
-def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
 def experiment_id(name: str, uri: str) -> str:
     found = mlflow.get_experiment_by_name(name)
     if found is not None:
         return found.experiment_id
-    location = None
-    if uri.startswith("sqlite:///"):
-        location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
-    return mlflow.create_experiment(name, artifact_location=location)
+    return mlflow.create_experiment(name, artifact_location=artifact_root(uri))
 
 
 class Tracker:

@@ -118,6 +118,10 @@ def run(cfg: TrainConfig) -> TrainOutputs:
         checkpointing.remove_partial(output)
     barrier()
 
+    if info.is_main:  # the model build, compilation and loader start take seconds before the first step
+        log.info("training preset %r on %d segments of %s: %d steps of micro-batch %d x %d rank(s), %s",
+                 preset.name, len(dataset), dataset_dir, cfg.steps, cfg.micro_batch, info.world,
+                 "bf16" if bf16 else "fp32")
     transformer = build_model(cfg, preset, base, bf16, info.device)
     module = TeacherForcedModel(transformer, backend)
     engine = build_engine(module, cfg, info, external_params=[transformer.scale_shift_table])
