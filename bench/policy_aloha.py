@@ -284,7 +284,7 @@ def _evaluate_variant(a: argparse.Namespace, name: str, out: Path) -> None:
         for i in range(a.eval_workers):
             cmd = [*VAOPS, "eval", "--preset", "aloha", "--output", str(out), "--policy-url", f"ws://127.0.0.1:{port}",
                    "--episodes", str(a.eval_episodes), "--max-steps", str(a.max_steps),
-                   "--shard", f"{i}/{a.eval_workers}", "--no-mlflow", *flags]
+                   "--shard", f"{i}/{a.eval_workers}", "--tasks", *a.tasks, "--no-mlflow", *flags]
             shard_log = open(out / f"shard-{i}.log", "w")
             shards.append((subprocess.Popen(cmd, cwd=ROOT, stdout=shard_log, stderr=subprocess.STDOUT,
                                             env={**os.environ, "OMP_NUM_THREADS": "1"}), shard_log))
@@ -324,6 +324,8 @@ def summarize_variant(folder: Path) -> dict:
     per_task = {}
     for task in TASKS:
         mine = [r for r in rows if r["task"] == task]
+        if not mine:
+            continue
         wins = sum(bool(r["success"]) for r in mine)
         lo, hi = wilson(wins, len(mine))
         seeds = sorted(r["seed"] for r in mine)
@@ -549,6 +551,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fit-min", type=float, default=0, help="train: size the run to this many minutes here")
     p.add_argument("--variants", nargs="+", default=["sync"], choices=sorted(VARIANTS))
     p.add_argument("--eval-episodes", type=int, default=50, help="per task")
+    p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS, help="eval: the tasks to evaluate")
     p.add_argument("--eval-workers", type=int, default=max(1, (os.cpu_count() or 2) - 2))
     p.add_argument("--max-steps", type=int, default=100, help="actions per evaluation episode (10 s at 10 fps)")
     p.add_argument("--commands", nargs="*", default=[], help="report: the command lines that made the results")
