@@ -245,30 +245,6 @@ def report(cfg: DemoConfig, run, rev: str, version, requests_dir: Path, keep_ser
     console.print(f"[dim]{THRESHOLD_NOTE}[/]")
 
 
-class _Server(LocalPolicyServer):
-    """The local policy server on a given port (LocalPolicyServer picks a free one)."""
-
-    def __init__(self, model: str, log: Path, port: int):
-        import socket
-
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                raise RuntimeError(f"port {port} is taken (another `vaops serve`, or an earlier `vaops demo "
-                                   f"--keep-serving`?); stop it first") from None
-        self.port = port
-        self.url = f"ws://127.0.0.1:{port}"
-        self.log = Path(log)
-        self.startup_timeout_s = 300.0
-        self.log.parent.mkdir(parents=True, exist_ok=True)
-        self._out = open(self.log, "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "vaops.pipelines.cli", "serve", "--model", model,
-                                      "--http-port", str(port), "--no-grpc", "--device", "cpu"],
-                                     stdout=self._out, stderr=subprocess.STDOUT,
-                                     env=dict(os.environ, HF_HUB_OFFLINE="1"))
-
-
 def _interrupt(*_) -> None:
     raise KeyboardInterrupt
 
@@ -300,7 +276,7 @@ def run_demo(cfg: DemoConfig, keep_serving: bool = False, fresh: bool = False, v
     for name, body in (("reset", reset), ("act", act)):
         (requests_dir / f"{name}.json").write_text(json.dumps(body))
     log = cfg.root.absolute() / "serve.log"
-    server = _Server(cfg.champion, log, DEMO_PORT) if keep_serving else LocalPolicyServer(cfg.champion, log)
+    server = LocalPolicyServer(cfg.champion, log, port=DEMO_PORT if keep_serving else None)
     with server:
         base_url = f"http://127.0.0.1:{server.port}"
         answer = ask(base_url, SERVED_NAME, reset, act)

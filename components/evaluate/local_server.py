@@ -26,11 +26,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def claim_port(port: int) -> int:
+    """`port` if nothing listens on it, else one line saying so."""
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            raise RuntimeError(f"port {port} is taken (another `vaops serve`, or an earlier `vaops demo "
+                               f"--keep-serving`?); stop it first") from None
+    return port
+
+
 class LocalPolicyServer:
     def __init__(self, model: str | os.PathLike, log: Path, device: str = "cpu", torch_threads: int | None = None,
-                 startup_timeout_s: float = 300.0):
-        """Start serving `model` (a checkpoint folder or models:/name@alias)."""
-        self.port = free_port()
+                 startup_timeout_s: float = 300.0, port: int | None = None):
+        """Start serving `model` (a checkpoint folder or models:/name@alias) on `port` (None: a free one)."""
+        self.port = free_port() if port is None else claim_port(port)
         self.url = f"ws://127.0.0.1:{self.port}"
         self.log = Path(log)
         self.startup_timeout_s = startup_timeout_s
