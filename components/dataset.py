@@ -369,10 +369,22 @@ def native_stderr_to(log_path: str | Path | None) -> Iterator[None]:
                 hf_logging.enable_progress_bars()
 
 
+def _is_empty_tree(root: Path) -> bool:
+    """`root` holds folders only (lerobot's per-camera `images/` staging folders)."""
+    return root.is_dir() and not any(p.is_file() for p in root.rglob("*"))
+
+
 def _remove_empty_tree(root: Path) -> None:
-    """Remove `root` when it holds folders only (lerobot's per-camera `images/` staging folders)."""
-    if root.is_dir() and not any(p.is_file() for p in root.rglob("*")):
+    if _is_empty_tree(root):
         shutil.rmtree(root)
+
+
+def skip_empty_images(root: Path):
+    """copytree's `ignore`: lerobot's empty `images/` staging tree at the dataset's top level."""
+    def ignore(folder: str, names: list[str]) -> list[str]:
+        return ["images"] if Path(folder) == root and "images" in names and _is_empty_tree(root / "images") else []
+
+    return ignore
 
 
 def write_dataset(dst: str | Path, episodes: Iterable[Episode], *, fps: int, features: dict,

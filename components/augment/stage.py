@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vaops.components.dataset import DatasetError, Episode, LeRobotData, Segment, write_dataset
+from vaops.components.dataset import DatasetError, Episode, LeRobotData, Segment, skip_empty_images, write_dataset
 from vaops.components.reports import markdown_table, write_report
 from vaops.models.atomic import link_or_copy, write_folder_atomically
 
@@ -89,7 +89,7 @@ def run(cfg: AugmentConfig) -> AugmentResult:
     total = len(originals) * (1 + cfg.copies)
     if cfg.copies == 0:  # the originals only: linked, not decoded and re-encoded (minutes per 100 episodes)
         out = write_folder_atomically(cfg.output, lambda tmp: shutil.copytree(
-            data.root, tmp, dirs_exist_ok=True, copy_function=link_or_copy, ignore=_staging_folders(data.root)))
+            data.root, tmp, dirs_exist_ok=True, copy_function=link_or_copy, ignore=skip_empty_images(data.root)))
     with tempfile.TemporaryDirectory(prefix="vaops-augment-") as logs:
         log = Path(logs) / ENCODER_LOG
         if cfg.copies > 0:
@@ -104,16 +104,6 @@ def run(cfg: AugmentConfig) -> AugmentResult:
                                       "config": dataclasses.asdict(cfg), "originals": len(originals),
                                       "augmented": augmented}, _markdown(cfg, result), extra=extra)
     return result
-
-
-def _staging_folders(root: Path):
-    """copytree's `ignore`: lerobot's empty `images/` staging tree at the dataset's top level."""
-    def ignore(folder: str, names: list[str]) -> list[str]:
-        images = root / "images"
-        empty = images.is_dir() and not any(p.is_file() for p in images.rglob("*"))
-        return ["images"] if Path(folder) == root and "images" in names and empty else []
-
-    return ignore
 
 
 def _require_task_text(data: LeRobotData) -> None:

@@ -41,6 +41,7 @@ from vaops.components.dataset import (
     DatasetError,
     LeRobotData,
     decode_frames,
+    skip_empty_images,
     write_episode_metadata,
 )
 from vaops.models.atomic import write_folder_atomically
@@ -281,23 +282,13 @@ def verify(root: Path) -> list[str]:
     return broken
 
 
-def _empty_images(root: Path):
-    """copytree's `ignore`: lerobot's empty `images/` staging tree at the dataset's top level."""
-    def ignore(folder: str, names: list[str]) -> list[str]:
-        images = root / "images"
-        empty = images.is_dir() and not any(p.is_file() for p in images.rglob("*"))
-        return ["images"] if Path(folder) == root and "images" in names and empty else []
-
-    return ignore
-
-
 def _normalise(src: Path, dst: Path) -> tuple[str, list[str]]:
     version = _version(src)
     notes: list[str] = []
     if version == LEGACY_VERSION:
         notes = _convert_v21(src, dst)
     elif version == CODEBASE_VERSION:
-        shutil.copytree(src, dst, dirs_exist_ok=True, ignore=_empty_images(src))
+        shutil.copytree(src, dst, dirs_exist_ok=True, ignore=skip_empty_images(src))
     else:
         raise DatasetError(f"{src / 'meta' / 'info.json'}: codebase_version {version!r} is not supported "
                            f"(expected {LEGACY_VERSION} or {CODEBASE_VERSION})")
