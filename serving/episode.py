@@ -50,14 +50,15 @@ def check_prompt(prompt) -> str:
     return prompt
 
 
-def check_seed(seed) -> int | None:
-    if seed is None:
+def check_count(name: str, value) -> int | None:
+    """An optional non-negative 64-bit integer (a seed, a sequence number)."""
+    if value is None:
         return None
-    if isinstance(seed, (bool, float)) or not isinstance(seed, (int, np.integer)):
-        raise InputError(f"seed must be an integer, got {seed!r}")
-    if not 0 <= int(seed) < 2**63:
-        raise InputError(f"seed {seed} must be in [0, 2^63)")
-    return int(seed)
+    if isinstance(value, (bool, float)) or not isinstance(value, (int, np.integer)):
+        raise InputError(f"{name} must be an integer in [0, 2^63), got {value!r}")
+    if not 0 <= int(value) < 2**63:
+        raise InputError(f"{name} {value} must be in [0, 2^63)")
+    return int(value)
 
 
 def check_image(name: str, image, frames: bool) -> np.ndarray:
@@ -75,16 +76,6 @@ def check_image(name: str, image, frames: bool) -> np.ndarray:
     if frames and image.shape[0] == 0:
         raise InputError(f"{name}: no frames")
     return image
-
-
-def check_seq(seq) -> int | None:
-    if seq is None:
-        return None
-    if isinstance(seq, (bool, float)) or not isinstance(seq, (int, np.integer)):
-        raise InputError(f"seq must be an integer in [0, 2^63), got {seq!r}")
-    if not 0 <= int(seq) < 2**63:
-        raise InputError(f"seq {seq} must be in [0, 2^63)")
-    return int(seq)
 
 
 def check_flag(name: str, value) -> bool:
@@ -228,7 +219,7 @@ class EpisodeService:
 
     async def reset(self, session: Session, prompt, seed, protocol: str, async_execution=False,
                     seq=None) -> None:
-        prompt, seed, seq = check_prompt(prompt), check_seed(seed), check_seq(seq)
+        prompt, seed, seq = check_prompt(prompt), check_count("seed", seed), check_count("seq", seq)
         async_execution = check_flag("async_execution", async_execution)
         async with self._operation(session, "reset", protocol):
             if self._replay(session, "reset", seq) is not _NEW:
@@ -281,7 +272,7 @@ class EpisodeService:
                   imagine: bool = False, seq=None) -> tuple[np.ndarray, np.ndarray | None]:
         """The next chunk's actions `[n_used, FC, N]` float32 in robot units and, when asked, the
         imagined video of the chunk (its predicted latents decoded, uint8 `[T, H, W, 3]`)."""
-        seq = check_seq(seq)
+        seq = check_count("seq", seq)
         imagine = imagine is not None and check_flag("imagine", imagine)
         if images is not None:
             images = check_images(images, self.preset)
@@ -311,7 +302,7 @@ class EpisodeService:
         return chunk
 
     async def observe(self, session: Session, keyframes, actions, protocol: str, seq=None) -> None:
-        seq = check_seq(seq)
+        seq = check_count("seq", seq)
         actions = check_actions(actions, self.preset)
         async with self._operation(session, "observe", protocol):
             if self._replay(session, "observe", seq) is not _NEW:
