@@ -289,6 +289,7 @@ class LatentDataset(torch.utils.data.Dataset):
             raise ValueError(f"{empty}: text width {self.empty_emb.shape[1]}, the transformer expects {cfg.text_dim}")
         s = preset.vae.scale_factor_spatial
         self.camera_hw = {c.key: (c.height // s, c.width // s) for c in preset.cameras}
+        self._cache: list[Sample] | None = None  # preload()
 
     def __len__(self) -> int:
         return len(self.segments)
@@ -301,8 +302,7 @@ class LatentDataset(torch.utils.data.Dataset):
         self._cache = [self._read(i) for i in (progress(indices) if progress else indices)]
 
     def __getitem__(self, index: int) -> Sample:
-        cache = getattr(self, "_cache", None)
-        return cache[index] if cache is not None else self._read(index)
+        return self._cache[index] if self._cache is not None else self._read(index)
 
     def check_rate(self) -> None:
         """A preset with a fixed control rate refuses latents encoded from data at another rate (one
