@@ -101,11 +101,13 @@ def data(a: argparse.Namespace) -> None:
 
     def run():
         vaops("validate", "--preset", "aloha", "--dataset", str(w / "demos"), "--report-dir", str(reports / "validate"))
-        vaops("clean", "--preset", "aloha-full", "--vcodec", "h264", "--dataset", str(w / "demos"),
+        vaops("clean", "--preset", "aloha-full", "--vcodec", "h264", "--workers", str(a.workers),
+              "--dataset", str(w / "demos"),
               "--output", str(w / "clean"),
               "--report-dir", str(reports / "clean"), "--validation-report", str(reports / "validate"))
         # No copies: the sim evaluates in the demos' own lighting, and the latents must travel to the GPU.
-        vaops("augment", "--preset", "photometric", "--copies", "0", "--dataset", str(w / "clean"),
+        vaops("augment", "--preset", "photometric", "--copies", "0", "--workers", str(a.workers),
+              "--dataset", str(w / "clean"),
               "--output", str(w / "augmented"), "--report-dir", str(reports / "augment"))
         vaops("encode", "--model-preset", "small", "--dataset", str(w / "augmented"), "--output", str(w / "encoded"),
               "--report-dir", str(reports / "encode"), "--checkpoint", str(base_checkpoint(w, a.device)),
@@ -545,7 +547,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     p.add_argument("--episodes", type=int, default=100, help="demonstrations per task")
-    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2), help="demo rollout processes")
+    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2), help="demo rollout processes, and dataset writers of demos, clean and augment")
     p.add_argument("--steps", type=int, default=0, help="optimizer steps (0: the recipe's)")
     p.add_argument("--time-limit-min", type=float, default=0, help="this launch's training budget (resumable)")
     p.add_argument("--fit-min", type=float, default=0, help="train: size the run to this many minutes here")

@@ -21,6 +21,7 @@ class AugmentConfig:
     action_noise_std: float = field(default=0.0, metadata={"help": "std of Gaussian noise on noise_fields"})
     noise_fields: tuple[str, ...] = field(default=("action",), metadata={"help": "features that get noise"})
     vcodec: str = field(default="libsvtav1", metadata={"help": "video codec of lerobot's writer"})
+    workers: int = field(default=1, metadata={"help": "dataset writer processes (each writes shards of episodes)"})
 
 
 PRESETS: dict[str, AugmentConfig] = {

@@ -95,7 +95,7 @@ def run(cfg: AugmentConfig) -> AugmentResult:
         if cfg.copies > 0:
             out = write_dataset(cfg.output, episodes(), fps=data.fps, features=data.user_features(),
                                 robot_type=data.robot_type, vcodec=cfg.vcodec, total=total, desc="write augmented",
-                                log_path=log)
+                                log_path=log, workers=cfg.workers)
         result = AugmentResult(Path(out), len(originals), augmented)
         extra = {PREVIEW: lambda path: _preview(LeRobotData(out), result, path)}
         if log.exists():

@@ -29,6 +29,7 @@ class CleanConfig:
         "help": "features whose gripper channels are mapped (each from its own range)"})
     gripper_range: tuple[float, ...] = field(default=(0.0, 1.0), metadata={"help": "target gripper range lo hi"})
     vcodec: str = field(default="libsvtav1", metadata={"help": "video codec of lerobot's writer"})
+    workers: int = field(default=1, metadata={"help": "dataset writer processes (each writes shards of episodes)"})
 
 
 PRESETS: dict[str, CleanConfig] = {

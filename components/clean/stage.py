@@ -189,7 +189,7 @@ def run(cfg: CleanConfig) -> CleanResult:
         log = Path(logs) / ENCODER_LOG
         out = write_dataset(cfg.output, cleaned(), fps=data.fps, features=data.user_features(),
                             robot_type=data.robot_type, vcodec=cfg.vcodec, total=len(kept), desc="write cleaned",
-                            log_path=log)
+                            log_path=log, workers=cfg.workers)
         result = CleanResult(Path(out), len(kept), {d.episode: d.drop for d in decisions.values() if d.drop},
                              {d.episode: d.changes for d in kept if d.changes})
         write_report(cfg.report_dir, _report(cfg, decisions, result), _markdown(cfg, decisions, result),

@@ -29,7 +29,7 @@ class DemosConfig:
     # that same text, "phases" splits each episode into its plan's phases with their own texts.
     segments: str = field(default="phases", metadata={
         "help": "action_config segments: task (one, the task's text) or phases (the plan's phases)"})
-    workers: int = field(default=1, metadata={"help": "rollout processes (each renders with its own EGL context)"})
+    workers: int = field(default=1, metadata={"help": "rollout processes (each renders with its own EGL context), and as many dataset writers"})
 
     def __post_init__(self):
         if self.segments not in SEGMENT_MODES:

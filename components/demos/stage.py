@@ -106,9 +106,10 @@ def _rollouts(cfg: DemosConfig, task: str, seeds: range) -> Iterator[tuple[int, 
             pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _record_task(cfg: DemosConfig, task_name: str, hold: int, kept: list[Episode], seeds: list[int],
-                 bar: tqdm) -> tuple[int, int]:
-    """Appends `cfg.episodes` successful episodes of one task; returns (attempts, successes)."""
+def _record_task(cfg: DemosConfig, task_name: str, hold: int, first_index: int, seeds: list[int],
+                 counts: dict[str, int], bar: tqdm) -> Iterator[Episode]:
+    """`cfg.episodes` successful episodes of one task, as the rollouts finish; counts its attempts
+    and successes into `counts`."""
     task = sim.get_task(task_name)
     attempts = successes = recorded = 0
     rollouts = _rollouts(cfg, task_name, range(cfg.first_seed, cfg.first_seed + cfg.max_attempts))
@@ -124,33 +125,37 @@ def _record_task(cfg: DemosConfig, task_name: str, hold: int, kept: list[Episode
             n = len(r.actions)
             config = (segments(task, n, hold, cfg.time_scale) if cfg.segments == "phases"
                       else [Segment(0, n, task.task_text)])
-            meta = EpisodeMeta(episode_index=len(kept), length=n, tasks=[task.task_text], action_config=config,
-                               success=r.success, seed=seed)
-            kept.append(Episode(meta, {"observation.state": r.states, "action": r.actions},
-                                {CAMERA.key: r.images}, [task.task_text] * n))
+            meta = EpisodeMeta(episode_index=first_index + recorded, length=n, tasks=[task.task_text],
+                               action_config=config, success=r.success, seed=seed)
             seeds.append(seed)
             recorded += 1
             bar.update(1)
+            yield Episode(meta, {"observation.state": r.states, "action": r.actions},
+                          {CAMERA.key: r.images}, [task.task_text] * n)
     finally:
         rollouts.close()  # stops the workers' look-ahead
+        counts["attempts"] += attempts
+        counts["successes"] += successes
     if recorded < cfg.episodes:
         raise RuntimeError(f"{task_name}: only {recorded} of {cfg.episodes} episodes succeeded "
                            f"in {attempts} seeds from {cfg.first_seed}; raise max_attempts")
-    return attempts, successes
 
 
 def run(cfg: DemosConfig) -> DemosResult:
+    """Rollouts stream into the writer: with `workers` > 1, as many processes write the episodes
+    (in shards) while the rollout processes go on, so neither waits for the other."""
     hold = check_config(cfg)
-    kept: list[Episode] = []
     seeds: list[int] = []
-    attempts = successes = 0
-    with tqdm(total=cfg.episodes * len(cfg.tasks), desc="scripted demos", unit="ep") as bar:
-        for task_name in cfg.tasks:
-            a, s = _record_task(cfg, task_name, hold, kept, seeds, bar)
-            attempts, successes = attempts + a, successes + s
-    out = write_dataset(cfg.output, kept, fps=cfg.fps, features=features(cfg), robot_type="aloha",
-                        vcodec=cfg.vcodec, total=len(kept), desc="write demos")
-    return DemosResult(Path(out), len(kept), attempts, successes / attempts, seeds)
+    counts = {"attempts": 0, "successes": 0}
+    total = cfg.episodes * len(cfg.tasks)
+    with tqdm(total=total, desc="scripted demos", unit="ep") as bar:
+        def recorded() -> Iterator[Episode]:
+            for i, task_name in enumerate(cfg.tasks):
+                yield from _record_task(cfg, task_name, hold, i * cfg.episodes, seeds, counts, bar)
+
+        out = write_dataset(cfg.output, recorded(), fps=cfg.fps, features=features(cfg), robot_type="aloha",
+                            vcodec=cfg.vcodec, total=total, desc="write demos", workers=cfg.workers)
+    return DemosResult(Path(out), total, counts["attempts"], counts["successes"] / counts["attempts"], seeds)
 
 
 def success_rate(cfg: DemosConfig, seeds: list[int]) -> float:
