@@ -11,7 +11,7 @@ comma := ,
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 APT_PKGS := libavcodec59 libavformat59 libavutil57 libavdevice59 libavfilter8 libswscale6 libswresample4 libegl1 libgl1 ffmpeg
 
-.PHONY: demo test venv system-deps clean
+.PHONY: demo test venv system-deps clean ship-policy
 
 $(STAMP): pyproject.toml constraints.txt Makefile
 	$(MAKE) system-deps
@@ -38,6 +38,17 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	MUJOCO_GL=egl $(BIN)/vaops demo
+
+# The trained small ALOHA policy (bench/results/policy_aloha.md) as checkpoints/small-aloha, the folder
+# `make demo` starts from when it is there: made from bench/policy_aloha.py's work folder. The run
+# recorded no commit (the device call's copy of the tree has no .git): 270e326 was this repository's
+# HEAD when the training call started (03:32:25 UTC, two minutes after that commit).
+SHIP_WORK ?= outputs/pa5
+SHIP_COMMIT ?= 270e326363b22204dc257eb51ccc2fc2b5324457
+ship-policy: $(STAMP)
+	$(BIN)/python bench/ship_policy.py --work $(SHIP_WORK) --dest checkpoints/small-aloha \
+	  --data-archive outputs/pa3_data.tar.xz --code-commit $(SHIP_COMMIT) \
+	  --code-note "not recorded by the run (the device call's copy of the tree has no .git); this repository's HEAD when the training call started, 2 min after that commit; the carried tree may have held uncommitted changes"
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -8,22 +8,37 @@ tokenizer/     T5 tokenizer
 policy.json    preset name, cameras and sizes, channel map, norm statistics, sampling settings
 ```
 A checkpoint alone is enough to serve: `load_policy(folder)`.
+
+A shipped policy (`ship_checkpoint`) is the transformer and policy.json of a checkpoint whose VAE
+and text encoder are a preset's random weights: `shipped.json` records how to rebuild them and the
+sha256 of every weights file, `lineage.json` how the policy was made. `materialize_shipped` (which
+`model_source.resolve_checkpoint` calls) turns it back into a complete checkpoint folder.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
 
-from .atomic import read_json, write_folder_atomically
+from .atomic import link_or_copy, read_json, write_folder_atomically
 from .config import Camera, Preset, SamplingConfig, TransformerConfig, get_preset
+from .model_source import SHIPPED_FILE
 from .policy import Policy, PolicyWeights
 from .text_encoder import TextEncoder, build_text_encoder, load_text_encoder
-from .transformer import LingBotVATransformer, build_transformer, load_transformer, save_transformer
+from .transformer import (
+    WEIGHTS_NAME,
+    LingBotVATransformer,
+    build_transformer,
+    load_transformer,
+    save_transformer,
+    write_unsharded,
+)
 from .vae import build_vae, load_vae, save_vae
 
 POLICY_FILE = "policy.json"
@@ -164,3 +179,117 @@ def write_random_checkpoint(folder: str | os.PathLike, preset: Preset | str, see
 def write_tiny_checkpoint(folder: str | os.PathLike, seed: int = 0) -> Path:
     """A complete tiny random checkpoint (the `tiny` preset) for tests and the demo."""
     return write_random_checkpoint(folder, get_preset("tiny"), seed=seed)
+
+
+# ----- shipped policies: the trained transformer without the encoders it can rebuild -----
+
+SHIPPED_FORMAT = 1
+LINEAGE_FILE = "lineage.json"
+# The encoders' weights files, rebuilt from the preset's seed when a shipped policy is materialized.
+ENCODER_WEIGHTS = ("vae/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors")
+TRANSFORMER_WEIGHTS = f"transformer/{WEIGHTS_NAME}"
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_encoders(folder: Path, preset: Preset, seed: int, latents_mean: list, latents_std: list) -> dict[str, str]:
+    """The preset's random VAE and text encoder at `seed` (as `write_random_checkpoint` builds them),
+    the VAE with the given latent statistics, into `folder`; returns their weights files' sha256."""
+    vae = build_vae(preset.vae, seed=seed)
+    vae.register_to_config(latents_mean=list(latents_mean), latents_std=list(latents_std))
+    save_vae(vae, folder / "vae")
+    build_text_encoder(preset.text_encoder, seed=seed).save(folder / "text_encoder", folder / "tokenizer")
+    return {name: file_sha256(folder / name) for name in ENCODER_WEIGHTS}
+
+
+def _differing(expected: dict[str, str], found: dict[str, str]) -> list[str]:
+    return sorted(k for k in expected.keys() | found.keys() if expected.get(k) != found.get(k))
+
+
+def ship_checkpoint(checkpoint: str | os.PathLike, dest: str | os.PathLike, lineage: dict,
+                    seed: int | None = None) -> Path:
+    """`checkpoint` as a folder small enough to ship with the code: the transformer (one weights file,
+    every tensor as trained) and policy.json, plus `shipped.json` (what rebuilds the VAE and text
+    encoder it leaves out: the preset, the seed of their random weights (None: the preset's), the
+    VAE's latent statistics; the sha256 of every weights file) and `lineage.json` (`lineage`: the
+    commands, code and data that made it). Refused when the checkpoint's encoders are not the
+    preset's random ones at that seed: they could not be rebuilt."""
+    src = Path(checkpoint)
+    preset = read_preset(src)
+    seed = preset.init_seed if seed is None else seed
+    vae_config = read_json(src / "vae" / "config.json", "VAE config.json")
+    stats = {k: vae_config[k] for k in ("latents_mean", "latents_std")}
+    expected = {name: file_sha256(src / name) for name in ENCODER_WEIGHTS}
+
+    def write(tmp: Path) -> None:
+        rebuilt = _write_encoders(tmp / "encoders", preset, seed, **stats)
+        differ = _differing(expected, rebuilt)
+        if differ:
+            raise ValueError(f"{src}: {', '.join(differ)} are not the {preset.name!r} preset's random weights at "
+                             f"seed {seed}, so they cannot be rebuilt; ship the whole checkpoint folder")
+        shutil.rmtree(tmp / "encoders")
+        write_unsharded(src / "transformer", tmp / "transformer")
+        shutil.copyfile(src / POLICY_FILE, tmp / POLICY_FILE)
+        record = {"format": SHIPPED_FORMAT, "preset": preset.name, "encoder_seed": seed, "vae": stats,
+                  "sha256": {TRANSFORMER_WEIGHTS: file_sha256(tmp / TRANSFORMER_WEIGHTS), **expected}}
+        (tmp / SHIPPED_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        (tmp / LINEAGE_FILE).write_text(json.dumps(lineage, indent=2) + "\n")
+
+    return write_folder_atomically(dest, write)
+
+
+def read_shipped(folder: str | os.PathLike) -> dict:
+    """A shipped policy's `shipped.json`, its fields checked."""
+    path = Path(folder) / SHIPPED_FILE
+    record = read_json(path, "shipped.json")
+    if not isinstance(record, dict) or record.get("format") != SHIPPED_FORMAT:
+        raise ValueError(f"{path}: not a format-{SHIPPED_FORMAT} shipped policy record")
+    vae, hashes = record.get("vae"), record.get("sha256")
+    bad = [k for k, kind in (("preset", str), ("encoder_seed", int), ("vae", dict), ("sha256", dict))
+           if not isinstance(record.get(k), kind)]
+    bad += [f"vae.{k}" for k in ("latents_mean", "latents_std") if isinstance(vae, dict) and not isinstance(vae.get(k), list)]
+    bad += [f"sha256[{n!r}]" for n in (TRANSFORMER_WEIGHTS, *ENCODER_WEIGHTS)
+            if isinstance(hashes, dict) and not isinstance(hashes.get(n), str)]
+    if bad:
+        raise ValueError(f"{path}: missing or malformed field(s) {', '.join(bad)}")
+    return record
+
+
+def materialize_shipped(shipped: str | os.PathLike, dest: str | os.PathLike) -> Path:
+    """The complete checkpoint folder of a shipped policy at `dest`: its transformer and policy.json
+    linked (copied across file systems), the VAE and text encoder rebuilt from the preset's code at
+    the recorded seed and latent statistics. Every weights file must match its recorded sha256: a
+    rebuild that differs (the preset's encoder sizes or init changed since) or a transformer that
+    is not the shipped one (a Git LFS pointer, a partial copy) stops with one line saying which."""
+    shipped = Path(shipped)
+    record = read_shipped(shipped)
+    preset = read_preset(shipped)
+    if preset.name != record["preset"]:
+        raise ValueError(f"{shipped}: policy.json is a {preset.name!r} policy but {SHIPPED_FILE} records "
+                         f"{record['preset']!r}")
+    weights = shipped / TRANSFORMER_WEIGHTS
+    if not weights.is_file() or file_sha256(weights) != record["sha256"][TRANSFORMER_WEIGHTS]:
+        raise ValueError(f"{weights}: missing or not the shipped transformer (its sha256 differs from "
+                         f"{SHIPPED_FILE}'s; a Git LFS pointer or a partial copy?)")
+    expected = {name: record["sha256"][name] for name in ENCODER_WEIGHTS}
+
+    def write(tmp: Path) -> None:
+        stats = record["vae"]
+        rebuilt = _write_encoders(tmp, preset, record["encoder_seed"], stats["latents_mean"], stats["latents_std"])
+        differ = _differing(expected, rebuilt)
+        if differ:
+            raise ValueError(f"{shipped}: the rebuilt {', '.join(differ)} differ from the sha256 in {SHIPPED_FILE}: "
+                             f"this code's {preset.name!r} preset no longer builds the encoders the policy was "
+                             f"trained with (seed {record['encoder_seed']})")
+        shutil.copytree(shipped / "transformer", tmp / "transformer", copy_function=link_or_copy)
+        for name in (POLICY_FILE, LINEAGE_FILE):
+            if (shipped / name).is_file():
+                shutil.copyfile(shipped / name, tmp / name)
+
+    return write_folder_atomically(dest, write)

@@ -1,4 +1,10 @@
-"""Where a served checkpoint comes from: a local folder, or a version in the MLflow model registry.
+"""Where a served checkpoint comes from: a local folder, a shipped policy folder, or a version in the
+MLflow model registry.
+
+A shipped policy (`checkpoint.ship_checkpoint`: the transformer and policy.json, small enough to
+ship with the code) becomes a complete checkpoint folder in the model cache the first time it is
+resolved: its VAE and text encoder are rebuilt from the preset's seed and checked against the
+hashes it records.
 
 The registry defaults to SQLite in the working directory (`sqlite:///<cwd>/mlflow.db`, artifacts
 in `<cwd>/mlartifacts`) unless MLFLOW_TRACKING_URI says otherwise, so `vaops register` and
@@ -7,10 +13,12 @@ in `<cwd>/mlartifacts`) unless MLFLOW_TRACKING_URI says otherwise, so `vaops reg
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 # Inside a registered model's artifacts, the checkpoint folder is logged under this name.
@@ -19,6 +27,8 @@ WEIGHT_PARTS = ("transformer", "vae", "text_encoder", "tokenizer")
 # Weights are read from safetensors only: a checkpoint that carries pickles is refused outright, so
 # no loader can fall back to unpickling them.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+# Marks a shipped policy folder and says how to rebuild what it leaves out (the VAE and text encoder).
+SHIPPED_FILE = "shipped.json"
 CACHE_ENV = "VAOPS_MODEL_CACHE"
 _COMPLETE = ".complete"
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]")
@@ -75,11 +85,58 @@ def model_cache() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "vaops" / "models")
 
 
+def _cached(target: Path, fill: Callable[[Path], None], note: str) -> Path:
+    """`target` in the model cache, made once by `fill(tmp)` in a fresh sibling folder renamed into
+    place, and reused by later starts; of concurrent starts, the first to finish wins."""
+    if (target / _COMPLETE).is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        fill(tmp)
+        (tmp / _COMPLETE).write_text(note + "\n")
+        if target.exists():  # an interrupted earlier attempt
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / _COMPLETE).is_file():  # not a concurrent start that finished first
+            raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _content_digest(folder: Path) -> str:
+    """sha256 over every file's path and bytes: an edited weight or policy.json is another policy."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
+        with open(path, "rb") as f:
+            while block := f.read(1 << 20):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def _materialized(folder: Path) -> Path:
+    """The complete checkpoint folder of a shipped policy, made once in the model cache."""
+    from .checkpoint import materialize_shipped
+
+    target = model_cache() / "shipped" / f"{_SAFE.sub('_', folder.absolute().name)}-{_content_digest(folder)[:16]}"
+    cached = _cached(target, lambda tmp: materialize_shipped(folder, tmp / CHECKPOINT_ARTIFACT),
+                     f"{folder.absolute()} materialized")
+    return find_checkpoint(cached)
+
+
 def resolve_checkpoint(model: str) -> Path:
-    """A local checkpoint folder for `model`. A registry version is downloaded once into the model
-    cache (`$VAOPS_MODEL_CACHE`, default ~/.cache/vaops/models) and reused by later starts."""
+    """A local checkpoint folder for `model`. A shipped policy folder is materialized, and a
+    registry version downloaded, once into the model cache (`$VAOPS_MODEL_CACHE`, default
+    ~/.cache/vaops/models) and reused by later starts."""
     if not is_registry_uri(model):
         folder = Path(model)
+        if (folder / SHIPPED_FILE).is_file():
+            return refuse_pickles(_materialized(folder))
         if not (folder / "policy.json").is_file():
             raise FileNotFoundError(f"{folder}: not a checkpoint folder (policy.json is missing)")
         return refuse_pickles(folder)
@@ -96,21 +153,9 @@ def resolve_checkpoint(model: str) -> Path:
     # The logged model's id tells two registries' "version 1" apart.
     identity = getattr(mv, "model_id", None) or mv.run_id or "local"
     target = model_cache() / _SAFE.sub("_", name) / f"{mv.version}-{_SAFE.sub('_', identity)}"
-    if not (target / _COMPLETE).is_file():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.download-", dir=target.parent))
-        try:
-            mlflow.set_tracking_uri(uri)
-            mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{mv.version}", dst_path=str(tmp))
-            (tmp / _COMPLETE).write_text(f"{model} -> models:/{name}/{mv.version}\n")
-            if target.exists():  # an interrupted earlier download
-                shutil.rmtree(target)
-            os.replace(tmp, target)
-        except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if not (target / _COMPLETE).is_file():  # not a concurrent start that finished first
-                raise
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    return refuse_pickles(find_checkpoint(target))
+
+    def download(tmp: Path) -> None:
+        mlflow.set_tracking_uri(uri)
+        mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{mv.version}", dst_path=str(tmp))
+
+    return refuse_pickles(find_checkpoint(_cached(target, download, f"{model} -> models:/{name}/{mv.version}")))

@@ -416,6 +416,19 @@ def save_transformer(model: LingBotVATransformer, folder: str | os.PathLike, max
     write_folder_atomically(folder, write)
 
 
+def write_unsharded(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """`src`'s transformer folder (sharded or not) as config.json + one weights file, every tensor
+    as stored (bf16 weights stay bf16, the fp32 modulation path stays fp32)."""
+    src = Path(src)
+    state = _read_state_dict(src)
+
+    def write(tmp: Path) -> None:
+        (tmp / "config.json").write_bytes((src / "config.json").read_bytes())
+        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+
+    return write_folder_atomically(dst, write)
+
+
 def build_transformer(cfg: TransformerConfig, seed: int | None = 0, device: str | torch.device = "cpu",
                       dtype: torch.dtype = torch.float32) -> LingBotVATransformer:
     """A randomly initialised transformer (tests, benchmarks); `device='meta'` for counting."""

@@ -99,6 +99,25 @@ def test_base_model_step_resolves_a_registry_version(setup, tmp_path):
                                base_checkpoint=str(base), preset="robotwin", tracking_uri=uri)
 
 
+def test_base_model_step_accepts_a_shipped_policy(tmp_path, monkeypatch):
+    """`--base-checkpoint <shipped folder>` (what `vaops demo` passes): the step's model is the full
+    checkpoint again, its encoders rebuilt (the same weights files) and its transformer the shipped one."""
+    from kfp import dsl
+
+    from vaops.models.checkpoint import ship_checkpoint, write_tiny_checkpoint
+    from vaops.pipelines.steps import base_model
+
+    monkeypatch.setenv("VAOPS_MODEL_CACHE", str(tmp_path / "cache"))
+    full = write_tiny_checkpoint(tmp_path / "full", seed=0)
+    shipped = ship_checkpoint(full, tmp_path / "shipped", {"commands": []})
+    out = dsl.Model(name="model", uri=str(tmp_path / "model"), metadata={})
+    assert base_model.python_func(model=out, base_checkpoint=str(shipped), preset="tiny") == "tiny"
+    made, original = _digest(Path(out.path)), _digest(full)
+    weights = [k for k in original if k.endswith(".safetensors")]
+    assert {k: made[k] for k in weights} == {k: original[k] for k in weights}
+    assert out.metadata == {"source": str(shipped), "preset": "tiny"}
+
+
 @heavy
 def test_a_failing_step_reports_its_exception_and_log_in_one_line(setup, capsys):
     root, uri, base, _ = setup
