@@ -22,13 +22,13 @@ fetch() {  # fetch DEST PACKAGE...: cp312 wheels, without their dependencies
 sim=(mujoco dm_env dm_tree pyopengl glfw gym_aloha gymnasium farama_notifications diffusers importlib_metadata)
 rm -rf .whl-data .whl-gpu && mkdir -p .whl-data .whl-gpu
 fetch .whl-data "${sim[@]}" av lerobot datasets dill multiprocess deepdiff orderly_set jsonlines draccus \
-  mergedeep pyyaml_include toml termcolor
+  mergedeep pyyaml_include toml termcolor markdown_it_py mdurl
 fetch .whl-gpu "${sim[@]}" hjson pydantic pydantic_core annotated_types typing_inspection mlflow_skinny \
   databricks_sdk google_auth pyasn1 pyasn1_modules cachetools opentelemetry_api opentelemetry_proto \
   opentelemetry_sdk opentelemetry_semantic_conventions sqlparse python_dotenv gitpython gitdb smmap \
   kserve fastapi starlette uvicorn httptools cloudevents deprecation orjson grpc_interceptor grpcio protobuf \
   kubernetes oauthlib requests_oauthlib websocket_client python_multipart timing_asgi watchfiles websockets \
-  pyjwt tzdata pytz cryptography cffi pycparser
+  pyjwt tzdata pytz cryptography cffi pycparser markdown_it_py mdurl
 # deepspeed is a source distribution: its pure-Python wheel, ops left to JIT compilation.
 DS_BUILD_OPS=0 .venv/bin/pip wheel -q --no-deps --no-build-isolation -w .whl-gpu \
   "deepspeed==$(.venv/bin/python -c 'import importlib.metadata as m; print(m.version("deepspeed"))')"

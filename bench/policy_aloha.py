@@ -44,6 +44,8 @@ VARIANTS: dict[str, tuple[dict, list[str]]] = {
     "v2a4": ({"video_steps": 2, "action_steps": 4}, []),
 }
 Z95 = 1.959963984540054
+# The steps the GPU-time target counts: demos, the data stages and training ("data": older runs).
+PIPELINE_STEPS = ("demos", "data", "validate", "clean", "augment", "encode", "train")
 
 
 def wilson(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
@@ -64,6 +66,8 @@ class Timings:
         self.data = json.loads(self.path.read_text()) if self.path.is_file() else {}
 
     def record(self, step: str, seconds: float, gpu: bool, **extra) -> None:
+        # re-read first: an evaluation running beside another records into the same file
+        self.data = json.loads(self.path.read_text()) if self.path.is_file() else {}
         self.data[step] = {"seconds": round(seconds, 1), "gpu": gpu, **extra}
         self.path.write_text(json.dumps(self.data, indent=2) + "\n")
 
@@ -83,37 +87,49 @@ def vaops(*args: str, log: Path | None = None, env: dict | None = None) -> None:
 def timed(timings: Timings, step: str, gpu: bool, fn, **extra) -> None:
     start = time.perf_counter()
     fn()
-    timings.record(step, time.perf_counter() - start, gpu, **extra)
+    timings.record(step, time.perf_counter() - start, gpu, cpu_cores=os.cpu_count(), **extra)
 
 
 # ----- steps -----
 
 def demos(a: argparse.Namespace) -> None:
     w = a.work
+    if (w / "demos" / "meta" / "info.json").is_file():
+        print(f"demos: already done ({w / 'demos'})")
+        return
     timed(Timings(w), "demos", a.on_gpu, lambda: vaops(
         "demos", "--preset", "small", "--output", str(w / "demos"), "--episodes", str(a.episodes),
-        "--workers", str(a.workers)), episodes_per_task=a.episodes)
+        # the expert solves most seeds; twice the episodes leaves room (held-out seeds start at 10000)
+        "--max-attempts", str(2 * a.episodes), "--workers", str(a.workers)), episodes_per_task=a.episodes)
 
 
 def data(a: argparse.Namespace) -> None:
+    """validate -> clean -> augment -> encode, each timed on its own; a stage whose output is there
+    is skipped (the stages write atomically), so a launch cut short resumes at the next stage."""
     w = a.work
     reports = w / "reports"
-
-    def run():
-        vaops("validate", "--preset", "aloha", "--dataset", str(w / "demos"), "--report-dir", str(reports / "validate"))
-        vaops("clean", "--preset", "aloha-full", "--vcodec", "h264", "--workers", str(a.workers),
-              "--dataset", str(w / "demos"),
-              "--output", str(w / "clean"),
-              "--report-dir", str(reports / "clean"), "--validation-report", str(reports / "validate"))
+    workers = ["--workers", str(a.workers)]
+    stages = [
+        ("validate", reports / "validate" / "report.json", lambda: vaops(
+            "validate", "--preset", "aloha", "--dataset", str(w / "demos"), "--report-dir", str(reports / "validate"))),
+        ("clean", w / "clean" / "meta" / "info.json", lambda: vaops(
+            "clean", "--preset", "aloha-full", "--vcodec", "h264", *workers, "--dataset", str(w / "demos"),
+            "--output", str(w / "clean"), "--report-dir", str(reports / "clean"),
+            "--validation-report", str(reports / "validate"))),
         # No copies: the sim evaluates in the demos' own lighting, and the latents must travel to the GPU.
-        vaops("augment", "--preset", "photometric", "--copies", "0", "--workers", str(a.workers),
-              "--dataset", str(w / "clean"),
-              "--output", str(w / "augmented"), "--report-dir", str(reports / "augment"))
-        vaops("encode", "--model-preset", "small", "--dataset", str(w / "augmented"), "--output", str(w / "encoded"),
-              "--report-dir", str(reports / "encode"), "--checkpoint", str(base_checkpoint(w, a.device)),
-              "--device", a.device, "--dtype", "float32")
-
-    timed(Timings(w), "data", a.on_gpu, run)
+        ("augment", w / "augmented" / "meta" / "info.json", lambda: vaops(
+            "augment", "--preset", "photometric", "--copies", "0", *workers, "--dataset", str(w / "clean"),
+            "--output", str(w / "augmented"), "--report-dir", str(reports / "augment"))),
+        ("encode", reports / "encode" / "report.json", lambda: vaops(
+            "encode", "--model-preset", "small", "--dataset", str(w / "augmented"), "--output", str(w / "encoded"),
+            "--report-dir", str(reports / "encode"), "--checkpoint", str(base_checkpoint(w, a.device)),
+            "--device", a.device, "--dtype", "float32")),
+    ]
+    for name, done, fn in stages:
+        if done.is_file():
+            print(f"{name}: already done ({done})")
+            continue
+        timed(Timings(w), name, a.on_gpu, fn)
 
 
 def base_checkpoint(work: Path, device: str = "cpu") -> Path:
@@ -423,7 +439,7 @@ def _pct(x) -> str:
 
 def markdown(s: dict) -> str:
     t = s["timings"]
-    gpu_s = sum(v["seconds"] for k, v in t.items() if v.get("gpu") and k in ("demos", "data", "train"))
+    gpu_s = sum(v["seconds"] for k, v in t.items() if v.get("gpu") and k in PIPELINE_STEPS)
     lines = ["# A policy that works: LingBot-VA `small` on the ALOHA sim", "",
              "Trained from scratch (random init, no base checkpoint) on scripted demonstrations of both tasks, "
              "evaluated in closed loop through the KServe policy server (upstream websocket protocol) on "

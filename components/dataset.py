@@ -53,6 +53,8 @@ EPISODES_JSONL = "meta/episodes.jsonl"
 # Below any real file size, so lerobot starts a new parquet / mp4 file for every episode.
 PER_EPISODE_FILE_MB = 1e-6
 MIN_SVTAV1_SIZE = 32
+# Where a writing stage keeps the video encoder's own log lines (in its report folder).
+ENCODER_LOG = "encoder.log"
 EXTRA_COLUMNS = ("action_config", "success", "seed", "augmented_from", "augmentation")
 
 _SEGMENT_TYPE = pa.list_(pa.struct([("start_frame", pa.int64()), ("end_frame", pa.int64()),

@@ -22,7 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from vaops.components.dataset import DatasetError, Episode, LeRobotData, Segment, skip_empty_images, write_dataset
+from vaops.components.dataset import (
+    ENCODER_LOG, DatasetError, Episode, LeRobotData, Segment, skip_empty_images, write_dataset,
+)
 from vaops.components.reports import markdown_table, write_report
 from vaops.models.atomic import link_or_copy, write_folder_atomically
 
@@ -30,7 +32,6 @@ from . import transforms
 from .config import AugmentConfig
 
 PREVIEW = "preview.png"
-ENCODER_LOG = "encoder.log"
 
 
 @dataclass

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vaops.components.dataset import DatasetError, Episode, LeRobotData, write_dataset
+from vaops.components.dataset import ENCODER_LOG, DatasetError, Episode, LeRobotData, write_dataset
 from vaops.components.reports import markdown_table, read_report, write_report
 from vaops.components.stage_cli import progress
 from vaops.components.validate.checks import check_episode
@@ -44,7 +44,6 @@ from . import rules
 from .config import CleanConfig
 
 
-ENCODER_LOG = "encoder.log"
 
 
 @dataclass

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from vaops.components.dataset import Episode, EpisodeMeta, Segment, write_dataset
+from vaops.components.dataset import ENCODER_LOG, Episode, EpisodeMeta, Segment, write_dataset
 
 from . import sim
 from .config import CAMERA, DemosConfig
@@ -154,8 +154,16 @@ def run(cfg: DemosConfig) -> DemosResult:
                 yield from _record_task(cfg, task_name, hold, i * cfg.episodes, seeds, counts, bar)
 
         out = write_dataset(cfg.output, recorded(), fps=cfg.fps, features=features(cfg), robot_type="aloha",
-                            vcodec=cfg.vcodec, total=total, desc="write demos", workers=cfg.workers)
+                            vcodec=cfg.vcodec, total=total, desc="write demos", workers=cfg.workers,
+                            log_path=encoder_log(cfg))
     return DemosResult(Path(out), total, counts["attempts"], counts["successes"] / counts["attempts"], seeds)
+
+
+def encoder_log(cfg: DemosConfig) -> Path:
+    """The video encoder's log lines go beside the dataset (`data/demos.encoder.log`), not to the console."""
+    out = Path(cfg.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return out.with_name(f"{out.name}.{ENCODER_LOG}")
 
 
 def success_rate(cfg: DemosConfig, seeds: list[int]) -> float:
