@@ -43,7 +43,7 @@ MODULE_PREFIX = "transformer."  # the trained module wraps the transformer under
 # ignored (the optimizer and LR schedule come back from the checkpoint).
 RESUME_FIELDS = ("preset", "init_from", "micro_batch", "grad_accum", "seed", "zero_stage", "chunk_range",
                  "window_range", "text_dropout", "noisy_history", "hold_first_frame", "video_shift", "action_shift", "lr", "betas",
-                 "weight_decay", "warmup_steps", "lr_schedule")
+                 "weight_decay", "warmup_steps", "lr_schedule", "norm_stats")
 
 
 @dataclass

@@ -23,6 +23,7 @@ Precision = Literal["auto", "bf16", "fp32"]
 AttentionBackend = Literal["auto", "sdpa", "flex"]
 LogCheckpoints = Literal["final", "all", "none"]
 LRSchedule = Literal["constant", "cosine"]
+NormStats = Literal["dataset", "base"]
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,12 @@ class TrainConfig:
 
     # Data
     max_latent_frames: int | None = None  # keep at most this many leading latent frames of a segment
+    # The actions' normalisation (q01/q99 per channel), which the checkpoint's policy.json keeps:
+    # "dataset" (upstream post-training: the latent dataset's meta/norm_stats.json) or "base" (the
+    # init_from checkpoint's). A policy already trained keeps "base": its action head learned that
+    # scale, and 4 demonstrations of one task spanned as little as 2% of its range on some joints
+    # (the post-trained policy then moved at the wrong scale).
+    norm_stats: NormStats = "dataset"
     num_workers: int = 2
     preload: bool = False  # read the whole latent dataset into memory before training (datasets that fit)
 
@@ -105,6 +112,7 @@ class TrainConfig:
              f"attention must be one of {typing.get_args(AttentionBackend)}")
         need(self.lr_schedule in typing.get_args(LRSchedule),
              f"lr_schedule must be one of {typing.get_args(LRSchedule)}")
+        need(self.norm_stats in typing.get_args(NormStats), f"norm_stats must be one of {typing.get_args(NormStats)}")
         need(self.time_limit_min is None or self.time_limit_min > 0,
              f"time_limit_min must be > 0, got {self.time_limit_min}")
         need(self.log_checkpoints in typing.get_args(LogCheckpoints),

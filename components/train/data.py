@@ -265,14 +265,17 @@ def camera_latent(data: dict, path: Path, expected_hw: tuple[int, int], channels
 
 
 class LatentDataset(torch.utils.data.Dataset):
-    def __init__(self, root: str | Path, preset: Preset, max_latent_frames: int | None = None):
+    def __init__(self, root: str | Path, preset: Preset, max_latent_frames: int | None = None,
+                 norm: tuple[tuple[float, ...], tuple[float, ...]] | None = None):
+        """`norm`: the (q01, q99) the actions are normalised with; None: the dataset's own."""
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"{self.root}: latent dataset directory does not exist")
         self.preset = preset
         cfg = preset.transformer
         stats = read_norm_stats(self.root, cfg.action_dim)
-        self.q01, self.q99 = (torch.tensor(stats[k], dtype=torch.float32) for k in ("q01", "q99"))
+        q01, q99 = norm if norm is not None else (stats["q01"], stats["q99"])
+        self.q01, self.q99 = (torch.tensor(q, dtype=torch.float32) for q in (q01, q99))
         self.adapter = robot_adapter(stats, preset, str(self.root / NORM_STATS_FILE))
         self.max_latent_frames = max_latent_frames
         self.segments = index_segments(self.root, preset)

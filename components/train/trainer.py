@@ -56,7 +56,8 @@ class TrainOutputs:
 
 def resolve_preset(cfg: TrainConfig, dataset: Path) -> tuple[Preset, Path | None]:
     """The model preset (a base checkpoint's policy.json wins over the named preset) with the
-    dataset's normalisation statistics, and the base checkpoint folder if any."""
+    dataset's normalisation statistics (`norm_stats` "base": the base's own), and the base
+    checkpoint folder if any."""
     base = Path(cfg.init_from) if cfg.init_from else None
     if base is None:
         preset = get_preset(cfg.preset)
@@ -67,6 +68,10 @@ def resolve_preset(cfg: TrainConfig, dataset: Path) -> tuple[Preset, Path | None
     else:
         preset = get_preset(cfg.preset).replace(
             transformer=TransformerConfig.from_file(base / "transformer" / "config.json"))
+    if cfg.norm_stats == "base":
+        if base is None or not (base / "policy.json").is_file():
+            raise ValueError(f"train config: norm_stats 'base' needs init_from with a policy.json, got {base}")
+        return preset, base
     stats = read_norm_stats(dataset, preset.transformer.action_dim)
     return preset.replace(norm_q01=tuple(stats["q01"]), norm_q99=tuple(stats["q99"])), base
 
@@ -109,7 +114,7 @@ def run(cfg: TrainConfig) -> TrainOutputs:
     bf16 = use_bf16(cfg, info)
     backend = ("flex" if info.cuda else "sdpa") if cfg.attention == "auto" else cfg.attention
     preset, base = resolve_preset(cfg, dataset_dir)
-    dataset = LatentDataset(dataset_dir, preset, cfg.max_latent_frames)
+    dataset = LatentDataset(dataset_dir, preset, cfg.max_latent_frames, (preset.norm_q01, preset.norm_q99))
     dataset.check_rate()
     if cfg.preload:
         dataset.preload(lambda it: progress(iterable=it, total=len(dataset), desc="preload", disable=not info.is_main))
