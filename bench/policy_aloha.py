@@ -456,7 +456,7 @@ def markdown(s: dict) -> str:
             lines.append(f"| {name} | {task} | {r['successes']} / {r['episodes']} | {_pct(r['success_rate'])} | "
                          f"{_pct(lo)} - {_pct(hi)} | {wall} | {lat} |")
     lines += ["", "Variants: " + "; ".join(f"`{k}` {describe(k)}" for k in s["variants"]), ""]
-    gpu_steps = ", ".join(f"{k} {v['seconds'] / 60:.1f} min" for k, v in t.items() if v.get("gpu"))
+    gpu_steps = ", ".join(f"{k} {v['seconds'] / 60:.1f} min" for k, v in t.items() if v.get("gpu") and k in PIPELINE_STEPS)
     all_steps = ", ".join(f"{k} {v['seconds']:.0f} s ({'GPU node' if v.get('gpu') else 'CPU'})" for k, v in t.items())
     lines += ["## Training", "", f"- optimizer steps: {s['train_steps']}; final loss {s['final_loss']}",
               f"- GPU-node time for demos, data and training: {gpu_s / 60:.1f} min ({gpu_steps})",
