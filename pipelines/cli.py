@@ -2,7 +2,8 @@
 
 Every entry of COMMANDS names a module exposing `add_arguments(parser)` and `main(args) -> int`;
 modules are imported only when their command runs, so `vaops --help` stays fast and a
-missing optional extra only affects the command that needs it.
+missing optional extra only affects the command that needs it. A command that ends in a
+ValueError or FileNotFoundError (bad input) ends with one line naming it and exit code 2.
 """
 
 from __future__ import annotations
@@ -52,7 +53,12 @@ def main(argv: list[str] | None = None) -> int:
     sub_parser = argparse.ArgumentParser(prog=f"vaops {name}", description=help_text)
     module.add_arguments(sub_parser)
     args = sub_parser.parse_args(argv[1:])
-    return int(module.main(args) or 0)
+    try:
+        return int(module.main(args) or 0)
+    except (ValueError, FileNotFoundError) as e:
+        # bad input (a DatasetError is a ValueError) that a command did not answer itself: one line, exit 2
+        print(f"vaops {name}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
