@@ -65,6 +65,13 @@ class KVCache:
         self.head = self.tail = 0
         self.predicted_from = None
 
+    def fill(self) -> None:
+        """Mark every slot live, contents as they are: the full-cache path without the chunks an episode
+        takes to fill the ring (37 at the robotwin preset), for a warm-up run; `clear` ends it."""
+        self.head, self.tail = 0, self.capacity
+        self.predicted_from = None
+        self.valid.fill_(True)
+
     def begin(self, length: int, keep: bool, predicted: bool = False,
               slots_out: torch.Tensor | None = None) -> PendingWrite:
         """Reserve `length` entries at the end, evicting the oldest entries if full.

@@ -49,8 +49,12 @@ class PolicyWeights:
     text_encoder: TextEncoder
     backend: str | None = None  # default: "cudnn" on GPU, "sdpa" on CPU
 
+    @property
+    def on_gpu(self) -> bool:
+        return self.transformer.patch_embedding_mlp.weight.is_cuda
+
     def __post_init__(self) -> None:
-        on_gpu = self.transformer.patch_embedding_mlp.weight.is_cuda
+        on_gpu = self.on_gpu
         if self.backend is None:
             self.backend = "cudnn" if on_gpu else "sdpa"
         if on_gpu:
@@ -126,6 +130,25 @@ class Policy:
         """Asynchronous execution: the chunk after the one the robot is executing, computed before
         that one's observation arrives; the next `observe` (of the executing chunk) grounds both."""
         return self._robot_chunk(self.engine.act_ahead(generator=self.generator))
+
+    def warm_up(self) -> int:
+        """Run each shape of an episode once, with the cache filling and again full: the first chunk,
+        an observation and a later chunk. On a GPU, compilation, cuDNN plans and CUDA graph capture then
+        happen here rather than in a robot's first chunks; the policy is left reset, with no episode.
+        Returns the number of chunks run."""
+        preset = self.preset
+        blank = {c.key: np.zeros((c.height, c.width, 3), np.uint8) for c in preset.cameras}
+        executed = np.zeros((len(self.channels), preset.frame_chunk_size, preset.action_per_frame), np.float32)
+        frames = preset.frame_chunk_size * preset.frames_per_latent
+        self.reset("", seed=0)
+        self.act(blank)
+        self.observe([blank] * (frames - preset.frames_per_latent), executed)  # the first image is sent with act
+        self.act()
+        self.engine.cache.fill()
+        self.observe([blank] * frames, executed)
+        self.act()
+        self.reset("", seed=0)
+        return 3
 
     def _robot_chunk(self, chunk: Chunk) -> PolicyChunk:
         actions = denormalize_actions(chunk.actions[0, ..., 0].cpu(), self.q01, self.q99)[self.channels]

@@ -29,6 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compute-threads", type=int, default=d.compute_threads,
                         help="episode operations computed at once (1 suits one GPU)")
     parser.add_argument("--torch-threads", type=int, default=None)
+    parser.add_argument("--no-warmup", action="store_true",
+                        help="report ready at once, without running an episode's shapes first (GPU only)")
     parser.add_argument("--token-env", default=TOKEN_ENV,
                         help="environment variable holding the bearer token (unset: no authentication)")
 
@@ -39,6 +41,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         enable_grpc=not args.no_grpc, device=args.device, dtype=args.dtype, max_sessions=args.max_sessions,
         max_cache_gb=args.max_cache_gb, idle_timeout_s=args.idle_timeout, token=os.environ.get(args.token_env) or None,
         max_request_mb=args.max_request_mb, compute_threads=args.compute_threads, torch_threads=args.torch_threads,
+        warmup=not args.no_warmup,
     ).validate()
 
 

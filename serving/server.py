@@ -259,7 +259,8 @@ def build_model(cfg: ServeConfig) -> PolicyModel:
 
 def model_from_weights(cfg: ServeConfig, weights: PolicyWeights) -> PolicyModel:
     max_cache = None if cfg.max_cache_gb is None else int(cfg.max_cache_gb * 2**30)
-    sessions = SessionManager(weights, cfg.max_sessions, max_cache, cfg.idle_timeout_s)
+    sessions = SessionManager(weights, cfg.max_sessions, max_cache, cfg.idle_timeout_s,
+                              warm_up=cfg.warmup and weights.on_gpu)
     executor = ThreadPoolExecutor(max_workers=cfg.compute_threads, thread_name_prefix="policy")
     return PolicyModel(cfg.name, EpisodeService(sessions, executor))
 

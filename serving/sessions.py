@@ -83,12 +83,14 @@ def cache_bytes(policy: Policy) -> int:
 
 class SessionManager:
     def __init__(self, weights: PolicyWeights, max_sessions: int, max_cache_bytes: int | None,
-                 idle_timeout_s: float, clock: Callable[[], float] = time.monotonic):
+                 idle_timeout_s: float, clock: Callable[[], float] = time.monotonic, warm_up: bool = False):
         self.weights = weights
         self.idle_timeout_s = idle_timeout_s
         self.clock = clock
         probe = weights.new_policy()
         probe.reset("", seed=0)  # allocates the cache, so its size is known before any client asks
+        if warm_up:  # the first session gets this policy, its graphs captured
+            probe.warm_up()
         self.bytes_per_session = cache_bytes(probe)
         self.capacity = max_sessions
         if max_cache_bytes is not None:

@@ -180,3 +180,21 @@ def test_act_ahead_is_grounded_by_the_executing_chunks_observation(checkpoint):
     other.act_ahead()
     other.observe(keyframes(preset, 0, 500), c0.actions)
     assert np.abs(other.act_ahead().actions - c2.actions).max() > 5e-4
+
+
+def test_warm_up_runs_the_filling_and_full_cache_shapes_and_leaves_no_trace(checkpoint):
+    from vaops.models.checkpoint import load_weights
+
+    weights = load_weights(checkpoint)
+    warmed = weights.new_policy()
+    seen = []
+    forward = warmed.engine._forward
+    warmed.engine._forward = lambda kind, x, *a, **k: seen.append((kind, warmed.engine.cache.full)) or forward(
+        kind, x, *a, **k)
+    assert warmed.warm_up() == 3
+    # both phases of the cache, for the video and the action passes (the keys of captured graphs)
+    assert {("video", False), ("action", False), ("video", True), ("action", True)} <= set(seen)
+    assert warmed.frame_offset == 0 and len(warmed.engine.cache) == 0
+    warmed.engine._forward = forward
+    for x, y in zip(run_episode(warmed), run_episode(weights.new_policy())):
+        np.testing.assert_array_equal(x, y)
