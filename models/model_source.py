@@ -45,7 +45,8 @@ def tracking_uri() -> str:
 def artifact_root(uri: str) -> str | None:
     """Local artifact folder next to a local SQLite store; None for remote stores (server decides)."""
     if uri.startswith("sqlite:///"):
-        return (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
+        # sqlite:///relative.db is relative to the working directory, as SQLite opens it
+        return (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
     return None
 
 

@@ -33,3 +33,12 @@ def test_model_uris(monkeypatch, tmp_path):
     with pytest.raises(FileNotFoundError, match="models:/nothing@champion: not in the model registry"):
         monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'empty.db'}")
         resolve_checkpoint("models:/nothing@champion")
+
+
+def test_artifact_root_of_a_relative_sqlite_store_is_beside_it(tmp_path, monkeypatch):
+    from vaops.models.model_source import artifact_root
+
+    monkeypatch.chdir(tmp_path)
+    assert artifact_root("sqlite:///runs/mlflow.db") == (tmp_path / "runs" / "mlartifacts").as_uri()
+    assert artifact_root("sqlite:////abs/mlflow.db") == "file:///abs/mlartifacts"
+    assert artifact_root("http://mlflow:5000") is None
