@@ -11,7 +11,7 @@ comma := ,
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 APT_PKGS := libavcodec59 libavformat59 libavutil57 libavdevice59 libavfilter8 libswscale6 libswresample4 libegl1 libgl1 ffmpeg
 
-.PHONY: demo test venv system-deps clean ship-policy
+.PHONY: demo test test-fast venv system-deps clean ship-policy
 
 $(STAMP): pyproject.toml constraints.txt Makefile
 	$(MAKE) system-deps
@@ -35,6 +35,10 @@ system-deps:
 
 test: $(STAMP)
 	MUJOCO_GL=egl $(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15
+
+# The quick loop while editing: everything but the end-to-end modules (tests/conftest.py E2E_MODULES).
+test-fast: $(STAMP)
+	MUJOCO_GL=egl $(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not e2e"
 
 demo: $(STAMP)
 	MUJOCO_GL=egl $(BIN)/vaops demo
