@@ -46,7 +46,7 @@ from tqdm import tqdm
 
 from vaops.components.demos import sim  # noqa: I001  (imports triton before EGL, see sim.py)
 from gym_aloha.tasks import sim as joint_tasks
-from vaops.models.config import PRESETS, VAEConfig
+from vaops.models.config import PRESETS
 from vaops.models.observation import VideoEncoder, frames_to_video
 from vaops.models.vae import StreamingEncoder, build_vae, latent_stats, normalize_latents
 

@@ -151,7 +151,8 @@ def build_pipeline(options: ClusterOptions = ClusterOptions()):
                                        training_data=source.outputs["dataset"], model_name=model_name,
                                        metric=gate_metric, threshold=threshold, train_run_id=train_run,
                                        tracking_uri=tracking_uri), options)
-        with dsl.If(registered.outputs["Output"] == True, name="promoted"):  # a condition on the gate's verdict
+        # kfp compiles `==` on a task output into the condition; a bare truth test would not
+        with dsl.If(registered.outputs["Output"] == True, name="promoted"):  # noqa: E712
             _cluster(deploy(model_uri=f"models:/{model_name}@champion", image=serving_image, gpus=serving_gpus,
                             namespace=serving_namespace, tracking_uri=tracking_uri), options)
         return Outputs(validation=checked.outputs["summary"], cleaning=cleaned.outputs["summary"],

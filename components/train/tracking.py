@@ -14,7 +14,7 @@ import mlflow
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
-from vaops.models.model_source import CHECKPOINT_ARTIFACT, artifact_root, tracking_uri
+from vaops.models.model_source import artifact_root, tracking_uri
 
 STAGE_TAG = "vaops.stage"
 FLUSH_METRICS = 200  # MLflow takes up to 1000 per batch

@@ -4,7 +4,6 @@ episode loop on the fixture checkout, sharded and merged into the paper-style ta
 
 import json
 import os
-from contextlib import ExitStack
 from pathlib import Path
 
 import imageio.v2 as imageio

@@ -83,7 +83,7 @@ def test_lineage_and_the_champion_gate(world, capsys):
     assert recorded == json.loads((out / "gate_decision.json").read_text())
     assert recorded["verdict"] == "promoted" and recorded["version"] == "1"
     assert recorded["reason"] == "success_rate 0.6 >= threshold 0.5: promoted"
-    logged = Path(mlflow.artifacts.download_artifacts(f"models:/va/1", dst_path=str(world["root"] / "dl")))
+    logged = Path(mlflow.artifacts.download_artifacts("models:/va/1", dst_path=str(world["root"] / "dl")))
     files = {p.relative_to(logged).as_posix() for p in logged.rglob("*") if p.is_file()}
     assert "artifacts/checkpoint/transformer/diffusion_pytorch_model.safetensors" in files
     assert "artifacts/checkpoint/policy.json" in files and "pyfunc.py" in files
