@@ -278,14 +278,22 @@ class EpisodeService:
             images = check_images(images, self.preset)
         async with self._operation(session, "act", protocol):
             chunk = self._replay(session, "act", seq)
-            if chunk is _NEW:
-                self._require_started(session)
-                chunk = await self._next_chunk(session, images, protocol)
-                self._record(session, "act", seq, chunk)
-            imagined = await self._compute(session.policy.imagine, chunk.latents) if imagine else None
+            if chunk is not _NEW:
+                imagined = await self._compute(session.policy.imagine, chunk.latents) if imagine else None
+                return chunk.actions, imagined
+            self._require_started(session)
+            chunk = await self._next_chunk(session, images)
+            self._record(session, "act", seq, chunk)
+            try:
+                imagined = await self._compute(session.policy.imagine, chunk.latents) if imagine else None
+            finally:
+                # The chunk ahead starts after the imagined video: on one compute thread the reply would
+                # otherwise wait for the whole next chunk (0.73 s against 0.39 s for a first chunk, H200).
+                if session.async_execution:
+                    self._start_ahead(session, protocol)
         return chunk.actions, imagined
 
-    async def _next_chunk(self, session: Session, images, protocol: str) -> PolicyChunk:
+    async def _next_chunk(self, session: Session, images) -> PolicyChunk:
         policy = session.policy
         if session.pending:
             raise Conflict(f"the chunk at frame {session.frame_offset} was handed out and awaits its observation: "
@@ -297,8 +305,6 @@ class EpisodeService:
                 raise InputError("the first chunk of an episode needs the camera images")
             chunk = await self._compute(policy.act, images)
         session.ready, session.frame_offset, session.pending = None, chunk.frame_offset, True
-        if session.async_execution:
-            self._start_ahead(session, protocol)
         return chunk
 
     async def observe(self, session: Session, keyframes, actions, protocol: str, seq=None) -> None:

@@ -228,3 +228,30 @@ def test_reset_close_and_expiry_wait_for_or_cancel_the_chunk_ahead(service):
         return len(svc.sessions)
 
     assert asyncio.run(scenario()) == 1  # b
+
+
+def test_the_imagined_video_does_not_wait_for_the_chunk_ahead(service, tiny_weights):
+    """With one compute thread, the reply's imagined video is decoded before the next chunk starts, so
+    asking for it does not make the robot wait for a whole chunk more; the actions stay the same."""
+    svc, _ = service
+    first, keyframes = episode_script(138, 3)
+    order = []
+
+    async def scenario():
+        s = svc.open()
+        await svc.reset(s, PROMPT, 38, "test", async_execution=True)
+        act_ahead, imagine = s.policy.act_ahead, s.policy.imagine
+        s.policy.act_ahead = lambda: order.append("ahead") or act_ahead()
+        s.policy.imagine = lambda latents: order.append("imagine") or imagine(latents)
+        out = []
+        for k in range(3):
+            actions, video = await svc.act(s, first if k == 0 else None, "test", imagine=True)
+            assert video is not None and video.dtype == np.uint8
+            await svc.observe(s, keyframes[k], actions, "test")
+            out.append(actions)
+        svc.close(s.id)
+        return out
+
+    got = asyncio.run(scenario())
+    assert order == ["imagine", "ahead"] * 3
+    assert_same(got, direct_episode(tiny_weights, PROMPT, 38, 3, 138, async_execution=True))
