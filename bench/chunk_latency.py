@@ -92,8 +92,8 @@ def copy_bandwidth(device: torch.device) -> float:
 
 
 def forwards_per_chunk(engine: InferenceEngine) -> int:
-    s = engine.config.sampling
-    return (s.video_steps + 1) + (s.action_steps + 1) + 2
+    """Denoising passes (each schedule's steps and its cache pass) plus the observation's two."""
+    return len(engine.video_schedule.sigmas) + 1 + len(engine.action_schedule.sigmas) + 1 + 2
 
 
 def accuracy_vs_fp32(preset, device, seed: int, text_len: int, fp8: bool) -> dict:

@@ -42,6 +42,8 @@ VARIANTS: dict[str, tuple[dict, list[str]]] = {
     "sync-rt": ({}, ["--real-time"]),  # the synchronous baseline of `async`: same pacing
     "v3a10": ({"video_steps": 3, "action_steps": 10}, []),
     "v2a4": ({"video_steps": 2, "action_steps": 4}, []),
+    # the paper's deployment: 3 video steps stopped at s = 0.6 (noise 0.4), 10 action steps
+    "paper": ({"video_steps": 3, "video_stop": 0.4, "action_steps": 10}, []),
 }
 Z95 = 1.959963984540054
 # The steps the GPU-time target counts: demos, the data stages and training ("data": older runs).

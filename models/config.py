@@ -85,6 +85,26 @@ class SamplingConfig:
     guidance_scale: float = 5.0
     action_guidance_scale: float = 1.0
     attn_window: int = 72
+    # Truncated video denoising, in either of two ways (models/flow_matching.Schedule.make):
+    # - video_exec_step (upstream's): only the first k video passes run, k <= video_steps + 1, the
+    #   last writing the chunk into the cache at its own noise level; -1: all, the last at t = 0.
+    # - video_stop (the paper's deployment, 3 steps "to s = 0.6": 0.4): the video steps go from
+    #   noise 1 down to this level instead of 0, and the cache pass runs there. Training noises the
+    #   video history to s ~ U[0.5, 1] half the time, so the action passes can read it.
+    video_exec_step: int = -1
+    video_stop: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.video_steps < 1 or self.action_steps < 1:
+            raise ValueError(f"sampling: video_steps {self.video_steps} and action_steps {self.action_steps} "
+                             f"must be at least 1")
+        if self.video_exec_step != -1 and not 1 <= self.video_exec_step <= self.video_steps + 1:
+            raise ValueError(f"sampling: video_exec_step {self.video_exec_step} must be -1 or 1..{self.video_steps + 1} "
+                             f"(video_steps + 1)")
+        if not 0.0 <= self.video_stop < 1.0:
+            raise ValueError(f"sampling: video_stop {self.video_stop} must be in [0, 1)")
+        if self.video_stop > 0 and self.video_exec_step != -1:
+            raise ValueError("sampling: set video_exec_step or video_stop, not both")
 
     @property
     def use_cfg(self) -> bool:

@@ -60,7 +60,7 @@ class InferenceEngine:
         self.action_mask = torch.zeros(1, cfg.action_dim, 1, 1, 1, device=self.device)
         self.action_mask[:, list(config.used_action_channels)] = 1.0
         s = config.sampling
-        self.video_schedule = Schedule.make(s.video_steps, s.video_shift)
+        self.video_schedule = Schedule.make(s.video_steps, s.video_shift, s.video_exec_step, s.video_stop)
         self.action_schedule = Schedule.make(s.action_steps, s.action_shift)
         self.batch = 2 if s.use_cfg else 1
         self.video_tokens = config.frame_chunk_size * transformer.video_tokens_per_frame(
@@ -169,11 +169,12 @@ class InferenceEngine:
 
     def _denoise(self, kind: str, x: torch.Tensor, schedule: Schedule, guidance: float,
                  first: torch.Tensor | None) -> torch.Tensor:
-        """Euler over the schedule, then one t=0 pass that writes the chunk as predicted entries."""
+        """Euler over the schedule, then one pass at its final level (t=0 unless truncated) that writes
+        the chunk as predicted entries; a truncated schedule steps the returned latents once more."""
         fc = x.shape[2]
         deltas = schedule.deltas()
         steps = schedule.timesteps.tolist()
-        for i, t in enumerate(steps + [0.0]):
+        for i, t in enumerate(steps + [schedule.final_timestep]):
             last = i == len(steps)
             if first is not None:
                 x[:, :, :1] = first
@@ -185,10 +186,10 @@ class InferenceEngine:
             guided = guidance > 1
             cond_only = not last and not guided and self.batch == 2 and self.skip_unguided_uncond
             pred = self._forward(kind, x, tvec, keep=last, predicted=last, cond_only=cond_only)
-            if last:
+            if last and schedule.after is None:
                 break
             v = pred[1:] + guidance * (pred[:1] - pred[1:]) if guided else pred[:1]
-            x = x + v * deltas[i]
+            x = x + v * (schedule.after - schedule.final if last else deltas[i])
             if first is not None:
                 x[:, :, :1] = first
         return x

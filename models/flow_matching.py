@@ -40,23 +40,47 @@ def train_table(shift: float, n: int = NUM_TRAIN_TIMESTEPS) -> TrainTable:
     return TrainTable(sigmas, timesteps, bump * (n / bump.sum()))
 
 
+def unshift_sigma(sigma: float, shift: float) -> float:
+    """The unshifted position whose shifted sigma is `sigma` (inverse of shift_sigmas)."""
+    return sigma / (shift - (shift - 1) * sigma)
+
+
 @dataclass(frozen=True)
 class Schedule:
-    """A sampling schedule plus the final t=0 pass that writes the chunk into the KV cache."""
+    """A sampling schedule plus the final pass that writes the chunk into the KV cache.
+
+    The Euler steps start at `sigmas` and end at `final`, where the cache pass runs (0 for the full
+    schedule). A truncated schedule also steps the returned latents once more, from `final` to
+    `after`, with that pass's velocity (as upstream does for its imagined video)."""
 
     sigmas: torch.Tensor  # [steps]
+    final: float = 0.0
+    after: float | None = None
 
     @classmethod
-    def make(cls, steps: int, shift: float) -> "Schedule":
-        return cls(sampling_sigmas(steps, shift))
+    def make(cls, steps: int, shift: float, exec_step: int = -1, stop: float = 0.0) -> "Schedule":
+        """`exec_step` k: the first k passes of the full schedule (upstream's `video_exec_step`: its
+        timesteps padded with 0, then `[:k]`). `stop`: the `steps` steps go from 1 to this sigma."""
+        if stop > 0:
+            u = torch.linspace(1.0, unshift_sigma(stop, shift), steps + 1)
+            return cls(shift_sigmas(u[:-1], shift), final=stop, after=0.0)
+        sigmas = sampling_sigmas(steps, shift)
+        if exec_step in (-1, steps + 1):
+            return cls(sigmas)
+        full = sigmas.tolist() + [0.0]
+        return cls(sigmas[:exec_step - 1], final=full[exec_step - 1], after=full[exec_step])
 
     @property
     def timesteps(self) -> torch.Tensor:
         return self.sigmas * NUM_TRAIN_TIMESTEPS
 
+    @property
+    def final_timestep(self) -> float:
+        return self.final * NUM_TRAIN_TIMESTEPS
+
     def deltas(self) -> list[float]:
-        """Euler step sizes `sigma_next - sigma`, the last one going to 0."""
-        s = self.sigmas.tolist() + [0.0]
+        """Euler step sizes `sigma_next - sigma`, the last one going to `final`."""
+        s = self.sigmas.tolist() + [self.final]
         return [s[i + 1] - s[i] for i in range(len(s) - 1)]
 
 

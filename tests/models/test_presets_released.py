@@ -83,6 +83,7 @@ RELEASED: dict[str, dict[str, object]] = {
         "sampling.guidance_scale": 5.0,  # guidance_scale
         "sampling.action_guidance_scale": 1.0,  # action_guidance_scale
         "sampling.attn_window": 72,  # attn_window
+        "sampling.video_exec_step": -1,  # video_exec_step
         "frame_chunk_size": 2,  # frame_chunk_size
         "action_per_frame": 16,  # action_per_frame
     },
@@ -106,6 +107,7 @@ RELEASED: dict[str, dict[str, object]] = {
         "sampling.guidance_scale": 5.0,  # guidance_scale
         "sampling.action_guidance_scale": 1.0,  # action_guidance_scale
         "sampling.attn_window": 30,  # attn_window
+        "sampling.video_exec_step": -1,  # video_exec_step
         "frame_chunk_size": 4,  # frame_chunk_size
         "action_per_frame": 4,  # action_per_frame
     },
@@ -116,6 +118,8 @@ NOT_RELEASED = {
     "fps": "the rate latent frames sample a dataset's video; the released datasets carry it per latent "
            "file (5-15), the released server never reads it",
     "init_seed": "seed of random initial weights; the released presets load weights",
+    "sampling.video_stop": "the paper's early stop at a noise level (its p.10 deployment); upstream's "
+                           "configs truncate by step count only (video_exec_step); 0 = not stopped early",
 }
 
 
