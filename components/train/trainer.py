@@ -21,6 +21,7 @@ from vaops.components.stage_cli import progress
 from vaops.models.atomic import write_text_atomically
 from vaops.models.checkpoint import read_preset
 from vaops.models.config import Preset, TransformerConfig, get_preset
+from vaops.models.model_source import CHECKPOINT_ARTIFACT
 from vaops.models.transformer import count_parameters
 
 from . import checkpointing
@@ -38,7 +39,7 @@ from .distributed import (
 )
 from .objective import TeacherForcedModel, TeacherForcing, build_model, draw_inputs
 from .report import write_report
-from .tracking import CHECKPOINT_ARTIFACT, Tracker
+from .tracking import Tracker
 
 log = logging.getLogger(__name__)
 
