@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from .atomic import link_or_copy, read_json, write_folder_atomically
-from .config import Camera, Preset, SamplingConfig, TransformerConfig, get_preset
+from .config import Camera, Preset, SamplingConfig, TransformerConfig, check_operating_point, get_preset
 from .model_source import SHIPPED_FILE
 from .policy import Policy, PolicyWeights
 from .text_encoder import TextEncoder, build_text_encoder, load_text_encoder
@@ -54,6 +54,8 @@ def policy_dict(preset: Preset) -> dict:
         "used_action_channels": list(preset.used_action_channels),
         "norm_stats": {"q01": list(preset.norm_q01), "q99": list(preset.norm_q99)},
         "sampling": dataclasses.asdict(preset.sampling),
+        "operating_points": {name: dataclasses.asdict(point)
+                             for name, point in preset.operating_point_settings().items()},
         "frame_chunk_size": preset.frame_chunk_size,
         "action_per_frame": preset.action_per_frame,
         "frames_per_latent": preset.frames_per_latent,
@@ -73,10 +75,13 @@ def preset_from_policy(raw: dict, transformer: TransformerConfig, source: str) -
         base = get_preset(need("preset"))
         cameras = tuple(Camera(**c) for c in need("cameras"))
         sampling = SamplingConfig(**need("sampling"))
+        points = tuple((str(name), SamplingConfig(**point)) for name, point in raw.get("operating_points", {}).items())
         norm = need("norm_stats")
         q01, q99 = tuple(float(x) for x in norm["q01"]), tuple(float(x) for x in norm["q99"])
-    except (TypeError, KeyError) as e:
+    except (TypeError, KeyError, AttributeError) as e:
         raise ValueError(f"{source}: malformed field ({e})") from None
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
     dim = transformer.action_dim
     if len(q01) != dim or len(q99) != dim:
         raise ValueError(f"{source}: norm_stats q01/q99 must have {dim} entries, got {len(q01)}/{len(q99)}")
@@ -84,12 +89,17 @@ def preset_from_policy(raw: dict, transformer: TransformerConfig, source: str) -
     bad = [c for c in channels if not 0 <= c < dim]
     if bad:
         raise ValueError(f"{source}: used_action_channels out of range 0..{dim - 1}: {bad}")
+    try:
+        for name, point in points:
+            check_operating_point(name, point, sampling)
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
     layout = need("layout")
     if layout not in ("tshape", "side_by_side"):
         raise ValueError(f"{source}: layout must be 'tshape' or 'side_by_side', got {layout!r}")
     return base.replace(
         transformer=transformer, cameras=cameras, layout=layout, used_action_channels=channels,
-        norm_q01=q01, norm_q99=q99, sampling=sampling,
+        norm_q01=q01, norm_q99=q99, sampling=sampling, operating_points=points,
         frame_chunk_size=int(raw.get("frame_chunk_size", base.frame_chunk_size)),
         action_per_frame=int(raw.get("action_per_frame", base.action_per_frame)),
         frames_per_latent=int(raw.get("frames_per_latent", base.frames_per_latent)),

@@ -111,6 +111,24 @@ class SamplingConfig:
         return self.guidance_scale > 1 or self.action_guidance_scale > 1
 
 
+def default_operating_points(sampling: SamplingConfig) -> dict[str, SamplingConfig]:
+    """`released`: the checkpoint's own settings; `paper`: the paper's deployment (3 video steps
+    stopped at s = 0.6, 10 action steps); `fast`: video 2 / action 4 (78% against 82% for the released
+    settings on the small ALOHA policy, bench/results/policy_aloha.md)."""
+    return {
+        "released": sampling,
+        "paper": dataclasses.replace(sampling, video_steps=3, video_stop=0.4, video_exec_step=-1, action_steps=10),
+        "fast": dataclasses.replace(sampling, video_steps=2, video_stop=0.0, video_exec_step=-1, action_steps=4),
+    }
+
+
+def check_operating_point(name: str, point: SamplingConfig, base: SamplingConfig) -> None:
+    """A session's cache is sized by the window and batched by CFG: an operating point keeps both."""
+    if point.attn_window != base.attn_window or point.use_cfg != base.use_cfg:
+        raise ValueError(f"operating point {name!r}: attn_window and the use of CFG must be those of the policy "
+                         f"({base.attn_window}, {'CFG' if base.use_cfg else 'no CFG'})")
+
+
 @dataclass(frozen=True)
 class Camera:
     key: str
@@ -170,6 +188,19 @@ class Preset:
     control_fps: int | None = None
     # Seed of the random weights of a preset trained from scratch.
     init_seed: int = 0
+    # Named sampling settings a session may choose at reset (policy.json `operating_points`);
+    # empty: `default_operating_points(sampling)`.
+    operating_points: tuple[tuple[str, SamplingConfig], ...] = ()
+
+    def operating_point_settings(self) -> dict[str, SamplingConfig]:
+        return dict(self.operating_points) or default_operating_points(self.sampling)
+
+    def operating_point(self, name: str) -> SamplingConfig:
+        """The named sampling settings, checked to fit a session's cache (same window, same CFG batch)."""
+        points = self.operating_point_settings()
+        if name not in points:
+            raise ValueError(f"operating_point {name!r}: this policy offers {', '.join(sorted(points))}")
+        return points[name]
 
     @property
     def latent_hw(self) -> tuple[int, int]:

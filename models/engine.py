@@ -8,12 +8,13 @@ KV cache as *predicted* entries; `observe` replaces those by what really happene
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
 from .attention import grid_ids
-from .config import Preset, SamplingConfig
+from .config import Preset, SamplingConfig, check_operating_point
 from .cuda_graphs import CapturedCall
 from .flow_matching import Schedule
 from .kv_cache import CachedSelfAttention, KVCache
@@ -60,8 +61,7 @@ class InferenceEngine:
         self.action_mask = torch.zeros(1, cfg.action_dim, 1, 1, 1, device=self.device)
         self.action_mask[:, list(config.used_action_channels)] = 1.0
         s = config.sampling
-        self.video_schedule = Schedule.make(s.video_steps, s.video_shift, s.video_exec_step, s.video_stop)
-        self.action_schedule = Schedule.make(s.action_steps, s.action_shift)
+        self._schedules(s)
         self.batch = 2 if s.use_cfg else 1
         self.video_tokens = config.frame_chunk_size * transformer.video_tokens_per_frame(
             config.latent_height, config.latent_width)
@@ -82,6 +82,17 @@ class InferenceEngine:
         self._ahead: Chunk | None = None
 
     # ----- episode -----
+    def _schedules(self, s: SamplingConfig) -> None:
+        self.video_schedule = Schedule.make(s.video_steps, s.video_shift, s.video_exec_step, s.video_stop)
+        self.action_schedule = Schedule.make(s.action_steps, s.action_shift)
+
+    def set_sampling(self, s: SamplingConfig) -> None:
+        """Sample the next episodes with other steps, shifts, guidance values or truncation; the cache
+        (its window, and its batch of two under CFG) stays as it is, so those two must not change."""
+        check_operating_point("requested", s, self.config.sampling)
+        self.config = dataclasses.replace(self.config, sampling=s)
+        self._schedules(s)
+
     def reset(self, prompt_emb: torch.Tensor, negative_emb: torch.Tensor | None = None) -> None:
         """Start an episode: clear the cache and project the prompt (and "" for CFG) once."""
         if prompt_emb.dim() != 3 or prompt_emb.shape[0] != 1:

@@ -86,6 +86,7 @@ class Policy:
         self.first_latent: torch.Tensor | None = None
         self.generator: torch.Generator | None = None
         self._empty_emb: torch.Tensor | None = None
+        self.operating_point = "released"
 
     @property
     def frame_offset(self) -> int:
@@ -101,9 +102,15 @@ class Policy:
         """Actions between two camera keyframes: each latent frame spans `frames_per_latent` frames."""
         return max(1, self.preset.action_per_frame // self.preset.frames_per_latent)
 
-    def reset(self, prompt: str, seed: int | None = None) -> None:
+    def reset(self, prompt: str, seed: int | None = None, operating_point: str | None = None) -> None:
+        """Start an episode; `operating_point` names the sampling settings it runs with (policy.json
+        `operating_points`; None: the policy's own `sampling`)."""
         if not isinstance(prompt, str):
             raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
+        sampling = self.preset.sampling if operating_point is None else self.preset.operating_point(operating_point)
+        if sampling != self.engine.config.sampling:
+            self.engine.set_sampling(sampling)
+        self.operating_point = operating_point or "released"
         text = self.weights.text_encoder
         with torch.no_grad():
             prompt_emb = text.encode([prompt])

@@ -84,6 +84,18 @@ def check_flag(name: str, value) -> bool:
     return bool(value)
 
 
+def check_operating_point(value, preset: Preset) -> str | None:
+    """None (the policy's own sampling) or one of the names in its policy.json `operating_points`."""
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    names = sorted(preset.operating_point_settings())
+    if not isinstance(value, str) or value not in names:
+        raise InputError(f"operating_point {value!r}: this model offers {', '.join(names)}")
+    return value
+
+
 def check_images(images, preset: Preset) -> dict[str, np.ndarray]:
     """One image per camera of the preset (other keys, e.g. observation.state, are ignored)."""
     if not isinstance(images, Mapping):
@@ -218,14 +230,15 @@ class EpisodeService:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
     async def reset(self, session: Session, prompt, seed, protocol: str, async_execution=False,
-                    seq=None) -> None:
+                    seq=None, operating_point=None) -> None:
         prompt, seed, seq = check_prompt(prompt), check_count("seed", seed), check_count("seq", seq)
         async_execution = check_flag("async_execution", async_execution)
+        operating_point = check_operating_point(operating_point, self.preset)
         async with self._operation(session, "reset", protocol):
             if self._replay(session, "reset", seq) is not _NEW:
                 return
             await self._discard_ahead(session)
-            await self._compute(session.policy.reset, prompt, seed)
+            await self._compute(session.policy.reset, prompt, seed, operating_point)
             session.async_execution, session.failure, session.frame_offset = async_execution, None, 0
             session.pending = False
             session.started = True

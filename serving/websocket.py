@@ -2,7 +2,7 @@
 RoboTwin client (`WebsocketClientPolicy(host, port)`) works unchanged.
 
 On connect the server sends a metadata map. Then, per message:
-- `{reset: true, prompt, seed?, async_execution?}` -> `{}`: starts an episode (the connection's
+- `{reset: true, prompt, seed?, async_execution?, operating_point?}` -> `{}`: starts an episode (the connection's
   session is opened at the first reset and closed when the connection closes); with
   `async_execution: true` the server computes each next chunk while the robot executes the current
   one, so the observe waits for it and the next action request is answered at once;
@@ -48,6 +48,8 @@ def server_metadata(name: str, episodes: EpisodeService) -> dict:
         "action_per_frame": preset.action_per_frame,
         "frames_per_latent": preset.frames_per_latent,
         "async_execution": True,  # the reset may ask for it
+        # the reset may name one (policy.json operating_points); none: the model's own sampling
+        "operating_points": sorted(preset.operating_point_settings()),
         "sequence_numbers": True,  # messages may carry `seq`; a repeated one is answered again, not recomputed
     }
 
@@ -107,7 +109,8 @@ class EpisodeSocket:
             target = self.episodes.open() if new else session
             try:
                 await self.episodes.reset(target, msg.get("prompt", ""), msg.get("seed"), "websocket",
-                                          msg.get("async_execution", False), seq=msg.get("seq"))
+                                          msg.get("async_execution", False), seq=msg.get("seq"),
+                                          operating_point=msg.get("operating_point"))
             except Exception:
                 if new:  # a failed first reset leaves no session behind
                     self.episodes.close(target.id)

@@ -198,3 +198,38 @@ def test_warm_up_runs_the_filling_and_full_cache_shapes_and_leaves_no_trace(chec
     warmed.engine._forward = forward
     for x, y in zip(run_episode(warmed), run_episode(weights.new_policy())):
         np.testing.assert_array_equal(x, y)
+
+
+def test_operating_points_are_chosen_per_episode_and_kept_in_policy_json(checkpoint, tmp_path):
+    import dataclasses
+    import shutil
+
+    from vaops.models.checkpoint import POLICY_FILE, load_weights, read_preset
+
+    weights = load_weights(checkpoint)
+    policy = weights.new_policy()
+    released = run_episode(policy, chunks=2)
+    names = set(policy.preset.operating_point_settings())
+    assert {"released", "paper", "fast"} <= names
+    policy.reset("x", seed=0, operating_point="paper")
+    assert policy.engine.video_schedule.final == 0.4 and policy.operating_point == "paper"
+    policy.reset("x", seed=0, operating_point="fast")
+    assert len(policy.engine.action_schedule.sigmas) == 4
+    # a pooled policy goes back to the checkpoint's own settings at the next plain reset
+    for x, y in zip(run_episode(policy, chunks=2), released):
+        np.testing.assert_array_equal(x, y)
+    with pytest.raises(ValueError, match="operating_point 'turbo': this policy offers fast, paper, released"):
+        policy.reset("x", seed=0, operating_point="turbo")
+
+    # policy.json lists them; a checkpoint may define its own, and one that needs another cache is refused
+    raw = json.loads((checkpoint / POLICY_FILE).read_text())
+    assert set(raw["operating_points"]) == names
+    own = tmp_path / "own"
+    shutil.copytree(checkpoint, own)
+    steps2 = dict(raw["sampling"], video_steps=2)
+    (own / POLICY_FILE).write_text(json.dumps({**raw, "operating_points": {"two": steps2}}))
+    assert read_preset(own).operating_point("two") == dataclasses.replace(read_preset(own).sampling, video_steps=2)
+    wide = dict(raw["sampling"], attn_window=raw["sampling"]["attn_window"] + 2)
+    (own / POLICY_FILE).write_text(json.dumps({**raw, "operating_points": {"wide": wide}}))
+    with pytest.raises(ValueError, match="policy.json.*operating point 'wide': attn_window"):
+        read_preset(own)

@@ -118,7 +118,7 @@ def episode_script(seed: int, chunks: int) -> tuple[dict, list[list[dict]]]:
 
 
 def direct_episode(weights, prompt: str, seed: int, chunks: int, script_seed: int,
-                   async_execution: bool = False) -> list[np.ndarray]:
+                   async_execution: bool = False, operating_point: str | None = None) -> list[np.ndarray]:
     """The actions of each chunk when the Policy is called in-process, no server; with
     `async_execution` in the server's order: each next chunk computed ahead before the observe.
 
@@ -129,7 +129,7 @@ def direct_episode(weights, prompt: str, seed: int, chunks: int, script_seed: in
     torch.set_num_threads(1)
     try:
         policy = weights.new_policy()
-        policy.reset(prompt, seed=seed)
+        policy.reset(prompt, seed=seed, operating_point=operating_point)
         out = []
         chunk = policy.act(first)
         for k in range(chunks):
@@ -144,12 +144,14 @@ def direct_episode(weights, prompt: str, seed: int, chunks: int, script_seed: in
 
 
 def websocket_episode(client: UpstreamClient, prompt: str, seed: int, chunks: int, script_seed: int,
-                      async_execution: bool = False) -> list[np.ndarray]:
+                      async_execution: bool = False, operating_point: str | None = None) -> list[np.ndarray]:
     """The same episode through the upstream protocol, as the RoboTwin client sends it."""
     first, keyframes = episode_script(script_seed, chunks)
     reset = {"reset": True, "prompt": prompt, "seed": seed}
     if async_execution:
         reset["async_execution"] = True
+    if operating_point is not None:
+        reset["operating_point"] = operating_point
     assert client.infer(reset) == {}
     obs = {**first, "observation.state": np.zeros(14), "task": prompt}
     out = []

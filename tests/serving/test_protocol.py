@@ -15,7 +15,7 @@ import pytest
 from kserve import InferenceGRPCClient
 from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
 from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
-from serving_support import MODEL, UpstreamClient, direct_episode, episode_script
+from serving_support import MODEL, UpstreamClient, direct_episode, episode_script, websocket_episode
 from test_server import CAMERA, PROMPT, request, tensor
 
 from vaops.serving.episode import EpisodeFailed, EpisodeService
@@ -241,3 +241,30 @@ def test_the_evaluation_client_numbers_its_messages_and_a_resent_one_is_replayed
     np.testing.assert_array_equal(again, a1)
     for got, want in zip((a0, a1), direct_episode(tiny_weights, PROMPT, 44, 2, 144)):
         np.testing.assert_array_equal(got, want)
+
+
+def test_an_operating_point_is_chosen_at_reset_over_websocket_and_rest(server, tiny_weights):
+    client = UpstreamClient(server.ws_url)
+    try:
+        assert client.metadata["operating_points"] == ["fast", "paper", "released"]
+        paper = websocket_episode(client, PROMPT, 41, 2, 141, operating_point="paper")
+        released = websocket_episode(client, PROMPT, 41, 2, 141)  # the same connection, back to its own
+        with pytest.raises(RuntimeError, match="operating_point 'turbo': this model offers fast, paper, released"):
+            client.infer({"reset": True, "prompt": PROMPT, "operating_point": "turbo"})
+    finally:
+        client.close()
+    for got, want in ((paper, direct_episode(tiny_weights, PROMPT, 41, 2, 141, operating_point="paper")),
+                      (released, direct_episode(tiny_weights, PROMPT, 41, 2, 141))):
+        for g, w in zip(got, want):
+            np.testing.assert_array_equal(g, w)
+    assert not np.array_equal(paper[0], released[0])
+    first, _ = episode_script(142, 1)
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        reply = infer(http, "reset", "op", [prompt_input()], seed=42, operating_point="turbo")
+        assert reply.status_code == 400 and "this model offers fast, paper, released" in reply.json()["error"]
+        assert infer(http, "reset", "op", [prompt_input()], seed=42, operating_point="fast").status_code == 200
+        reply = infer(http, "act", "op", [json_tensor(CAMERA, first[CAMERA], "UINT8")])
+        assert reply.status_code == 200
+        assert infer(http, "close", "op").status_code == 200
+    want = direct_episode(tiny_weights, PROMPT, 42, 1, 142, operating_point="fast")[0]
+    np.testing.assert_array_equal(actions_of(reply), want)
