@@ -118,6 +118,8 @@ NOT_RELEASED = {
     "fps": "the rate latent frames sample a dataset's video; the released datasets carry it per latent "
            "file (5-15), the released server never reads it",
     "init_seed": "seed of random initial weights; the released presets load weights",
+    "operating_points": "vaops' named sampling settings a session picks at reset (empty: derived from "
+                        "`sampling`); upstream has one setting per config",
     "sampling.video_stop": "the paper's early stop at a noise level (its p.10 deployment); upstream's "
                            "configs truncate by step count only (video_exec_step); 0 = not stopped early",
 }
