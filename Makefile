@@ -9,7 +9,8 @@ BIN := $(VENV)/bin
 EXTRAS ?= sim,dev
 comma := ,
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
-APT_PKGS := libavcodec59 libavformat59 libavutil57 libavdevice59 libavfilter8 libswscale6 libswresample4 libegl1 libgl1 ffmpeg
+APT_PKGS := libavcodec59 libavformat59 libavutil57 libavdevice59 libavfilter8 libswscale6 libswresample4 libegl1 libgl1 ffmpeg \
+	chromium
 
 .PHONY: demo test test-fast venv system-deps clean ship-policy
 
@@ -24,7 +25,9 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 
 venv: $(STAMP)
 
-# FFmpeg 5.1 shared libraries for torchcodec (lerobot's video decoding) and EGL for headless MuJoCo.
+# FFmpeg 5.1 shared libraries for torchcodec (lerobot's video decoding), EGL for headless MuJoCo and
+# Chromium, the browser the report test drives through playwright (tests/pipelines/test_reports_in_browser.py;
+# Debian's build plays the reports' H.264 videos, playwright's own download does not).
 system-deps:
 	@missing=""; for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \

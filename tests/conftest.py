@@ -13,6 +13,7 @@ E2E_MODULES = {
     "tests/components/test_train_run.py", "tests/components/test_evaluate_e2e.py",
     "tests/components/test_evaluate_async.py", "tests/components/test_evaluate_libero.py",
     "tests/components/test_small_policy.py", "tests/serving/test_registered_server.py",
+    "tests/pipelines/test_reports_in_browser.py",  # mlflow ui and Chromium: ~1 min
 }
 
 

@@ -98,12 +98,16 @@ def run(cfg: AugmentConfig) -> AugmentResult:
                                 robot_type=data.robot_type, vcodec=cfg.vcodec, total=total, desc="write augmented",
                                 log_path=log, workers=cfg.workers)
         result = AugmentResult(Path(out), len(originals), augmented)
-        extra = {PREVIEW: lambda path: _preview(LeRobotData(out), result, path)}
+        output = LeRobotData(out)
+        # Without copies (the demo's `augment_copies=0`) there is nothing to compare: no sheet, and
+        # no image in the Markdown (report.html showed a broken one).
+        preview = bool(output.video_keys and augmented)
+        extra = {PREVIEW: lambda path: _preview(output, result, path)} if preview else {}
         if log.exists():
             extra[ENCODER_LOG] = lambda path: shutil.copyfile(log, path)
         write_report(cfg.report_dir, {"dataset": cfg.dataset, "output": cfg.output,
                                       "config": dataclasses.asdict(cfg), "originals": len(originals),
-                                      "augmented": augmented}, _markdown(cfg, result), extra=extra)
+                                      "augmented": augmented}, _markdown(cfg, result, preview), extra=extra)
     return result
 
 
@@ -124,8 +128,6 @@ def _preview(data: LeRobotData, r: AugmentResult, path: Path, rows: int = 4, col
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    if not data.video_keys or not r.augmented:
-        return
     key = data.video_keys[0]
     picks = r.augmented[:rows]
     fig, axes = plt.subplots(2 * len(picks), columns, figsize=(2 * columns, 1.6 * 2 * len(picks)), squeeze=False)
@@ -143,11 +145,12 @@ def _preview(data: LeRobotData, r: AugmentResult, path: Path, rows: int = 4, col
     plt.close(fig)
 
 
-def _markdown(cfg: AugmentConfig, r: AugmentResult) -> str:
+def _markdown(cfg: AugmentConfig, r: AugmentResult, preview: bool) -> str:
     rows = [[a["episode_index"], a["augmented_from"], f"{a['brightness']:.2f}", f"{a['contrast']:.2f}",
              f"{a['saturation']:.2f}", f"{a['hue']:+.3f}", tuple(a["shift"]),
              "; ".join(a["paraphrases"].values())] for a in r.augmented]
     return (f"# Augmentation of `{cfg.dataset}`\n\n{r.originals} originals kept, {len(r.augmented)} augmented "
-            f"copies appended (seed {cfg.seed}). Output: `{cfg.output}`.\n\n![originals and copies]({PREVIEW})\n\n"
+            f"copies appended (seed {cfg.seed}). Output: `{cfg.output}`.\n\n"
+            + (f"![originals and copies]({PREVIEW})\n\n" if preview else "")
             + markdown_table(["episode", "from", "brightness", "contrast", "saturation", "hue", "shift",
                               "paraphrases"], rows))

@@ -1,4 +1,5 @@
-"""The training stage's report: `metrics.json`, curves as a PNG and a short Markdown page."""
+"""The training stage's report: `metrics.json`, curves as a PNG, a short Markdown page and the same
+page as self-contained HTML."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from vaops.components.reports import REPORT_HTML, markdown_page  # noqa: E402
 from vaops.models.atomic import write_folder_atomically  # noqa: E402
 from vaops.models.config import Preset  # noqa: E402
 
@@ -26,8 +28,8 @@ def _tail_mean(points: list[tuple[int, float]], n: int = 10) -> float | None:
 
 def write_report(output: Path, tracker: Tracker, cfg: TrainConfig, preset: Preset, n_params: int,
                  world: int) -> Path:
-    """Write `<output>/report/{metrics.json, curves.png, report.md}` (atomically, as one folder);
-    returns the Markdown path."""
+    """Write `<output>/report/{metrics.json, curves.png, report.md, report.html}` (atomically, as one
+    folder); returns the Markdown path."""
     tracker.flush()
     curves = {k: tracker.history(k) for k in CURVES}
     loss = curves["loss"]
@@ -59,6 +61,9 @@ def write_report(output: Path, tracker: Tracker, cfg: TrainConfig, preset: Prese
         _plot(curves, folder / "curves.png",
               f"{preset.name}: {n_params / 1e6:.1f} M parameters, ZeRO-{cfg.zero_stage}, {world} rank(s)")
         (folder / "report.md").write_text("\n".join(lines))
+        # The folder is the run's `report` artifact: MLflow's viewer renders report.md without its
+        # relative image (the curves); this page has them inlined.
+        (folder / REPORT_HTML).write_text(markdown_page("\n".join(lines), folder, f"Training run {tracker.run_id}"))
 
     return write_folder_atomically(output / "report", write) / "report.md"
 

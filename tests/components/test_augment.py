@@ -58,6 +58,16 @@ def test_augment_keeps_originals_and_marks_copies(demos_source, tmp_path):
     assert other.augmented[0]["brightness"] != result.augmented[0]["brightness"]
 
 
+
+def test_augment_without_copies_names_no_preview(demos_source, tmp_path):
+    """The demo's `augment_copies=0`: no contact sheet is drawn, so the report names none (its
+    report.html showed a broken image; tests/pipelines/test_reports_in_browser.py opens the pages)."""
+    src = copy_dataset(demos_source, tmp_path / "src")
+    augment(AugmentConfig(dataset=str(src), output=str(tmp_path / "aug"), report_dir=str(tmp_path / "rep"), copies=0))
+    assert not (tmp_path / "rep" / "preview.png").exists()
+    assert "preview.png" not in (tmp_path / "rep" / "report.md").read_text()
+    assert "<img" not in (tmp_path / "rep" / "report.html").read_text()
+
 def test_visual_augmentation_is_the_same_for_every_frame():
     rng = np.random.default_rng(0)
     frame = rng.integers(0, 255, (1, 32, 40, 3), dtype=np.uint8)
