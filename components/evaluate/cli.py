@@ -48,6 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fps", type=int, help="aloha: actions per second, as the demonstrations were recorded")
     parser.add_argument("--async-execution", action="store_true",
                         help="the server computes each next chunk while the robot executes the current one")
+    parser.add_argument("--operating-point",
+                        help="the server's named sampling settings for every episode (released, paper, fast; "
+                             "its metadata lists them); default: the model's own")
     parser.add_argument("--real-time", action="store_true",
                         help="aloha: every action takes 1/fps s of wall time, as on a robot (pair with --async-execution)")
     parser.add_argument("--robotwin-root", type=Path, help="path of a RoboTwin 2.0 checkout (suite robotwin)")
@@ -106,7 +109,7 @@ def main(args: argparse.Namespace) -> int:
                 args.preset, args.output, client=client, tasks=tuple(args.tasks) if args.tasks else None,
                 settings=tuple(args.settings) if args.settings else None, episodes=args.episodes, seed=args.seed,
                 max_steps=args.max_steps, fps=args.fps, async_execution=args.async_execution,
-                real_time=args.real_time, robotwin_root=args.robotwin_root, shard=args.shard,
+                operating_point=args.operating_point, real_time=args.real_time, robotwin_root=args.robotwin_root, shard=args.shard,
                 videos=not args.no_videos, imagine=not args.no_imagine, tracking=_tracking(args))
             if args.checkpoint:
                 from .local_server import LocalPolicyServer

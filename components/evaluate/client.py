@@ -41,6 +41,7 @@ IMAGINE_FLAG = "imagine"
 IMAGINED_FIELD = "imagined"
 # Reset field and metadata flag of servers that compute the next chunk while the robot executes.
 ASYNC_FIELD = "async_execution"
+OPERATING_POINTS_FIELD = "operating_points"
 # Metadata flag of servers that take a sequence number (`seq`, increasing per connection) on every
 # message and answer a repeated one again instead of computing it twice; sent only to those.
 SEQ_FIELD = "seq"
@@ -203,7 +204,8 @@ class PolicyClient:
             raise PolicyProtocolError(f"{what}: reply must be a map, got {type(reply).__name__}")
         return reply, latency
 
-    def reset(self, prompt: str, seed: int | None = None, async_execution: bool = False) -> None:
+    def reset(self, prompt: str, seed: int | None = None, async_execution: bool = False,
+              operating_point: str | None = None) -> None:
         """Start an episode; (re)connects when there is no live connection. The seed makes the
         server's sampling reproducible where it supports one (upstream's ignores it). With
         `async_execution` the server computes each next chunk while the robot executes the current
@@ -218,6 +220,12 @@ class PolicyClient:
                 raise PolicyProtocolError(f"the policy server at {self.config.url} does not offer asynchronous "
                                           f"execution (no {ASYNC_FIELD!r} in its metadata)")
             message[ASYNC_FIELD] = True
+        if operating_point is not None:
+            offered = (self.metadata or {}).get(OPERATING_POINTS_FIELD) or []
+            if operating_point not in offered:
+                raise PolicyProtocolError(f"the policy server at {self.config.url} offers no operating point "
+                                          f"{operating_point!r} (its metadata lists {offered})")
+            message["operating_point"] = operating_point
         self._call(message, "reset")
 
     def check_compatible(self, action_channels: int, observation: Mapping[str, Any]) -> None:

@@ -108,6 +108,9 @@ class EvalConfig:
     # The server computes each next chunk while the robot executes the current one (the paper's
     # asynchronous execution); it only pays when executing takes time, as with `real_time`.
     async_execution: bool = False
+    # The sampling settings the server runs each episode with, by name (its policy.json
+    # `operating_points`: released, paper, fast); None: the model's own.
+    operating_point: str | None = None
     # ALOHA: every action takes 1/fps s of wall time, sim stepping included, as on a real robot.
     real_time: bool = False
     shard: Shard = field(default_factory=Shard)
@@ -165,6 +168,7 @@ class EvalConfig:
             "suite": self.suite, "tasks": list(self.tasks), "settings": list(self.settings),
             "episodes": self.episodes, "seed": self.seed, "max_steps": self.max_steps, "fps": self.fps,
             "async_execution": self.async_execution, "real_time": self.real_time, "shard_count": self.shard.count,
+            "operating_point": self.operating_point,
         }
 
 
@@ -174,6 +178,10 @@ PRESETS: dict[str, dict] = {
     # The embedded benchmark: 50 seeded episodes per ALOHA task, twice the scripted expert's
     # 48 actions (4.8 s at 10 fps) to finish.
     "aloha": dict(suite="aloha", tasks=ALOHA_TASKS, settings=ALOHA_SETTINGS, episodes=50, max_steps=100),
+    # The task the shipped `small` policy solves (41/50, bench/results/policy_aloha.md), as the
+    # benchmark runs it: `vaops demo`'s gate on the policy it post-trains.
+    "transfer_cube": dict(suite="aloha", tasks=("AlohaTransferCube-v0",), settings=ALOHA_SETTINGS, episodes=10,
+                          max_steps=100),
     # The LingBot-VA paper's protocol: 50 tasks x {clean, randomized} x 100 trials, seed 0,
     # each task's own step limit.
     "robotwin": dict(suite="robotwin", tasks=ROBOTWIN_TASKS, settings=ROBOTWIN_SETTINGS, episodes=100, seed=0,

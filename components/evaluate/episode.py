@@ -110,11 +110,12 @@ class ControlClock:
 
 def run_episode(client: PolicyClient, env: EpisodeEnv, *, seed: int | None = None, imagine: bool = False,
                 record_frames: bool = False, async_execution: bool = False,
-                control_period_s: float = 0.0) -> EpisodeOutcome:
+                control_period_s: float = 0.0, operating_point: str | None = None) -> EpisodeOutcome:
     start = time.perf_counter()
     out = EpisodeOutcome(success=False, progress=0.0, steps=0)
     try:
-        _loop(client, env, out, seed, imagine, record_frames, async_execution, ControlClock(control_period_s))
+        _loop(client, env, out, seed, imagine, record_frames, async_execution, ControlClock(control_period_s),
+              operating_point)
     except PolicyConnectionError as e:
         out.error = f"{type(e).__name__}: {e}"
         out.connected = False
@@ -126,11 +127,11 @@ def run_episode(client: PolicyClient, env: EpisodeEnv, *, seed: int | None = Non
 
 
 def _loop(client: PolicyClient, env: EpisodeEnv, out: EpisodeOutcome, seed: int | None, imagine: bool,
-          record: bool, async_execution: bool, clock: ControlClock) -> None:
+          record: bool, async_execution: bool, clock: ControlClock, operating_point: str | None = None) -> None:
     prompt = env.prompt
     obs = env.observation()
     initial = [env.camera_frame(obs)] if record else []
-    client.reset(prompt, seed, async_execution)
+    client.reset(prompt, seed, async_execution, operating_point)
     client.check_compatible(env.action_channels, obs)
     # An env with `step_limit_between_chunks` (LIBERO, as upstream's client) finishes its chunk past
     # the step limit; success still ends the episode at once.

@@ -69,6 +69,7 @@ def summarize(identity: dict, records: Sequence[EpisodeRecord]) -> dict:
         "control_loop": {
             "async_execution": bool(identity.get("async_execution", False)),
             "real_time": bool(identity.get("real_time", False)),
+            "operating_point": identity.get("operating_point") or "released",
             # the share of the loop (from the first chunk in hand to the end) the robot spends waiting
             "idle_fraction": sum(idle) / (sum(idle) + sum(execution)) if execution else None,
         },

@@ -65,6 +65,7 @@ def _episode(config: EvalConfig, client: PolicyClient, env: EpisodeEnv, setting:
              episode: int, seed: int, control_period_s: float = 0.0) -> tuple[EpisodeRecord, bool]:
     outcome = run_episode(client, env, seed=seed, imagine=config.imagine and config.videos,
                           record_frames=config.videos, async_execution=config.async_execution,
+                          operating_point=config.operating_point,
                           control_period_s=control_period_s)
     video = None
     if config.videos and outcome.frames:

@@ -113,3 +113,11 @@ def read_metrics(path: Path) -> dict[str, float]:
         raise ValueError(f"{path}: expected a JSON object of metrics, got {type(raw).__name__}")
     return {k: float(v) for k, v in raw.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+
+
+def read_operating_point(path: Path) -> str:
+    """The sampling settings an evaluation ran with (its metrics.json `identity.operating_point`);
+    `released` (the model's own) when it names none."""
+    raw = json.loads(Path(path).read_text())
+    identity = raw.get("identity") if isinstance(raw, dict) else None
+    return (identity or {}).get("operating_point") or "released"

@@ -25,7 +25,7 @@ from vaops.models.config import Preset
 from vaops.models.model_source import CHECKPOINT_ARTIFACT, WEIGHT_PARTS, artifact_root, refuse_pickles, tracking_uri
 
 from .gate import GateDecision, decide
-from .lineage import Lineage, data_revision, git_state, read_metrics, train_run_from_checkpoint
+from .lineage import Lineage, data_revision, git_state, read_metrics, read_operating_point, train_run_from_checkpoint
 
 SERVING_PARTS = (*WEIGHT_PARTS, POLICY_FILE)
 DECISION_FILE = "gate_decision.json"
@@ -146,6 +146,8 @@ def run(config: RegisterConfig) -> RegisterResult:
             raise ValueError(f"training run {lineage.train_run_id!r} is not in the MLflow store {uri}") from None
 
     tags = {**lineage.tags(), "vaops.stage": "register", "vaops.preset": preset.name}
+    if config.metrics:  # which of the policy's sampling settings the gate's numbers were measured with
+        tags[EVAL_TAG_PREFIX + "operating_point"] = read_operating_point(config.metrics)
     with tempfile.TemporaryDirectory(prefix=".vaops-register-", dir=_staging_dir(checkpoint)) as tmp, \
             mlflow.start_run(experiment_id=experiment_id, run_name=f"register-{config.name}", tags=tags) as run_:
         mlflow.log_params({"checkpoint": str(checkpoint.resolve()), "preset": preset.name,

@@ -55,11 +55,12 @@ def world(tmp_path_factory):
     mp.undo()
 
 
-def register(world, success_rate: float | None, name: str = "va", **kw):
+def register(world, success_rate: float | None, name: str = "va", operating_point: str | None = None, **kw):
     metrics = None
     if success_rate is not None:
         metrics = world["root"] / f"metrics-{success_rate}.json"
-        metrics.write_text(json.dumps({"success_rate": success_rate, "episodes": 20, "settings": {"clean": {}}}))
+        metrics.write_text(json.dumps({"success_rate": success_rate, "episodes": 20, "settings": {"clean": {}},
+                                       "identity": {"suite": "aloha", "operating_point": operating_point}}))
     return run(RegisterConfig(checkpoint=world["checkpoint"], name=name, metrics=metrics, threshold=0.5,
                               data=world["repo"] / "data" / "demos", repo=world["repo"], **kw))
 
@@ -77,6 +78,7 @@ def test_lineage_and_the_champion_gate(world, capsys):
     assert tags["vaops.data_git_rev"] == tags["vaops.git_commit"]
     assert tags["vaops.train_run_id"] == world["train_run"]  # read from trainer_state.json
     assert tags["eval.success_rate"] == "0.6" and tags["eval.episodes"] == "20.0"
+    assert tags["eval.operating_point"] == "released"  # the evaluation named none: the model's own
     assert tags["gate.verdict"] == "promoted"
     assert str(client.get_model_version_by_alias("va", "champion").version) == "1"
     recorded = mlflow.artifacts.load_dict(f"runs:/{first.run_id}/gate_decision.json")
@@ -89,7 +91,8 @@ def test_lineage_and_the_champion_gate(world, capsys):
     assert "artifacts/checkpoint/policy.json" in files and "pyfunc.py" in files
     assert not any("training" in f or f.endswith(".pt") for f in files)  # optimizer state stays behind
 
-    worse = register(world, 0.55)
+    worse = register(world, 0.55, operating_point="paper")
+    assert client.get_model_version("va", worse.version).tags["eval.operating_point"] == "paper"
     assert not worse.decision.promote
     assert "below the champion's (version 1) 0.6000" in " ".join(worse.decision.reasons)
     assert client.get_model_version("va", worse.version).tags["gate.reason"] == (

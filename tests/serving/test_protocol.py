@@ -268,3 +268,17 @@ def test_an_operating_point_is_chosen_at_reset_over_websocket_and_rest(server, t
         assert infer(http, "close", "op").status_code == 200
     want = direct_episode(tiny_weights, PROMPT, 42, 1, 142, operating_point="fast")[0]
     np.testing.assert_array_equal(actions_of(reply), want)
+
+
+def test_the_evaluation_client_asks_for_an_operating_point_the_server_offers(server, tiny_weights):
+    from vaops.components.evaluate.client import PolicyClient, PolicyProtocolError
+    from vaops.components.evaluate.config import ClientConfig
+
+    first, _ = episode_script(145, 1)
+    with PolicyClient(ClientConfig(url=server.ws_url)) as client:
+        client.reset(PROMPT, seed=45, operating_point="fast")
+        got = client.act(first, PROMPT, channels=14, frames_per_latent=4).actions
+        with pytest.raises(PolicyProtocolError, match=r"offers no operating point 'turbo' \(its metadata lists "
+                                                      r"\['fast', 'paper', 'released'\]\)"):
+            client.reset(PROMPT, seed=45, operating_point="turbo")
+    np.testing.assert_array_equal(got, direct_episode(tiny_weights, PROMPT, 45, 1, 145, operating_point="fast")[0])
