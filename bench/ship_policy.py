@@ -77,6 +77,13 @@ def demo_seeds(work: Path, archive: Path | None) -> dict[str, str] | None:
     return {task: f"{min(s)}-{max(s)} ({len(s)} episodes)" for task, s in seeds.items()}
 
 
+def summary(tasks: dict) -> str | None:
+    """One line on the held-out evaluation (the released sampling): successes per task."""
+    parts = [f"{task} {r['successes']}/{r['episodes']} ({r['success_rate']:.0%}, Wilson 95% "
+             f"{r['wilson95'][0]:.0%}-{r['wilson95'][1]:.0%})" for task, r in tasks.items()]
+    return f"solves {', '.join(parts)} held-out episodes in closed loop" if parts else None
+
+
 def lineage(a: argparse.Namespace, ckpt: Path) -> dict:
     """How the policy was made: the commands, the code, the data, the training run and its held-out
     evaluation."""
@@ -95,6 +102,7 @@ def lineage(a: argparse.Namespace, ckpt: Path) -> dict:
     return {
         "policy": "LingBot-VA `small` (21.7 M parameters) trained from scratch on scripted-expert ALOHA sim "
                   "demonstrations of AlohaTransferCube-v0 and AlohaInsertion-v0",
+        "summary": summary(results.get("variants", {}).get("sync", {})),
         "checkpoint": _shown(ckpt),
         "code": code,
         "data": {

@@ -21,7 +21,6 @@ import yaml
 from vaops.models.config import get_preset
 from vaops.pipelines import cli
 from vaops.pipelines.demo import (
-    DATASET,
     DemoConfig,
     _manifest,
     ask,
@@ -109,7 +108,7 @@ def test_local_run_from_dvc_data_to_a_served_champion(demo, monkeypatch):
     assert _manifest(cfg) is not None  # the deploy step ran under the gate's condition
 
     # the dataset: tracked by DVC at the commit the pipeline ingested, its data in the remote
-    pointer = yaml.safe_load(_git(cfg.registry, "show", f"{rev}:{DATASET}.dvc"))
+    pointer = yaml.safe_load(_git(cfg.registry, "show", f"{rev}:{cfg.dataset}.dvc"))
     status = subprocess.run([str(Path(sys.executable).parent / "dvc"), "status", "--cloud"], cwd=cfg.registry,
                             capture_output=True, text=True, check=True).stdout
     assert "in sync" in status
@@ -121,7 +120,7 @@ def test_local_run_from_dvc_data_to_a_served_champion(demo, monkeypatch):
     tags = version.tags
     assert tags["vaops.data_git_rev"] == rev
     assert tags["vaops.data_md5"] == pointer["outs"][0]["md5"]
-    assert tags["vaops.data_path"] == DATASET and tags["vaops.data_repo"] == str(cfg.registry)
+    assert tags["vaops.data_path"] == cfg.dataset and tags["vaops.data_repo"] == str(cfg.registry)
     assert tags["vaops.git_commit"] != "unknown" and tags["gate.verdict"] == "promoted"
     assert float(tags["eval.success_rate"]) == run.outputs["success_rate"]
     client = MlflowClient(cfg.tracking_uri)
