@@ -145,6 +145,8 @@ def reports(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser():
+    """Headless Debian Chromium; first in each test's arguments, so a machine without it skips
+    before any report is written."""
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (the dev extra)")
     if CHROMIUM is None:
         pytest.skip("no chromium on PATH (the Makefile's system-deps installs Debian's)")
@@ -201,6 +203,8 @@ class _Watch:
 
     def __init__(self, page):
         self.seen: list[tuple[str | None, str]] = []  # (frame url, problem)
+        self.answered: list[str] = []  # URLs of the responses with status < 400
+        page.on("response", lambda r: r.status < 400 and self.answered.append(r.url))
         page.on("requestfailed", lambda r: self.seen.append((r.frame.url, f"{r.url[:100]}: {r.failure}")))
         page.on("response", lambda r: r.status >= 400 and self.seen.append((r.frame.url,
                                                                             f"{r.url[:100]}: HTTP {r.status}")))
@@ -209,7 +213,10 @@ class _Watch:
         page.on("pageerror", lambda e: self.seen.append((None, f"script error: {e}")))
 
     def problems(self, frame) -> list[str]:
-        return [problem for url, problem in self.seen if url in (frame.url, None, "")]
+        """The frame's own; script errors and console lines without a source count for the page's
+        main frame only (in MLflow's UI they are the UI's)."""
+        unsourced = (None, "") if frame == frame.page.main_frame else ()
+        return [problem for url, problem in self.seen if url == frame.url or url in unsourced]
 
 
 def _check_media(frame, watch: _Watch, where: str) -> dict:
@@ -232,7 +239,7 @@ EXPECTED = {"index": (0, 0, 0), "validation": (1, 0, 0), "cleaning": (1, 0, 0), 
             "training": (1, 0, 0), "evaluation": (4, 1, 1), "gate": (0, 0, 0)}
 
 
-def test_printed_reports_load_their_media_from_the_output_folder(reports, browser):
+def test_printed_reports_load_their_media_from_the_output_folder(browser, reports):
     assert set(reports.pages) == set(EXPECTED)
     for name, path in reports.pages.items():
         page = browser.new_page()
@@ -248,7 +255,7 @@ def test_printed_reports_load_their_media_from_the_output_folder(reports, browse
 
 
 @pytest.mark.parametrize("name", ["evaluation", "training"])
-def test_mlflow_shows_the_logged_report_with_its_media(reports, browser, mlflow_ui, name):
+def test_mlflow_shows_the_logged_report_with_its_media(browser, reports, mlflow_ui, name):
     experiment, run_id, path = reports.logged[name]
     page = browser.new_page()
     watch = _Watch(page)
@@ -258,6 +265,8 @@ def test_mlflow_shows_the_logged_report_with_its_media(reports, browser, mlflow_
     frame = view.content_frame()
     frame.wait_for_load_state("load")
     assert frame.url.startswith(f"blob:{mlflow_ui}/")
+    route = f"{mlflow_ui}/get-artifact?" + urllib.parse.urlencode({"path": path, "run_uuid": run_id})
+    assert route in watch.answered, [u for u in watch.answered if "artifact" in u]
     media = _check_media(frame, watch, f"MLflow's view of {name} {path}")
     assert _counts(media) == EXPECTED[name], media
     assert all(m["src"].startswith("data:") for kind in media.values() for m in kind)
