@@ -182,10 +182,6 @@ PRESETS: dict[str, dict] = {
     # benchmark runs it: `vaops demo`'s gate on the policy it post-trains.
     "transfer_cube": dict(suite="aloha", tasks=("AlohaTransferCube-v0",), settings=ALOHA_SETTINGS, episodes=10,
                           max_steps=100),
-    # The task the shipped `small` policy solves (41/50, bench/results/policy_aloha.md), as the
-    # benchmark runs it: `vaops demo`'s gate on the policy it post-trains.
-    "transfer_cube": dict(suite="aloha", tasks=("AlohaTransferCube-v0",), settings=ALOHA_SETTINGS, episodes=10,
-                          max_steps=100),
     # The LingBot-VA paper's protocol: 50 tasks x {clean, randomized} x 100 trials, seed 0,
     # each task's own step limit.
     "robotwin": dict(suite="robotwin", tasks=ROBOTWIN_TASKS, settings=ROBOTWIN_SETTINGS, episodes=100, seed=0,
