@@ -81,7 +81,7 @@ class RecordingClient:
         self.requests: list[dict] = []
         self.shape = (7, frames, per_frame)
 
-    def reset(self, prompt, seed=None, async_execution=False):
+    def reset(self, prompt, seed=None, async_execution=False, operating_point=None):
         self.requests.append({"reset": True, "prompt": prompt, "seed": seed})
 
     def check_compatible(self, channels, obs):

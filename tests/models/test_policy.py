@@ -196,7 +196,7 @@ def test_warm_up_runs_the_filling_and_full_cache_shapes_and_leaves_no_trace(chec
     assert {("video", False), ("action", False), ("video", True), ("action", True)} <= set(seen)
     assert warmed.frame_offset == 0 and len(warmed.engine.cache) == 0
     warmed.engine._forward = forward
-    for x, y in zip(run_episode(warmed), run_episode(weights.new_policy())):
+    for x, y in zip(run_episode(warmed, chunks=2), run_episode(weights.new_policy(), chunks=2)):
         np.testing.assert_array_equal(x, y)
 
 

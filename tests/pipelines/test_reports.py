@@ -15,7 +15,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from vaops.components.evaluate import report as eval_report
