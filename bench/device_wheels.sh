@@ -8,6 +8,9 @@
 #              carry a dataset's latents beside it; a later call on the warm node adds .whl-gpu
 # dm_control ships 55 MB of locomotion and dog assets the ALOHA scenes never load: they are cut from
 # its wheel. The versions are this venv's (constraints.txt resolves them), so both sides agree.
+# The shipped policy (checkpoints/small-aloha, 44.5 MB) is tracked, so it travels with every call and
+# leaves ~16 MiB of the 64: for a call that carries wheels, move its transformer/ out of the tree
+# first and back after (`git status` shows it deleted meanwhile; nothing else needs it on the node).
 # usage: bench/device_wheels.sh            (from the repository root; then see bench/device_env.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
