@@ -208,7 +208,7 @@ def test_operating_points_are_chosen_per_episode_and_kept_in_policy_json(checkpo
 
     weights = load_weights(checkpoint)
     policy = weights.new_policy()
-    released = run_episode(policy, chunks=2)
+    released = run_episode(policy, chunks=1)
     names = set(policy.preset.operating_point_settings())
     assert {"released", "paper", "fast"} <= names
     policy.reset("x", seed=0, operating_point="paper")
@@ -216,7 +216,7 @@ def test_operating_points_are_chosen_per_episode_and_kept_in_policy_json(checkpo
     policy.reset("x", seed=0, operating_point="fast")
     assert len(policy.engine.action_schedule.sigmas) == 4
     # a pooled policy goes back to the checkpoint's own settings at the next plain reset
-    for x, y in zip(run_episode(policy, chunks=2), released):
+    for x, y in zip(run_episode(policy, chunks=1), released):
         np.testing.assert_array_equal(x, y)
     with pytest.raises(ValueError, match="operating_point 'turbo': this policy offers fast, paper, released"):
         policy.reset("x", seed=0, operating_point="turbo")

@@ -247,14 +247,14 @@ def test_an_operating_point_is_chosen_at_reset_over_websocket_and_rest(server, t
     client = UpstreamClient(server.ws_url)
     try:
         assert client.metadata["operating_points"] == ["fast", "paper", "released"]
-        paper = websocket_episode(client, PROMPT, 41, 2, 141, operating_point="paper")
-        released = websocket_episode(client, PROMPT, 41, 2, 141)  # the same connection, back to its own
+        paper = websocket_episode(client, PROMPT, 41, 1, 141, operating_point="paper")
+        released = websocket_episode(client, PROMPT, 41, 1, 141)  # the same connection, back to its own
         with pytest.raises(RuntimeError, match="operating_point 'turbo': this model offers fast, paper, released"):
             client.infer({"reset": True, "prompt": PROMPT, "operating_point": "turbo"})
     finally:
         client.close()
-    for got, want in ((paper, direct_episode(tiny_weights, PROMPT, 41, 2, 141, operating_point="paper")),
-                      (released, direct_episode(tiny_weights, PROMPT, 41, 2, 141))):
+    for got, want in ((paper, direct_episode(tiny_weights, PROMPT, 41, 1, 141, operating_point="paper")),
+                      (released, direct_episode(tiny_weights, PROMPT, 41, 1, 141))):
         for g, w in zip(got, want):
             np.testing.assert_array_equal(g, w)
     assert not np.array_equal(paper[0], released[0])
