@@ -21,7 +21,6 @@ checkpoint and seeds). Seeds: demos 0, 1, ...; evaluation 10000 + episode, never
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -141,7 +140,7 @@ def base_checkpoint(work: Path, device: str = "cpu") -> Path:
 
     `base.json` keeps the hashes of the encoders the data was encoded with, so a machine that
     rebuilds them (training elsewhere, from base_stats.json) proves it got the same weights."""
-    from vaops.models.checkpoint import write_random_checkpoint
+    from vaops.models.checkpoint import file_sha256, write_random_checkpoint
     from vaops.models.config import get_preset
     from vaops.models.vae import load_vae, save_vae
 
@@ -161,7 +160,7 @@ def base_checkpoint(work: Path, device: str = "cpu") -> Path:
         save_vae(vae.cpu(), folder / "vae")
     # Weights only: the configs come from the preset's code, and their JSON differs with the library
     # versions that wrote them (diffusers, transformers, tokenizers differ between a laptop and a node).
-    hashes = {p.relative_to(folder).as_posix(): _content_hash(p)
+    hashes = {p.relative_to(folder).as_posix(): file_sha256(p)
               for part in ("vae", "text_encoder") for p in sorted((folder / part).glob("*.safetensors"))}
     record = work / "base.json"
     if record.is_file():
@@ -173,10 +172,6 @@ def base_checkpoint(work: Path, device: str = "cpu") -> Path:
     else:
         record.write_text(json.dumps(hashes, indent=2) + "\n")
     return folder
-
-
-def _content_hash(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def train(a: argparse.Namespace) -> None:

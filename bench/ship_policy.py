@@ -15,7 +15,6 @@ SHIP_LIMIT_BYTES, or nothing is written. `vaops demo` starts from the folder whe
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shutil
 import sys
@@ -30,14 +29,6 @@ SHIP_LIMIT_BYTES = 50 * 10**6  # what the repository carries of a policy (issue 
 def _shown(path: Path) -> str:
     path = Path(path).absolute()
     return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def trained_checkpoint(work: Path) -> Path:
@@ -87,6 +78,8 @@ def summary(tasks: dict) -> str | None:
 def lineage(a: argparse.Namespace, ckpt: Path) -> dict:
     """How the policy was made: the commands, the code, the data, the training run and its held-out
     evaluation."""
+    from vaops.models.checkpoint import file_sha256
+
     w = a.work
     state = json.loads((ckpt / "trainer_state.json").read_text())
     results = json.loads((RESULTS / "policy_aloha.json").read_text())
@@ -112,7 +105,7 @@ def lineage(a: argparse.Namespace, ckpt: Path) -> dict:
             "seeds": demo_seeds(w, archive),
             "stages": "validate (aloha) -> clean (aloha-full) -> augment (photometric, 0 copies) -> encode "
                       "(the base's VAE and text encoder)",
-            "encoded_archive": {"path": _shown(archive), "sha256": _sha256(archive)} if archive else None,
+            "encoded_archive": {"path": _shown(archive), "sha256": file_sha256(archive)} if archive else None,
             "vae_latent_stats": {"fitted_on_frames": stats.get("frames"), "vae_seed": stats.get("vae_seed")},
         },
         "training": {"run_id": state["run_id"], "steps": state["step"], "final_loss": results.get("final_loss"),

@@ -475,9 +475,8 @@ def _write_shard(root: str, episodes: list[Episode], spec: _WriterSpec, log_path
     """A writer process's work: one shard dataset at `root`."""
     root = Path(root)
     root.mkdir()
-    with native_stderr_to(log_path):
+    with native_stderr_to(log_path):  # its images/ staging tree goes with the shards folder
         _write_episodes(root, episodes, spec)
-    _remove_empty_tree(root / "images")
     return len(episodes)
 
 

@@ -196,10 +196,10 @@ class Preset:
         return dict(self.operating_points) or default_operating_points(self.sampling)
 
     def operating_point(self, name: str) -> SamplingConfig:
-        """The named sampling settings, checked to fit a session's cache (same window, same CFG batch)."""
+        """The named sampling settings (policy.json's were checked to fit a session's cache when read)."""
         points = self.operating_point_settings()
         if name not in points:
-            raise ValueError(f"operating_point {name!r}: this policy offers {', '.join(sorted(points))}")
+            raise ValueError(f"operating_point {name!r}: this model offers {', '.join(sorted(points))}")
         return points[name]
 
     @property

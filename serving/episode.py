@@ -90,9 +90,11 @@ def check_operating_point(value, preset: Preset) -> str | None:
         return None
     if isinstance(value, bytes):
         value = value.decode("utf-8", "replace")
-    names = sorted(preset.operating_point_settings())
-    if not isinstance(value, str) or value not in names:
-        raise InputError(f"operating_point {value!r}: this model offers {', '.join(names)}")
+    try:
+        preset.operating_point(value)
+    except (ValueError, TypeError):  # TypeError: an unhashable value (a list, a map)
+        raise InputError(f"operating_point {value!r}: this model offers "
+                         f"{', '.join(sorted(preset.operating_point_settings()))}") from None
     return value
 
 

@@ -218,7 +218,7 @@ def test_operating_points_are_chosen_per_episode_and_kept_in_policy_json(checkpo
     # a pooled policy goes back to the checkpoint's own settings at the next plain reset
     for x, y in zip(run_episode(policy, chunks=1), released):
         np.testing.assert_array_equal(x, y)
-    with pytest.raises(ValueError, match="operating_point 'turbo': this policy offers fast, paper, released"):
+    with pytest.raises(ValueError, match="operating_point 'turbo': this model offers fast, paper, released"):
         policy.reset("x", seed=0, operating_point="turbo")
 
     # policy.json lists them; a checkpoint may define its own, and one that needs another cache is refused
