@@ -15,7 +15,10 @@ compared with the trained checkpoint's first chunk run directly (same prompt, se
         --results-md bench/results/production_path.md
 
 Writes <out>/production_path.json and <out>/production_path.md (the command line beside the
-numbers), each step's log under <out>/logs/. The `tiny` mode keeps the RoboTwin data layout (three
+numbers), each step's log under <out>/logs/. The rehearsal can be split over several processes (a
+GPU lease runs at most 10 minutes a command): `--deadline-s S` starts no step after S seconds and
+exits 3 with the steps done so far in <out>/progress.json; the same command with `--resume` skips
+them and goes on. Every process's command line is recorded. The `tiny` mode keeps the RoboTwin data layout (three
 cameras with the released names at 240x320, 16 end-effector actions, tshape latents) with the tiny
 networks, so the code path the GPU run takes is the one proven here.
 
@@ -103,24 +106,53 @@ class Step:
     note: str = ""
 
 
+class Deadline(Exception):
+    """The process's time is up before a step: the steps done so far are in progress.json."""
+
+
 class Rehearsal:
     def __init__(self, args: argparse.Namespace):
         self.args = args
         self.out = Path(args.out).absolute()
         self.logs = self.out / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
-        self.steps: list[Step] = []
+        self.progress_file = self.out / "progress.json"
+        # Steps done by earlier processes (--resume), their records and what later steps need.
+        progress = json.loads(self.progress_file.read_text()) if args.resume and self.progress_file.exists() else {}
+        self.steps: list[Step] = [Step(**s) for s in progress.get("steps", [])]
+        self.state: dict = progress.get("state", {})
+        self.commands: list[str] = [*progress.get("commands", []), shlex.join([sys.executable, *sys.argv])]
         self.memory = GpuMemory()
         self.started = time.monotonic()
 
+    def done(self, name: str) -> bool:
+        return any(s.name == name for s in self.steps)
+
+    def save(self) -> None:
+        tmp = self.progress_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"steps": [dataclasses.asdict(s) for s in self.steps], "state": self.state,
+                                   "commands": self.commands}, indent=2) + "\n")
+        tmp.replace(self.progress_file)
+
     def step(self, name: str, fn: Callable[[], str | None]):
-        """Run and measure one step; `fn` returns a note for the table."""
+        """Run and measure one step; `fn` returns a note for the table. A step an earlier process
+        finished is skipped; past the deadline no step starts."""
+        if self.done(name):
+            print(f"[{time.monotonic() - self.started:7.1f} s] {name}: done by an earlier process", flush=True)
+            return
+        if self.args.deadline_s is not None and time.monotonic() - self.started > self.args.deadline_s:
+            self.memory.stop()
+            raise Deadline(name)
         print(f"[{time.monotonic() - self.started:7.1f} s] {name} ...", flush=True)
         t0 = time.monotonic()
         note = fn() or ""
         t1 = time.monotonic()
         time.sleep(0.3)  # the sampler's last reading of the step
         self.steps.append(Step(name, round(t1 - t0, 2), self.memory.peak(t0, t1), note))
+        self.save()
+        if name == self.args.stop_after:
+            self.memory.stop()
+            raise Deadline(f"after {name}")
         print(f"[{time.monotonic() - self.started:7.1f} s] {name}: {t1 - t0:.1f} s"
               + (f", peak {self.steps[-1].peak_gib} GiB" if self.steps[-1].peak_gib else "")
               + (f" ({note})" if note else ""), flush=True)
@@ -158,7 +190,8 @@ def rehearsal_preset(name: str):
     main = tiny.cameras[0]
     cameras = (Camera(ROBOTWIN_CAMERAS[0], main.height, main.width),
                *(Camera(key, main.height // 2, main.width // 2) for key in ROBOTWIN_CAMERAS[1:]))
-    return tiny.replace(cameras=cameras, layout="tshape", used_action_channels=robotwin.used_action_channels)
+    return tiny.replace(cameras=cameras, layout="tshape", used_action_channels=robotwin.used_action_channels,
+                        control_fps=robotwin.control_fps)  # any dataset rate, as released (tiny's is the ALOHA sim's)
 
 
 def write_base(args, path: Path) -> str:
@@ -189,16 +222,19 @@ def check_base_loads(path: Path) -> None:
 
 
 def scene(camera: int, t: int, episode: int) -> np.ndarray:
-    """A table, a block that moves and a pad that does not (not renders: the encoder's input only)."""
+    """A table, a block that moves and a pad that does not, with a camera's sensor noise (not
+    renders: the encoder's input only; without the noise a 40-pixel block moving 5 pixels a frame
+    changes a 240x320 frame by under 0.5/255 on average, which validate rightly calls frozen)."""
     h, w = FRAME_HW
-    img = np.empty((h, w, 3), np.uint8)
+    img = np.empty((h, w, 3), np.int16)
     img[:] = (235, 225, 225)
     top = 90 + 12 * camera
     img[top:] = (150, 120, 90)
     x = (40 + 5 * t + 20 * episode + 15 * camera) % (w - 40)
     img[top + 40: top + 80, x: x + 40] = (200, 40, 40)
     img[top + 10: top + 30, w - 90: w - 30] = (40, 60, 200)
-    return img
+    noise = np.random.default_rng((episode, camera, t)).normal(0.0, 3.0, img.shape)
+    return np.clip(img + noise.round(), 0, 255).astype(np.uint8)
 
 
 def write_robotwin_dataset(path: Path, episodes: int, frames: int) -> str:
@@ -268,6 +304,8 @@ def direct_first_chunk(checkpoint: Path, device: str, seed: int) -> np.ndarray:
     from vaops.models.checkpoint import load_policy
 
     policy = load_policy(checkpoint, device=device)  # vaops serve's default dtype (float32)
+    if policy.weights.on_gpu:
+        policy.warm_up()  # as the server does before it reports ready: the same compiled graphs
     policy.reset(PROMPT, seed=seed)
     return np.asarray(policy.act(first_frames(policy.preset)).actions)
 
@@ -299,6 +337,12 @@ def runs(args) -> list[tuple[int, int]]:
     return out
 
 
+def fresh(path: Path) -> Path:
+    """A step's output folder, without what a process killed during that step left there."""
+    shutil.rmtree(path, ignore_errors=True)
+    return path
+
+
 def rehearse(args) -> dict:
     r = Rehearsal(args)
     base, data = r.out / "base", r.out / "data"
@@ -310,64 +354,76 @@ def rehearse(args) -> dict:
 
     r.step("base checkpoint", lambda: write_base(args, base))
     r.step("base loads", lambda: check_base_loads(base))
-    r.step("dataset", lambda: write_robotwin_dataset(data / "robotwin", args.episodes, args.frames))
+    r.step("dataset", lambda: write_robotwin_dataset(fresh(data / "robotwin"), args.episodes, args.frames))
     r.step("validate", lambda: r.sh("validate", vaops("validate", "--dataset", str(data / "robotwin"), "--report-dir",
-                                                       str(data / "reports" / "validate"))))
+                                                       str(fresh(data / "reports" / "validate")))))
     r.step("clean", lambda: r.sh("clean", vaops("clean", "--dataset", str(data / "robotwin"), "--output",
-                                                 str(data / "cleaned"), "--report-dir", str(data / "reports" / "clean"),
+                                                 str(fresh(data / "cleaned")), "--report-dir", str(data / "reports" / "clean"),
                                                  "--validation-report", str(data / "reports" / "validate"))))
-    r.step("encode", lambda: r.sh("encode", vaops(
+    r.step("encode", lambda: fresh(data / "encoded") and r.sh("encode", vaops(
         "encode", "--dataset", str(data / "cleaned"), "--output", str(data / "encoded"), "--report-dir",
         str(data / "reports" / "encode"), "--model-preset", args.preset, "--checkpoint", str(base), "--robot",
         "robotwin", "--device", args.device, *dtype_gpu)))
 
     from vaops.components.train.cli import train_arguments
 
-    results = []
+    trainings: dict = r.state.setdefault("trainings", {})
     plan = runs(args)
     for i, (gpus, stage) in enumerate(plan):
         tag = f"{gpus}gpu-zero{stage}"
         cfg = train_config(args, gpus, stage, data / "encoded", r.out / "train" / tag, base)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}", "-m",
                "vaops.pipelines.cli", "train", *train_arguments(cfg, args.preset)]
-        # launch.run_local_ranks's command (the TrainJob's entry point), its output in the step's log.
-        r.step(f"train {tag}", lambda cmd=cmd: r.sh(f"train-{tag}", cmd))
-        outputs = json.loads((Path(cfg.output) / "outputs.json").read_text())
-        results.append({"gpus": gpus, "zero_stage": stage, "steps": outputs["steps"], "final_loss": outputs["final_loss"],
-                        "checkpoint": outputs["checkpoint"], "model": None})
-        if i < len(plan) - 1:
-            # Only the last training is registered and served: at robotwin size each registered
-            # copy is 22 GB, each training's output 10 GB more, and the disk holds 128 GB.
-            shutil.rmtree(cfg.output)
-            continue
-        name = f"lingbot-va-rehearsal-{tag}"
-        r.step(f"register {tag}", lambda o=outputs, name=name: r.sh(f"register-{tag}", vaops(
-            "register", o["checkpoint"], "--name", name, "--threshold", "0",
-            "--output", str(r.out / "register" / tag))))
-        results[-1]["model"] = f"models:/{name}/1"
 
-    served = results[-1]
+        def train(cmd=cmd, cfg=cfg, tag=tag, last=i == len(plan) - 1) -> str:
+            shutil.rmtree(cfg.output, ignore_errors=True)  # what a process killed mid-step left
+            # launch.run_local_ranks's command (the TrainJob's entry point), its output in the step's log.
+            r.sh(f"train-{tag}", cmd)
+            outputs = json.loads((Path(cfg.output) / "outputs.json").read_text())
+            trainings[tag] = {"gpus": gpus, "zero_stage": stage, "steps": outputs["steps"],
+                              "final_loss": outputs["final_loss"], "checkpoint": outputs["checkpoint"], "model": None}
+            if not last:
+                # Only the last training is registered and served: at robotwin size each registered
+                # copy is 22 GB, each training's output 10 GB more, and the disk holds 128 GB.
+                shutil.rmtree(cfg.output)
+            return f"{outputs['steps']} steps, final loss {outputs['final_loss']:.4f}"
+
+        r.step(f"train {tag}", train)
+    tag = f"{plan[-1][0]}gpu-zero{plan[-1][1]}"
+    served = trainings[tag]
+    name = f"lingbot-va-rehearsal-{tag}"
+
+    def register() -> str:
+        r.sh(f"register-{tag}", vaops("register", served["checkpoint"], "--name", name, "--threshold", "0",
+                                      "--output", str(r.out / "register" / tag)))
+        served["model"] = f"models:/{name}/1"
+        return served["model"]
+
+    r.step(f"register {tag}", register)
     from vaops.components.evaluate.local_server import LocalPolicyServer
 
     seed = 7
-    actions: list[np.ndarray] = []
+    served_chunk, direct_chunk = r.out / "first_chunk_served.npy", r.out / "first_chunk_direct.npy"
 
     def serve_episode() -> str:
         with LocalPolicyServer(served["model"], r.logs / "serve.log", device=args.device,
                                startup_timeout_s=900) as server:
-            actions.extend(websocket_episode(server.url, preset, args.chunks, seed))
+            actions = websocket_episode(server.url, preset, args.chunks, seed)
+        np.save(served_chunk, actions[0])
         return f"{served['model']}, {len(actions)} chunks of {list(actions[0].shape)}"
 
     r.step("serve + websocket episode", serve_episode)
-    direct: list[np.ndarray] = []
-    r.step("direct first chunk", lambda: direct.append(direct_first_chunk(Path(served["checkpoint"]), args.device, seed)))
-    diff = float(np.abs(direct[0] - actions[0]).max())
-    check = {"model": served["model"], "checkpoint": served["checkpoint"], "equal": bool(np.array_equal(direct[0], actions[0])),
-             "max_abs_diff": diff, "shape": list(actions[0].shape)}
+    r.step("direct first chunk", lambda: np.save(direct_chunk, direct_first_chunk(Path(served["checkpoint"]),
+                                                                                  args.device, seed)))
+    served_first, direct_first = np.load(served_chunk), np.load(direct_chunk)
+    check = {"model": served["model"], "checkpoint": served["checkpoint"],
+             "equal": bool(np.array_equal(direct_first, served_first)),
+             "max_abs_diff": float(np.abs(direct_first - served_first).max()), "shape": list(served_first.shape)}
     r.memory.stop()
-    return {"command": shlex.join([sys.executable, *sys.argv]), "preset": args.preset, "device": args.device,
-            "total_seconds": round(time.monotonic() - r.started, 1), "steps": [dataclasses.asdict(s) for s in r.steps],
-            "trainings": results, "first_chunk": check, "machine": machine()}
+    return {"command": " ; ".join(r.commands), "preset": args.preset, "device": args.device,
+            "total_seconds": round(sum(s.seconds for s in r.steps), 1), "processes": len(r.commands),
+            "steps": [dataclasses.asdict(s) for s in r.steps],
+            "trainings": [trainings[f"{g}gpu-zero{z}"] for g, z in plan], "first_chunk": check, "machine": machine()}
 
 
 def machine() -> dict:
@@ -385,7 +441,9 @@ def machine() -> dict:
 
 
 def markdown(result: dict) -> str:
-    lines = ["# Production path rehearsal", "", f"Command: `{result['command']}`", "",
+    commands = result["command"].split(" ; ")
+    lines = ["# Production path rehearsal", "", f"Command{'s (one process each, in order)' if len(commands) > 1 else ''}:",
+             "", *(f"    {c}" for c in commands), "",
              f"Preset `{result['preset']}` on `{result['device']}`, machine {json.dumps(result['machine'])}; "
              f"total {result['total_seconds']} s.", "",
              "| step | wall s | peak GPU memory (GiB, per GPU) | note |", "| --- | ---: | --- | --- |"]
@@ -428,6 +486,9 @@ def main() -> int:
     p.add_argument("--train-steps", type=int, default=3)
     p.add_argument("--chunks", type=int, default=2, help="chunks of the served episode")
     p.add_argument("--results-md", type=Path, help="also write the Markdown here (bench/results/production_path.md)")
+    p.add_argument("--deadline-s", type=float, help="start no step after this many seconds: exit 3, go on with --resume")
+    p.add_argument("--stop-after", metavar="STEP", help="end this process after the step of that name (exit 3)")
+    p.add_argument("--resume", action="store_true", help="skip the steps an earlier process recorded in <out>/progress.json")
     args = p.parse_args()
     if args.device.startswith("cuda"):
         import torch
@@ -437,10 +498,17 @@ def main() -> int:
                     f"{torch.cuda.device_count() if torch.cuda.is_available() else 0}")
     elif max(args.gpus) > 1:
         p.error("--gpus above 1 needs --device cuda (on CPU the rehearsal trains in one process)")
-    if args.out.exists() and any(args.out.iterdir()):
-        p.error(f"--out {args.out} is not empty; give a new folder")
+    if args.resume and not (args.out / "progress.json").exists():
+        p.error(f"--resume: {args.out / 'progress.json'} does not exist (no earlier process to go on from)")
+    if not args.resume and args.out.exists() and any(args.out.iterdir()):
+        p.error(f"--out {args.out} is not empty; give a new folder (or --resume)")
     args.frames = args.frames or (121 if args.preset == "robotwin" else 57)
-    result = rehearse(args)
+    try:
+        result = rehearse(args)
+    except Deadline as stop:
+        print(f"production_path: stopped before step {stop} (--deadline-s / --stop-after); the steps done are in "
+              f"{args.out / 'progress.json'}: go on with --resume", flush=True)
+        return 3
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "production_path.json").write_text(json.dumps(result, indent=2) + "\n")
     text = markdown(result)

@@ -60,6 +60,7 @@ def policy_dict(preset: Preset) -> dict:
         "action_per_frame": preset.action_per_frame,
         "frames_per_latent": preset.frames_per_latent,
         "fps": preset.fps,
+        "control_fps": preset.control_fps,
     }
 
 
@@ -104,7 +105,13 @@ def preset_from_policy(raw: dict, transformer: TransformerConfig, source: str) -
         action_per_frame=int(raw.get("action_per_frame", base.action_per_frame)),
         frames_per_latent=int(raw.get("frames_per_latent", base.frames_per_latent)),
         fps=int(raw.get("fps", base.fps)),
+        # null: any dataset rate; absent (files written before it was recorded): the base preset's
+        control_fps=optional_int(raw["control_fps"]) if "control_fps" in raw else base.control_fps,
     )
+
+
+def optional_int(value) -> int | None:
+    return None if value is None else int(value)
 
 
 def read_preset(folder: str | os.PathLike) -> Preset:

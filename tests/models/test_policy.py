@@ -233,3 +233,21 @@ def test_operating_points_are_chosen_per_episode_and_kept_in_policy_json(checkpo
     (own / POLICY_FILE).write_text(json.dumps({**raw, "operating_points": {"wide": wide}}))
     with pytest.raises(ValueError, match="policy.json.*operating point 'wide': attn_window"):
         read_preset(own)
+
+
+def test_policy_json_keeps_the_presets_control_rate(tmp_path):
+    """A checkpoint's action rate survives its policy.json: a tiny-sized preset made for any dataset
+    rate (as the released ones are) must not come back as tiny's 10 actions/s, and a file written
+    before the field existed keeps its base preset's rate."""
+    from vaops.models.checkpoint import POLICY_FILE, read_preset, write_random_checkpoint
+    from vaops.models.config import get_preset
+
+    tiny = get_preset("tiny")
+    assert tiny.control_fps == 10
+    folder = write_random_checkpoint(tmp_path / "any-rate", tiny.replace(control_fps=None))
+    assert json.loads((folder / POLICY_FILE).read_text())["control_fps"] is None
+    assert read_preset(folder).control_fps is None
+    raw = json.loads((folder / POLICY_FILE).read_text())
+    del raw["control_fps"]
+    (folder / POLICY_FILE).write_text(json.dumps(raw))
+    assert read_preset(folder).control_fps == 10
