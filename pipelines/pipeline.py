@@ -13,8 +13,11 @@ base-model ───────────────────────
   step; merge makes one report; register applies the champion gate; deploy (the InferenceService
   manifest) runs only when the gate promoted the version.
 
-Every step caches. Kubernetes settings (GPUs on encode and train, an optional PVC, MLflow
-credentials from a Secret) come from `ClusterOptions` at compile time; `kfp.local` ignores them.
+Every step caches. Train keeps its checkpoints in a run folder under `train_work_root` named after
+its data, base checkpoint and config (`vaops run`: <root>/train-runs; compiled with `--volume`: on
+it), so a rerun of an interrupted training resumes from its last checkpoint. Kubernetes settings
+(GPUs on encode and train, an optional PVC, MLflow credentials from a Secret) come from
+`ClusterOptions` at compile time; `kfp.local` ignores them.
 """
 
 import argparse
@@ -51,6 +54,11 @@ class ClusterOptions:
     volume: str | None = None  # a PersistentVolumeClaim mounted on the GPU steps (checkpoints, caches)
     volume_mount: str = "/mnt/vaops"
     mlflow_secret: str = "mlflow-credentials"  # optional Secret with MLFLOW_SECRET_KEYS; "" for none
+
+    @property
+    def train_work_root(self) -> str:
+        """Where the train step keeps its run folders: on the volume, so they outlive the step."""
+        return f"{self.volume_mount.rstrip('/')}/train-runs" if self.volume else ""
 
     def __post_init__(self):
         if self.gpus < 0:
@@ -110,6 +118,9 @@ def build_pipeline(options: ClusterOptions = ClusterOptions()):
         augment_preset: str = "default",  # default | photometric (small: colour only) | strong
         base_checkpoint: str = "",  # folder or models:/name@alias; empty: tiny random weights
         train_config: dict = {},  # noqa: B006 (a literal default for the spec) TrainConfig fields over the recipe
+        # Train's run folders, one per dataset, base and config: a rerun resumes there. Empty: beside the
+        # step's output, new every run (vaops run: <root>/train-runs; compiled with --volume: on it)
+        train_work_root: str = options.train_work_root,
         eval_preset: str = "smoke",
         eval_episodes: int = 1,  # per task and setting
         eval_max_steps: int = 48,
@@ -135,7 +146,8 @@ def build_pipeline(options: ClusterOptions = ClusterOptions()):
         encoded = _cluster(encode(dataset=augmented.outputs["augmented"], base_checkpoint=base.outputs["model"],
                                   preset=preset, robot=robot, device=device), options, gpu=True)
         trained = _cluster(train(latent_dataset=encoded.outputs["encoded"], base_checkpoint=base.outputs["model"],
-                                 recipe=preset, config=train_config, tracking_uri=tracking_uri), options, gpu=True)
+                                 recipe=preset, config=train_config, tracking_uri=tracking_uri,
+                                 work_root=train_work_root), options, gpu=True)
         train_run = trained.outputs["Output"]
 
         shards = shard_names(count=eval_shards)

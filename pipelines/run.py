@@ -8,7 +8,11 @@ ends the run with one line: the step's name, its exception and the path of its f
 
 The console shows one line when a step starts (`[7/12] train`, with its log) and one when it ends
 or comes from the cache; everything a step prints (kfp's executor input, third-party banners,
-progress bars) goes to its log file, <root>/logs/<step>.log (`--verbose` streams it as well).
+progress bars) goes to its log file, <root>/logs/<step>.log (`--verbose` streams it as well),
+but for its `vaops notice: ` lines, which the console shows under the step's name.
+The train step keeps its checkpoints under <root>/train-runs, one folder per dataset, base model
+and config: a rerun after an interruption resumes the training from its last checkpoint
+(`[7/12] train: resuming from step N of M`) and a finished one is not trained again.
 After the run, <root>/index.html links every stage's report (see reports.py).
 
 Pipeline parameters are flags (`--demo-episodes 2`, `--train-config '{"steps": 10}'`).
@@ -47,6 +51,8 @@ _EXECUTING = re.compile(r"Executing task '([\w-]+)'")
 _FINISHED = re.compile(r"Task '([\w-]+)' finished with status (\w+)")
 _CACHE_HIT = re.compile(r"Task '?([\w-]+)'? cache hit")
 _KFP_LINE = re.compile(r"^\d{2}:\d{2}:\d{2}(\.\d+)? - [A-Z]+ - |^-{10,}$|^(Streamed logs:|Task '[\w-]+' )")
+_NOTICE = re.compile(r"^vaops notice: (.+)$")  # a step's line for the console (the train step's resume)
+TRAIN_RUNS = "train-runs"  # under the run's root: the train step's run folders (pipeline.train_work_root)
 _STREAM_INDENT = " " * 4  # kfp.local indents the steps' own output by this much
 _PARSERS = {"String": str, "Integer": int, "Float": float,
             "Boolean": lambda s: {"true": True, "false": False}[s.lower()], "Dict": json.loads}
@@ -124,7 +130,10 @@ class _StepLogs:
             self.cached.append(m.group(1))
             self._say(m.group(1), "from the cache")
         if self._file is not None:
-            self._file.write((raw[len(_STREAM_INDENT):] if raw.startswith(_STREAM_INDENT) else raw) + "\n")
+            own = raw[len(_STREAM_INDENT):] if raw.startswith(_STREAM_INDENT) else raw
+            self._file.write(own + "\n")
+            if m := _NOTICE.match(clean(own)):
+                self._say(self.logs[-1][0], m.group(1))
             if m := _FINISHED.search(line):
                 self.close()
                 took = time.monotonic() - self._started.pop(m.group(1), time.monotonic())
@@ -175,6 +184,7 @@ def run_local(arguments: dict[str, Any], root: Path = DEFAULT_ROOT, verbose: boo
 
     root = Path(root).absolute()
     root.mkdir(parents=True, exist_ok=True)
+    arguments = {"train_work_root": str(root / TRAIN_RUNS), **arguments}
     os.environ.setdefault("MUJOCO_GL", "egl")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), enable_caching=True,

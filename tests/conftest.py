@@ -14,6 +14,7 @@ E2E_MODULES = {
     "tests/components/test_evaluate_async.py", "tests/components/test_evaluate_libero.py",
     "tests/components/test_small_policy.py", "tests/serving/test_registered_server.py",
     "tests/pipelines/test_reports_in_browser.py",  # mlflow ui and Chromium: ~1 min
+    "tests/pipelines/test_run_resume.py",  # vaops run killed in training, then rerun: ~3 min
 }
 
 

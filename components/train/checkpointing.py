@@ -12,19 +12,25 @@
 A checkpoint is written into a hidden temporary folder and renamed into place (every rank writes
 its ZeRO shards there), so a folder named `step-*` is always complete; only the last `keep_last` are kept. Every random draw of a step is
 seeded by (seed, rank, micro-step), so the step counter restores the random state too.
+
+`run_folder` names a run folder after what the run trains (its data, its base checkpoint, its
+configuration and world size), so that a launcher whose own output folder changes every time (a
+pipeline step) finds the checkpoints of its interrupted predecessor, and only of that one.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from vaops.models.atomic import link_or_copy, write_folder_atomically
+from vaops.models.atomic import link_or_copy, write_folder_atomically, write_text_atomically
 from vaops.models.checkpoint import POLICY_FILE, policy_dict
 from vaops.models.model_source import WEIGHT_PARTS
 from vaops.models.config import Preset, TransformerConfig
@@ -43,6 +49,12 @@ MODULE_PREFIX = "transformer."  # the trained module wraps the transformer under
 RESUME_FIELDS = ("preset", "init_from", "micro_batch", "grad_accum", "seed", "zero_stage", "chunk_range",
                  "window_range", "text_dropout", "noisy_history", "hold_first_frame", "video_shift", "action_shift", "lr", "betas",
                  "weight_decay", "warmup_steps", "lr_schedule", "norm_stats")
+# TrainConfig fields that change how a run is executed or recorded, not what it trains: configurations
+# that differ only in these share a run folder (`run_folder`), so one resumes the other.
+EXECUTION_FIELDS = ("output", "num_workers", "preload", "time_limit_min", "save_every", "keep_last",
+                    "system_metrics", "system_metrics_interval")
+RUN_KEY_FILE = "run_key.json"  # in a run folder: what its name is a hash of
+METADATA_SUFFIXES = (".json", ".jsonl", ".yaml", ".txt")  # small files whose content an input identity includes
 
 
 @dataclass
@@ -101,6 +113,47 @@ def check_resumable(state: TrainerState, config: dict, world: int, source: Path)
         raise ValueError(f"{source}: cannot resume, the run changed: " + "; ".join(changed)
                          + " (use a new output folder for a new run)")
 
+
+
+def folder_identity(folder: Path) -> dict:
+    """An input folder's identity without reading its bulk: its path (a pipeline artifact's path is
+    unique to the run that made it, as its cache key assumes), every file's name and size, and the
+    content of its metadata files (JSON, JSONL, YAML, text)."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: not a folder")
+    listing = hashlib.sha256()
+    count = 0
+    for parent, dirs, files in os.walk(folder):
+        dirs.sort()
+        for name in sorted(files):
+            path = Path(parent) / name
+            listing.update(f"{path.relative_to(folder).as_posix()}\0{path.stat().st_size}\0".encode())
+            if name.endswith(METADATA_SUFFIXES):
+                listing.update(hashlib.sha256(path.read_bytes()).digest())
+            count += 1
+    return {"path": str(folder.absolute()), "files": count, "sha256": listing.hexdigest()}
+
+
+def run_identity(cfg: dict, world: int) -> dict:
+    """What a run trains: its dataset and base checkpoint (`folder_identity`), every config field
+    but the EXECUTION_FIELDS, and the world size (a resumed run keeps its ZeRO partitioning)."""
+    return {"dataset": folder_identity(Path(cfg["dataset"])),
+            "init_from": folder_identity(Path(cfg["init_from"])) if cfg.get("init_from") else None,
+            "world": world,
+            "config": {k: v for k, v in sorted(cfg.items()) if k not in (*EXECUTION_FIELDS, "dataset", "init_from")}}
+
+
+def run_folder(root: Path, cfg: dict, world: int) -> Path:
+    """The run folder under `root` for this run (`<preset>-<16 hex digits of run_identity's hash>`),
+    made if new, with the identity beside the checkpoints (run_key.json). The same data, base and
+    config find the same folder again; any other run gets another."""
+    identity = run_identity(cfg, world)
+    text = json.dumps(identity, indent=2, sort_keys=True) + "\n"
+    folder = Path(root) / f"{cfg.get('preset', 'run')}-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / RUN_KEY_FILE).is_file():
+        write_text_atomically(folder / RUN_KEY_FILE, text)
+    return folder
 
 
 def write_transformer(weights: dict[str, torch.Tensor], config: TransformerConfig, folder: Path) -> None:

@@ -55,6 +55,18 @@ class TrainOutputs:
     report: str
 
 
+def finished_outputs(output: Path, steps: int) -> TrainOutputs | None:
+    """The outputs of a run in `output` that already trained `steps` steps, its checkpoint and report
+    still there (a launcher need not train it again), else None."""
+    try:
+        outputs = TrainOutputs(**json.loads((Path(output) / OUTPUTS_FILE).read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+    if outputs.steps < steps or not Path(outputs.checkpoint).is_dir() or not Path(outputs.report).is_file():
+        return None
+    return outputs
+
+
 def resolve_preset(cfg: TrainConfig, dataset: Path) -> tuple[Preset, Path | None]:
     """The model preset (a base checkpoint's policy.json wins over the named preset) with the
     dataset's normalisation statistics (`norm_stats` "base": the base's own), and the base
