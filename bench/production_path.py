@@ -150,12 +150,12 @@ class Rehearsal:
         time.sleep(0.3)  # the sampler's last reading of the step
         self.steps.append(Step(name, round(t1 - t0, 2), self.memory.peak(t0, t1), note))
         self.save()
-        if name == self.args.stop_after:
-            self.memory.stop()
-            raise Deadline(f"after {name}")
         print(f"[{time.monotonic() - self.started:7.1f} s] {name}: {t1 - t0:.1f} s"
               + (f", peak {self.steps[-1].peak_gib} GiB" if self.steps[-1].peak_gib else "")
               + (f" ({note})" if note else ""), flush=True)
+        if name == self.args.stop_after:
+            self.memory.stop()
+            raise Deadline(f"after {name}")
 
     def sh(self, name: str, cmd: list[str], env: dict | None = None) -> None:
         """A step's process, its output into logs/<name>.log; a failure raises with its error."""
@@ -202,6 +202,8 @@ def write_base(args, path: Path) -> str:
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     write_random_checkpoint(path, rehearsal_preset(args.preset), seed=0, device=args.device, dtype=dtype,
                             max_shard_bytes=SHARD_BYTES.get(args.preset))
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the later steps' peaks are their own processes', not this one's cache
     shards = len(list((path / "transformer").glob("*.safetensors")))
     size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / GIB
     return f"{shards} transformer shards, {size:.1f} GiB, {str(dtype).removeprefix('torch.')}"
@@ -337,6 +339,17 @@ def runs(args) -> list[tuple[int, int]]:
     return out
 
 
+def drop_run_artifacts(run_id: str) -> None:
+    """Delete an MLflow run's artifacts (the file store's folder); its params and metrics stay."""
+    from urllib.parse import urlparse
+
+    import mlflow
+
+    uri = urlparse(mlflow.MlflowClient().get_run(run_id).info.artifact_uri)
+    if uri.scheme == "file":
+        shutil.rmtree(uri.path, ignore_errors=True)
+
+
 def fresh(path: Path) -> Path:
     """A step's output folder, without what a process killed during that step left there."""
     shutil.rmtree(path, ignore_errors=True)
@@ -346,8 +359,9 @@ def fresh(path: Path) -> Path:
 def rehearse(args) -> dict:
     r = Rehearsal(args)
     base, data = r.out / "base", r.out / "data"
-    uri = f"sqlite:///{r.out / 'mlflow.db'}"
-    os.environ["MLFLOW_TRACKING_URI"] = uri
+    # A file store: the GPU nodes carry mlflow-skinny, which has no SQL store (sqlite needs SQLAlchemy).
+    os.environ["MLFLOW_TRACKING_URI"] = (r.out / "mlruns").as_uri()
+    os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
     os.environ["VAOPS_MODEL_CACHE"] = str(r.out / "model-cache")
     preset = rehearsal_preset(args.preset)
     dtype_gpu = ["--dtype", "bfloat16"] if args.device.startswith("cuda") else []
@@ -383,9 +397,11 @@ def rehearse(args) -> dict:
             trainings[tag] = {"gpus": gpus, "zero_stage": stage, "steps": outputs["steps"],
                               "final_loss": outputs["final_loss"], "checkpoint": outputs["checkpoint"], "model": None}
             if not last:
-                # Only the last training is registered and served: at robotwin size each registered
-                # copy is 22 GB, each training's output 10 GB more, and the disk holds 128 GB.
+                # Only the last training is registered and served: at robotwin size the checkpoint
+                # each training logs to its MLflow run is 23 GB, a registered copy 23 GB more, each
+                # training's output 10 GB, and the disk holds 128 GB (the first GPU run filled it).
                 shutil.rmtree(cfg.output)
+                drop_run_artifacts(outputs["run_id"])
             return f"{outputs['steps']} steps, final loss {outputs['final_loss']:.4f}"
 
         r.step(f"train {tag}", train)
