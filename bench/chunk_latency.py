@@ -9,6 +9,12 @@ the others in the same process; ratios are against the first row.
 
     python bench/chunk_latency.py                 # GPU, everything
     python bench/chunk_latency.py --preset tiny --device cpu --chunks 6 --lever-chunks 2   # smoke
+    python bench/chunk_latency.py --skip-levers --skip-headline --skip-accuracy --operating-points 40
+
+`--operating-points N`: one served engine (compiled, CUDA graphs, fused q/k/v), warmed up as the server
+does before it reports ready (Policy.warm_up: the first chunk, one with the cache filling, one with it
+full), then an episode of N chunks at each operating point of the preset (released, paper, fast):
+the first chunk, the median while the cache fills and once it is full.
 """
 
 from __future__ import annotations
@@ -69,6 +75,39 @@ def run_chunks(engine: InferenceEngine, chunks: int, prefill: int, text_len: int
         sync(engine.device)
         times.append(time.perf_counter() - t0)
     return times
+
+
+def warm_up(engine: InferenceEngine, text_len: int, seed: int) -> float:
+    """What Policy.warm_up does at model load, at the engine: each shape of an episode once (the
+    first chunk, a chunk with the cache filling, one with it full). Returns its seconds."""
+    sync(engine.device)
+    t0 = time.perf_counter()
+    run_chunks(engine, 2, 0, text_len, seed)
+    engine.cache.fill()
+    gen = torch.Generator(device=engine.device).manual_seed(seed)
+    engine.act(generator=gen).actions.cpu()
+    engine.observe(*observation(engine, gen))
+    sync(engine.device)
+    return time.perf_counter() - t0
+
+
+def operating_points(engine: InferenceEngine, preset, chunks: int, text_len: int, seed: int) -> list[dict]:
+    """An episode of `chunks` chunks at each of the preset's operating points, one warmed-up engine."""
+    fill_after = preset.sampling.attn_window // 2 + 1  # chunks until the ring is full (main's prefill)
+    rows = []
+    for name, point in preset.operating_point_settings().items():
+        engine.set_sampling(point)
+        times = run_chunks(engine, chunks, 0, text_len, seed)
+        filling, full = times[1:fill_after], times[fill_after:]
+        rows.append({"operating_point": name, "video_steps": point.video_steps, "video_stop": point.video_stop,
+                     "action_steps": point.action_steps, "first_chunk_s": times[0],
+                     "filling_median_s": statistics.median(filling) if filling else None,
+                     "full_median_s": statistics.median(full) if full else None,
+                     "cache_full_at_end": engine.cache.full, "chunks": chunks})
+        print(f"{name}: first chunk {times[0]:.3f} s, filling median "
+              f"{rows[-1]['filling_median_s'] or float('nan'):.3f} s, full median {rows[-1]['full_median_s'] or float('nan'):.3f} s")
+    engine.set_sampling(preset.sampling)
+    return rows
 
 
 def steady_median(times: list[float]) -> float:
@@ -144,6 +183,29 @@ def profile_chunk(model, config, prefill: int, args) -> None:
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
 
 
+def headline(results: dict, engine: InferenceEngine, weight_bytes: int, args) -> None:
+    """`--chunks` chunks of the released settings from an empty cache: the steady half's median
+    against the weight-read floor."""
+    device = engine.device
+    times = run_chunks(engine, args.chunks, 0, args.text_len, args.seed)
+    med = steady_median(times)
+    bw = copy_bandwidth(device)
+    floor = forwards_per_chunk(engine) * weight_bytes / bw if bw == bw else float("nan")
+    results.update({
+        "chunks": args.chunks, "cache_full_at_end": engine.cache.full,
+        "median_steady_half_s": med, "act_plus_observe_times_s": times,
+        "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "cache_gib": engine.cache.nbytes() / 2**30,
+        "copy_bandwidth_tb_s": bw / 1e12, "weight_read_floor_s": floor, "ratio_to_floor": med / floor,
+    })
+    print(f"\n{args.chunks} chunks, cache full at the end: {engine.cache.full}")
+    print(f"act + observe per chunk, median of the steady half: {med:.3f} s (target <= 0.5 s)")
+    print(f"weight-read floor: {forwards_per_chunk(engine)} forwards x {weight_bytes / 1e9:.2f} GB at "
+          f"{bw / 1e12:.2f} TB/s = {floor:.3f} s; measured / floor = {med / floor:.2f}")
+    if device.type == "cuda":
+        print(f"peak memory {results['peak_memory_gib']:.1f} GiB (KV cache {results['cache_gib']:.1f} GiB)")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="robotwin")
@@ -156,6 +218,9 @@ def main() -> None:
     p.add_argument("--skip-levers", action="store_true")
     p.add_argument("--levers", default="", help="comma-separated row numbers of the lever table to run (default: all)")
     p.add_argument("--skip-accuracy", action="store_true")
+    p.add_argument("--skip-headline", action="store_true", help="no --chunks run of the released settings")
+    p.add_argument("--operating-points", type=int, default=0, metavar="N",
+                   help="after a warm-up, N chunks at each operating point (0: none)")
     p.add_argument("--backend", default="cudnn", choices=["sdpa", "cudnn", "flash"],
                    help="attention kernel of the headline run")
     p.add_argument("--profile", action="store_true", help="print the top GPU kernels of one steady chunk")
@@ -217,27 +282,15 @@ def main() -> None:
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    if device.type == "cuda":
         model.fuse_qkv_projections()
         model.compile_blocks()
     engine = InferenceEngine(model, config, backend=args.backend, cuda_graphs=True)
-    times = run_chunks(engine, args.chunks, 0, args.text_len, args.seed)
-    med = steady_median(times)
-    bw = copy_bandwidth(device)
-    floor = forwards_per_chunk(engine) * weight_bytes / bw if bw == bw else float("nan")
-    results.update({
-        "chunks": args.chunks, "cache_full_at_end": engine.cache.full,
-        "median_steady_half_s": med, "act_plus_observe_times_s": times,
-        "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
-        "cache_gib": engine.cache.nbytes() / 2**30,
-        "copy_bandwidth_tb_s": bw / 1e12, "weight_read_floor_s": floor, "ratio_to_floor": med / floor,
-    })
-    print(f"\n{args.chunks} chunks, cache full at the end: {engine.cache.full}")
-    print(f"act + observe per chunk, median of the steady half: {med:.3f} s (target <= 0.5 s)")
-    print(f"weight-read floor: {forwards_per_chunk(engine)} forwards x {weight_bytes / 1e9:.2f} GB at "
-          f"{bw / 1e12:.2f} TB/s = {floor:.3f} s; measured / floor = {med / floor:.2f}")
-    if device.type == "cuda":
-        print(f"peak memory {results['peak_memory_gib']:.1f} GiB (KV cache {results['cache_gib']:.1f} GiB)")
+    if not args.skip_headline:
+        headline(results, engine, weight_bytes, args)
+    if args.operating_points:
+        results["warm_up_s"] = warm_up(engine, args.text_len, args.seed)
+        print(f"\nwarm-up (compilation, graph capture, each shape once): {results['warm_up_s']:.1f} s")
+        results["operating_points"] = operating_points(engine, preset, args.operating_points, args.text_len, args.seed)
     del engine, model
     if device.type == "cuda":
         torch.cuda.empty_cache()
