@@ -24,13 +24,17 @@ command exits 1); validate quarantines those episodes and clean drops them.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
 import re
 import shutil
 import tempfile
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
+from unittest import mock
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -222,6 +226,17 @@ def _root_cause(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
 
 
+@contextlib.contextmanager
+def _one_bar(converter, desc: str, total: int):
+    """One bar for the whole conversion instead of the converter's own (data files, videos, then one
+    per camera: four or more bars for one dataset): its tqdm is silenced while it runs."""
+    import tqdm
+
+    quiet = types.SimpleNamespace(tqdm=functools.partial(tqdm.tqdm, disable=True))
+    with mock.patch.object(converter, "tqdm", quiet), tqdm.tqdm(total=total, desc=desc, unit="phase") as bar:
+        yield bar
+
+
 def _convert_v21(src: Path, dst: Path) -> list[str]:
     from lerobot.datasets.utils import DEFAULT_DATA_FILE_SIZE_IN_MB
     from lerobot.datasets.v30 import convert_dataset_v21_to_v30 as conv
@@ -233,11 +248,16 @@ def _convert_v21(src: Path, dst: Path) -> list[str]:
         # stay one file per episode; the parquet files keep lerobot's default size, because
         # convert_data() records the wrong file index for an episode that starts a new file.
         try:
-            conv.convert_info(root, dst, DEFAULT_DATA_FILE_SIZE_IN_MB, PER_EPISODE_FILE_MB)
-            conv.convert_tasks(root, dst)
-            episodes = conv.convert_data(root, dst, DEFAULT_DATA_FILE_SIZE_IN_MB)
-            videos = conv.convert_videos(root, dst, PER_EPISODE_FILE_MB)
-            conv.convert_episodes_metadata(root, dst, episodes, videos)
+            with _one_bar(conv, "convert v2.1 -> v3.0", total=5) as bar:
+                conv.convert_info(root, dst, DEFAULT_DATA_FILE_SIZE_IN_MB, PER_EPISODE_FILE_MB)
+                conv.convert_tasks(root, dst)
+                bar.update(2)
+                episodes = conv.convert_data(root, dst, DEFAULT_DATA_FILE_SIZE_IN_MB)
+                bar.update()
+                videos = conv.convert_videos(root, dst, PER_EPISODE_FILE_MB)
+                bar.update()
+                conv.convert_episodes_metadata(root, dst, episodes, videos)
+                bar.update()
         except Exception as e:  # the converter raises datasets', pyarrow's, PyAV's and its own errors
             raise DatasetError(f"{src}: lerobot's v2.1 -> v3.0 converter failed ({_short(_root_cause(e))})") from None
     return notes

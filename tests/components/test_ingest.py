@@ -13,10 +13,14 @@ from vaops.components.ingest.config import IngestConfig
 from vaops.components.ingest.stage import run as ingest
 
 
-def test_ingest_v21_converts_with_lerobot_and_keeps_segments(demos_source, tmp_path):
+def test_ingest_v21_converts_with_lerobot_and_keeps_segments(demos_source, tmp_path, capsys):
     v21 = export_v21(demos_source, tmp_path / "released")
     before = tree_digest(v21)
     result = ingest(IngestConfig(source=str(v21), output=str(tmp_path / "out")))
+    bars = capsys.readouterr().err
+    # one bar for the conversion, not the converter's own per phase and per camera
+    assert "convert v2.1 -> v3.0" in bars and "5/5" in bars
+    assert "convert data files" not in bars and "convert videos" not in bars
     assert tree_digest(v21) == before, "ingest modified its source"
     assert result.source_version == "v2.1" and result.episodes == DEMO_EPISODES
 
