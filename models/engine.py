@@ -20,6 +20,14 @@ from .flow_matching import Schedule
 from .kv_cache import CachedSelfAttention, KVCache
 from .transformer import LingBotVATransformer, TextContext
 
+# Captured graphs per engine. An episode at the robotwin preset captures 110: while the ring fills,
+# 36 video levels (CFG batch of two) and 35 action levels, each for the steps' batch of one and the
+# cache pass's two (106); 3 on the full ring; 1 masked observation pass after an eviction. Each keeps
+# its inputs and output (0.7 MB for a video step, 0.05 MB for an action step); the pool's working
+# memory is shared. Observations of other lengths add shapes: past this bound a new shape runs
+# eagerly, with the same reads, so graph memory stays bounded.
+MAX_GRAPHS = 256
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -69,8 +77,9 @@ class InferenceEngine:
         self.cache: KVCache | None = None
         self.text: TextContext | None = None
         self.frame_offset = 0
-        # Graph steps read the whole ring at a fixed address (masked until it is full); on CPU the
-        # same reads run eagerly, which is how the tests check them.
+        # Graph steps read the cache at fixed addresses (KVCache.static_extent: the live prefix while
+        # the ring fills, the whole ring once full); on CPU the same reads run eagerly, which is how the
+        # tests check them.
         self.static_reads = cuda_graphs
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self.skip_unguided_uncond = skip_unguided_uncond
@@ -168,15 +177,18 @@ class InferenceEngine:
 
         x = x.expand(n, *x.shape[1:]).to(self.dtype)
         t = t.expand(n, -1)
-        if self.cuda_graphs:
-            key = (kind, n, tuple(x.shape), self.cache.full)
-            if key not in self._graphs:
-                self._graphs[key] = CapturedCall(run, [x, t, cos, sin], pool=self._graph_pool)
-            out = self._graphs[key](x, t, cos, sin)
-        else:
-            out = run(x, t, cos, sin)
+        graph = self._graph(kind, n, x, run, [x, t, cos, sin]) if self.cuda_graphs else None
+        out = run(x, t, cos, sin) if graph is None else graph(x, t, cos, sin)
         self.cache.end(pending)
         return out
+
+    def _graph(self, kind: str, n: int, x: torch.Tensor, run, inputs: list[torch.Tensor]) -> CapturedCall | None:
+        """This step's captured graph, captured on first use; None past MAX_GRAPHS (run it eagerly).
+        Keyed by what fixes its shapes and addresses: the tokens, the batch and the cache read's extent."""
+        key = (kind, n, tuple(x.shape), self.cache.static_extent())
+        if key not in self._graphs and len(self._graphs) < MAX_GRAPHS:
+            self._graphs[key] = CapturedCall(run, inputs, pool=self._graph_pool)
+        return self._graphs.get(key)
 
     def _denoise(self, kind: str, x: torch.Tensor, schedule: Schedule, guidance: float,
                  first: torch.Tensor | None) -> torch.Tensor:
@@ -292,6 +304,34 @@ class InferenceEngine:
             raise RuntimeError("a chunk was computed ahead: observe the executing chunk first")
         self.cache.predicted_from = None
         self.frame_offset += self.config.frame_chunk_size
+
+    @torch.no_grad()
+    def warm_up_cache_levels(self) -> int:
+        """Warm-up: from an observed chunk, act and observe (zeros) until the ring has evicted, so each
+        read of an episode runs once: every filling level, the full ring and the masked observation pass
+        after an eviction. On a GPU their graphs are captured here rather than in the first episode's
+        chunks (at the robotwin preset 36 chunks, 3 graphs each while filling). The graphs' shapes do
+        not depend on the number of steps, so each schedule runs one step; the session's settings are
+        restored. The cache is left holding zeros: reset before an episode. Returns the chunks run."""
+        self._require_episode()
+        if self.frame_offset == 0 or self.cache.predicted_from is not None or self._ahead is not None:
+            raise RuntimeError("warm_up_cache_levels starts after an observe, with no chunk awaiting one")
+        session = self.config.sampling
+        # Guidance stays: it decides which batches (1 or 2) the steps run, hence the graphs' shapes.
+        self.set_sampling(dataclasses.replace(session, video_steps=1, action_steps=1, video_exec_step=-1,
+                                              video_stop=0.0))
+        generator = torch.Generator(device=self.device).manual_seed(0)  # leaves the global RNG alone
+        chunks = 0
+        try:
+            evicted = False
+            while not evicted:
+                chunk = self._act(None, None, None, generator)
+                evicted = self.cache.head > 0
+                self.observe(torch.zeros_like(chunk.video), torch.zeros_like(chunk.actions))
+                chunks += 1
+        finally:
+            self.set_sampling(session)
+        return chunks
 
     def _noise(self, given: torch.Tensor | None, shape: tuple[int, ...], generator: torch.Generator | None,
                name: str) -> torch.Tensor:

@@ -139,10 +139,12 @@ class Policy:
         return self._robot_chunk(self.engine.act_ahead(generator=self.generator))
 
     def warm_up(self) -> int:
-        """Run each shape of an episode once, with the cache filling and again full: the first chunk,
-        an observation and a later chunk. On a GPU, compilation, cuDNN plans and CUDA graph capture then
-        happen here rather than in a robot's first chunks; the policy is left reset, with no episode.
-        Returns the number of chunks run."""
+        """Run each shape of an episode once, so that on a GPU compilation, cuDNN plans and CUDA graph
+        capture happen here rather than in a robot's chunks: through the policy the first chunk, its
+        observation, a chunk with the cache filling and a whole chunk's observation; then the engine
+        runs every other level of the filling ring (a graph each, one denoising step per schedule)
+        until it has evicted; last a chunk on the full ring at the session's settings. The policy is
+        left reset, with no episode. Returns the number of chunks run through the policy."""
         preset = self.preset
         blank = {c.key: np.zeros((c.height, c.width, 3), np.uint8) for c in preset.cameras}
         executed = np.zeros((len(self.channels), preset.frame_chunk_size, preset.action_per_frame), np.float32)
@@ -151,8 +153,8 @@ class Policy:
         self.act(blank)
         self.observe([blank] * (frames - preset.frames_per_latent), executed)  # the first image is sent with act
         self.act()
-        self.engine.cache.fill()
         self.observe([blank] * frames, executed)
+        self.engine.warm_up_cache_levels()
         self.act()
         self.reset("", seed=0)
         return 3

@@ -36,7 +36,9 @@ def max_diff(a, b):
     return (a - b).abs().max().item()
 
 
-@pytest.mark.parametrize("static_reads", [False, True], ids=["compact-cache-reads", "masked-ring-reads"])
+# Nothing is evicted here, so the static reads are the ring's live prefix (tests/models/test_kv_cache_reads.py
+# covers the full and masked ring).
+@pytest.mark.parametrize("static_reads", [False, True], ids=["compact-cache-reads", "static-prefix-reads"])
 def test_ahead_equals_sync_when_the_robot_sees_what_was_imagined(golden, model, static_reads):  # noqa: F811
     """Observing exactly the imagined chunk writes the same keys/values as its predicted pass, so
     computing ahead must give the synchronous loop's chunks."""

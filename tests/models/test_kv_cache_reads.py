@@ -1,0 +1,204 @@
+"""Static cache reads (what CUDA graphs capture): the live prefix while the ring fills, the whole ring
+once full, the masked ring in any other state. On CPU the same reads run eagerly; a stand-in for
+CapturedCall counts the graphs an engine would capture, keyed as on a GPU."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from test_golden import engine_config, golden, model  # noqa: F401  (fixtures)
+
+import vaops.models.engine as engine_module
+from vaops.models.attention import attention
+from vaops.models.config import TransformerConfig, get_preset
+from vaops.models.engine import EngineConfig, InferenceEngine
+from vaops.models.kv_cache import KVCache
+from vaops.models.transformer import build_transformer
+
+
+class CountedCall:
+    """CapturedCall's stand-in on CPU: runs the step eagerly; the engine's dict of them is its graphs."""
+
+    def __init__(self, fn, inputs, pool=None):
+        self.fn = fn
+
+    def __call__(self, *inputs):
+        return self.fn(*inputs)
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    monkeypatch.setattr(engine_module, "CapturedCall", CountedCall)
+
+
+def graphed(engine: InferenceEngine) -> InferenceEngine:
+    engine.cuda_graphs = True  # keyed and "captured" as on a GPU, by CountedCall
+    return engine
+
+
+# ----- the cache alone -----
+
+def attend(q, kv):
+    k, v, mask = kv
+    return attention(q, k, v, mask)
+
+
+def test_static_reads_match_the_compact_read_in_every_state():
+    torch.manual_seed(0)
+    cache = KVCache(num_layers=1, batch=2, capacity=10, heads=2, head_dim=4, dtype=torch.float32, device="cpu")
+    q = torch.randn(2, 3, 2, 4)
+    seen = []
+
+    def write(length, keep=True, predicted=False):
+        w = cache.begin(length, keep=keep, predicted=predicted)
+        k, v = torch.randn(2, length, 2, 4), torch.randn(2, length, 2, 4)
+        static = cache.write(0, w, k, v, static=True)
+        compact = cache.write(0, w, k, v, static=False)
+        seen.append(cache.static_extent())
+        torch.testing.assert_close(attend(q, static), attend(q, compact), atol=1e-6, rtol=0)
+        cache.end(w)
+        return static
+
+    k, _, mask = write(4)  # filling: the live prefix, no mask
+    assert k.shape[1] == 4 and mask is None
+    write(3, keep=False)  # a denoising step's temporary write, released
+    k, _, mask = write(6, predicted=True)  # exactly full: the whole ring, no mask
+    assert k.shape[1] == 10 and mask is None
+    cache.drop_predicted()
+    k, _, mask = write(3)  # entries dropped, nothing evicted yet: still a prefix
+    assert k.shape[1] == 7 and mask is None
+    write(6, predicted=True)  # evicts three: full again
+    cache.drop_predicted()
+    k, _, mask = write(2)  # evicted and not full: the masked ring
+    assert cache.head > 0 and k.shape[1] == 10 and mask is not None and mask.sum() == len(cache)
+    assert seen == [4, 7, 10, 7, 10, None]
+
+
+# ----- an episode -----
+
+def noise(engine, gen):
+    c, m = engine.config, engine.model.config
+    video = torch.randn(1, m.in_channels, c.frame_chunk_size, c.latent_height, c.latent_width, generator=gen)
+    actions = torch.randn(1, m.action_dim, c.frame_chunk_size, c.action_per_frame, 1, generator=gen)
+    return video, actions
+
+
+def episode(engine, t, chunks, reads=None):
+    """Act and observe (the chunk as imagined, perturbed so that observing counts) for `chunks` chunks,
+    from fixed noise; `reads` collects each static read's extent per chunk."""
+    gen = torch.Generator().manual_seed(1)
+    engine.reset(t["infer.in.prompt_emb"], t["infer.in.negative_emb"])
+    write = engine.cache.write
+    if reads is not None:
+        engine.cache.write = lambda *a, **k: reads[-1].add(engine.cache.static_extent()) or write(*a, **k)
+    out = []
+    for c in range(chunks):
+        if reads is not None:
+            reads.append(set())
+        vn, an = noise(engine, gen)
+        chunk = engine.act(first_latent=t["infer.in.init_latent"] if c == 0 else None, video_noise=vn,
+                           action_noise=an)
+        out.append(chunk)
+        engine.observe(chunk.video + 0.1 * vn, chunk.actions)
+    engine.cache.write = write
+    return out
+
+
+def windowed(cases, window):
+    cfg = engine_config(cases)
+    return dataclasses.replace(cfg, sampling=dataclasses.replace(cfg.sampling, attn_window=window))
+
+
+def test_static_read_episode_equals_the_compact_read_episode(golden, model):  # noqa: F811
+    """Through the filling phase (prefix reads: the very views the compact read returns, so equal to
+    the bit), past the point where the ring is full and into eviction (full reads, and the masked read
+    of each observation after an eviction, within float tolerance)."""
+    cases, t = golden
+    cfg = windowed(cases, 8)  # a ring of 4 chunks: filled by chunk 3, evicting from chunk 4
+    reads = []
+    static = episode(InferenceEngine(model, cfg, cuda_graphs=True), t, 7, reads)
+    compact = episode(InferenceEngine(model, cfg), t, 7)
+    capacity = 4 * 20  # 4 chunks of 12 video + 8 action tokens
+    for c in range(4):  # filling: prefixes, the last action read being the full ring
+        assert None not in reads[c] and reads[c] <= set(range(1, capacity + 1)), (c, reads[c])
+    assert capacity in reads[3] and reads[4] == {capacity, None}
+    masked_from = 4  # chunk 4's observation is the first masked read
+    for c, (s, e) in enumerate(zip(static, compact)):
+        for name in ("video", "actions"):
+            diff = (getattr(s, name) - getattr(e, name)).abs().max().item()
+            if c <= masked_from:
+                assert diff == 0, f"chunk {c} {name}: {diff}"
+            else:
+                assert diff <= 1e-5, f"chunk {c} {name}: {diff}"
+
+
+def test_graphs_per_episode_and_their_bound(golden, model, counted, monkeypatch):  # noqa: F811
+    """3 per level while the ring of C chunks fills (video at CFG batch 2; actions at batch 1 for the
+    steps and 2 for the cache pass), less the last action level, which is the full ring: 3C + 2 with
+    the full ring's 3 and the masked observation's 1. Past MAX_GRAPHS new shapes run eagerly."""
+    cases, t = golden
+    cfg = windowed(cases, 8)
+    engine = graphed(InferenceEngine(model, cfg, cuda_graphs=True))
+    first = episode(engine, t, 7)
+    assert len(engine._graphs) == 3 * 4 + 2
+    assert sum(1 for key in engine._graphs if key[3] is None) == 1  # the masked observation pass
+    again = episode(engine, t, 7)  # a second episode reuses them all
+    assert len(engine._graphs) == 3 * 4 + 2
+    for a, b in zip(first, again):
+        assert torch.equal(a.actions, b.actions) and torch.equal(a.video, b.video)
+
+    monkeypatch.setattr(engine_module, "MAX_GRAPHS", 5)
+    bounded = graphed(InferenceEngine(model, cfg, cuda_graphs=True))
+    for a, b in zip(episode(bounded, t, 7), first):
+        assert torch.equal(a.actions, b.actions) and torch.equal(a.video, b.video)
+    assert len(bounded._graphs) == 5
+
+
+def test_warm_up_runs_every_level_of_the_robotwin_ring(counted):
+    """The robotwin layout (24x20 latents, 240 video + 32 action tokens a chunk, window 72: a ring of
+    36 chunks, 9,792 slots) on a one-layer model: the warm-up's pass over the levels captures the 110
+    graphs of an episode, and an episode after it (filling, full, evicting) captures none."""
+    preset = get_preset("robotwin")
+    tiny = TransformerConfig(num_layers=1, num_attention_heads=1, attention_head_dim=24, ffn_dim=32, text_dim=16,
+                             freq_dim=32)
+    cfg = EngineConfig.from_preset(preset)
+    engine = graphed(InferenceEngine(build_transformer(tiny, seed=0), cfg, cuda_graphs=True))
+    engine.set_sampling(dataclasses.replace(cfg.sampling, video_steps=2, action_steps=2))
+    first = torch.zeros(1, tiny.in_channels, 1, *preset.latent_hw)
+
+    def start():
+        engine.reset(torch.randn(1, 5, tiny.text_dim), torch.randn(1, 5, tiny.text_dim))
+        video = engine.act(first_latent=first).video
+        engine.observe(video, torch.zeros(1, tiny.action_dim, 2, preset.action_per_frame, 1))
+
+    start()
+    assert engine.cache.capacity == 9792
+    assert engine.warm_up_cache_levels() == 36  # chunks 1-36; the 36th evicts, its observation is masked
+    assert len(engine._graphs) == 110
+    assert engine.config.sampling.video_steps == 2  # the session's settings are back
+    start()
+    for _ in range(37):  # the 36th evicts, the 37th runs on the evicted ring
+        chunk = engine.act()
+        engine.observe(chunk.video, chunk.actions)
+    assert engine.cache.head > 0 and len(engine._graphs) == 110
+
+
+def test_policy_warm_up_leaves_nothing_to_capture_in_the_first_episode(counted):
+    from vaops.models.checkpoint import build_random_weights
+
+    preset = get_preset("tiny")
+    policy = build_random_weights(preset, seed=0).new_policy()
+    graphed(policy.engine)
+    assert policy.warm_up() == 3
+    captured = len(policy.engine._graphs)
+    assert policy.frame_offset == 0 and len(policy.engine.cache) == 0
+    blank = {c.key: np.zeros((c.height, c.width, 3), np.uint8) for c in preset.cameras}
+    chunks = preset.sampling.attn_window // 2 + 3  # fills, then evicts
+    policy.reset("stack the cubes", seed=3)
+    for c in range(chunks):
+        chunk = policy.act(blank if c == 0 else None)
+        frames = (preset.frame_chunk_size - (c == 0)) * preset.frames_per_latent
+        policy.observe([blank] * frames, chunk.actions)
+    assert policy.engine.cache.head > 0
+    assert len(policy.engine._graphs) == captured
