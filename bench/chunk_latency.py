@@ -12,9 +12,9 @@ the others in the same process; ratios are against the first row.
     python bench/chunk_latency.py --skip-levers --skip-headline --skip-accuracy --operating-points 40
 
 `--operating-points N`: one served engine (compiled, CUDA graphs, fused q/k/v), warmed up as the server
-does before it reports ready (Policy.warm_up: the first chunk, one with the cache filling, one with it
-full), then an episode of N chunks at each operating point of the preset (released, paper, fast):
-the first chunk, the median while the cache fills and once it is full.
+does before it reports ready (Policy.warm_up: the first chunks, every filling level of the cache at one
+denoising step, a chunk on the full cache), then an episode of N chunks at each operating point of the
+preset (released, paper, fast): the first chunk, the median while the cache fills and once it is full.
 """
 
 from __future__ import annotations
@@ -78,12 +78,13 @@ def run_chunks(engine: InferenceEngine, chunks: int, prefill: int, text_len: int
 
 
 def warm_up(engine: InferenceEngine, text_len: int, seed: int) -> float:
-    """What Policy.warm_up does at model load, at the engine: each shape of an episode once (the
-    first chunk, a chunk with the cache filling, one with it full). Returns its seconds."""
+    """What Policy.warm_up does at model load, at the engine: each shape of an episode once (two
+    chunks, every other filling level of the cache at one denoising step until it evicts, a chunk on
+    the full cache). Returns its seconds."""
     sync(engine.device)
     t0 = time.perf_counter()
     run_chunks(engine, 2, 0, text_len, seed)
-    engine.cache.fill()
+    engine.warm_up_cache_levels()
     gen = torch.Generator(device=engine.device).manual_seed(seed)
     engine.act(generator=gen).actions.cpu()
     engine.observe(*observation(engine, gen))
@@ -289,8 +290,15 @@ def main() -> None:
         headline(results, engine, weight_bytes, args)
     if args.operating_points:
         results["warm_up_s"] = warm_up(engine, args.text_len, args.seed)
-        print(f"\nwarm-up (compilation, graph capture, each shape once): {results['warm_up_s']:.1f} s")
+        results["graphs_after_warm_up"] = len(engine._graphs)
+        print(f"\nwarm-up (compilation, graph capture, each shape once): {results['warm_up_s']:.1f} s, "
+              f"{len(engine._graphs)} graphs")
         results["operating_points"] = operating_points(engine, preset, args.operating_points, args.text_len, args.seed)
+        results["graphs_after_episodes"] = len(engine._graphs)  # the same number: the warm-up captured them all
+        if device.type == "cuda":  # weights, the KV cache, the graphs and their pool
+            results["served_peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            print(f"{results['graphs_after_episodes']} graphs after the episodes; peak memory "
+                  f"{results['served_peak_memory_gib']:.1f} GiB (KV cache {engine.cache.nbytes() / 2**30:.1f} GiB)")
     del engine, model
     if device.type == "cuda":
         torch.cuda.empty_cache()
