@@ -1,12 +1,15 @@
 """The Kubeflow pipeline: its compiled YAML through kfp's own loader; one local run (kfp.local) from
 a DVC-versioned dataset to a served champion, made with the demo's own functions at the smallest
-sizes; a rerun that comes from the cache; a failing step named with its reason; a submission to a
-Kubeflow Pipelines API (a recording HTTP endpoint: there is no cluster here).
+sizes and started through `vaops run` from a base checkpoint folder (`vaops demo --base-checkpoint`'s
+start; test_base_checkpoint.py runs one from a registry alias); a rerun that comes from the cache; a
+failing step named with its reason; a submission to a Kubeflow Pipelines API (a recording HTTP
+endpoint: there is no cluster here).
 
-The local run takes a few minutes on 2 cores, so the tests sharing it run in one xdist group."""
+The local run takes a few minutes on 2 cores: every test that needs one shares this one."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -20,12 +23,14 @@ import yaml
 
 from vaops.models.config import get_preset
 from vaops.pipelines import cli
+from vaops.pipelines import run as run_module
 from vaops.pipelines.demo import (
     DemoConfig,
     _manifest,
     ask,
     champion_version,
     data_registry,
+    pipeline_arguments,
     run_pipeline,
     sample_requests,
 )
@@ -35,13 +40,39 @@ from vaops.pipelines.run import PipelineFailed, run_local
 heavy = pytest.mark.xdist_group("pipeline")
 
 
+def _flags(arguments: dict) -> list[str]:
+    """Pipeline parameters as `vaops run` flags (`--train-config '{"steps": 2}'`)."""
+    return [item for name, value in arguments.items()
+            for item in (f"--{name.replace('_', '-')}", json.dumps(value) if isinstance(value, dict) else str(value))]
+
+
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    """The demo's flow at its smallest: a DVC registry with one recorded episode, the pipeline."""
-    cfg = DemoConfig(root=tmp_path_factory.mktemp("demo"), episodes=1, time_scale=0.5, train_steps=2,
-                     eval_max_steps=16, model_name="lingbot-va-test", pipeline={"augment_copies": 1})
+    """The demo's flow at its smallest: a DVC registry with one recorded episode, then the pipeline
+    on it through `vaops run`, with the demo's parameters as flags, from a tiny base checkpoint folder."""
+    from vaops.models.checkpoint import write_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("demo")
+    cfg = DemoConfig(root=root, base_checkpoint=write_tiny_checkpoint(root / "base", seed=7), episodes=1,
+                     time_scale=0.5, train_steps=2, eval_max_steps=16, model_name="lingbot-va-test",
+                     pipeline={"augment_copies": 1})
     rev = data_registry(cfg)
-    return cfg, rev, run_pipeline(cfg, rev)
+    runs = []
+
+    def recorded(*args, **kwargs):  # the LocalRun `vaops run` made (it prints, but returns only its exit code)
+        runs.append(run_local(*args, **kwargs))
+        return runs[-1]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(run_module, "run_local", recorded)
+        assert cli.main(["run", "--root", str(cfg.pipeline_root), *_flags(pipeline_arguments(cfg, rev))]) == 0
+    (run,) = runs
+    return cfg, rev, run
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def _git(repo: Path, *args: str) -> str:
@@ -142,6 +173,28 @@ def test_local_run_from_dvc_data_to_a_served_champion(demo, monkeypatch):
         answer = ask(f"http://127.0.0.1:{server.port}", "lingbot-va", reset, act)
     assert answer["shape"] == [len(preset.used_action_channels), preset.frame_chunk_size, preset.action_per_frame]
     assert answer["session_id"] == "demo-curl" and answer["values"] == 14 * 2 * 16
+
+
+@heavy
+def test_the_champion_started_from_the_base_checkpoint_folder(demo, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from vaops.models.model_source import resolve_checkpoint
+
+    cfg, _, run = demo
+    base = cfg.base_checkpoint
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", cfg.tracking_uri)
+    monkeypatch.setenv("VAOPS_MODEL_CACHE", str(tmp_path / "model-cache"))
+    trained = resolve_checkpoint(f"models:/{cfg.model_name}/{champion_version(cfg).version}")
+    # The trained checkpoint carries the base's encoders (its latents were made with them) ...
+    for part in ("vae", "text_encoder", "tokenizer"):
+        assert _digest(trained / part) == _digest(base / part), part
+    # ... and its transformer started from the base's weights: two steps later they differ a little.
+    before = load_file(str(base / "transformer" / "diffusion_pytorch_model.safetensors"))
+    after = load_file(str(trained / "transformer" / "diffusion_pytorch_model.safetensors"))
+    assert before.keys() == after.keys()
+    assert all(bool((before[k] - after[k]).abs().max() < 0.05) for k in before)
+    assert not all(bool((before[k] == after[k]).all()) for k in before)
 
 
 @heavy
