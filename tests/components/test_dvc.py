@@ -42,14 +42,14 @@ def test_dvc_pipeline_reruns_only_what_changed_and_round_trips_through_the_remot
     shutil.copyfile(REPO / ".dvc" / "config", repo / ".dvc" / "config")  # the project's default remote
     shutil.copyfile(REPO / "dvc.yaml", repo / "dvc.yaml")
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["demos"].update(episodes=2, time_scale=0.5)
+    params["demos"].update(episodes=1, time_scale=0.5)  # one demo and its augmented copy
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     (repo / ".gitignore").write_text("/.dvc-storage\n")
 
     out = _dvc("repro", cwd=repo)
     for stage in ("demos", "validate", "clean", "augment", "encode"):
         assert f"Running stage '{stage}'" in out
-    assert len(LeRobotData(repo / "data/encoded").episodes) == 4
+    assert len(LeRobotData(repo / "data/encoded").episodes) == 2
     assert (repo / "data/reports/validate/report.json").is_file()
     _run(["git", "add", "-A"], repo)
     _run(["git", "commit", "-qm", "v1"], repo)
@@ -81,10 +81,10 @@ def test_dvc_pipeline_reruns_only_what_changed_and_round_trips_through_the_remot
     _run(["git", "commit", "-qam", "v2"], repo)
     result = ingest(IngestConfig(repo=str(repo), rev="v1", source="data/augmented",
                                  output=str(tmp_path / "v1-augmented")))
-    assert result.episodes == 4
+    assert result.episodes == 2
     old = LeRobotData(tmp_path / "v1-augmented")
-    assert old.episodes[2].augmentation["seed"] == 0
-    assert LeRobotData(repo / "data/augmented").episodes[2].augmentation["seed"] == 1
+    assert old.episodes[0].augmentation is None and old.episodes[1].augmentation["seed"] == 0
+    assert LeRobotData(repo / "data/augmented").episodes[1].augmentation["seed"] == 1
     with pytest.raises(DatasetError, match="no such directory"):
         ingest(IngestConfig(repo=str(repo), rev="v1", source="data/nothing", output=str(tmp_path / "x")))
     assert not (tmp_path / "x").exists()
