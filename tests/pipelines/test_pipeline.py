@@ -1,19 +1,24 @@
 """The Kubeflow pipeline: its compiled YAML through kfp's own loader; one local run (kfp.local) from
 a DVC-versioned dataset to a served champion, made with the demo's own functions at the smallest
 sizes and started through `vaops run` from a base checkpoint folder (`vaops demo --base-checkpoint`'s
-start; test_base_checkpoint.py runs one from a registry alias); a rerun that comes from the cache; a
-failing step named with its reason; a submission to a Kubeflow Pipelines API (a recording HTTP
-endpoint: there is no cluster here).
+start); a rerun that comes from the cache; a second run in the same root from a base checkpoint in
+the MLflow registry (models:/name@alias; the step resolves models:/name/version too), its data steps
+from the cache; the base-model step's own starts (a shipped policy; random weights with VAE
+statistics fitted on the data); a failing step named with its reason, in one line with the path of
+its full log; a submission to a Kubeflow Pipelines API (a recording HTTP endpoint: there is no
+cluster here).
 
-The local run takes a few minutes on 2 cores: every test that needs one shares this one."""
+A local run takes a few minutes on 2 cores: the tests share these two."""
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import subprocess
 import sys
 import threading
+from contextlib import redirect_stderr, redirect_stdout
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import ClassVar
@@ -46,6 +51,23 @@ def _flags(arguments: dict) -> list[str]:
             for item in (f"--{name.replace('_', '-')}", json.dumps(value) if isinstance(value, dict) else str(value))]
 
 
+def _vaops_run(root: Path, arguments: dict, **env: str):
+    """`vaops run --root ROOT` with `arguments` as its flags: its exit code, the LocalRun it made (it
+    prints it, but returns only its exit code; None when it failed), its stdout and its stderr."""
+    runs, out, err = [], io.StringIO(), io.StringIO()
+
+    def recorded(*args, **kwargs):
+        runs.append(run_local(*args, **kwargs))
+        return runs[-1]
+
+    with pytest.MonkeyPatch.context() as mp, redirect_stdout(out), redirect_stderr(err):
+        mp.setattr(run_module, "run_local", recorded)
+        for name, value in env.items():
+            mp.setenv(name, value)
+        code = cli.main(["run", "--root", str(root), *_flags(arguments)])
+    return code, (runs[0] if runs else None), out.getvalue(), err.getvalue()
+
+
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     """The demo's flow at its smallest: a DVC registry with one recorded episode, then the pipeline
@@ -57,22 +79,73 @@ def demo(tmp_path_factory):
                      time_scale=0.5, train_steps=2, eval_max_steps=16, model_name="lingbot-va-test",
                      pipeline={"augment_copies": 1})
     rev = data_registry(cfg)
-    runs = []
-
-    def recorded(*args, **kwargs):  # the LocalRun `vaops run` made (it prints, but returns only its exit code)
-        runs.append(run_local(*args, **kwargs))
-        return runs[-1]
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(run_module, "run_local", recorded)
-        assert cli.main(["run", "--root", str(cfg.pipeline_root), *_flags(pipeline_arguments(cfg, rev))]) == 0
-    (run,) = runs
+    code, run, _, err = _vaops_run(cfg.pipeline_root, pipeline_arguments(cfg, rev))
+    assert code == 0, err[-3000:]
     return cfg, rev, run
+
+
+@pytest.fixture(scope="module")
+def registered(demo):
+    """Another tiny base checkpoint, version 1 of `base-model` in the demo's registry, alias `released`."""
+    from mlflow import MlflowClient
+
+    from vaops.components.register.registry import RegisterConfig
+    from vaops.components.register.registry import run as register
+    from vaops.models.checkpoint import write_tiny_checkpoint
+
+    cfg = demo[0]
+    base = write_tiny_checkpoint(cfg.root / "registered-base", seed=8)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", cfg.tracking_uri)
+        version = register(RegisterConfig(checkpoint=base, name="base-model", threshold=0.0)).version
+    MlflowClient(cfg.tracking_uri).set_registered_model_alias("base-model", "released", version)
+    return base, version
+
+
+# The run from the registry: one training step, one 8-step transfer-cube episode in one shard, and a
+# gate of 1 that the random model does not pass (registered, not promoted: no deploy).
+ALIAS_RUN = {"base_checkpoint": "models:/base-model@released", "model_name": "trained-from-alias",
+             "train_config": {"steps": 1}, "eval_preset": "transfer_cube", "eval_shards": 1, "eval_episodes": 1,
+             "eval_max_steps": 8, "threshold": 1.0}
+
+
+@pytest.fixture(scope="module")
+def alias_run(demo, registered):
+    """`vaops run` in the demo's root, on the same data, from models:/base-model@released."""
+    cfg, rev, _ = demo
+    code, run, out, err = _vaops_run(cfg.pipeline_root, {**pipeline_arguments(cfg, rev), **ALIAS_RUN},
+                                     VAOPS_MODEL_CACHE=str(cfg.root / "model-cache"))
+    assert code == 0, err[-3000:]
+    return run, out
 
 
 def _digest(folder: Path) -> dict[str, str]:
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _registered_checkpoint(cfg: DemoConfig, name: str) -> Path:
+    """The newest version of `name` in the demo's registry, resolved as models:/name/version."""
+    from mlflow import MlflowClient
+
+    from vaops.models.model_source import resolve_checkpoint
+
+    latest = max(MlflowClient(cfg.tracking_uri).search_model_versions(f"name='{name}'"), key=lambda v: int(v.version))
+    return resolve_checkpoint(f"models:/{name}/{latest.version}")
+
+
+def _assert_trained_from(base: Path, trained: Path) -> None:
+    """`trained` carries `base`'s encoders (its latents were made with them), and its transformer
+    started from `base`'s weights: a step or two later they differ a little."""
+    from safetensors.torch import load_file
+
+    for part in ("vae", "text_encoder", "tokenizer"):
+        assert _digest(trained / part) == _digest(base / part), part
+    before = load_file(str(base / "transformer" / "diffusion_pytorch_model.safetensors"))
+    after = load_file(str(trained / "transformer" / "diffusion_pytorch_model.safetensors"))
+    assert before.keys() == after.keys()
+    assert all(bool((before[k] - after[k]).abs().max() < 0.05) for k in before)
+    assert not all(bool((before[k] == after[k]).all()) for k in before)
 
 
 def _git(repo: Path, *args: str) -> str:
@@ -167,6 +240,7 @@ def test_local_run_from_dvc_data_to_a_served_champion(demo, monkeypatch):
     from vaops.components.evaluate.local_server import LocalPolicyServer
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", cfg.tracking_uri)
+    monkeypatch.setenv("VAOPS_MODEL_CACHE", str(cfg.root / "serve-model-cache"))
     preset = get_preset("tiny")
     reset, act = sample_requests(cfg)
     with LocalPolicyServer(cfg.champion, cfg.root / "serve.log") as server:
@@ -177,24 +251,12 @@ def test_local_run_from_dvc_data_to_a_served_champion(demo, monkeypatch):
 
 @heavy
 def test_the_champion_started_from_the_base_checkpoint_folder(demo, tmp_path, monkeypatch):
-    from safetensors.torch import load_file
-
     from vaops.models.model_source import resolve_checkpoint
 
-    cfg, _, run = demo
-    base = cfg.base_checkpoint
+    cfg = demo[0]
     monkeypatch.setenv("MLFLOW_TRACKING_URI", cfg.tracking_uri)
     monkeypatch.setenv("VAOPS_MODEL_CACHE", str(tmp_path / "model-cache"))
-    trained = resolve_checkpoint(f"models:/{cfg.model_name}/{champion_version(cfg).version}")
-    # The trained checkpoint carries the base's encoders (its latents were made with them) ...
-    for part in ("vae", "text_encoder", "tokenizer"):
-        assert _digest(trained / part) == _digest(base / part), part
-    # ... and its transformer started from the base's weights: two steps later they differ a little.
-    before = load_file(str(base / "transformer" / "diffusion_pytorch_model.safetensors"))
-    after = load_file(str(trained / "transformer" / "diffusion_pytorch_model.safetensors"))
-    assert before.keys() == after.keys()
-    assert all(bool((before[k] - after[k]).abs().max() < 0.05) for k in before)
-    assert not all(bool((before[k] == after[k]).all()) for k in before)
+    _assert_trained_from(cfg.base_checkpoint, resolve_checkpoint(cfg.champion))
 
 
 @heavy
@@ -219,6 +281,122 @@ def test_a_failing_step_is_named_with_its_reason(tmp_path, capsys):
     assert failed.value.step == "dataset-source"
     assert str(missing) in failed.value.reason and "cannot fetch" in failed.value.reason
     assert str(failed.value).startswith("step 'dataset-source' failed: DatasetError: ")
+
+
+@heavy
+def test_a_run_from_a_registry_alias_takes_the_data_steps_from_the_cache(demo, registered, alias_run, tmp_path,
+                                                                         monkeypatch):
+    cfg = demo[0]
+    run, out = alias_run
+    assert {"dataset-source", "validate", "clean", "augment"} <= set(run.cached)
+    assert not {"base-model", "encode", "train", "evaluate", "merge", "register"} & set(run.cached)
+    assert run.outputs["promoted"] is False and "promoted: False" in out
+    assert _manifest(cfg) is not None and len(list(cfg.pipeline_root.glob("*/deploy/manifest"))) == 1  # no deploy
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", cfg.tracking_uri)
+    monkeypatch.setenv("VAOPS_MODEL_CACHE", str(tmp_path / "model-cache"))
+    _assert_trained_from(registered[0], _registered_checkpoint(cfg, "trained-from-alias"))
+
+
+def test_base_model_step_resolves_a_registry_version(demo, registered, tmp_path, monkeypatch):
+    """The step itself, for `models:/name/version` (the run above gives it `@alias`)."""
+    from kfp import dsl
+
+    from vaops.pipelines.steps import base_model
+
+    cfg = demo[0]
+    base, version = registered
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", cfg.tracking_uri)  # the step sets it from tracking_uri
+    monkeypatch.setenv("VAOPS_MODEL_CACHE", str(tmp_path / "model-cache"))
+    out = dsl.Model(name="model", uri=str(tmp_path / "model"), metadata={})
+    assert base_model.python_func(model=out, base_checkpoint=f"models:/base-model/{version}", preset="tiny",
+                                  tracking_uri=cfg.tracking_uri) == "tiny"
+    assert _digest(Path(out.path)) == _digest(base)
+    assert out.metadata == {"source": f"models:/base-model/{version}", "preset": "tiny"}
+    with pytest.raises(ValueError, match="'tiny' checkpoint, but the pipeline's preset is 'robotwin'"):
+        base_model.python_func(model=dsl.Model(name="model", uri=str(tmp_path / "other"), metadata={}),
+                               base_checkpoint=str(base), preset="robotwin", tracking_uri=cfg.tracking_uri)
+
+
+def test_base_model_step_accepts_a_shipped_policy(tmp_path, monkeypatch):
+    """`--base-checkpoint <shipped folder>` (what `vaops demo` passes): the step's model is the full
+    checkpoint again, its encoders rebuilt (the same weights files) and its transformer the shipped one."""
+    from kfp import dsl
+
+    from vaops.models.checkpoint import ship_checkpoint, write_tiny_checkpoint
+    from vaops.pipelines.steps import base_model
+
+    monkeypatch.setenv("VAOPS_MODEL_CACHE", str(tmp_path / "cache"))
+    full = write_tiny_checkpoint(tmp_path / "full", seed=0)
+    shipped = ship_checkpoint(full, tmp_path / "shipped", {"commands": []})
+    out = dsl.Model(name="model", uri=str(tmp_path / "model"), metadata={})
+    assert base_model.python_func(model=out, base_checkpoint=str(shipped), preset="tiny") == "tiny"
+    made, original = _digest(Path(out.path)), _digest(full)
+    weights = [k for k in original if k.endswith(".safetensors")]
+    assert {k: made[k] for k in weights} == {k: original[k] for k in weights}
+    assert out.metadata == {"source": str(shipped), "preset": "tiny"}
+
+
+@heavy
+def test_base_model_step_fits_random_weights_to_the_data(demo, tmp_path):
+    """No base checkpoint: the preset's random weights (its own seed), the VAE's latent statistics
+    fitted on the data (the demo's recorded episode), so that its latents come out zero-mean and
+    unit-scale."""
+    import torch
+    from kfp import dsl
+
+    from vaops.components.dataset import LeRobotData
+    from vaops.components.encode.calibrate import CALIBRATION_FRAMES
+    from vaops.models.checkpoint import write_random_checkpoint
+    from vaops.models.observation import frames_to_video
+    from vaops.models.vae import latent_stats, load_vae
+    from vaops.pipelines.steps import base_model
+
+    cfg = demo[0]
+    data = cfg.registry / cfg.dataset
+    out = dsl.Model(name="model", uri=str(tmp_path / "model"), metadata={})
+    assert base_model.python_func(model=out, preset="tiny",
+                                  calibration_data=dsl.Dataset(name="dataset", uri=str(data), metadata={})) == "tiny"
+    made, random = Path(out.path), write_random_checkpoint(tmp_path / "random", "tiny")
+    same = {k: v for k, v in _digest(random).items() if not k.startswith("vae/")}
+    assert {k: _digest(made)[k] for k in same} == same  # the preset's seed: only the VAE's statistics differ
+
+    preset = get_preset("tiny")
+    camera = preset.cameras[0]
+    demos = LeRobotData(data)
+    frames = torch.cat([frames_to_video(video[[i for i in CALIBRATION_FRAMES if i < len(video)]], camera.height,
+                                        camera.width).transpose(0, 1)
+                        for video in (demos.video(m.episode_index, camera.key) for m in demos.episodes)])
+    assert out.metadata == {"source": f"random tiny (seed {preset.init_seed}), VAE latent statistics fitted on "
+                                      f"{len(frames)} frames", "preset": "tiny"}
+    vae = load_vae(made / "vae")
+    assert latent_stats(vae) != latent_stats(load_vae(random / "vae"))
+    mean, std = (torch.tensor(v) for v in latent_stats(vae))
+    with torch.no_grad():
+        mu = vae.encode(frames[:, :, None]).latent_dist.mean.transpose(0, 1).reshape(len(mean), -1)
+    normalised = (mu - mean[:, None]) / std[:, None]
+    torch.testing.assert_close(normalised.mean(1), torch.zeros(len(mean)), atol=1e-3, rtol=0)
+    torch.testing.assert_close(normalised.std(1), torch.ones(len(mean)), atol=1e-3, rtol=0)
+
+
+@heavy
+def test_a_failing_base_model_step_reports_its_exception_and_log_in_one_line(demo, tmp_path):
+    cfg, rev, _ = demo
+    broken = tmp_path / "broken-base"
+    (broken / "transformer").mkdir(parents=True)  # no policy.json: not a checkpoint
+    code, run, _, err = _vaops_run(cfg.pipeline_root, {**pipeline_arguments(cfg, rev), "base_checkpoint": str(broken)})
+    assert code == 1 and run is None
+    lines = [line for line in err.splitlines() if line.startswith("vaops run:")]
+    assert len(lines) == 1, lines
+    log = cfg.pipeline_root / "logs" / "base-model.log"
+    assert lines[0] == (f"vaops run: step 'base-model' failed: FileNotFoundError: {broken}: not a checkpoint folder "
+                        f"(policy.json is missing) (full log: {log})")
+    assert "Traceback (most recent call last):" in log.read_text()
+
+    with pytest.raises(PipelineFailed) as failed:
+        run_local({**pipeline_arguments(cfg, rev), "base_checkpoint": "models:/no-such-model@champion"},
+                  cfg.pipeline_root)
+    assert failed.value.step == "base-model" and failed.value.log == log
+    assert failed.value.reason.startswith("FileNotFoundError: models:/no-such-model@champion: not in the model registry")
 
 
 class _KubeflowAPI(BaseHTTPRequestHandler):
