@@ -50,57 +50,74 @@ def ahead_computations(port: int) -> float:
                if line.startswith("vaops_episode_op_seconds_count{") and 'op="act_ahead"' in line)
 
 
-def test_async_execution_computes_the_next_chunk_while_the_robot_moves(tmp_path):
+@pytest.fixture(scope="module")
+def loops(tmp_path_factory):
+    """One live server; the synchronous loop on one episode, then the asynchronous loop on both tasks'
+    (a reset between), each with the server's count of chunks computed ahead after it."""
+    root = tmp_path_factory.mktemp("async")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    with LocalPolicyServer(slow_tiny_checkpoint(root / "ck"), root / "server.log", torch_threads=1) as server:
+        sync = evaluate(server.url, root / "sync", False, TrackingConfig(enabled=False), ("AlohaInsertion-v0",))
+        after_sync = ahead_computations(server.port)
+        fast = evaluate(server.url, root / "async", True, TrackingConfig(tracking_uri=uri))
+        after_async = ahead_computations(server.port)
+    return {"root": root, "uri": uri, "sync": sync, "async": fast, "ahead": (after_sync, after_async)}
+
+
+CHUNKS = len(CHUNK_ACTIONS)
+
+
+def test_async_execution_computes_the_next_chunk_while_the_robot_moves(loops):
     """Behaviour, not speed: the async loop is handed chunks the server computed ahead, and the
     idle it records spans its round trips. How much idle that saves is a timing claim, measured
     on the GPU by bench/async_idle.py (results/async_idle_h200.json), not asserted here."""
-    import mlflow
-
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    with LocalPolicyServer(slow_tiny_checkpoint(tmp_path / "ck"), tmp_path / "server.log", torch_threads=1) as server:
-        # the synchronous baseline on one episode; the asynchronous loop on both tasks' (a reset between)
-        sync = evaluate(server.url, tmp_path / "sync", False, TrackingConfig(enabled=False), ("AlohaInsertion-v0",))
-        after_sync = ahead_computations(server.port)
-        fast = evaluate(server.url, tmp_path / "async", True, TrackingConfig(tracking_uri=uri))
-        after_async = ahead_computations(server.port)
-
-    chunks = len(CHUNK_ACTIONS)
+    after_sync, after_async = loops["ahead"]
     # Sync computes every chunk on request. Async computes chunks 2..3 of each of the 2 episodes
     # while the one before runs; the ahead started after chunk 3 is dropped at the next reset,
     # counted only if it had begun.
     assert after_sync == 0
-    assert 2 * (chunks - 1) <= after_async - after_sync <= 2 * chunks
-    period = 1 / FPS
-    for result, episodes in ((sync, 1), (fast, 2)):
-        assert [(r.status, r.steps, r.chunks) for r in result.records] == [("failure", MAX_STEPS, chunks)] * episodes
-        for r in result.records:
-            assert r.error is None and len(r.idle_s) == chunks - 1 and len(r.execution_s) == chunks
-            # real time: a chunk takes at least its actions' control periods, stepping included
-            for actions, seconds in zip(CHUNK_ACTIONS, r.execution_s):
-                assert seconds >= actions * period * 0.99
-        for idle, observe, act in zip((x for r in result.records for x in r.idle_s),
-                                      (x for r in result.records for x in r.observe_latency_s),
-                                      (x for r in result.records for x in r.chunk_latency_s[1:])):
-            assert idle >= observe + act  # idle spans the observe and the next act round trips
+    assert 2 * (CHUNKS - 1) <= after_async - after_sync <= 2 * CHUNKS
+    assert (loops["sync"].metrics["control_loop"]["async_execution"],
+            loops["async"].metrics["control_loop"]["async_execution"]) == (False, True)
 
-    idle_sync, idle_async = sync.metrics["latency"]["idle"], fast.metrics["latency"]["idle"]
-    assert (idle_sync["count"], idle_async["count"]) == (chunks - 1, 2 * (chunks - 1)) == (2, 4)
-    loop_sync, loop_async = sync.metrics["control_loop"], fast.metrics["control_loop"]
-    assert (loop_sync["async_execution"], loop_async["async_execution"]) == (False, True)
-    assert 0 < loop_async["idle_fraction"] < 1 and 0 < loop_sync["idle_fraction"] < 1
-    execution = [x for r in sync.records for x in r.execution_s]
-    assert loop_sync["idle_fraction"] == sum(
-        x for r in sync.records for x in r.idle_s) / (sum(x for r in sync.records for x in r.idle_s) + sum(execution))
 
-    saved = json.loads((tmp_path / "async" / "metrics.json").read_text())
-    assert saved["control_loop"] == loop_async and saved["latency"]["idle"] == idle_async
-    md = (tmp_path / "async" / "report.md").read_text()
-    assert "## Control loop" in md and "asynchronous execution, real time" in md
-    assert f"| idle between chunks | 4 | {idle_async['p50_s']:.3f} | {idle_async['p95_s']:.3f} |" in md
-    assert "synchronous execution, real time" in (tmp_path / "sync" / "report.md").read_text()
-    logged = mlflow.MlflowClient(uri).get_run(fast.mlflow_run_id).data
-    assert logged.metrics["latency.idle.p50_s"] == idle_async["p50_s"]
-    assert logged.metrics["control_loop.idle_fraction"] == loop_async["idle_fraction"]
+@pytest.mark.parametrize("loop,episodes", [("sync", 1), ("async", 2)])
+def test_both_loops_run_in_real_time_and_idle_spans_the_round_trips(loops, loop, episodes):
+    result = loops[loop]
+    assert [(r.status, r.steps, r.chunks) for r in result.records] == [("failure", MAX_STEPS, CHUNKS)] * episodes
+    for r in result.records:
+        assert r.error is None and len(r.idle_s) == CHUNKS - 1 and len(r.execution_s) == CHUNKS
+        # real time: a chunk takes at least its actions' control periods, stepping included
+        for actions, seconds in zip(CHUNK_ACTIONS, r.execution_s):
+            assert seconds >= actions * (1 / FPS) * 0.99
+    for idle, observe, act in zip((x for r in result.records for x in r.idle_s),
+                                  (x for r in result.records for x in r.observe_latency_s),
+                                  (x for r in result.records for x in r.chunk_latency_s[1:])):
+        assert idle >= observe + act  # idle spans the observe and the next act round trips
+    idle = result.metrics["latency"]["idle"]
+    assert idle["count"] == episodes * (CHUNKS - 1)
+    control = result.metrics["control_loop"]
+    assert 0 < control["idle_fraction"] < 1
+    idle_s = sum(x for r in result.records for x in r.idle_s)
+    assert control["idle_fraction"] == idle_s / (idle_s + sum(x for r in result.records for x in r.execution_s))
+    md = (loops["root"] / loop / "report.md").read_text()
+    assert f"{'asynchronous' if loop == 'async' else 'synchronous'} execution, real time" in md
+    assert ("asynchronous execution" in md) == (loop == "async")
+
+
+def test_the_control_loop_is_saved_reported_and_logged(loops):
+    import mlflow
+
+    fast = loops["async"]
+    idle, control = fast.metrics["latency"]["idle"], fast.metrics["control_loop"]
+    saved = json.loads((loops["root"] / "async" / "metrics.json").read_text())
+    assert saved["control_loop"] == control and saved["latency"]["idle"] == idle
+    md = (loops["root"] / "async" / "report.md").read_text()
+    assert "## Control loop" in md
+    assert f"| idle between chunks | 4 | {idle['p50_s']:.3f} | {idle['p95_s']:.3f} |" in md
+    logged = mlflow.MlflowClient(loops["uri"]).get_run(fast.mlflow_run_id).data
+    assert logged.metrics["latency.idle.p50_s"] == idle["p50_s"]
+    assert logged.metrics["control_loop.idle_fraction"] == control["idle_fraction"]
     assert logged.params["async_execution"] == "True" and logged.params["real_time"] == "True"
 
 
