@@ -30,6 +30,12 @@ _select_accelerator()
 
 import deepspeed  # noqa: E402
 
+if not torch.cuda.is_available():
+    # DeepSpeed's CPU backend compiles a shared-memory all-reduce op (deepspeed_shm_comm) when a
+    # process group starts: 1-2.5 min of C++ in a fresh virtualenv, rebuilt for every checkout path
+    # that shares ~/.cache/torch_extensions. gloo's all-reduce serves the CPU runs (tiny presets).
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
 
 @dataclass(frozen=True)
 class DistInfo:
