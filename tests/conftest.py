@@ -8,6 +8,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # DeepSpeed), DVC, real servers driven by evaluation clients. `make test` runs everything;
 # `make test-fast` (`-m "not e2e"`) leaves these out for a quick loop while editing.
 E2E_MODULES = {
+    "tests/pipelines/test_pipeline.py", "tests/pipelines/test_demo.py",
     "tests/pipelines/test_generate.py", "tests/components/test_dvc.py", "tests/components/test_train_launch.py",
     "tests/components/test_train_run.py", "tests/components/test_evaluate_e2e.py",
     "tests/components/test_evaluate_async.py", "tests/components/test_evaluate_libero.py",
