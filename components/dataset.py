@@ -43,7 +43,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
-from lerobot.datasets.utils import DEFAULT_FEATURES, load_info, load_tasks  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from vaops.models.atomic import write_folder_atomically  # noqa: E402
@@ -56,6 +55,25 @@ MIN_SVTAV1_SIZE = 32
 # Where a writing stage keeps the video encoder's own log lines (in its report folder).
 ENCODER_LOG = "encoder.log"
 EXTRA_COLUMNS = ("action_config", "success", "seed", "augmented_from", "augmentation")
+
+# lerobot's own bookkeeping columns (lerobot.datasets.utils.DEFAULT_FEATURES in 0.4.4).
+DEFAULT_FEATURES = ("timestamp", "frame_index", "episode_index", "index", "task_index")
+
+
+def load_info(root: Path) -> dict:
+    """meta/info.json as lerobot.datasets.utils.load_info reads it (shapes as tuples). Not imported from
+    there: that module pulls torch, torchvision and datasets (6-11 s on 2 cores) into every stage
+    process that only reads metadata; tests/components/test_dataset_writer.py checks both agree."""
+    info = json.loads((root / "meta" / "info.json").read_text())
+    for feature in info["features"].values():
+        feature["shape"] = tuple(feature["shape"])
+    return info
+
+
+def load_tasks(root: Path):
+    """meta/tasks.parquet as lerobot.datasets.utils.load_tasks reads it (a DataFrame indexed by task)."""
+    return pq.read_table(root / "meta" / "tasks.parquet").to_pandas()
+
 
 _SEGMENT_TYPE = pa.list_(pa.struct([("start_frame", pa.int64()), ("end_frame", pa.int64()),
                                     ("action_text", pa.string())]))

@@ -62,3 +62,17 @@ def test_a_failing_source_leaves_nothing_written(demos_source, tmp_path, monkeyp
                       robot_type=src.robot_type, vcodec="h264", workers=2)
     assert len(LeRobotData(tmp_path / "out").episodes) == len(before.episodes) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_metadata_readers_agree_with_lerobots(demos_source):
+    """components.dataset reads info.json and tasks.parquet itself (importing lerobot's helpers costs a
+    stage process 6-11 s); what it reads must be what lerobot's own readers return."""
+    import pandas as pd
+    from lerobot.datasets import utils as lerobot_utils
+
+    from vaops.components import dataset
+
+    root = LeRobotData(demos_source).root
+    assert dataset.load_info(root) == lerobot_utils.load_info(root)
+    pd.testing.assert_frame_equal(dataset.load_tasks(root), lerobot_utils.load_tasks(root))
+    assert set(dataset.DEFAULT_FEATURES) == set(lerobot_utils.DEFAULT_FEATURES)
