@@ -6,6 +6,8 @@
 #   .whl-gpu   training, serving and evaluation: deepspeed, mlflow-skinny, kserve, the sim (46 MB)
 #   .whl-train training alone: .whl-gpu without the sim and the serving stack (24 MB), so one call can
 #              carry a dataset's latents beside it; a later call on the warm node adds .whl-gpu
+#   .whl-rdata, .whl-rgpu  .whl-data and .whl-gpu without the sim (49 MB, 36 MB): bench/production_path.py,
+#              its data steps in one call, training and serving in the next ones on the warm node
 # dm_control ships 55 MB of locomotion and dog assets the ALOHA scenes never load: they are cut from
 # its wheel. The versions are this venv's (constraints.txt resolves them), so both sides agree.
 # The shipped policy (checkpoints/small-aloha, 44.5 MB) is tracked, so it travels with every call and
@@ -58,4 +60,11 @@ for f in .whl-gpu/*.whl; do
     *) cp "$f" .whl-train/ ;;
   esac
 done
-du -sh .whl-data .whl-gpu .whl-train
+for pair in .whl-data:.whl-rdata .whl-gpu:.whl-rgpu; do
+  src=${pair%%:*} dst=${pair##*:}
+  rm -rf "$dst" && mkdir "$dst"
+  for f in "$src"/*.whl; do
+    case $(basename "$f") in mujoco-*|dm_*|pyopengl-*|glfw-*|gym_aloha-*|gymnasium-*|farama_*) ;; *) cp "$f" "$dst/" ;; esac
+  done
+done
+du -sh .whl-data .whl-gpu .whl-train .whl-rdata .whl-rgpu

@@ -10,9 +10,12 @@ compared with the trained checkpoint's first chunk run directly (same prompt, se
 
     # on this CPU machine: tiny networks on RoboTwin-shaped data, one process, a few minutes
     python bench/production_path.py --preset tiny --device cpu --out outputs/rehearsal-cpu
-    # on 2 x H200: robotwin sizes (5 B transformer, real-size Wan2.2 VAE and UMT5-XXL), random weights
-    python bench/production_path.py --preset robotwin --device cuda --gpus 1,2 --out /tmp/rehearsal \\
-        --results-md bench/results/production_path.md
+    # on 2 x H200: robotwin sizes (5 B transformer, real-size Wan2.2 VAE and UMT5-XXL), random weights;
+    # as run there (bench/results/production_path.md), one process per 10-minute device call:
+    python bench/production_path.py --preset robotwin --device cuda --gpus 1,2 --all-stages --out /tmp/rehearsal \\
+        --stop-after encode                                # wheels: .whl-rdata (bench/device_wheels.sh)
+    python bench/production_path.py ... --resume --deadline-s 330 \\
+        --results-md bench/results/production_path.md     # wheels: .whl-rgpu; again until it ends
 
 Writes <out>/production_path.json and <out>/production_path.md (the command line beside the
 numbers), each step's log under <out>/logs/. The rehearsal can be split over several processes (a
