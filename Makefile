@@ -14,8 +14,8 @@ APT_PKGS := libavcodec59 libavformat59 libavutil57 libavdevice59 libavfilter8 li
 
 .PHONY: demo test test-fast venv system-deps clean ship-policy
 
-# uv installs the same pinned set as pip in a fraction of the time (fresh clone, 2 cores: about 40 s
-# against 4 min 30 s with pip), so most of `make test` is the tests. --compile-bytecode as pip does:
+# uv installs the same pinned set as pip in a fraction of the time (fresh clone, 2 cores: about 1.5 min
+# with bytecode against 4 min 30 s with pip), so most of `make test` is the tests. --compile-bytecode as pip does:
 # where PYTHONDONTWRITEBYTECODE is set, every process would otherwise recompile torch & co. from
 # source (a fresh `make test` took 1,298 s of pytest instead of 819 s).
 UV := $(BIN)/uv pip install -q --compile-bytecode --python $(BIN)/python
