@@ -377,8 +377,8 @@ def rehearse(args) -> dict:
     r.step("clean", lambda: r.sh("clean", vaops("clean", "--dataset", str(data / "robotwin"), "--output",
                                                  str(fresh(data / "cleaned")), "--report-dir", str(data / "reports" / "clean"),
                                                  "--validation-report", str(data / "reports" / "validate"))))
-    r.step("encode", lambda: fresh(data / "encoded") and r.sh("encode", vaops(
-        "encode", "--dataset", str(data / "cleaned"), "--output", str(data / "encoded"), "--report-dir",
+    r.step("encode", lambda: r.sh("encode", vaops(
+        "encode", "--dataset", str(data / "cleaned"), "--output", str(fresh(data / "encoded")), "--report-dir",
         str(data / "reports" / "encode"), "--model-preset", args.preset, "--checkpoint", str(base), "--robot",
         "robotwin", "--device", args.device, *dtype_gpu)))
 
@@ -393,7 +393,7 @@ def rehearse(args) -> dict:
                "vaops.pipelines.cli", "train", *train_arguments(cfg, args.preset)]
 
         def train(cmd=cmd, cfg=cfg, tag=tag, last=i == len(plan) - 1) -> str:
-            shutil.rmtree(cfg.output, ignore_errors=True)  # what a process killed mid-step left
+            fresh(Path(cfg.output))
             # launch.run_local_ranks's command (the TrainJob's entry point), its output in the step's log.
             r.sh(f"train-{tag}", cmd)
             outputs = json.loads((Path(cfg.output) / "outputs.json").read_text())

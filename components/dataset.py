@@ -45,7 +45,7 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from vaops.models.atomic import write_folder_atomically  # noqa: E402
+from vaops.models.atomic import read_json, write_folder_atomically  # noqa: E402
 
 CODEBASE_VERSION = "v3.0"
 EPISODES_JSONL = "meta/episodes.jsonl"
@@ -64,7 +64,7 @@ def load_info(root: Path) -> dict:
     """meta/info.json as lerobot.datasets.utils.load_info reads it (shapes as tuples). Not imported from
     there: that module pulls torch, torchvision and datasets (6-11 s on 2 cores) into every stage
     process that only reads metadata; tests/components/test_dataset_writer.py checks both agree."""
-    info = json.loads((root / "meta" / "info.json").read_text())
+    info = read_json(root / "meta" / "info.json", "the dataset's info")
     for feature in info["features"].values():
         feature["shape"] = tuple(feature["shape"])
     return info

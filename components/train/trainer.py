@@ -55,11 +55,16 @@ class TrainOutputs:
     report: str
 
 
+def read_outputs(output: Path) -> TrainOutputs:
+    """The outputs.json a finished run wrote in its folder."""
+    return TrainOutputs(**json.loads((Path(output) / OUTPUTS_FILE).read_text()))
+
+
 def finished_outputs(output: Path, steps: int) -> TrainOutputs | None:
     """The outputs of a run in `output` that already trained `steps` steps, its checkpoint and report
     still there (a launcher need not train it again), else None."""
     try:
-        outputs = TrainOutputs(**json.loads((Path(output) / OUTPUTS_FILE).read_text()))
+        outputs = read_outputs(output)
     except (OSError, ValueError, TypeError):
         return None
     if outputs.steps < steps or not Path(outputs.checkpoint).is_dir() or not Path(outputs.report).is_file():
@@ -231,7 +236,7 @@ def run(cfg: TrainConfig) -> TrainOutputs:
         tracker.end()
     barrier()
     if outputs is None:
-        outputs = TrainOutputs(**json.loads((output / OUTPUTS_FILE).read_text()))
+        outputs = read_outputs(output)
     return outputs
 
 
