@@ -108,6 +108,23 @@ class TextContext:
     def select(self, batch: slice) -> "TextContext":
         return TextContext([(k[batch], v[batch]) for k, v in self.kv])
 
+    def attend(self, layer: int, q: torch.Tensor, backend: str) -> torch.Tensor:
+        """Cross-attention of q [B, L, H, D] over this layer's text keys/values."""
+        return attention(q, *self.kv[layer], backend=backend)
+
+
+@dataclass
+class StackedText:
+    """The text of several episodes whose tokens run as one batch (models/batch.py): consecutive rows
+    of q belong to consecutive parts, each part attending to its own prompt, so no prompt's keys are
+    copied into a batch-sized tensor."""
+
+    parts: list[tuple[int, TextContext]]  # (rows, context)
+
+    def attend(self, layer: int, q: torch.Tensor, backend: str) -> torch.Tensor:
+        rows = [n for n, _ in self.parts]
+        return torch.cat([text.attend(layer, qi, backend) for qi, (_, text) in zip(q.split(rows), self.parts)])
+
 
 class TransformerBlock(nn.Module):
     def __init__(self, cfg: TransformerConfig):
@@ -121,7 +138,7 @@ class TransformerBlock(nn.Module):
         self.norm3 = FP32LayerNorm(dim, cfg.eps, elementwise_affine=False)
         self.scale_shift_table = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
-    def forward(self, layer: int, x: torch.Tensor, text_kv: tuple[torch.Tensor, torch.Tensor],
+    def forward(self, layer: int, x: torch.Tensor, text: TextContext | StackedText,
                 mod: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 self_attention: SelfAttentionFn, backend: str, regions: "BlockRegions") -> torch.Tensor:
         """x [B, L, D]; mod [B, G, 6, D]: the modulation of G equal groups of consecutive tokens
@@ -129,7 +146,7 @@ class TransformerBlock(nn.Module):
         e = (self.scale_shift_table + mod.float()).unsqueeze(2).unbind(3)  # 6 x [B, G, 1, D]
         q, k, v = regions.attn_in(self, x, e[0], e[1], *rope)
         x, q = regions.attn_out(self, x, self_attention(layer, q, k, v), e[2])
-        cross = attention(q, *text_kv, backend="sdpa" if backend == "flex" else backend)
+        cross = text.attend(layer, q, "sdpa" if backend == "flex" else backend)
         return regions.ffn_out(self, x, cross, e[3], e[4], e[5])
 
 
@@ -267,11 +284,11 @@ class LingBotVATransformer(nn.Module):
         self.regions = BlockRegions.compiled()
 
     def trunk(self, x: torch.Tensor, temb: torch.Tensor, mod: torch.Tensor,
-              rope: tuple[torch.Tensor, torch.Tensor], text: TextContext,
+              rope: tuple[torch.Tensor, torch.Tensor], text: TextContext | StackedText,
               self_attention: SelfAttentionFn, backend: str = "sdpa") -> torch.Tensor:
         """x [B, L, D]; temb [B, G, D] and mod [B, G, 6, D] per group of L/G consecutive tokens."""
         for i, block in enumerate(self.blocks):
-            args = (i, x, text.kv[i], mod, rope, self_attention, backend, self.regions)
+            args = (i, x, text, mod, rope, self_attention, backend, self.regions)
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
             else:
@@ -281,7 +298,8 @@ class LingBotVATransformer(nn.Module):
         return out.flatten(1, 2).type_as(x)
 
     def forward_video(self, latents: torch.Tensor, timesteps: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                      text: TextContext, self_attention: SelfAttentionFn, backend: str = "sdpa") -> torch.Tensor:
+                      text: TextContext | StackedText, self_attention: SelfAttentionFn,
+                      backend: str = "sdpa") -> torch.Tensor:
         """Velocity for a video chunk [B, 48, F, H, W]; timesteps [B, F]; rope = self.rope(grid ids)."""
         _, _, f, h, w = latents.shape
         temb, mod = self.time_embed(timesteps, action=False)
@@ -289,7 +307,8 @@ class LingBotVATransformer(nn.Module):
         return self.unpatchify(self.proj_out(out), f, h, w)
 
     def forward_actions(self, actions: torch.Tensor, timesteps: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                        text: TextContext, self_attention: SelfAttentionFn, backend: str = "sdpa") -> torch.Tensor:
+                        text: TextContext | StackedText, self_attention: SelfAttentionFn,
+                      backend: str = "sdpa") -> torch.Tensor:
         """Velocity for an action chunk [B, 30, F, N, 1]; timesteps [B, F]; rope = self.rope(grid ids)."""
         b, a, f, n, w = actions.shape
         temb, mod = self.time_embed(timesteps, action=True)
