@@ -141,11 +141,12 @@ def server_dtype(args: argparse.Namespace) -> str:
     return args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
 
 
-def serve_during(args: argparse.Namespace, weights, work: Callable[[str], None]) -> None:
+def serve_during(args: argparse.Namespace, weights, work: Callable[[str], None], **settings) -> None:
     """Serve `weights` (websocket only) in this thread while `work(websocket url)` runs in another
-    once the server is ready; the server stops when the work ends."""
-    cfg = ServeConfig(model="(in memory)", http_port=free_port(), grpc_port=free_port(), enable_grpc=False,
-                      device=args.device, dtype=server_dtype(args), max_sessions=2)
+    once the server is ready; the server stops when the work ends. `settings`: ServeConfig fields."""
+    cfg = ServeConfig(**{"model": "(in memory)", "http_port": free_port(), "grpc_port": free_port(),
+                         "enable_grpc": False, "device": args.device, "dtype": server_dtype(args),
+                         "max_sessions": 2, **settings})
     failure: list[str] = []
 
     def client() -> None:

@@ -15,6 +15,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
+from .batch import BatchingEngine, ChunkBatcher
 from .config import Preset
 from .engine import Chunk, EngineConfig, InferenceEngine
 from .observation import ObservationEncoder
@@ -48,6 +49,8 @@ class PolicyWeights:
     vae: torch.nn.Module
     text_encoder: TextEncoder
     backend: str | None = None  # default: "cudnn" on GPU, "sdpa" on CPU
+    # Several robots' chunks due together run as one batch (models/batch.py); None: each alone.
+    batcher: ChunkBatcher | None = None
 
     @property
     def on_gpu(self) -> bool:
@@ -77,8 +80,12 @@ class Policy:
         self.weights = weights
         preset = weights.preset
         self.preset = preset
-        self.engine = InferenceEngine(weights.transformer, EngineConfig.from_preset(preset), weights.backend,
-                                      cuda_graphs=True)
+        config = EngineConfig.from_preset(preset)
+        if weights.batcher is None:
+            self.engine = InferenceEngine(weights.transformer, config, weights.backend, cuda_graphs=True)
+        else:
+            self.engine = BatchingEngine(weights.transformer, config, weights.backend, cuda_graphs=True,
+                                         batcher=weights.batcher)
         self.observations = ObservationEncoder(weights.vae, preset)
         self.q01 = torch.tensor(preset.norm_q01, dtype=torch.float32)
         self.q99 = torch.tensor(preset.norm_q99, dtype=torch.float32)

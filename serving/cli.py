@@ -28,6 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-request-mb", type=float, default=d.max_request_mb)
     parser.add_argument("--compute-threads", type=int, default=d.compute_threads,
                         help="episode operations computed at once (1 suits one GPU)")
+    parser.add_argument("--max-batch", type=int, default=d.max_batch,
+                        help="most robots whose chunks run as one batch (default: 8 on a GPU, 1 on CPU)")
     parser.add_argument("--torch-threads", type=int, default=None)
     parser.add_argument("--no-warmup", action="store_true",
                         help="report ready at once, without running an episode's shapes first (GPU only)")
@@ -40,7 +42,8 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         model=args.model, name=args.name, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
         enable_grpc=not args.no_grpc, device=args.device, dtype=args.dtype, max_sessions=args.max_sessions,
         max_cache_gb=args.max_cache_gb, idle_timeout_s=args.idle_timeout, token=os.environ.get(args.token_env) or None,
-        max_request_mb=args.max_request_mb, compute_threads=args.compute_threads, torch_threads=args.torch_threads,
+        max_request_mb=args.max_request_mb, compute_threads=args.compute_threads, max_batch=args.max_batch,
+        torch_threads=args.torch_threads,
         warmup=not args.no_warmup,
     ).validate()
 

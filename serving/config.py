@@ -23,10 +23,20 @@ class ServeConfig:
     token: str | None = None  # bearer token; None: no authentication
     max_request_mb: float = 64.0
     compute_threads: int = 1  # episode operations run in this many worker threads (1: one at a time)
+    # Robots whose chunks are due together share their denoising passes (models/batch.py), at most this
+    # many per batch; 1: each chunk alone. None: 8 on a GPU (an action pass reads the weights whatever
+    # the batch), 1 on CPU (compute bound there: a batch takes as long as its chunks one by one).
+    max_batch: int | None = None
     torch_threads: int | None = None
     # On a GPU, run an episode's shapes once before reporting ready (Policy.warm_up), so the first
     # robot's first chunk does not pay for compilation and graph capture (3.9 s against 0.25 s later).
     warmup: bool = True
+
+    @property
+    def batch_limit(self) -> int:
+        if self.max_batch is not None:
+            return self.max_batch
+        return 1 if self.device == "cpu" else 8
 
     @property
     def max_request_bytes(self) -> int:
@@ -54,6 +64,8 @@ class ServeConfig:
             problems.append(f"max_request_mb {self.max_request_mb} must be positive")
         if self.compute_threads < 1:
             problems.append(f"compute_threads {self.compute_threads} must be at least 1")
+        if self.max_batch is not None and self.max_batch < 1:
+            problems.append(f"max_batch {self.max_batch} must be at least 1")
         if self.token is not None and len(self.token) < 8:
             problems.append("token must be at least 8 characters")
         if problems:

@@ -35,6 +35,7 @@ from kserve.protocol.grpc.server import GRPCServer
 from kserve.protocol.grpc.servicer import InferenceServicer
 from kserve.protocol.rest.server import RESTServer
 
+from vaops.models.batch import ChunkBatcher
 from vaops.models.checkpoint import load_weights
 from vaops.models.model_source import resolve_checkpoint
 from vaops.models.msgpack_numpy import UnpackLimits
@@ -259,9 +260,15 @@ def build_model(cfg: ServeConfig) -> PolicyModel:
 
 def model_from_weights(cfg: ServeConfig, weights: PolicyWeights) -> PolicyModel:
     max_cache = None if cfg.max_cache_gb is None else int(cfg.max_cache_gb * 2**30)
+    batch = cfg.batch_limit
+    if batch > 1:  # before the first policy is made: every session's engine joins the batcher
+        weights.batcher = ChunkBatcher(max_batch=batch)
     sessions = SessionManager(weights, cfg.max_sessions, max_cache, cfg.idle_timeout_s,
                               warm_up=cfg.warmup and weights.on_gpu)
-    executor = ThreadPoolExecutor(max_workers=cfg.compute_threads, thread_name_prefix="policy")
+    # Batching needs the sessions' operations in flight together: a thread for each session's operation
+    # and one for its chunk computed ahead.
+    threads = cfg.compute_threads if batch == 1 else max(cfg.compute_threads, 2 * sessions.capacity)
+    executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="policy")
     return PolicyModel(cfg.name, EpisodeService(sessions, executor))
 
 

@@ -1,0 +1,331 @@
+"""Many robots on one policy server: latency, throughput, real time and a soak, through `vaops serve`'s
+websocket (the upstream protocol), with random weights built as bench/serve.py builds them.
+
+The robots are threads of a separate client process (so their message packing does not compete with
+the server for its interpreter lock); the server runs in this process with its chunk batching
+(models/batch.py). Phases, each in one server run:
+
+1. load: N robots (1, 2, 4, 8) run synchronous episodes back to back as fast as the server answers, at
+   each operating point (released 25/50 steps, the paper's 3-to-s=0.6/10). Per chunk the act round trip
+   (the chunk's latency) and the observe round trip; chunks per second over all robots; GPU memory.
+   The in-run baseline: the same 8 robots with batching off (max_batch 1: each chunk alone).
+2. real time: N robots at the control rate (50 Hz: a chunk of 32 actions executes in 0.64 s) with
+   asynchronous execution at the paper's operating point, all started together; a robot is idle from
+   the end of its chunk's last action to its next chunk in hand. Target: p99 at most 50 ms.
+3. soak: `--soak-chunks` chunks over many short sessions of 8 concurrent robots; a tenth of the
+   episodes drop the connection mid-episode (no close), and bad requests are mixed in on the websocket
+   and on REST. Checked: no 5xx, every bad request answered in the protocol's terms and the
+   connection still usable, no session left open and KV cache memory back to its level before.
+
+    python bench/serve_load.py --preset tiny --device cpu --robots 1,2 --chunks 3 --soak-chunks 20   # smoke
+    python bench/serve_load.py --preset robotwin --device cuda --out-dir bench/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import random
+import statistics
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import torch
+from serve import PROMPT, add_server_arguments, connect, random_weights, serve_during, server_dtype
+
+from vaops.models.msgpack_numpy import packb
+
+# ----- the robots (client process) -----
+
+
+def robot_frames(preset, seed: int) -> tuple[dict, list[dict]]:
+    """A first image and one chunk's keyframes (reused every chunk: the server does not look)."""
+    rng = np.random.default_rng(seed)
+
+    def frame() -> dict:
+        return {c.key: rng.integers(0, 256, (c.height, c.width, 3), dtype=np.uint8) for c in preset.cameras}
+
+    return frame(), [frame() for _ in range(preset.frame_chunk_size * preset.frames_per_latent)]
+
+
+def robot(url: str, preset, chunks: int, seed: int, operating_point: str, period_s: float,
+          async_execution: bool, start: threading.Barrier | None) -> list[dict]:
+    """One episode; per chunk the act and observe round trips and, at a control rate, the idle time."""
+    first, keyframes = robot_frames(preset, seed)
+    per_latent = preset.frames_per_latent
+    rows = []
+    with connect(url) as infer:
+        infer({"reset": True, "prompt": PROMPT, "seed": seed, "operating_point": operating_point,
+               "async_execution": async_execution})
+        if start is not None:
+            start.wait()
+        t0 = time.perf_counter()
+        actions = infer({"obs": first, "prompt": PROMPT})["action"]
+        act_s = time.perf_counter() - t0
+        for k in range(chunks):
+            received = time.perf_counter()
+            executed = actions.shape[2] * (actions.shape[1] - (k == 0))  # the first chunk skips its first frame
+            if period_s > 0:
+                time.sleep(max(0.0, received + executed * period_s - time.perf_counter()))
+            done = time.perf_counter()
+            frames = keyframes[per_latent:] if k == 0 else keyframes
+            infer({"obs": frames, "compute_kv_cache": True, "state": actions})
+            observed = time.perf_counter()
+            rows.append({"chunk": k, "act_s": act_s, "observe_s": observed - done, "end": observed})
+            if k + 1 < chunks:
+                actions = infer({"obs": first, "prompt": PROMPT})["action"]
+                now = time.perf_counter()
+                act_s = now - observed
+                rows[-1]["idle_s"] = now - done
+    return rows
+
+
+def fleet(url: str, preset_name: str, robots: int, chunks: int, operating_point: str, period_s: float = 0.0,
+          async_execution: bool = False, seed0: int = 0) -> dict:
+    """`robots` robots started together; their rows and the wall time from start to the last observe."""
+    from vaops.models.config import get_preset
+
+    preset = get_preset(preset_name)
+    start = threading.Barrier(robots)
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(robots) as pool:
+        futures = [pool.submit(robot, url, preset, chunks, seed0 + r, operating_point, period_s, async_execution,
+                               start) for r in range(robots)]
+        rows = [f.result() for f in futures]
+    return {"rows": rows, "wall_s": max(r[-1]["end"] for r in rows) - t0}
+
+
+def soak(url: str, preset_name: str, total_chunks: int, robots: int, operating_point: str, seed0: int) -> dict:
+    """Short episodes by `robots` concurrent clients until `total_chunks` chunks were served; some drop
+    their connection mid-episode and bad requests are mixed in. Counts what the server answered."""
+    from vaops.models.config import get_preset
+
+    preset = get_preset(preset_name)
+    http = url.replace("ws://", "http://")
+    lock = threading.Lock()
+    stats = {"chunks": 0, "episodes": 0, "dropped": 0, "bad_ws": 0, "bad_ws_refused": 0, "bad_rest": 0,
+             "rest_4xx": 0, "rest_5xx": 0, "other_failures": []}
+
+    def count(key: str, n: int = 1) -> None:
+        with lock:
+            stats[key] += n
+
+    def bad_rest(rng: random.Random) -> None:
+        bodies = [b"{not json", json.dumps({"inputs": []}).encode(),
+                  json.dumps({"inputs": [{"name": "image", "datatype": "UINT8", "shape": [2, 2, 3],
+                                          "data": [300] * 12}]}).encode(),
+                  json.dumps({"parameters": {"session_id": "never-opened", "op": "act"},
+                              "inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [0]}]}).encode()]
+        r = httpx.post(f"{http}/v2/models/lingbot-va/infer", content=rng.choice(bodies),
+                       headers={"content-type": "application/json"}, timeout=60)
+        count("bad_rest")
+        if 400 <= r.status_code < 500:
+            count("rest_4xx")
+        elif r.status_code >= 500:
+            count("rest_5xx")
+
+    def client(worker: int) -> None:
+        rng = random.Random(seed0 + worker)
+        first, keyframes = robot_frames(preset, seed0 + worker)
+        per_latent = preset.frames_per_latent
+        while True:
+            with lock:
+                if stats["chunks"] >= total_chunks:
+                    return
+            chunks = rng.randint(1, 6)
+            drop_at = rng.randrange(chunks) if rng.random() < 0.1 else None
+            try:
+                with connect(url) as infer:
+                    infer({"reset": True, "prompt": PROMPT, "seed": rng.randrange(2**31),
+                           "operating_point": operating_point, "async_execution": rng.random() < 0.5})
+                    for k in range(chunks):
+                        if rng.random() < 0.15:  # a bad message: refused in a text frame, the episode goes on
+                            count("bad_ws")
+                            try:
+                                infer(rng.choice([{"obs": "not an image"}, {"obs": {"cam": np.zeros((2, 2), np.uint8)}},
+                                                  {"reset": True, "prompt": 7}, {"obs": first, "seq": -1}]))
+                            except RuntimeError:
+                                count("bad_ws_refused")
+                        actions = infer({"obs": first, "prompt": PROMPT})["action"]
+                        count("chunks")
+                        if k == drop_at:
+                            count("dropped")
+                            raise _Drop
+                        frames = keyframes[per_latent:] if k == 0 else keyframes
+                        infer({"obs": frames, "compute_kv_cache": True, "state": actions})
+                        if rng.random() < 0.05:
+                            bad_rest(rng)
+                count("episodes")
+            except _Drop:
+                pass  # the connection ended without a close: the server must close the session itself
+            except Exception as e:  # noqa: BLE001 - counted and reported, the soak goes on
+                with lock:
+                    stats["other_failures"].append(f"{type(e).__name__}: {e}"[:300])
+
+    with ThreadPoolExecutor(robots) as pool:
+        list(pool.map(client, range(robots)))
+    return stats
+
+
+class _Drop(Exception):
+    pass
+
+
+# ----- the server side (this process) -----
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q)) if values else float("nan")
+
+
+def load_row(result: dict, robots: int, operating_point: str, batching: bool, warmup: int) -> dict:
+    rows = [r for episode in result["rows"] for r in episode if r["chunk"] >= warmup]
+    act = [r["act_s"] for r in rows]
+    chunks = sum(len(e) for e in result["rows"])
+    return {"operating_point": operating_point, "robots": robots, "batching": batching, "chunks": chunks,
+            "act_p50_s": statistics.median(act), "act_p99_s": percentile(act, 99),
+            "observe_p50_s": statistics.median(r["observe_s"] for r in rows),
+            "chunks_per_s": chunks / result["wall_s"], "wall_s": result["wall_s"],
+            "gpu_gib": torch.cuda.memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0}
+
+
+def realtime_row(result: dict, robots: int, operating_point: str, warmup: int) -> dict:
+    idle = [r["idle_s"] for e in result["rows"] for r in e if "idle_s" in r and r["chunk"] >= warmup]
+    return {"operating_point": operating_point, "robots": robots, "chunks_timed": len(idle),
+            "idle_p50_s": statistics.median(idle), "idle_p99_s": percentile(idle, 99), "idle_max_s": max(idle)}
+
+
+def metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise KeyError(name)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_server_arguments(parser)
+    parser.add_argument("--robots", default="1,2,4,8", help="robot counts of the load phase")
+    parser.add_argument("--operating-points", default="released,paper")
+    parser.add_argument("--chunks", type=int, default=8, help="chunks per robot in the load phase")
+    parser.add_argument("--realtime-chunks", type=int, default=16)
+    parser.add_argument("--control-hz", type=float, default=50.0)
+    parser.add_argument("--soak-chunks", type=int, default=1000)
+    parser.add_argument("--warmup-chunks", type=int, default=1, help="first chunks of an episode not in the stats")
+    parser.add_argument("--deadline-s", type=float, default=540.0,
+                        help="skip the phases that would start after this many seconds (results so far are kept)")
+    parser.add_argument("--out-dir", default=None, help="write serve_load.json and serve_load.md here")
+    args = parser.parse_args()
+    counts = [int(n) for n in args.robots.split(",")]
+    points = args.operating_points.split(",")
+    began = time.perf_counter()
+    weights = random_weights(args)
+    name = weights.preset.name
+    result: dict = {"preset": name, "device": args.device, "dtype": server_dtype(args), "load": [], "realtime": [],
+                    "skipped": []}
+    ctx = multiprocessing.get_context("spawn")
+
+    def late(phase: str) -> bool:
+        if time.perf_counter() - began > args.deadline_s:
+            result["skipped"].append(phase)
+            print(f"deadline: skipping {phase}", flush=True)
+            return True
+        return False
+
+    def work(url: str) -> None:
+        batcher = weights.batcher
+        with ctx.Pool(1) as pool:
+            run = lambda *a, **k: pool.apply(fleet, (url, name, *a), k)  # noqa: E731
+            for point in points:
+                for n in counts:  # warm-up: compilation and graphs of each batch size
+                    if not late(f"warm-up {point} x{n}"):
+                        run(n, 2, point, seed0=900)
+                for n in counts:
+                    if late(f"load {point} x{n}"):
+                        continue
+                    row = load_row(run(n, args.chunks, point), n, point, True, args.warmup_chunks)
+                    result["load"].append(row)
+                    print(json.dumps(row), flush=True)
+                n = max(counts)
+                if n > 1 and not late(f"load {point} x{n} unbatched"):
+                    batcher.max_batch = 1
+                    try:
+                        row = load_row(run(n, args.chunks, point), n, point, False, args.warmup_chunks)
+                    finally:
+                        batcher.max_batch = max(counts)
+                    result["load"].append(row)
+                    print(json.dumps(row), flush=True)
+            point = "paper" if "paper" in points else points[-1]
+            for n in sorted({1, max(counts)}):
+                if late(f"real time x{n}"):
+                    continue
+                res = run(n, args.realtime_chunks, point, period_s=1.0 / args.control_hz, async_execution=True,
+                          seed0=500)
+                row = realtime_row(res, n, point, args.warmup_chunks)
+                result["realtime"].append(row)
+                print(json.dumps(row), flush=True)
+            if not late("soak"):
+                http = url.replace("ws://", "http://")
+                before = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
+                t0 = time.perf_counter()
+                stats = pool.apply(soak, (url, name, args.soak_chunks, max(counts), point, 7))
+                time.sleep(1.0)  # the server closes dropped sessions when it notices the disconnect
+                text = httpx.get(f"{http}/metrics", timeout=10).text
+                stats.update({"wall_s": time.perf_counter() - t0,
+                              "sessions_open_after": metric(text, "vaops_sessions"),
+                              "cache_bytes_after": metric(text, "vaops_kv_cache_bytes"),
+                              "ready_after": httpx.get(f"{http}/v2/health/ready", timeout=10).status_code == 200,
+                              "gpu_bytes_before": before,
+                              "gpu_bytes_after": torch.cuda.memory_allocated() if torch.cuda.is_available() else 0})
+                result["soak"] = stats
+                print(json.dumps({k: v for k, v in stats.items() if k != "other_failures"}), flush=True)
+        result["batch_sizes"] = dict(sorted(batcher.batch_sizes.items()))
+
+    serve_during(args, weights, work, max_sessions=max(counts) + 2, max_batch=max(counts))
+    if torch.cuda.is_available() and args.device != "cpu":
+        result["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    report(result, args)
+
+
+def report(result: dict, args: argparse.Namespace) -> None:
+    lines = [f"# Many robots on one server ({result['preset']}, {result['device']}, {result['dtype']})", "",
+             "Command: `python bench/serve_load.py " + " ".join(a for a in __import__("sys").argv[1:]) + "`", "",
+             "| operating point | robots | batched | act p50 s | act p99 s | observe p50 s | chunks/s | x 1 robot |",
+             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for row in result["load"]:
+        one = next((r for r in result["load"] if r["operating_point"] == row["operating_point"] and r["robots"] == 1
+                    and r["batching"]), None)
+        speedup = row["chunks_per_s"] / one["chunks_per_s"] if one else float("nan")
+        lines.append(f"| {row['operating_point']} | {row['robots']} | {'yes' if row['batching'] else 'no'} | "
+                     f"{row['act_p50_s']:.3f} | {row['act_p99_s']:.3f} | {row['observe_p50_s']:.3f} | "
+                     f"{row['chunks_per_s']:.2f} | {speedup:.2f}x |")
+    if result["realtime"]:
+        lines += ["", f"Real time: asynchronous execution at {args.control_hz:g} Hz (robot idle from the end of a "
+                  "chunk's last action to the next chunk in hand).", "",
+                  "| operating point | robots | chunks timed | idle p50 s | idle p99 s | idle max s |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        for row in result["realtime"]:
+            lines.append(f"| {row['operating_point']} | {row['robots']} | {row['chunks_timed']} | {row['idle_p50_s']:.3f} "
+                         f"| {row['idle_p99_s']:.3f} | {row['idle_max_s']:.3f} |")
+    if "soak" in result:
+        s = result["soak"]
+        lines += ["", "Soak: " + ", ".join(f"{k} {v}" for k, v in s.items() if k != "other_failures")
+                  + f"; failures other than the planned ones: {len(s['other_failures'])}"]
+    if result["skipped"]:
+        lines += ["", "Skipped at the deadline: " + ", ".join(result["skipped"])]
+    text = "\n".join(lines) + "\n"
+    print("\n" + text)
+    if args.out_dir:
+        out = Path(args.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "serve_load.json").write_text(json.dumps(result, indent=2) + "\n")
+        (out / "serve_load.md").write_text(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,257 @@
+"""Several robots' chunks denoised as one batch: the GEMMs of N episodes' denoising passes run over
+N times the tokens, while each episode's attention reads its own KV cache and its own prompt.
+
+Why: an action pass (32 tokens against 10 GB of bf16 block weights at the robotwin preset) is bound
+by reading the weights, so N robots' action passes cost little more than one; the video passes are
+compute bound and gain from fewer launches only. Each robot's result equals its chunk run alone up
+to the GEMMs' rounding (another batch size may pick another kernel); its noise, cache reads and
+writes are its own.
+
+How: every engine of one `ChunkBatcher` routes its chunks through it (`BatchingEngine`). A thread
+whose chunk is due queues it; one thread at a time leads and runs whatever is queued as one batch
+(compatible chunks: the same sampling settings), then hands the lead to a waiting thread once its own
+chunk is done. There is no timer unless `gather_s` asks for one: chunks that come due while a batch
+runs form the next one.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+
+from .cuda_graphs import CapturedCall
+from .engine import Chunk, InferenceEngine
+from .flow_matching import Schedule
+from .kv_cache import CachedSelfAttention
+from .transformer import StackedText
+
+# Captured graphs of batched steps, least recently used dropped first: a group of robots that stays
+# together (robots started together, the common case) reuses its graphs; other groupings would
+# otherwise keep adding them. 110 graphs make one robotwin episode (engine.MAX_GRAPHS).
+MAX_BATCH_GRAPHS = 256
+
+
+@dataclass
+class _Request:
+    engine: "BatchingEngine"
+    video: torch.Tensor  # [1, C, F, H, W] its initial noise
+    actions: torch.Tensor  # [1, A, F, N, 1]
+    first: torch.Tensor | None  # [1, C, 1, H, W] at an episode's first chunk
+    wake: threading.Event = field(default_factory=threading.Event)
+    lead: bool = False
+    done: bool = False
+    result: Chunk | None = None
+    error: BaseException | None = None
+
+    def key(self) -> tuple:
+        """Chunks that may share a batch: the same schedules, guidance and CFG batch."""
+        e = self.engine
+        return (e.config.sampling, e.batch, e.skip_unguided_uncond, e.device, e.model)
+
+
+@dataclass
+class StackedSelfAttention:
+    """Self-attention of a batch whose consecutive rows belong to different episodes' caches."""
+
+    parts: list[tuple[int, CachedSelfAttention]]  # (rows, attention over that episode's cache)
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        rows = [n for n, _ in self.parts]
+        return torch.cat([attn(layer, qi, ki, vi) for (_, attn), qi, ki, vi
+                          in zip(self.parts, q.split(rows), k.split(rows), v.split(rows))])
+
+
+class ChunkBatcher:
+    def __init__(self, max_batch: int = 8, gather_s: float = 0.0):
+        if max_batch < 1:
+            raise ValueError(f"max_batch {max_batch} must be at least 1")
+        self.max_batch = max_batch
+        self.gather_s = gather_s
+        self._lock = threading.Lock()
+        self._queue: list[_Request] = []
+        self._leading = False
+        self._graphs: OrderedDict[tuple, CapturedCall] = OrderedDict()
+        self._graph_pool = None
+        self.batch_sizes: Counter[int] = Counter()  # how many batches of each size ran
+
+    # ----- queueing -----
+    def act(self, request: _Request) -> Chunk:
+        with self._lock:
+            self._queue.append(request)
+            if not self._leading:
+                self._leading = request.lead = True
+        while not request.done:
+            if request.lead:
+                self._round(request)
+            else:
+                request.wake.wait()
+                request.wake.clear()
+        if request.error is not None:
+            raise request.error
+        assert request.result is not None
+        return request.result
+
+    def _round(self, leader: _Request) -> None:
+        if self.gather_s > 0:
+            time.sleep(self.gather_s)
+        with self._lock:
+            key = self._queue[0].key()
+            group = [r for r in self._queue if r.key() == key][: self.max_batch]
+            for r in group:
+                self._queue.remove(r)
+        try:
+            results = self._run(group)
+            for r, chunk in zip(group, results):
+                r.result = chunk
+        except BaseException as e:  # every chunk of the batch failed with it; the lead goes on
+            for r in group:
+                r.error = e
+        self.batch_sizes[len(group)] += 1
+        for r in group:
+            r.done = True
+            if r is not leader:
+                r.wake.set()
+        if leader.done:
+            with self._lock:
+                if self._queue:
+                    nxt = self._queue[0]
+                    nxt.lead = True
+                    nxt.wake.set()
+                else:
+                    self._leading = False
+
+    # ----- compute -----
+    def _run(self, group: list[_Request]) -> list[Chunk]:
+        if len(group) == 1:  # the engine's own path and graphs
+            r = group[0]
+            return [InferenceEngine._act(r.engine, r.first, r.video, r.actions, None)]
+        engines = [r.engine for r in group]
+        e0 = engines[0]
+        s = e0.config.sampling
+        video = self._denoise("video", engines, torch.cat([r.video for r in group]), e0.video_schedule,
+                              s.guidance_scale, [r.first for r in group])
+        zero = [None if r.first is None else torch.zeros_like(r.actions[:, :, :1]) for r in group]
+        actions = self._denoise("action", engines, torch.cat([r.actions for r in group]), e0.action_schedule,
+                                s.action_guidance_scale, zero)
+        masks = torch.cat([e.action_mask for e in engines])
+        actions = actions * masks
+        return [Chunk(video[i:i + 1].clone(), actions[i:i + 1].clone(), e.frame_offset)
+                for i, e in enumerate(engines)]
+
+    def _denoise(self, kind: str, engines: list["BatchingEngine"], x: torch.Tensor, schedule: Schedule,
+                 guidance: float, firsts: list[torch.Tensor | None]) -> torch.Tensor:
+        """InferenceEngine._denoise over a batch with one row per engine; rows at their episode's first
+        chunk hold their first frame fixed."""
+        e0 = engines[0]
+        device = x.device
+        rows = [i for i, f in enumerate(firsts) if f is not None]
+        idx = torch.tensor(rows, device=device)
+        first = torch.cat([firsts[i] for i in rows]).to(device) if rows else None
+        mask = torch.cat([e.action_mask for e in engines]) if kind == "action" else None
+        n, fc = len(engines), x.shape[2]
+        deltas = schedule.deltas()
+        steps = schedule.timesteps.tolist()
+        for i, t in enumerate(steps + [schedule.final_timestep]):
+            last = i == len(steps)
+            if first is not None:
+                x[idx, :, :1] = first
+            if mask is not None:
+                x = x * mask
+            tvec = torch.full((n, fc), t, device=device)
+            if first is not None:
+                tvec[idx, 0] = 0
+            guided = guidance > 1
+            cond_only = not last and not guided and e0.batch == 2 and e0.skip_unguided_uncond
+            pred = self._forward(kind, engines, x, tvec, keep=last, predicted=last, cond_only=cond_only)
+            if last and schedule.after is None:
+                break
+            pred = pred.unflatten(0, (n, -1))
+            v = pred[:, 1] + guidance * (pred[:, 0] - pred[:, 1]) if guided else pred[:, 0]
+            x = x + v * (schedule.after - schedule.final if last else deltas[i])
+            if first is not None:
+                x[idx, :, :1] = first
+        return x
+
+    def _forward(self, kind: str, engines: list["BatchingEngine"], x: torch.Tensor, t: torch.Tensor, keep: bool,
+                 predicted: bool, cond_only: bool) -> torch.Tensor:
+        """InferenceEngine._forward over the batch: each engine's rows (CFG's two, or the conditional
+        one) attend to its cache and prompt; returns [rows, ...] in engine order."""
+        e0 = engines[0]
+        model = e0.model
+        rows = 1 if cond_only else e0.batch
+        batch = slice(0, 1) if cond_only else slice(None)
+        f = x.shape[2]
+        if kind == "video":
+            _, ph, pw = model.config.patch_size
+            h, w = x.shape[3] // ph, x.shape[4] // pw
+            fn = model.forward_video
+        else:
+            h, w = x.shape[3], x.shape[4]
+            fn = model.forward_actions
+        ropes = [e._rope(kind, f, h, w) for e in engines]
+        cos = torch.stack([c for c, _ in ropes]).repeat_interleave(rows, 0)
+        sin = torch.stack([s for _, s in ropes]).repeat_interleave(rows, 0)
+        pending = [e.cache.begin(f * h * w, keep=keep, predicted=predicted, slots_out=e._slots[kind])
+                   for e in engines]
+        text = StackedText([(rows, e.text.select(batch) if cond_only else e.text) for e in engines])
+
+        def run(x: torch.Tensor, t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+            attn = StackedSelfAttention([(rows, CachedSelfAttention(e.cache, p, batch, e.backend, static=e.static_reads))
+                                         for e, p in zip(engines, pending)])
+            return fn(x, t, (cos, sin), text, attn, e0.backend).float()
+
+        xb = x.repeat_interleave(rows, 0).to(e0.dtype)
+        tb = t.repeat_interleave(rows, 0)
+        graph = self._graph(kind, engines, xb, run, [xb, tb, cos, sin]) if e0.cuda_graphs else None
+        out = run(xb, tb, cos, sin) if graph is None else graph(xb, tb, cos, sin)
+        for e, p in zip(engines, pending):
+            e.cache.end(p)
+        return out
+
+    def _graph(self, kind: str, engines: list["BatchingEngine"], x: torch.Tensor, run,
+               inputs: list[torch.Tensor]) -> CapturedCall:
+        """Keyed by what fixes the step's shapes and addresses: the tokens, and per engine its cache
+        (the engine), the cache read's extent and the prompt's buffers."""
+        key = (kind, tuple(x.shape), tuple((id(e), e.cache.static_extent(), e.text.kv[0][0].data_ptr())
+                                           for e in engines))
+        graph = self._graphs.get(key)
+        if graph is None:
+            if self._graph_pool is None:
+                self._graph_pool = torch.cuda.graph_pool_handle()
+            while len(self._graphs) >= MAX_BATCH_GRAPHS:
+                self._graphs.popitem(last=False)
+            graph = self._graphs[key] = CapturedCall(run, inputs, pool=self._graph_pool)
+        else:
+            self._graphs.move_to_end(key)
+        return graph
+
+
+class BatchingEngine(InferenceEngine):
+    """An InferenceEngine whose chunks go through a shared ChunkBatcher (see the module's docstring);
+    everything else (reset, observe, the cache) is its own."""
+
+    def __init__(self, *args, batcher: ChunkBatcher, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.batcher = batcher
+
+    def _act(self, first_latent: torch.Tensor | None, video_noise: torch.Tensor | None,
+             action_noise: torch.Tensor | None, generator: torch.Generator | None) -> Chunk:
+        # The checks and the noise draws happen here, in the robot's own thread, in the order the
+        # engine's own path draws them, so a robot's chunks do not depend on who it is batched with.
+        c = self.config
+        mcfg = self.model.config
+        start = self.frame_offset == 0
+        if start and first_latent is None:
+            raise ValueError("the first chunk needs first_latent, the encoded first observation")
+        vshape = (1, mcfg.in_channels, c.frame_chunk_size, c.latent_height, c.latent_width)
+        ashape = (1, mcfg.action_dim, c.frame_chunk_size, c.action_per_frame, 1)
+        video = self._noise(video_noise, vshape, generator, "video_noise")
+        actions = self._noise(action_noise, ashape, generator, "action_noise")
+        first = first_latent.to(self.device, torch.float32) if start else None
+        if first is not None and tuple(first.shape) != vshape[:2] + (1,) + vshape[3:]:
+            raise ValueError(f"first_latent must be {vshape[:2] + (1,) + vshape[3:]}, got {tuple(first.shape)}")
+        return self.batcher.act(_Request(self, video, actions, first))
