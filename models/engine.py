@@ -89,6 +89,10 @@ class InferenceEngine:
                                          device=self.device) for kind in ("video", "action")}
         self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self._ahead: Chunk | None = None
+        # The chunk the robot executes when it was computed ahead (its cached video is a stale forecast:
+        # imagined before the observation that preceded it); None after a synchronous act.
+        self._executing: Chunk | None = None
+        self.grounded: Chunk | None = None  # the executing chunk as the last grounded act_ahead re-imagined it
 
     # ----- episode -----
     def _schedules(self, s: SamplingConfig) -> None:
@@ -128,7 +132,7 @@ class InferenceEngine:
             self.text = text
             self._graphs.clear()
         self.frame_offset = 0
-        self._ahead = None
+        self._ahead = self._executing = self.grounded = None
 
     @property
     def ahead(self) -> Chunk | None:
@@ -225,22 +229,57 @@ class InferenceEngine:
         self._require_episode()
         if self._ahead is not None:
             raise RuntimeError("a chunk was computed ahead: observe the executing chunk before acting again")
+        self._executing = None
         return self._act(first_latent, video_noise, action_noise, generator)
 
     @torch.no_grad()
     def act_ahead(self, video_noise: torch.Tensor | None = None, action_noise: torch.Tensor | None = None,
-                  generator: torch.Generator | None = None) -> Chunk:
+                  generator: torch.Generator | None = None, grounded: bool = False,
+                  ground_noise: torch.Tensor | None = None) -> Chunk:
         """Asynchronous execution: predict the chunk after the one the robot is executing, from that
         chunk's predicted entries, before its observation arrives. The next `observe` grounds both:
         the executing chunk's entries become what was observed and this chunk's are rewritten after them.
         This chunk takes its place in the window meanwhile, so once the cache is full the grounding pass
-        sees one chunk less of history than the synchronous loop's observe does."""
+        sees one chunk less of history than the synchronous loop's observe does.
+
+        `grounded`: the paper's grounded asynchronous execution (section 3.4, Algorithm 2). When the
+        executing chunk was itself computed ahead, its cached video is a stale forecast, imagined before
+        the observation now in the cache; it is first re-imagined (see `_reimagine_executing`, noise
+        `ground_noise` or drawn from `generator` before this chunk's) and this chunk is predicted after
+        that. Without it (naive) this chunk continues the stale forecast. After a synchronous act the
+        executing chunk was imagined from the latest observation already and both are the same."""
         self._require_episode()
         if self._ahead is not None or self.cache.predicted_from is None:
             raise RuntimeError("act_ahead follows an act (or a grounded observe) whose chunk is being executed")
+        if grounded and self._executing is not None:
+            self._reimagine_executing(ground_noise, generator)
         self.frame_offset += self.config.frame_chunk_size
         self._ahead = self._act(None, video_noise, action_noise, generator)
         return self._ahead
+
+    def _reimagine_executing(self, noise: torch.Tensor | None, generator: torch.Generator | None) -> None:
+        """The grounding pass (a forward-dynamics pass) for the executing chunk at `frame_offset`, after
+        the observation before it: its stale predicted entries are dropped; its actions (what the robot
+        executes) are written at t=0 after the observed history; its video is denoised from noise over
+        the video schedule attending to that history and those actions; then the chunk is cached as a
+        synchronous act would have left it, the new video then its actions at t=0 (as `observe` rewrites
+        a chunk computed ahead), so the next chunk reads [observed history, re-imagined video, executed
+        actions]. The paper post-trains with a forward-dynamics loss for the video-reads-its-own-actions
+        step; a model trained without one (the teacher-forced mask never shows a chunk's video its own
+        actions) runs it out of distribution. Writes at most one chunk beyond the history, so it evicts
+        nothing the naive path keeps."""
+        executing = self._executing
+        c = self.config
+        vshape = (1, self.model.config.in_channels, c.frame_chunk_size, c.latent_height, c.latent_width)
+        video = self._noise(noise, vshape, generator, "ground_noise")
+        self.cache.drop_predicted()
+        zeros = torch.zeros(1, c.frame_chunk_size, device=self.device)
+        self._forward("action", executing.actions, zeros, keep=True, predicted=True, cond_only=False)
+        video = self._denoise("video", video, self.video_schedule, c.sampling.guidance_scale, None)
+        self.cache.drop_predicted()
+        self._write_t0(video, executing.actions, predicted=True)
+        self.grounded = Chunk(video, executing.actions, self.frame_offset)
+        self._executing = None
 
     def _act(self, first_latent: torch.Tensor | None, video_noise: torch.Tensor | None,
              action_noise: torch.Tensor | None, generator: torch.Generator | None) -> Chunk:
@@ -288,6 +327,7 @@ class InferenceEngine:
         self._write_t0(latents.to(self.device, torch.float32), actions.to(self.device, torch.float32),
                        predicted=False)
         self.frame_offset += f
+        self._executing = ahead
         if ahead is not None:
             self._write_t0(ahead.video, ahead.actions, predicted=True)
 
@@ -303,6 +343,7 @@ class InferenceEngine:
         if self._ahead is not None:
             raise RuntimeError("a chunk was computed ahead: observe the executing chunk first")
         self.cache.predicted_from = None
+        self._executing = None
         self.frame_offset += self.config.frame_chunk_size
 
     @torch.no_grad()
