@@ -38,8 +38,6 @@ import numpy as np
 import torch
 from serve import PROMPT, add_server_arguments, connect, random_weights, serve_during, server_dtype
 
-from vaops.models.msgpack_numpy import packb
-
 # ----- the robots (client process) -----
 
 
@@ -200,6 +198,45 @@ def realtime_row(result: dict, robots: int, operating_point: str, warmup: int) -
             "idle_p50_s": statistics.median(idle), "idle_p99_s": percentile(idle, 99), "idle_max_s": max(idle)}
 
 
+def agreement(weights, robots: int, chunks: int, operating_point: str) -> dict:
+    """The same episodes run alone and then batched (robots in threads, in step): the largest difference
+    of their actions (robot units) and of their imagined latents (relative to the latents' scale)."""
+    from vaops.models.batch import ChunkBatcher
+
+    preset = weights.preset
+
+    def episode(policy, seed: int, start: threading.Barrier | None) -> list:
+        first, keyframes = robot_frames(preset, seed)
+        policy.reset(PROMPT, seed=seed, operating_point=operating_point)
+        out = []
+        for k in range(chunks):
+            if start is not None:
+                start.wait()
+            chunk = policy.act(first if k == 0 else None)
+            out.append((chunk.actions, chunk.latents.float().cpu()))
+            policy.observe(keyframes[preset.frames_per_latent:] if k == 0 else keyframes, chunk.actions)
+        return out
+
+    alone_policy = weights.new_policy()
+    alone = [episode(alone_policy, seed, None) for seed in range(robots)]
+    del alone_policy
+    batcher = weights.batcher = ChunkBatcher(max_batch=robots, gather_s=0.05)  # robots in step share every batch
+    policies = [weights.new_policy() for _ in range(robots)]
+    weights.batcher = None  # the server makes its own
+    start = threading.Barrier(robots)
+    with ThreadPoolExecutor(robots) as pool:
+        together = list(pool.map(lambda r: episode(policies[r], r, start), range(robots)))
+    sizes = dict(batcher.batch_sizes)
+    policies.clear()  # their KV caches (7 GB each at the robotwin preset)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    actions = max(float(np.abs(a[0] - b[0]).max()) for x, y in zip(alone, together) for a, b in zip(x, y))
+    latents = max(float((a[1] - b[1]).norm() / a[1].norm().clamp_min(1e-12)) for x, y in zip(alone, together)
+                  for a, b in zip(x, y))
+    return {"robots": robots, "chunks": chunks, "operating_point": operating_point, "batch_sizes": sizes,
+            "actions_max_abs_diff": actions, "latents_max_rel_l2": latents}
+
+
 def metric(text: str, name: str) -> float:
     for line in text.splitlines():
         if line.startswith(name + " ") or line.startswith(name + "{"):
@@ -217,6 +254,8 @@ def main() -> None:
     parser.add_argument("--control-hz", type=float, default=50.0)
     parser.add_argument("--soak-chunks", type=int, default=1000)
     parser.add_argument("--warmup-chunks", type=int, default=1, help="first chunks of an episode not in the stats")
+    parser.add_argument("--agreement-robots", type=int, default=3,
+                        help="robots of the check that batched chunks equal chunks run alone (0: skip)")
     parser.add_argument("--deadline-s", type=float, default=540.0,
                         help="skip the phases that would start after this many seconds (results so far are kept)")
     parser.add_argument("--out-dir", default=None, help="write serve_load.json and serve_load.md here")
@@ -229,6 +268,9 @@ def main() -> None:
     result: dict = {"preset": name, "device": args.device, "dtype": server_dtype(args), "load": [], "realtime": [],
                     "skipped": []}
     ctx = multiprocessing.get_context("spawn")
+    if args.agreement_robots > 1:
+        result["agreement"] = agreement(weights, args.agreement_robots, 3, points[-1])
+        print(json.dumps(result["agreement"]), flush=True)
 
     def late(phase: str) -> bool:
         if time.perf_counter() - began > args.deadline_s:
@@ -312,6 +354,11 @@ def report(result: dict, args: argparse.Namespace) -> None:
         for row in result["realtime"]:
             lines.append(f"| {row['operating_point']} | {row['robots']} | {row['chunks_timed']} | {row['idle_p50_s']:.3f} "
                          f"| {row['idle_p99_s']:.3f} | {row['idle_max_s']:.3f} |")
+    if "agreement" in result:
+        a = result["agreement"]
+        lines += ["", f"Batched against alone ({a['robots']} robots, {a['chunks']} chunks each, {a['operating_point']}, "
+                  f"batches {a['batch_sizes']}): actions differ by at most {a['actions_max_abs_diff']:.2e} "
+                  f"(robot units), imagined latents by {a['latents_max_rel_l2']:.2e} (relative L2)."]
     if "soak" in result:
         s = result["soak"]
         lines += ["", "Soak: " + ", ".join(f"{k} {v}" for k, v in s.items() if k != "other_failures")

@@ -30,6 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="episode operations computed at once (1 suits one GPU)")
     parser.add_argument("--max-batch", type=int, default=d.max_batch,
                         help="most robots whose chunks run as one batch (default: 8 on a GPU, 1 on CPU)")
+    parser.add_argument("--batch-wait-ms", type=float, default=d.batch_wait_ms,
+                        help="how long a chunk waits for other robots' chunks to batch with (default: %(default)s)")
     parser.add_argument("--torch-threads", type=int, default=None)
     parser.add_argument("--no-warmup", action="store_true",
                         help="report ready at once, without running an episode's shapes first (GPU only)")
@@ -43,7 +45,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         enable_grpc=not args.no_grpc, device=args.device, dtype=args.dtype, max_sessions=args.max_sessions,
         max_cache_gb=args.max_cache_gb, idle_timeout_s=args.idle_timeout, token=os.environ.get(args.token_env) or None,
         max_request_mb=args.max_request_mb, compute_threads=args.compute_threads, max_batch=args.max_batch,
-        torch_threads=args.torch_threads,
+        batch_wait_ms=args.batch_wait_ms, torch_threads=args.torch_threads,
         warmup=not args.no_warmup,
     ).validate()
 

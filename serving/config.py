@@ -27,6 +27,9 @@ class ServeConfig:
     # many per batch; 1: each chunk alone. None: 8 on a GPU (an action pass reads the weights whatever
     # the batch), 1 on CPU (compute bound there: a batch takes as long as its chunks one by one).
     max_batch: int | None = None
+    # How long the first chunk due waits for others to join its batch: robots that ask within this
+    # window share one batch instead of the later ones waiting for the first's whole chunk.
+    batch_wait_ms: float = 2.0
     torch_threads: int | None = None
     # On a GPU, run an episode's shapes once before reporting ready (Policy.warm_up), so the first
     # robot's first chunk does not pay for compilation and graph capture (3.9 s against 0.25 s later).
@@ -66,6 +69,8 @@ class ServeConfig:
             problems.append(f"compute_threads {self.compute_threads} must be at least 1")
         if self.max_batch is not None and self.max_batch < 1:
             problems.append(f"max_batch {self.max_batch} must be at least 1")
+        if self.batch_wait_ms < 0:
+            problems.append(f"batch_wait_ms {self.batch_wait_ms} must not be negative")
         if self.token is not None and len(self.token) < 8:
             problems.append("token must be at least 8 characters")
         if problems:
