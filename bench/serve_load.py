@@ -293,6 +293,7 @@ def main() -> None:
                     row = load_row(run(n, args.chunks, point), n, point, True, args.warmup_chunks)
                     result["load"].append(row)
                     print(json.dumps(row), flush=True)
+                    report(result, args, quiet=True)
                 n = max(counts)
                 if n > 1 and not late(f"load {point} x{n} unbatched"):
                     batcher.max_batch = 1
@@ -302,6 +303,7 @@ def main() -> None:
                         batcher.max_batch = max(counts)
                     result["load"].append(row)
                     print(json.dumps(row), flush=True)
+                    report(result, args, quiet=True)
             point = "paper" if "paper" in points else points[-1]
             for n in sorted({1, max(counts)}):
                 if late(f"real time x{n}"):
@@ -311,6 +313,7 @@ def main() -> None:
                 row = realtime_row(res, n, point, args.warmup_chunks)
                 result["realtime"].append(row)
                 print(json.dumps(row), flush=True)
+                report(result, args, quiet=True)
             if not late("soak"):
                 http = url.replace("ws://", "http://")
                 before = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
@@ -334,7 +337,9 @@ def main() -> None:
     report(result, args)
 
 
-def report(result: dict, args: argparse.Namespace) -> None:
+def report(result: dict, args: argparse.Namespace, quiet: bool = False) -> None:
+    """The tables (printed unless quiet) and, with --out-dir, the JSON and Markdown files: written after
+    every phase too, so a run cut short keeps what it measured."""
     lines = [f"# Many robots on one server ({result['preset']}, {result['device']}, {result['dtype']})", "",
              "Command: `python bench/serve_load.py " + " ".join(a for a in __import__("sys").argv[1:]) + "`", "",
              "| operating point | robots | batched | act p50 s | act p99 s | observe p50 s | chunks/s | x 1 robot |",
@@ -366,7 +371,8 @@ def report(result: dict, args: argparse.Namespace) -> None:
     if result["skipped"]:
         lines += ["", "Skipped at the deadline: " + ", ".join(result["skipped"])]
     text = "\n".join(lines) + "\n"
-    print("\n" + text)
+    if not quiet:
+        print("\n" + text)
     if args.out_dir:
         out = Path(args.out_dir)
         out.mkdir(parents=True, exist_ok=True)
