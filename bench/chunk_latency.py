@@ -24,12 +24,14 @@ import dataclasses
 import json
 import statistics
 import time
+from typing import Any
 
 import torch
 
 from vaops.models.config import get_preset
 from vaops.models.engine import EngineConfig, InferenceEngine
 from vaops.models.fp8 import quantize_blocks_fp8
+from vaops.models.kv_cache import KVCache
 from vaops.models.transformer import build_transformer
 
 
@@ -77,6 +79,12 @@ def run_chunks(engine: InferenceEngine, chunks: int, prefill: int, text_len: int
     return times
 
 
+def cache_of(engine: InferenceEngine) -> KVCache:
+    """The engine's KV cache, made by its first chunk."""
+    assert engine.cache is not None, "no chunk has run on this engine yet"
+    return engine.cache
+
+
 def warm_up(engine: InferenceEngine, text_len: int, seed: int) -> float:
     """What Policy.warm_up does at model load, at the engine: each shape of an episode once (two
     chunks, every other filling level of the cache at one denoising step until it evicts, a chunk on
@@ -104,7 +112,7 @@ def operating_points(engine: InferenceEngine, preset, chunks: int, text_len: int
                      "action_steps": point.action_steps, "first_chunk_s": times[0],
                      "filling_median_s": statistics.median(filling) if filling else None,
                      "full_median_s": statistics.median(full) if full else None,
-                     "cache_full_at_end": engine.cache.full, "chunks": chunks})
+                     "cache_full_at_end": cache_of(engine).full, "chunks": chunks})
         base = rows[0]["full_median_s"]  # the first point (released), same engine and run
         rows[-1]["full_speedup_vs_first"] = base / rows[-1]["full_median_s"] if base and rows[-1]["full_median_s"] else None
         print(f"{name}: first chunk {times[0]:.3f} s, filling median "
@@ -196,13 +204,13 @@ def headline(results: dict, engine: InferenceEngine, weight_bytes: int, args) ->
     bw = copy_bandwidth(device)
     floor = forwards_per_chunk(engine) * weight_bytes / bw if bw == bw else float("nan")
     results.update({
-        "chunks": args.chunks, "cache_full_at_end": engine.cache.full,
+        "chunks": args.chunks, "cache_full_at_end": cache_of(engine).full,
         "median_steady_half_s": med, "act_plus_observe_times_s": times,
         "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
-        "cache_gib": engine.cache.nbytes() / 2**30,
+        "cache_gib": cache_of(engine).nbytes() / 2**30,
         "copy_bandwidth_tb_s": bw / 1e12, "weight_read_floor_s": floor, "ratio_to_floor": med / floor,
     })
-    print(f"\n{args.chunks} chunks, cache full at the end: {engine.cache.full}")
+    print(f"\n{args.chunks} chunks, cache full at the end: {cache_of(engine).full}")
     print(f"act + observe per chunk, median of the steady half: {med:.3f} s (target <= 0.5 s)")
     print(f"weight-read floor: {forwards_per_chunk(engine)} forwards x {weight_bytes / 1e9:.2f} GB at "
           f"{bw / 1e12:.2f} TB/s = {floor:.3f} s; measured / floor = {med / floor:.2f}")
@@ -241,7 +249,7 @@ def main() -> None:
     results: dict = {"preset": preset.name, "weight_bytes": weight_bytes}
 
     prefill = preset.sampling.attn_window // 2 + 1
-    levers = [
+    levers: list[tuple[str, dict[str, Any]]] = [
         ("reference-like: eager, uncond branch at every step", dict(cuda_graphs=False, skip_unguided_uncond=False)),
         ("+ no uncond branch for action guidance 1", dict(cuda_graphs=False)),
         ("+ CUDA graphs for the fixed-shape steps", dict(cuda_graphs=True)),
@@ -301,7 +309,7 @@ def main() -> None:
         if device.type == "cuda":  # weights, the KV cache, the graphs and their pool
             results["served_peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             print(f"{results['graphs_after_episodes']} graphs after the episodes; peak memory "
-                  f"{results['served_peak_memory_gib']:.1f} GiB (KV cache {engine.cache.nbytes() / 2**30:.1f} GiB)")
+                  f"{results['served_peak_memory_gib']:.1f} GiB (KV cache {cache_of(engine).nbytes() / 2**30:.1f} GiB)")
     del engine, model
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -68,7 +70,7 @@ def main() -> None:
     base = build_vae(preset.vae, seed=0)
     stats = latent_stats(base)
 
-    rows = []
+    rows: list[dict[str, Any]] = []
 
     def whole(vae):
         param = next(vae.parameters())
@@ -77,11 +79,12 @@ def main() -> None:
             return normalize_latents(vae.encode(video).latent_dist.mean, *stats)
 
     vae32 = base.to(device)
-    variants = [("whole-clip fp32", lambda: whole(vae32)),
-                ("streaming fp32", lambda enc=VideoEncoder(vae32, args.chunk): enc(clip, camera))]
+    stream32 = VideoEncoder(vae32, args.chunk)
+    variants: list[tuple[str, Callable[[], torch.Tensor]]] = [("whole-clip fp32", lambda: whole(vae32)),
+                                                              ("streaming fp32", lambda: stream32(clip, camera))]
     if cuda:
-        vae16 = build_vae(preset.vae, seed=0).to(device=device, dtype=torch.bfloat16)
-        variants.append(("streaming bf16", lambda enc=VideoEncoder(vae16, args.chunk): enc(clip, camera)))
+        stream16 = VideoEncoder(build_vae(preset.vae, seed=0).to(device=device, dtype=torch.bfloat16), args.chunk)
+        variants.append(("streaming bf16", lambda: stream16(clip, camera)))
 
     print(f"encode bench: preset {preset.name} VAE (z {preset.vae.z_dim}, base {preset.vae.base_dim}), "
           f"{frames} frames of {camera.height}x{camera.width}, chunk {args.chunk}, {device}, "
@@ -93,8 +96,8 @@ def main() -> None:
     print(f"{'variant':<18}{'frames/s':>12}{'x baseline':>12}{'peak GiB':>10}")
     for r in rows:
         r["ratio"] = r["frames_per_second"] / baseline
-        peak = f"{r['peak_gib']:>10.2f}" if cuda else f"{'-':>10}"
-        print(f"{r['name']:<18}{r['frames_per_second']:>12.1f}{r['ratio']:>12.2f}{peak}")
+        peak_text = f"{r['peak_gib']:>10.2f}" if cuda else f"{'-':>10}"
+        print(f"{r['name']:<18}{r['frames_per_second']:>12.1f}{r['ratio']:>12.2f}{peak_text}")
     if args.json:
         print(json.dumps(rows, indent=2))
 

@@ -215,9 +215,10 @@ def measured_rate(work: Path, args: list[str], probe_steps: int = 40) -> float:
     found = sorted(scratch.glob("mlruns/*/*/metrics/step_time_s"))
     times = [t for step, t in sorted(read_metric(found[-1]).items()) if step > 10] if found else []
     shutil.rmtree(scratch, ignore_errors=True)
-    if not times:
+    median = _median(times)
+    if median is None:
         raise SystemExit(f"probe run logged no step times; see {work / 'probe.log'}")
-    return 1.0 / _median(times)
+    return 1.0 / median
 
 
 def tracking_uri(work: Path) -> str:

@@ -41,6 +41,7 @@ def measure(checkpoint: Path, task: str, seeds: list[int]) -> dict:
     reach_err, forced_err, demo_end, pred_end = [], [], [], []
     for seed in seeds:
         r = rollout(cfg, seed, task=task)
+        assert r.images is not None  # the demos config renders the top camera
         policy.reset(sim.TASKS[task].task_text, seed=0)
         first = policy.act({CAMERA: r.images[0]})
         reach = first.actions[:, 1].T  # latent frame 1: the first n actions (frame 0 is the image)

@@ -44,6 +44,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 
@@ -72,14 +73,14 @@ class GpuMemory:
 
     def __init__(self, period_ms: int = 100):
         self.samples: list[tuple[float, int, float]] = []  # (monotonic s, gpu, GiB)
-        self.proc = None
+        self.proc: subprocess.Popen[str] | None = None
         if shutil.which("nvidia-smi"):
             self.proc = subprocess.Popen(["nvidia-smi", "--query-gpu=index,memory.used", "--format=csv,noheader,nounits",
                                           f"-lms={period_ms}"], stdout=subprocess.PIPE, text=True)
-            threading.Thread(target=self._read, daemon=True).start()
+            threading.Thread(target=self._read, args=(self.proc.stdout,), daemon=True).start()
 
-    def _read(self) -> None:
-        for line in self.proc.stdout:
+    def _read(self, stdout: IO[str]) -> None:
+        for line in stdout:
             try:
                 index, used = (int(x) for x in line.split(","))
             except ValueError:
@@ -446,7 +447,7 @@ def rehearse(args) -> dict:
 
 
 def machine() -> dict:
-    info = {"python": sys.version.split()[0]}
+    info: dict[str, object] = {"python": sys.version.split()[0]}
     try:
         import torch
 

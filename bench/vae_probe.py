@@ -38,6 +38,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -117,7 +118,10 @@ def make_frames(args, height: int, width: int) -> dict:
             fresh = reset_frame(Scene(args.task), seed, height, width)
             if not (np.array_equal(fresh[0], img) and np.array_equal(fresh[1], cube)):
                 raise AssertionError("the re-used scene's reset frame differs from a fresh environment's")
-        images.append(img), cubes.append(cube), frame_seed.append(seed), frame_index.append(0)
+        images.append(img)
+        cubes.append(cube)
+        frame_seed.append(seed)
+        frame_index.append(0)
     t_reset = time.perf_counter() - t0
     roll_seeds = seeds[::args.rollout_every] if args.rollout_every > 0 else []
     t0 = time.perf_counter()
@@ -263,7 +267,7 @@ def probe(x: np.ndarray, y: np.ndarray, seeds: np.ndarray, train: np.ndarray, te
     train_seeds = np.unique(seeds[train])
     fold_of_seed = {s: i % FOLDS for i, s in enumerate(train_seeds)}
     fold = np.array([fold_of_seed.get(s, -1) for s in seeds])
-    best = None
+    best: tuple[float, bool, int, np.ndarray] | None = None  # (CV RMSE, z-scored, lambda index, Gram matrix)
     cv = {}
     for zscore in (False, True):
         k = gram(x, train, zscore)
@@ -277,6 +281,7 @@ def probe(x: np.ndarray, y: np.ndarray, seeds: np.ndarray, train: np.ndarray, te
         i = int(np.argmin(rmse))
         if best is None or rmse[i] < best[0]:
             best = (rmse[i], zscore, i, k)
+    assert best is not None
     cv_rmse, zscore, i, k = best
     tr, te = np.where(train)[0], np.where(test)[0]
     pred = fit_predict(k, tr, te, y, LAMBDAS[i:i + 1])[0]
@@ -366,8 +371,9 @@ def main() -> None:
     cam = preset.cameras[0]
     vae_cfg = preset.vae
     if args.vae_config:
-        vae_cfg = dataclasses.replace(vae_cfg, **{k: tuple(v) if isinstance(v, list) else v
-                                                  for k, v in json.loads(args.vae_config).items()})
+        fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v
+                                  for k, v in json.loads(args.vae_config).items()}
+        vae_cfg = dataclasses.replace(vae_cfg, **fields)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
 

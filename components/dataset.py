@@ -469,7 +469,8 @@ def _write_episodes(tmp: Path, episodes: Iterable[Episode], spec: _WriterSpec) -
                                robot_type=spec.robot_type, use_videos=True, vcodec=spec.vcodec)
     ds.meta.update_chunk_settings(data_files_size_in_mb=PER_EPISODE_FILE_MB,
                                   video_files_size_in_mb=PER_EPISODE_FILE_MB)
-    metas, sources = [], []
+    metas: list[EpisodeMeta] = []
+    sources: list[dict[str, Path]] = []
     for ep in episodes:
         metas.append(_renumbered(ep, len(metas)))
         for t in range(ep.length):
@@ -491,10 +492,10 @@ def _write_episodes(tmp: Path, episodes: Iterable[Episode], spec: _WriterSpec) -
 
 def _write_shard(root: str, episodes: list[Episode], spec: _WriterSpec, log_path: str | None) -> int:
     """A writer process's work: one shard dataset at `root`."""
-    root = Path(root)
-    root.mkdir()
+    shard = Path(root)
+    shard.mkdir()
     with native_stderr_to(log_path):  # its images/ staging tree goes with the shards folder
-        _write_episodes(root, episodes, spec)
+        _write_episodes(shard, episodes, spec)
     return len(episodes)
 
 

@@ -10,7 +10,7 @@ import html
 import json
 import mimetypes
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from vaops.models.atomic import read_json, write_folder_atomically
@@ -25,7 +25,7 @@ _SRC = re.compile(r'(src|poster)="([^"]+)"')
 
 
 def write_report(folder: str | Path, payload: dict, markdown: str,
-                 extra: dict[str, Callable[[Path], None]] | None = None) -> Path:
+                 extra: Mapping[str, Callable[[Path], object]] | None = None) -> Path:
     """`extra` maps further file names (plots, videos the Markdown links) to their writers."""
     def write(tmp: Path) -> None:
         (tmp / REPORT_JSON).write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")

@@ -16,7 +16,10 @@ from typing import Any, TypeVar
 
 from tqdm import tqdm
 
-C = TypeVar("C")
+if typing.TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+C = TypeVar("C", bound="DataclassInstance")
 
 # Redraw interval of a progress bar whose stderr is a file or a pipe (kfp.local's step logs, a pod,
 # `2> log`): tqdm's default 0.1 s writes a line per training step or episode there.

@@ -24,7 +24,7 @@ def link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
         shutil.copy2(src, dst)
 
 
-def write_folder_atomically(folder: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+def write_folder_atomically(folder: str | os.PathLike, write: Callable[[Path], object]) -> Path:
     """Run `write(tmp_dir)` on a fresh sibling folder and swap it in for `folder` once it
     completed; a failed or interrupted write leaves any existing `folder` untouched."""
     folder = Path(folder)
@@ -44,7 +44,7 @@ def write_folder_atomically(folder: str | os.PathLike, write: Callable[[Path], N
     return folder
 
 
-def write_file_atomically(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+def write_file_atomically(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
     """Run `write(tmp_path)` (a sibling with the same suffix) and rename it to `path` once done."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

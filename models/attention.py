@@ -158,8 +158,9 @@ def _flash_func():
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None,
-              backend: Backend = "sdpa") -> torch.Tensor:
-    """q: [B, Lq, H, D], k/v: [B, Lk, H, D] -> [B, Lq, H, D].
+              backend: str = "sdpa") -> torch.Tensor:
+    """q: [B, Lq, H, D], k/v: [B, Lk, H, D] -> [B, Lq, H, D]; backend: one of `Backend` (a str: it comes
+    from policy.json and the CLI through the engine and the transformer).
 
     mask: None, a boolean tensor broadcastable to [B, H, Lq, Lk] (sdpa), or a BlockMask (flex).
     """

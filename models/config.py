@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from .atomic import read_json
 
@@ -58,7 +58,7 @@ class TransformerConfig:
     @classmethod
     def from_json_dict(cls, raw: dict, source: str = "config") -> "TransformerConfig":
         known = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {}
+        kwargs: dict[str, Any] = {}
         unknown = []
         for key, value in raw.items():
             if key.startswith("_") or key in _IGNORED_CONFIG_KEYS:

@@ -86,7 +86,7 @@ def model_cache() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "vaops" / "models")
 
 
-def _cached(target: Path, fill: Callable[[Path], None], note: str) -> Path:
+def _cached(target: Path, fill: Callable[[Path], object], note: str) -> Path:
     """`target` in the model cache, made once by `fill(tmp)` in a fresh sibling folder renamed into
     place, and reused by later starts; of concurrent starts, the first to finish wins."""
     if (target / _COMPLETE).is_file():

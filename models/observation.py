@@ -113,7 +113,7 @@ class ObservationEncoder:
             counts.add(arr.shape[0])
         if len(counts) != 1:
             raise ValueError(f"cameras carry different frame counts {sorted(counts)}")
-        mus = {}
+        mus: dict[str, torch.Tensor] = {}
         for cams, stream in self._groups:
             video = torch.stack([frames_to_video(np.asarray(frames[c.key]), c.height, c.width) for c in cams])
             mu = stream.encode(video)
@@ -125,7 +125,7 @@ class ObservationEncoder:
         if latent.ndim != 5 or latent.shape[0] != 1:
             raise ValueError(f"expected one layout latent [1, C, t, H, W], got shape {tuple(latent.shape)}")
         parts = split_layout(latent, self.preset)
-        out = {}
+        out: dict[str, np.ndarray] = {}
         for cams, _ in self._groups:
             video = decode(self.vae, torch.cat([parts[c.key] for c in cams], dim=0))
             out.update(zip((c.key for c in cams), (video_to_frames(v) for v in video)))

@@ -167,11 +167,15 @@ def _sh(cmd: list[str], cwd: Path, quiet: bool = True) -> str:
     return (proc.stdout or "").strip()
 
 
-def _head(repo: Path) -> str | None:
+def _head(repo: Path) -> str:
+    return _sh(["git", "rev-parse", "HEAD"], repo)
+
+
+def _has_commits(repo: Path) -> bool:
     try:
-        return _sh(["git", "rev-parse", "HEAD"], repo)
+        return bool(_head(repo))
     except RuntimeError:
-        return None
+        return False
 
 
 def _init_registry(cfg: DemoConfig) -> None:
@@ -197,7 +201,7 @@ def data_registry(cfg: DemoConfig) -> str:
     preset's dataset has its own path, so they share one registry)."""
     repo = cfg.registry
     pointer = f"{cfg.dataset}.dvc"
-    if not ((repo / ".git").is_dir() and _head(repo)):
+    if not ((repo / ".git").is_dir() and _has_commits(repo)):
         _init_registry(cfg)
     elif (repo / pointer).is_file() and _sh(["git", "log", "-n", "1", "--format=%H", "--", pointer], repo):
         rev = _head(repo)

@@ -28,9 +28,10 @@ import re
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from vaops.components.tracebacks import clean, describe_failure
 
@@ -54,7 +55,7 @@ _KFP_LINE = re.compile(r"^\d{2}:\d{2}:\d{2}(\.\d+)? - [A-Z]+ - |^-{10,}$|^(Strea
 _NOTICE = re.compile(r"^vaops notice: (.+)$")  # a step's line for the console (the train step's resume)
 TRAIN_RUNS = "train-runs"  # under the run's root: the train step's run folders (pipeline.train_work_root)
 _STREAM_INDENT = " " * 4  # kfp.local indents the steps' own output by this much
-_PARSERS = {"String": str, "Integer": int, "Float": float,
+_PARSERS: dict[str, Callable[[str], Any]] = {"String": str, "Integer": int, "Float": float,
             "Boolean": lambda s: {"true": True, "false": False}[s.lower()], "Dict": json.loads}
 
 
@@ -100,7 +101,7 @@ class _StepLogs:
         self.verbose = verbose
         self.logs: list[tuple[str, Path]] = []
         self.cached: list[str] = []
-        self._file = None
+        self._file: TextIO | None = None
         self._pending = ""
         self._started: dict[str, float] = {}
 

@@ -41,9 +41,10 @@ def dataset_source(dataset: dsl.Output[dsl.Dataset], dvc_repo: str = "", dvc_pat
     from vaops.components.demos.config import PRESETS, for_model_preset
     from vaops.components.demos.stage import run as record
 
-    overrides = {k: v for k, v in dict(task=task, time_scale=time_scale, workers=workers).items() if v}
-    cfg = dataclasses.replace(PRESETS.get(preset, PRESETS["default"]), output=dataset.path, episodes=episodes,
-                              first_seed=first_seed, **overrides)
+    base = PRESETS.get(preset, PRESETS["default"])
+    cfg = dataclasses.replace(base, output=dataset.path, episodes=episodes, first_seed=first_seed,
+                              task=task or base.task, time_scale=time_scale or base.time_scale,
+                              workers=workers or base.workers)
     demos = record(for_model_preset(cfg, preset))
     lineage = {"vaops.data_path": f"sim:{cfg.task}", "vaops.data_seeds": ",".join(map(str, demos.seeds))}
     dataset.metadata.update({"source": "sim", "episodes": demos.episodes, "task": cfg.task, "lineage": lineage})

@@ -84,7 +84,7 @@ def run(cfg: AugmentConfig) -> AugmentResult:
             for out_index, ep_index in enumerate(originals):
                 ep = augment_episode(data.episode(ep_index), out_index, copy, cfg)
                 augmented.append({"episode_index": len(originals) * (1 + copy) + out_index,
-                                  "augmented_from": out_index, **ep.meta.augmentation})
+                                  "augmented_from": out_index, **(ep.meta.augmentation or {})})
                 yield ep
 
     total = len(originals) * (1 + cfg.copies)

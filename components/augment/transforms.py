@@ -29,9 +29,9 @@ def draw_visual(rng: np.random.Generator, brightness: float, contrast: float, sa
     def factor(strength: float) -> float:
         return float(rng.uniform(1 - strength, 1 + strength))
 
-    shift = tuple(int(v) for v in rng.integers(-max_shift, max_shift + 1, size=2))
+    down, right = (int(v) for v in rng.integers(-max_shift, max_shift + 1, size=2))
     return VisualParams(factor(brightness), factor(contrast), factor(saturation),
-                        float(rng.uniform(-hue, hue)), shift)
+                        float(rng.uniform(-hue, hue)), (down, right))
 
 
 def apply_visual(frames: np.ndarray, p: VisualParams) -> np.ndarray:

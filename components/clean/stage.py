@@ -129,7 +129,7 @@ def _dataset_ranges(data: LeRobotData, cfg: CleanConfig, kept: list[Decision]):
     missing = [f for f in fields if f not in data.array_keys]
     if missing:
         raise DatasetError(f"{data.root}: features {missing} to clean are not in the dataset ({data.array_keys})")
-    values = {f: [] for f in fields}
+    values: dict[str, list[np.ndarray]] = {f: [] for f in fields}
     for d in kept:
         arrays = data.arrays(d.episode)
         for f in fields:

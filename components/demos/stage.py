@@ -11,7 +11,7 @@ import itertools
 import math
 import multiprocessing
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,7 +82,7 @@ def _one_thread() -> None:
     torch.set_num_threads(1)
 
 
-def _rollouts(cfg: DemosConfig, task: str, seeds: range) -> Iterator[tuple[int, sim.Rollout]]:
+def _rollouts(cfg: DemosConfig, task: str, seeds: range) -> Generator[tuple[int, sim.Rollout], None, None]:
     """`(seed, rollout)` in seed order; with several workers, computed ahead in child processes
     (spawned: each makes its own EGL context, which a forked child cannot share)."""
     if cfg.workers == 1:

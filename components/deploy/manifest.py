@@ -63,7 +63,8 @@ def build_manifest(spec: ManifestSpec) -> dict:
             "--http-port", str(HTTP_PORT), "--grpc-port", str(GRPC_PORT),
             "--device", "cuda" if spec.gpus > 0 else "cpu", "--dtype", spec.dtype,
             "--max-sessions", str(spec.max_sessions), "--idle-timeout", f"{spec.idle_timeout_s:g}"]
-    env = [{"name": "STORAGE_URI", "value": spec.storage_uri}, {"name": "HF_HUB_OFFLINE", "value": "1"}]
+    env: list[dict[str, object]] = [{"name": "STORAGE_URI", "value": spec.storage_uri},
+                                    {"name": "HF_HUB_OFFLINE", "value": "1"}]
     if spec.token_secret:
         env.append({"name": "VAOPS_SERVE_TOKEN",
                     "valueFrom": {"secretKeyRef": {"name": spec.token_secret, "key": "token"}}})

@@ -221,8 +221,8 @@ def _stage_v21(src: Path, legacy: _Legacy, stage: Path) -> tuple[Path, list[str]
 
 
 def _root_cause(e: BaseException) -> str:
-    while e.__cause__ is not None or (e.__context__ is not None and not e.__suppress_context__):
-        e = e.__cause__ or e.__context__
+    while (inner := e.__cause__ or (None if e.__suppress_context__ else e.__context__)) is not None:
+        e = inner
     return f"{type(e).__name__}: {e}"
 
 
@@ -339,7 +339,9 @@ def run(cfg: IngestConfig) -> IngestResult:
     if not cfg.source:
         raise ValueError("source is required (a dataset directory, or a path inside --repo)")
     output = Path(cfg.output)
-    version, notes, broken = "", [], []
+    version = ""
+    notes: list[str] = []
+    broken: list[str] = []
 
     def build(tmp: Path) -> None:
         nonlocal version, notes, broken

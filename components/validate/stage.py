@@ -65,8 +65,8 @@ class ValidationReport:
 
     def _problem(self, p: Problem) -> dict:
         d = p.as_dict()
-        strip = self.strips.get((p.episode, p.camera)) or next(
-            (path for (ep, _), path in sorted(self.strips.items()) if ep == p.episode and p.camera is None), None)
+        strip = next((path for (ep, camera), path in sorted(self.strips.items())
+                      if ep == p.episode and p.camera in (None, camera)), None)
         if strip is not None and p.frames is not None:
             d["thumbnails"] = strip
         return d

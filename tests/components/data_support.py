@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -104,7 +105,9 @@ def export_v21(src: Path, dst: Path) -> Path:
         for key in data.video_keys:
             mp4 = dst / "videos" / "chunk-000" / key / f"episode_{ep:06d}.mp4"
             mp4.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(data.standalone_video(ep, key), mp4)
+            video = data.standalone_video(ep, key)
+            assert video is not None, f"episode {ep} {key}: no video of its own"
+            shutil.copyfile(video, mp4)
     tasks = load_tasks(src)
     info.update(codebase_version="v2.1", total_chunks=1, total_videos=len(data.episodes) * len(data.video_keys),
                 data_path="data/chunk-{episode_chunk:03d}/episode_{episode_index:06d}.parquet",
@@ -166,8 +169,8 @@ def write_lerobot_default(root: Path, episodes: list[dict], fps: int = ROBOTWIN_
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
     first = episodes[0]
-    features = {k: {"dtype": "float32", "shape": (first[k].shape[1],), "names": None}
-                for k in ("action", "observation.state")}
+    features: dict[str, dict[str, Any]] = {k: {"dtype": "float32", "shape": (first[k].shape[1],), "names": None}
+                                           for k in ("action", "observation.state")}
     for k, frames in first["videos"].items():
         features[k] = {"dtype": "video", "shape": frames.shape[1:], "names": ["height", "width", "channels"]}
     ds = LeRobotDataset.create(repo_id=f"local/{root.name}", fps=fps, features=features, root=root,

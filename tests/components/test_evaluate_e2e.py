@@ -44,11 +44,12 @@ def check_client_protocol(url: str) -> None:
     server's refusal of a wrong keyframe count as a named server error, the session intact."""
     with PolicyClient(ClientConfig(url=url)) as client:
         client.reset("transfer the cube", seed=3)
-        assert client.metadata["action_channels"] == 14
+        assert client.metadata is not None and client.metadata["action_channels"] == 14
         image = np.zeros((64, 96, 3), np.uint8)
         reply = client.act({"observation.images.top": image, "observation.state": np.zeros(14, np.float32)},
                            "transfer the cube", channels=14, frames_per_latent=4, imagine=True)
         assert reply.actions.shape == (14, 2, 16) and reply.actions.dtype == np.float32
+        assert reply.imagined is not None
         assert reply.imagined.dtype == np.uint8 and reply.imagined.shape[1:] == (64, 96, 3)
         with pytest.raises(PolicyServerError, match="expected 4"):
             client.observe([{"observation.images.top": image}], reply.actions)

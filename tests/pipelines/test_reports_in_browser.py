@@ -87,7 +87,9 @@ def _evaluation(out: Path, uri: str) -> str:
                                  chunk_latency_s=[0.2, 0.1], observe_latency_s=[0.05], idle_s=[0.2, 0.1],
                                  execution_s=[0.8, 0.8], video=video.relative_to(out).as_posix()))
     write_manifest(config, complete=True, episodes=2)
-    return merge_and_report(out, TrackingConfig(tracking_uri=uri)).mlflow_run_id
+    run_id = merge_and_report(out, TrackingConfig(tracking_uri=uri)).mlflow_run_id
+    assert run_id is not None, "the evaluation was not logged to MLflow"
+    return run_id
 
 
 def _training(output: Path) -> str:

@@ -71,7 +71,8 @@ def _run_folders(root: Path) -> list[Path]:
 
 
 def _history(uri: str, run_id: str, key: str = "loss") -> tuple[np.ndarray, list[int]]:
-    latest = {}  # a resumed run logs again the steps after its checkpoint: the last value counts
+    # a resumed run logs again the steps after its checkpoint: the last value counts
+    latest: dict[int, tuple[int, float]] = {}
     for m in MlflowClient(uri).get_metric_history(run_id, key):
         if m.step not in latest or m.timestamp >= latest[m.step][0]:
             latest[m.step] = (m.timestamp, m.value)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import grpc
 import httpx
@@ -26,7 +27,7 @@ pytestmark = pytest.mark.xdist_group("serve")
 
 def infer(http: httpx.Client, op: str, session_id: str | None = None, inputs=(), **params) -> httpx.Response:
     """One REST infer request with JSON tensors, as curl or any HTTP client sends it."""
-    body = {"inputs": list(inputs), "parameters": {"op": op, **params}}
+    body: dict[str, Any] = {"inputs": list(inputs), "parameters": {"op": op, **params}}
     if session_id is not None:
         body["parameters"]["session_id"] = session_id
     return http.post(f"/v2/models/{MODEL}/infer", json=body)
