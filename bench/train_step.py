@@ -1,28 +1,36 @@
-"""Training-step throughput on GPU: `robotwin` preset (5.09 B), bf16, flex attention, fused AdamW.
+"""Training-step throughput on 1, 2 and 4 GPUs of one host: `robotwin` preset (5.09 B), bf16, flex attention.
 
 One sample is 16 latent frames: [noisy video | clean video | noisy actions | clean actions] =
 2 x 16 x 120 + 2 x 16 x 16 = 4,352 tokens. The reference trainer (FSDP2, flex attention,
 activation checkpointing, fused AdamW) measured 0.697 s/step = 6,246 tokens/s on one H200.
 
-Every configuration runs in its own process (a clean GPU, an OOM cannot poison the next row):
-- `fsdp2`: the reference's recipe on this model, measured in the same run (the in-run baseline);
-- `deepspeed`: the trainer's engine (`vaops train`: DeepSpeed ZeRO, bf16, flex attention, fused
-  AdamW), per ZeRO stage and activation-checkpointing setting, over batch sizes (ascending,
-  stopping at the first OOM).
-With `--gpus 2` it adds ZeRO-3 on 1 and on 2 GPUs (the deepspeed launcher) and reports scaling.
-Reports s/step, tokens/s, the ratio to the reference's 6,246 tokens/s and to the in-run FSDP2
-baseline, model FLOPs utilisation, peak memory, and the best tokens/s over batch sizes.
+A configuration is `ENGINE:CKPT:COMPILE:BATCHES` (`--config`, repeatable), run on every GPU count
+of `--gpus`, each in its own process group under torchrun (the launcher of `vaops train` and of
+its TrainJob) on a clean set of GPUs:
+- ENGINE `fsdp2`: the reference's recipe, measured in the same run on the same GPUs (the in-run
+  baseline): bf16 parameters, FSDP2 with fp32 gradient reduction, activation checkpointing as a
+  wrapper around each block, fused AdamW (upstream wan_va/distributed/fsdp.py, train.py);
+  `z0`..`z3`: the trainer's engine (DeepSpeed ZeRO stage 0-3, bf16, fused AdamW; stage 0 keeps the
+  fp32 masters in components/train/master_weights.py's multi-tensor AdamW);
+  `shipped`: what `vaops train` runs for robotwin (config.SCALE_OUT_EXECUTION), at its micro-batch.
+- CKPT `full` (every block recomputed), `half` (every 2nd block), `off`.
+- COMPILE `on`: torch.compile of the blocks' attention-free regions (ZeRO <= 2), `off`.
+- BATCHES: micro-batches per GPU, ascending, each `+`-separated; the sweep stops at the first OOM.
+Per row: s/step, tokens/s per GPU and on all GPUs, the ratio per GPU to the in-run FSDP2 baseline
+on the same GPU count (its best batch) and to the reference's 6,246, MFU, peak memory, and the
+scaling efficiency against the same configuration and batch on one GPU.
 
-    python bench/train_step.py                                   # one H200: baseline + ZeRO-2
-    python bench/train_step.py --zero-stages 1,2 --ckpt both --compile both --batch-sizes 1,2,4,8
-    python bench/train_step.py --baseline none --zero-stages 0 --ckpt off --compile on --batch-sizes 1,2
-                                                                 # one GPU's fastest: fp32 masters outside DeepSpeed
-    python bench/train_step.py --gpus 2                          # + ZeRO-3 scaling on 2 GPUs
-    python bench/train_step.py --preset tiny --device cpu --frames 4 --steps 2 --warmup 1   # smoke
+    python bench/train_step.py --gpus 1,2 --out /tmp/ts \\
+        --config fsdp2:full:off:1 --config z2:off:on:1+2+3 --config z0:off:on:1 --config z2:half:on:2+4
+    python bench/train_step.py --gpus 1 --config z0:off:on:1+2     # one GPU's fastest (fp32 masters, compiled)
+    python bench/train_step.py --preset tiny --device cpu --gpus 1,2 --frames 4 --steps 1 --warmup 1 \\
+        --config fsdp2:full:off:1 --config z2:half:off:1 --out /tmp/ts-cpu      # smoke test, gloo
 
-Each configuration takes a few minutes on its own (model and DeepSpeed set-up, the flex-attention
-compile, then the batch sweep): keep one command under the device's 10 minutes by splitting
-sweeps, e.g. `--baseline fsdp2 --zero-stages 2` then `--baseline none --zero-stages 1,3 --ckpt off`.
+One-GPU jobs of one configuration group run side by side, one per GPU (as do two-GPU jobs on four
+GPUs); `--serial` runs one at a time. A job takes 1-2 minutes (model and engine set-up, the flex
+and region compiles, the batch sweep); `--deadline-s S` starts no job after S seconds and stops
+the ones running then; the JSON and Markdown under `--out` are rewritten after every job (and
+each job's output appended to its workers.log), so a lease's end leaves the rows measured so far.
 """
 
 from __future__ import annotations
@@ -32,19 +40,25 @@ import dataclasses
 import gc
 import json
 import os
-import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 REFERENCE_TOKENS_PER_S = 6246.0  # upstream FSDP2 trainer, 0.697 s/step on one H200
+TARGET_X_REFERENCE = 1.5  # issue 14: per GPU on 2 and 4 GPUs
+TARGET_SCALING = 0.9  # 1 -> 4 GPUs
+TARGET_MFU = 0.4
 RESULT_PREFIX = "RESULT "
+CKPT_EVERY = {"off": 0, "full": 1, "half": 2}  # recompute every n-th block; 0: none
+ENGINES = ("fsdp2", "z0", "z1", "z2", "z3", "shipped")
 
 
-# ----- one configuration, in a worker process -----
+# ----- one configuration, in every rank of a worker process group -----
 
 def flops_per_sample(preset, frames: int, chunk: int, window: int) -> float:
     """Model FLOPs of one training step per sample (forward + backward = 3 x forward; activation
@@ -70,37 +84,73 @@ def flops_per_sample(preset, frames: int, chunk: int, window: int) -> float:
     return 3.0 * (layers * per_layer + io)
 
 
+def step_inputs(preset, batch_size: int, frames: int, chunk: int, window: int, device: torch.device):
+    """One step's inputs for `batch_size` random samples, drawn as the trainer draws them."""
+    from vaops.components.train.config import TrainConfig
+    from vaops.components.train.data import Batch
+    from vaops.components.train.objective import TeacherForcing, draw_inputs
+
+    h, w = preset.latent_hw
+    n, text_dim = preset.action_per_frame, preset.transformer.text_dim
+    teacher = TeacherForcing.from_config(TrainConfig(preset=preset.name), preset)
+    g = torch.Generator().manual_seed(batch_size)
+    mask = torch.zeros(batch_size, 30, frames, n, 1, dtype=torch.bool)
+    mask[:, list(preset.used_action_channels)] = True
+    batch = Batch(torch.randn(batch_size, 48, frames, h, w, generator=g),
+                  torch.randn(batch_size, 30, frames, n, 1, generator=g) * mask, mask,
+                  torch.randn(batch_size, 512, text_dim, generator=g).to(torch.bfloat16))
+    x = draw_inputs(batch, torch.zeros(512, text_dim, dtype=torch.bfloat16), teacher, g)
+    return dataclasses.replace(x, chunk=chunk, window=window).to(device, torch.bfloat16)
+
+
+def shard_like_reference(module: torch.nn.Module, ckpt_every: int) -> None:
+    """The reference's FSDP2 recipe on `module` (a TeacherForcedModel): bf16 parameters, each block
+    wrapped for activation checkpointing *outside* its FSDP unit, no cast of forward inputs.
+
+    Checkpointing inside the unit (the model's own gradient_checkpointing around an FSDP-wrapped
+    block) fails on torch <= 2.11: FSDP2 casts a unit's floating inputs to bf16 in its pre-forward
+    hook, but skips that hook while recomputing in backward, so the rotary tables came back fp32
+    where the forward had saved bf16 ("Recomputed values ... have different metadata")."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    model = module.transformer
+    module.to(torch.bfloat16)
+    model.gradient_checkpointing = False
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)
+    for i, block in enumerate(model.blocks):
+        # text_context() projects the text through every block's cross-attention k/v before the
+        # trunk runs, outside the block's forward: those layers need their own FSDP units.
+        for layer in (block.attn2.to_k, block.attn2.to_v, block.attn2.norm_k):
+            fully_shard(layer, mp_policy=policy)
+        if ckpt_every and i % ckpt_every == 0:
+            block = model.blocks[i] = checkpoint_wrapper(block, preserve_rng_state=False)
+        fully_shard(block, mp_policy=policy)
+    fully_shard(module, mp_policy=policy)
+
+
 def worker(args) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from vaops.components.train.config import TrainConfig
-    from vaops.components.train.data import Batch
     from vaops.components.train.distributed import build_engine, init_distributed
-    from vaops.components.train.objective import TeacherForcedModel, TeacherForcing, build_model, draw_inputs
+    from vaops.components.train.objective import TeacherForcedModel, build_model
     from vaops.models.config import get_preset
 
     info = init_distributed()
     preset = get_preset(args.preset)
     cuda = info.cuda
     backend = "flex" if cuda else "sdpa"
-    cfg = TrainConfig(preset=args.preset, zero_stage=args.zero_stage if args.impl == "deepspeed" else 0,
-                      precision="bf16", attention=backend, activation_checkpointing=args.ckpt == "on",
+    every = CKPT_EVERY[args.ckpt]
+    fsdp2 = args.engine == "fsdp2"
+    cfg = TrainConfig(preset=args.preset, zero_stage=0 if fsdp2 else args.zero_stage, precision="bf16",
+                      attention=backend, activation_checkpointing=every > 0, checkpoint_every=max(every, 1),
                       compile_blocks=args.compile == "on", offload_optimizer=args.offload_optimizer, micro_batch=1,
                       lr=1e-5)
     torch.manual_seed(0)
     model = build_model(cfg, preset, None, bf16=True, device=info.device)
     module = TeacherForcedModel(model, backend)
-    if args.impl == "fsdp2":
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-        module.float()
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        for block in model.blocks:
-            # text_context() projects the text through every block's cross-attention k/v before the
-            # trunk runs, outside the block's forward: those layers need their own FSDP units.
-            for layer in (block.attn2.to_k, block.attn2.to_v, block.attn2.norm_k):
-                fully_shard(layer, mp_policy=policy)
-            fully_shard(block, mp_policy=policy)
-        fully_shard(module, mp_policy=policy)
+    if fsdp2:
+        shard_like_reference(module, every)
         optimizer = torch.optim.AdamW(module.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0.1, fused=cuda)
 
         def step(x):
@@ -110,31 +160,22 @@ def worker(args) -> None:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
     else:
-        engine = build_engine(module, cfg, info, external_params=[model.scale_shift_table])
+        engine = build_engine(module, cfg, info, external_params=[model.scale_shift_table],
+                              ds_overrides=json.loads(args.ds_override) if args.ds_override else None)
 
         def step(x):
             loss = engine(x)[0]
             engine.backward(loss)
             engine.step()
 
-    teacher = TeacherForcing.from_config(cfg, preset)
     h, w = preset.latent_hw
-    n = preset.action_per_frame
-    text_dim = preset.transformer.text_dim
     flops = flops_per_sample(preset, args.frames, args.chunk, args.window)
     for batch_size in args.batch_sizes:
-        row = {"impl": args.impl, "zero_stage": args.zero_stage if args.impl == "deepspeed" else None,
-               "ckpt": args.ckpt, "compile": args.compile, "gpus": info.world, "batch": batch_size,
-               "tokens_per_sample": 2 * args.frames * ((h // 2) * (w // 2) + n)}
+        row = {"engine": args.engine, "zero_stage": None if fsdp2 else args.zero_stage, "ckpt": args.ckpt,
+               "compile": args.compile, "gpus": info.world, "batch": batch_size,
+               "tokens_per_sample": 2 * args.frames * ((h // 2) * (w // 2) + preset.action_per_frame)}
         try:
-            g = torch.Generator().manual_seed(batch_size)
-            mask = torch.zeros(batch_size, 30, args.frames, n, 1, dtype=torch.bool)
-            mask[:, list(preset.used_action_channels)] = True
-            batch = Batch(torch.randn(batch_size, 48, args.frames, h, w, generator=g),
-                          torch.randn(batch_size, 30, args.frames, n, 1, generator=g) * mask, mask,
-                          torch.randn(batch_size, 512, text_dim, generator=g).to(torch.bfloat16))
-            x = draw_inputs(batch, torch.zeros(512, text_dim, dtype=torch.bfloat16), teacher, g)
-            x = dataclasses.replace(x, chunk=args.chunk, window=args.window).to(info.device, torch.bfloat16)
+            x = step_inputs(preset, batch_size, args.frames, args.chunk, args.window, info.device)
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
             for _ in range(args.warmup):
@@ -147,8 +188,8 @@ def worker(args) -> None:
             if cuda:
                 torch.cuda.synchronize()
             s_step = (time.perf_counter() - start) / args.steps
-            tokens_per_s = batch_size * row["tokens_per_sample"] * info.world / s_step
-            row.update(s_per_step=s_step, tokens_per_s=tokens_per_s,
+            per_gpu = batch_size * row["tokens_per_sample"] / s_step
+            row.update(s_per_step=s_step, tokens_per_s_per_gpu=per_gpu, tokens_per_s=per_gpu * info.world,
                        tflops_per_gpu=batch_size * flops / s_step / 1e12,
                        mfu=batch_size * flops / s_step / (args.peak_tflops * 1e12) if cuda else None,
                        peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None)
@@ -167,75 +208,245 @@ def worker(args) -> None:
 
 # ----- the orchestrating process -----
 
-def run_worker(args, impl: str, stage: int, ckpt: str, compile_: str, gpus: int, batch_sizes: list[int]) -> list[dict]:
-    cmd = [str(Path(__file__).resolve()), "--worker", "--impl", impl, "--zero-stage", str(stage), "--ckpt", ckpt,
-           "--compile", compile_, "--preset", args.preset, "--frames", str(args.frames), "--chunk", str(args.chunk),
-           "--window", str(args.window), "--steps", str(args.steps), "--warmup", str(args.warmup),
-           "--peak-tflops", str(args.peak_tflops), "--batch-sizes", ",".join(map(str, batch_sizes))]
+@dataclasses.dataclass(frozen=True)
+class Config:
+    engine: str  # fsdp2 | z0..z3 (shipped is resolved into these)
+    ckpt: str
+    compile: str
+    batches: tuple[int, ...]
+    shipped: bool = False
+
+    @property
+    def zero_stage(self) -> int:
+        return 0 if self.engine == "fsdp2" else int(self.engine[1])
+
+    @property
+    def label(self) -> str:
+        name = "shipped=" + self.engine if self.shipped else self.engine
+        return f"{name} ckpt={self.ckpt} compile={self.compile}"
+
+
+def shipped_config() -> Config:
+    from vaops.components.train.config import SCALE_OUT_EXECUTION as e
+
+    ckpt = "off" if not e["activation_checkpointing"] else {1: "full", 2: "half"}.get(e["checkpoint_every"])
+    if ckpt is None:
+        raise ValueError(f"SCALE_OUT_EXECUTION: checkpoint_every {e['checkpoint_every']} has no bench name")
+    return Config(f"z{e['zero_stage']}", ckpt, "on" if e["compile_blocks"] else "off", (e["micro_batch"],), True)
+
+
+def parse_config(text: str) -> Config:
+    """ENGINE:CKPT:COMPILE:BATCHES, e.g. z2:half:on:2+4; `shipped` alone is the trainer's own."""
+    if text == "shipped":
+        return shipped_config()
+    parts = text.split(":")
+    if len(parts) != 4:
+        raise ValueError(f"--config {text!r}: expected ENGINE:CKPT:COMPILE:BATCHES, e.g. z2:off:on:1+2")
+    engine, ckpt, compile_, batches = parts
+    if engine not in ENGINES[:-1]:
+        raise ValueError(f"--config {text!r}: engine must be one of {ENGINES}")
+    if ckpt not in CKPT_EVERY:
+        raise ValueError(f"--config {text!r}: ckpt must be one of {sorted(CKPT_EVERY)}")
+    if compile_ not in ("on", "off"):
+        raise ValueError(f"--config {text!r}: compile must be on or off")
+    if compile_ == "on" and engine in ("z3", "fsdp2"):
+        raise ValueError(f"--config {text!r}: compiled blocks need ZeRO <= 2 (parameter hooks inside the regions)")
+    return Config(engine, ckpt, compile_, tuple(int(b) for b in batches.split("+")))
+
+
+def launch_command(args, config: Config, gpus: int) -> list[str]:
+    """torchrun (as `vaops train` and its TrainJob run) over this script's worker, on `gpus` processes."""
+    from vaops.components.train.k8s import torchrun_command
+
+    program = [str(Path(__file__).resolve()), "--worker", "--engine", config.engine, "--zero-stage",
+               str(config.zero_stage), "--ckpt", config.ckpt, "--compile", config.compile, "--preset", args.preset,
+               "--frames", str(args.frames), "--chunk", str(args.chunk), "--window", str(args.window),
+               "--steps", str(args.steps), "--warmup", str(args.warmup), "--peak-tflops", str(args.peak_tflops),
+               "--device", args.device, "--batch-sizes", ",".join(map(str, config.batches))]
     if args.offload_optimizer:
-        cmd.append("--offload-optimizer")
-    if gpus > 1:
-        launcher = shutil.which("deepspeed") or str(Path(sys.executable).parent / "deepspeed")
-        cmd = [launcher, "--num_gpus", str(gpus), "--no_local_rank", *cmd]
-    else:
-        cmd = [sys.executable, *cmd]
-    label = f"{impl} stage={stage} ckpt={ckpt} compile={compile_} gpus={gpus}"
-    print(f"--- {label}: {' '.join(cmd)}", flush=True)
-    start = time.perf_counter()
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-        out, err, rc = proc.stdout, proc.stderr, proc.returncode
-    except subprocess.TimeoutExpired as e:
-        out, err, rc = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or ""), "", "timeout"
-    rows = [json.loads(line[len(RESULT_PREFIX):]) for line in out.splitlines() if line.startswith(RESULT_PREFIX)]
-    print(f"    {time.perf_counter() - start:.0f} s, exit {rc}, {len(rows)} result(s)", flush=True)
-    if not rows:
-        tail = "\n".join((err or out).strip().splitlines()[-15:])
-        rows = [{"impl": impl, "zero_stage": stage, "ckpt": ckpt, "compile": compile_, "gpus": gpus,
-                 "batch": batch_sizes[0], "error": f"exit {rc}: {tail[-600:]}"}]
+        program.append("--offload-optimizer")
+    if args.ds_override:
+        program += ["--ds-override", args.ds_override]
+    return torchrun_command(program, no_python=False, nproc_per_node=gpus, standalone=True,
+                            launcher=(sys.executable, "-m", "torch.distributed.run"))
+
+
+@dataclasses.dataclass
+class Job:
+    config: Config
+    gpus: int
+    devices: list[int] = dataclasses.field(default_factory=list)
+    proc: subprocess.Popen | None = None
+    log: Path | None = None
+    started: float = 0.0
+
+    @property
+    def label(self) -> str:
+        return f"{self.config.label} gpus={self.gpus}"
+
+
+def plan(configs: list[Config], gpu_counts: list[int], total: int, serial: bool) -> list[Job]:
+    """Jobs in run order: configurations in groups of as many as the smallest GPU count fits side by
+    side, each group's jobs by GPU count, so one-GPU jobs pair up on a two-GPU host."""
+    group = 1 if serial else max(1, total // min(gpu_counts))
+    jobs = []
+    for start in range(0, len(configs), group):
+        for g in sorted(gpu_counts):
+            jobs += [Job(c, g) for c in configs[start:start + group]]
+    return jobs
+
+
+def rows_of(job: Job, text: str, rc) -> list[dict]:
+    rows = [json.loads(line[len(RESULT_PREFIX):]) for line in text.splitlines() if line.startswith(RESULT_PREFIX)]
+    for r in rows:
+        r["shipped"] = job.config.shipped
+    if not rows or (rc not in (0, None) and "error" not in rows[-1]):
+        tail = "\n".join(line for line in text.strip().splitlines()[-15:] if not line.startswith(RESULT_PREFIX))
+        done = {r["batch"] for r in rows}
+        batch = next((b for b in job.config.batches if b not in done), job.config.batches[-1])
+        rows.append({"engine": job.config.engine, "zero_stage": None if job.config.engine == "fsdp2"
+                     else job.config.zero_stage, "ckpt": job.config.ckpt, "compile": job.config.compile,
+                     "gpus": job.gpus, "batch": batch, "shipped": job.config.shipped,
+                     "error": f"exit {rc}: {tail[-600:]}"})
     return rows
+
+
+def run_jobs(args, jobs: list[Job], total: int, on_rows) -> list[Job]:
+    """Run `jobs` in order, each on free GPUs as soon as enough are; returns the jobs never started."""
+    start_all = time.monotonic()
+    free = list(range(total))
+    queue, running = list(jobs), []
+    logs = Path(tempfile.mkdtemp(prefix="train_step-"))  # each job's output, appended to workers.log when done
+    while queue or running:
+        elapsed = time.monotonic() - start_all
+        past_deadline = args.deadline_s is not None and elapsed > args.deadline_s - args.min_job_s
+        while queue and not past_deadline and len(free) >= queue[0].gpus:
+            job = queue.pop(0)
+            job.devices, free = free[:job.gpus], free[job.gpus:]
+            env = dict(os.environ, PYTHONUNBUFFERED="1")
+            if args.device == "cuda":
+                env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, job.devices))
+            cmd = launch_command(args, job.config, job.gpus)
+            job.log = logs / (job.label.replace(" ", "_").replace("=", "-") + ".log")
+            print(f"--- {job.label} on {args.device} {job.devices}: {' '.join(cmd)}", flush=True)
+            job.started = time.monotonic()
+            with open(job.log, "w") as f:
+                job.proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            running.append(job)
+        if past_deadline and not running:
+            break
+        time.sleep(0.5)
+        now = time.monotonic()
+        for job in list(running):
+            rc = job.proc.poll()
+            limit = args.timeout if args.deadline_s is None else min(args.timeout,
+                                                                   args.deadline_s - (job.started - start_all))
+            if rc is None and now - job.started > limit:
+                os.killpg(job.proc.pid, signal.SIGKILL)  # torchrun and its ranks: the job's own session
+                job.proc.wait()
+                rc = "timeout"
+            elif rc is None:
+                continue
+            running.remove(job)
+            free = sorted(free + job.devices)
+            text = job.log.read_text(errors="replace")
+            with open(args.out / "workers.log", "a") as f:
+                f.write(f"===== {job.label} on {job.devices}: exit {rc}, {now - job.started:.0f} s\n{text}\n")
+            rows = rows_of(job, text, rc)
+            print(f"    {job.label}: {now - job.started:.0f} s, exit {rc}, {len(rows)} row(s)", flush=True)
+            on_rows(rows)
+    return queue
 
 
 def fmt(v, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
-def report(rows: list[dict], baseline: float | None) -> None:
-    head = (f"{'impl':<9} {'zero':>4} {'ckpt':>4} {'comp':>4} {'gpus':>4} {'batch':>5} {'s/step':>8} {'tokens/s':>9} "
-            f"{'x ref':>6} {'x fsdp2':>7} {'MFU':>6} {'peak GiB':>8}  note")
-    print("\n" + head + "\n" + "-" * len(head))
-    for r in rows:
-        tps = r.get("tokens_per_s")
-        print(f"{r['impl']:<9} {fmt(r.get('zero_stage'), '>4')} {r['ckpt']:>4} {r['compile']:>4} {r['gpus']:>4} "
-              f"{r['batch']:>5} {fmt(r.get('s_per_step'), '>8.3f')} {fmt(tps, '>9.0f')} "
-              f"{fmt(tps and tps / REFERENCE_TOKENS_PER_S, '>6.2f')} "
-              f"{fmt(tps and baseline and tps / baseline, '>7.2f')} "
-              f"{fmt(r.get('mfu') and 100 * r['mfu'], '>5.1f')}% {fmt(r.get('peak_memory_gib'), '>8.1f')}  "
-              f"{r.get('error', '')[:120]}")
-    ok = [r for r in rows if "tokens_per_s" in r]
-    one = [r for r in ok if r["gpus"] == 1 and r["impl"] == "deepspeed"]
-    if one:
-        b1 = [r for r in one if r["batch"] == 1]
-        if b1:
-            best1 = max(b1, key=lambda r: r["tokens_per_s"])
-            print(f"\nbatch 1 (the reference's): {best1['tokens_per_s']:.0f} tokens/s, "
-                  f"{best1['tokens_per_s'] / REFERENCE_TOKENS_PER_S:.2f}x the reference's {REFERENCE_TOKENS_PER_S:.0f}"
-                  f" (target 1.5x = {1.5 * REFERENCE_TOKENS_PER_S:.0f}), ZeRO-{best1['zero_stage']} "
-                  f"ckpt={best1['ckpt']} compile={best1['compile']}")
-        best = max(one, key=lambda r: r["tokens_per_s"])
-        print(f"best on one GPU: {best['tokens_per_s']:.0f} tokens/s at batch {best['batch']} "
-              f"(ZeRO-{best['zero_stage']}, ckpt={best['ckpt']}, compile={best['compile']}, "
-              f"peak {fmt(best.get('peak_memory_gib'), '.1f')} GiB)")
-    for batch in sorted({r["batch"] for r in ok if r["gpus"] > 1}):
-        multi = [r for r in ok if r["gpus"] > 1 and r["batch"] == batch]
-        single = [r for r in ok if r["gpus"] == 1 and r["zero_stage"] == 3 and r["batch"] == batch
-                  and r["impl"] == "deepspeed"]
-        for m in multi:
-            for s in single:
-                if (s["ckpt"], s["compile"]) == (m["ckpt"], m["compile"]):
-                    eff = m["tokens_per_s"] / (m["gpus"] * s["tokens_per_s"])
-                    print(f"ZeRO-3 scaling at batch {batch}/GPU: {s['tokens_per_s']:.0f} tokens/s on 1 GPU -> "
-                          f"{m['tokens_per_s']:.0f} on {m['gpus']} ({eff:.0%} efficiency)")
+def derive(rows: list[dict]) -> tuple[list[dict], dict]:
+    """Each measured row's ratios: per GPU to the reference and to the in-run FSDP2 baseline of the
+    same GPU count (its best batch), scaling efficiency to the same configuration and batch on one
+    GPU; and the summary against issue 14's targets."""
+    ok = [r for r in rows if "tokens_per_s_per_gpu" in r]
+    baseline = {}
+    for r in ok:
+        if r["engine"] == "fsdp2":
+            baseline[r["gpus"]] = max(baseline.get(r["gpus"], 0.0), r["tokens_per_s_per_gpu"])
+    key = lambda r: (r["engine"], r["zero_stage"], r["ckpt"], r["compile"], r["batch"])  # noqa: E731
+    single = {key(r): r["tokens_per_s_per_gpu"] for r in ok if r["gpus"] == 1}
+    for r in ok:
+        per_gpu = r["tokens_per_s_per_gpu"]
+        r["x_reference"] = per_gpu / REFERENCE_TOKENS_PER_S
+        r["x_fsdp2"] = per_gpu / baseline[r["gpus"]] if r["gpus"] in baseline else None
+        r["scaling"] = per_gpu / single[key(r)] if key(r) in single else None
+    summary: dict = {"reference_tokens_per_s": REFERENCE_TOKENS_PER_S, "fsdp2_baseline_per_gpu": baseline,
+                     "best": {}}
+    for g in sorted({r["gpus"] for r in ok}):
+        best = max((r for r in ok if r["gpus"] == g and r["engine"] != "fsdp2"),
+                   key=lambda r: r["tokens_per_s_per_gpu"], default=None)
+        if best is not None:
+            summary["best"][g] = {k: best.get(k) for k in ("engine", "zero_stage", "ckpt", "compile", "batch",
+                                                             "tokens_per_s_per_gpu", "x_reference", "x_fsdp2",
+                                                             "mfu", "scaling", "peak_memory_gib")}
+    multi = {g: b for g, b in summary["best"].items() if g > 1}
+    summary["targets"] = {
+        "per_gpu_1.5x_reference": {g: b["x_reference"] >= TARGET_X_REFERENCE for g, b in multi.items()},
+        "scaling_0.9": {g: b["scaling"] is not None and b["scaling"] >= TARGET_SCALING for g, b in multi.items()},
+        "mfu_0.4_any": any((r.get("mfu") or 0) >= TARGET_MFU for r in ok),
+    }
+    return rows, summary
+
+
+COLUMNS = ("engine", "ZeRO", "ckpt", "compile", "GPUs", "batch", "s/step", "tokens/s per GPU", "tokens/s all",
+           "x reference", "x FSDP2", "MFU", "scaling", "peak GiB", "note")
+
+
+def table_row(r: dict) -> list[str]:
+    name = ("shipped " if r.get("shipped") else "") + r["engine"]
+    return [name, fmt(r.get("zero_stage"), "d"), r["ckpt"], r["compile"], str(r["gpus"]), str(r["batch"]),
+            fmt(r.get("s_per_step"), ".3f"), fmt(r.get("tokens_per_s_per_gpu"), ",.0f"),
+            fmt(r.get("tokens_per_s"), ",.0f"), fmt(r.get("x_reference"), ".2f"), fmt(r.get("x_fsdp2"), ".2f"),
+            fmt(r.get("mfu") and 100 * r["mfu"], ".1f") + ("%" if r.get("mfu") else ""),
+            fmt(r.get("scaling") and 100 * r["scaling"], ".0f") + ("%" if r.get("scaling") else ""),
+            fmt(r.get("peak_memory_gib"), ".1f"), r["error"].splitlines()[0][:100] if r.get("error") else ""]
+
+
+def summary_lines(summary: dict) -> list[str]:
+    lines = []
+    for g, b in summary["best"].items():
+        lines.append(f"best on {g} GPU(s): {b['tokens_per_s_per_gpu']:,.0f} tokens/s per GPU, "
+                     f"{b['x_reference']:.2f}x the reference, {fmt(b['x_fsdp2'], '.2f')}x the in-run FSDP2, "
+                     f"MFU {fmt(b['mfu'] and 100 * b['mfu'], '.1f')}%, "
+                     f"scaling {fmt(b['scaling'] and 100 * b['scaling'], '.0f')}% "
+                     f"({b['engine']} ckpt={b['ckpt']} compile={b['compile']} batch {b['batch']}, "
+                     f"peak {fmt(b['peak_memory_gib'], '.1f')} GiB)")
+    t = summary["targets"]
+    lines.append(f"targets: per GPU >= {TARGET_X_REFERENCE}x reference {t['per_gpu_1.5x_reference']}, "
+                 f"scaling >= {TARGET_SCALING:.0%} {t['scaling_0.9']}, MFU >= {TARGET_MFU:.0%} on any row "
+                 f"{t['mfu_0.4_any']}")
+    return lines
+
+
+def write_results(args, rows: list[dict], unstarted: list[Job], meta: dict) -> tuple[list[dict], dict]:
+    rows, summary = derive(rows)
+    summary["not_run"] = [j.label for j in unstarted]
+    (args.out / "train_step.json").write_text(json.dumps({**meta, "summary": summary, "rows": rows}, indent=2))
+    md = [f"# bench/train_step.py: {meta['preset']}, {meta['tokens_per_sample']} tokens per sample, "
+          f"{meta['device_name']}", "", "| " + " | ".join(COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
+    md += ["| " + " | ".join(table_row(r)) + " |" for r in rows]
+    md += ["", *summary_lines(summary), "", f"Command: `{meta['command']}`"]
+    if summary["not_run"]:
+        md.append(f"Not run (deadline): {', '.join(summary['not_run'])}")
+    (args.out / "train_step.md").write_text("\n".join(md) + "\n")
+    return rows, summary
+
+
+def print_table(rows: list[dict]) -> None:
+    cells = [list(COLUMNS)] + [table_row(r) for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(COLUMNS) - 1)]
+    for i, c in enumerate(cells):
+        print("  ".join(v.rjust(w) for v, w in zip(c, widths)) + "  " + c[-1])
+        if i == 0:
+            print("-" * (sum(widths) + 2 * len(widths)))
 
 
 def main() -> None:
@@ -244,53 +455,72 @@ def main() -> None:
     p.add_argument("--frames", type=int, default=16, help="latent frames per sample")
     p.add_argument("--chunk", type=int, default=2, help="teacher-forcing chunk size (upstream draws 1-4)")
     p.add_argument("--window", type=int, default=64, help="attention window in blocks (upstream draws 4-64)")
-    p.add_argument("--batch-sizes", default="1,2,4,8")
-    p.add_argument("--zero-stages", default="2", help="comma-separated ZeRO stages of the deepspeed rows")
-    p.add_argument("--ckpt", choices=("on", "off", "both"), default="on", help="activation checkpointing")
-    p.add_argument("--compile", choices=("on", "off", "both"), default="off",
-                   help="torch.compile the blocks' attention-free regions")
-    p.add_argument("--baseline", choices=("fsdp2", "none"), default="fsdp2")
-    p.add_argument("--gpus", type=int, default=1, help="2: add ZeRO-3 on 1 and 2 GPUs (scaling)")
+    p.add_argument("--gpus", default="1", help="GPU counts of one host, e.g. 1,2,4 (processes on --device cpu)")
+    p.add_argument("--config", action="append", default=[], metavar="ENGINE:CKPT:COMPILE:BATCHES",
+                   help="a configuration (repeatable), e.g. fsdp2:full:off:1, z2:half:on:2+4, shipped; "
+                        "default: fsdp2:full:off:1, shipped, z2:off:on:1+2")
+    p.add_argument("--ds-override", help="JSON merged into every DeepSpeed configuration (bucket sizes, prefetch)")
     p.add_argument("--offload-optimizer", action="store_true")
-    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak per GPU (H100/H200 SXM)")
-    p.add_argument("--timeout", type=int, default=540, help="seconds per configuration")
+    p.add_argument("--timeout", type=float, default=540, help="seconds per job")
+    p.add_argument("--deadline-s", type=float, help="start no job after this many seconds (less --min-job-s), "
+                                                     "stop running ones at it")
+    p.add_argument("--min-job-s", type=float, default=60,
+                   help="with --deadline-s: the least time a job is started with")
+    p.add_argument("--serial", action="store_true", help="one job at a time (no one-GPU jobs side by side)")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
-    p.add_argument("--json", help="also write every result row to this JSON file")
+    p.add_argument("--out", type=Path, default=Path("outputs/train_step"),
+                   help="folder for train_step.json, train_step.md and workers.log (every job's output)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--impl", choices=("fsdp2", "deepspeed"), default="deepspeed", help=argparse.SUPPRESS)
+    p.add_argument("--engine", choices=ENGINES[:-1], default="z2", help=argparse.SUPPRESS)
     p.add_argument("--zero-stage", type=int, default=2, help=argparse.SUPPRESS)
+    p.add_argument("--ckpt", choices=tuple(CKPT_EVERY), default="full", help=argparse.SUPPRESS)
+    p.add_argument("--compile", choices=("on", "off"), default="off", help=argparse.SUPPRESS)
+    p.add_argument("--batch-sizes", default="1", help=argparse.SUPPRESS)
     args = p.parse_args()
-    args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     if args.device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
     if args.worker:
+        args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
         worker(args)
         return
-    both = {"on": ["on"], "off": ["off"], "both": ["on", "off"]}
+    try:
+        configs = [parse_config(c) for c in args.config or ["fsdp2:full:off:1", "shipped", "z2:off:on:1+2"]]
+    except ValueError as e:
+        p.error(str(e))
+    gpu_counts = sorted({int(g) for g in args.gpus.split(",")})
     if args.device == "cuda":
-        print(f"GPU: {torch.cuda.get_device_name(0)} x {torch.cuda.device_count()}", flush=True)
+        total, name = torch.cuda.device_count(), f"{torch.cuda.get_device_name(0)} x {torch.cuda.device_count()}"
+        if max(gpu_counts) > total:
+            p.error(f"--gpus {args.gpus}: this host has {total} GPU(s)")
+    else:
+        total, name = max(gpu_counts), f"CPU ({os.cpu_count()} cores), gloo"
+    print(f"device: {name}", flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    from vaops.models.config import get_preset
+
+    preset = get_preset(args.preset)
+    h, w = preset.latent_hw
+    meta = {"preset": args.preset, "frames": args.frames, "chunk": args.chunk, "window": args.window,
+            "tokens_per_sample": 2 * args.frames * ((h // 2) * (w // 2) + preset.action_per_frame),
+            "device_name": name, "torch": torch.__version__, "steps": args.steps, "warmup": args.warmup,
+            "peak_tflops": args.peak_tflops, "command": " ".join(sys.argv)}
     rows: list[dict] = []
-    if args.baseline == "fsdp2":
-        rows += run_worker(args, "fsdp2", 0, "on", "off", 1, [1])
-    baseline = next((r["tokens_per_s"] for r in rows if "tokens_per_s" in r), None)
-    for stage in (int(s) for s in args.zero_stages.split(",")):
-        for ckpt in both[args.ckpt]:
-            for compile_ in both[args.compile]:
-                if stage == 3 and compile_ == "on":
-                    continue  # ZeRO-3's parameter hooks cannot run inside the compiled regions
-                rows += run_worker(args, "deepspeed", stage, ckpt, compile_, 1, args.batch_sizes)
-    if args.gpus > 1:
-        ckpt, compile_ = both[args.ckpt][0], "off"
-        if not any(r["zero_stage"] == 3 and r["gpus"] == 1 and r["ckpt"] == ckpt and r["compile"] == compile_
-                   for r in rows if r["impl"] == "deepspeed"):
-            rows += run_worker(args, "deepspeed", 3, ckpt, compile_, 1, args.batch_sizes[:2])
-        rows += run_worker(args, "deepspeed", 3, ckpt, compile_, args.gpus, args.batch_sizes[:2])
-    report(rows, baseline)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"reference_tokens_per_s": REFERENCE_TOKENS_PER_S,
-                                               "fsdp2_baseline_tokens_per_s": baseline, "rows": rows}, indent=2))
+
+    def on_rows(new: list[dict]) -> None:
+        rows.extend(new)
+        write_results(args, rows, [], meta)
+
+    unstarted = run_jobs(args, plan(configs, gpu_counts, total, args.serial), total, on_rows)
+    rows, summary = write_results(args, rows, unstarted, meta)
+    print()
+    print_table(rows)
+    print("\n" + "\n".join(summary_lines(summary)))
+    if unstarted:
+        print(f"not run (deadline): {', '.join(j.label for j in unstarted)}")
+    print(f"results: {args.out / 'train_step.json'}, {args.out / 'train_step.md'}")
 
 
 if __name__ == "__main__":

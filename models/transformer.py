@@ -215,6 +215,9 @@ class LingBotVATransformer(nn.Module):
         self.action_proj_out = nn.Linear(dim, cfg.action_dim)
         self.scale_shift_table = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
         self.gradient_checkpointing = False
+        # With gradient checkpointing, recompute every n-th block only (2: half of them, for
+        # micro-batches whose activations fit half-checkpointed; training's checkpoint_every).
+        self.checkpoint_every = 1
         self.regions = BlockRegions()
 
     # ----- dtype -----
@@ -289,7 +292,7 @@ class LingBotVATransformer(nn.Module):
         """x [B, L, D]; temb [B, G, D] and mod [B, G, 6, D] per group of L/G consecutive tokens."""
         for i, block in enumerate(self.blocks):
             args = (i, x, text, mod, rope, self_attention, backend, self.regions)
-            if self.gradient_checkpointing and torch.is_grad_enabled():
+            if self.gradient_checkpointing and torch.is_grad_enabled() and i % self.checkpoint_every == 0:
                 x = torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
             else:
                 x = block(*args)

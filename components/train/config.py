@@ -48,6 +48,7 @@ class TrainConfig:
     offload_params: bool = False
     precision: Precision = "auto"  # auto: bf16 on GPU, fp32 on CPU
     activation_checkpointing: bool = True
+    checkpoint_every: int = 1  # with activation_checkpointing: recompute every n-th block (2: half, "selective")
     compile_blocks: bool = False  # torch.compile the blocks' attention-free regions (GPU, fixed frame count)
     attention: AttentionBackend = "auto"  # auto: flex on GPU, sdpa on CPU
     seed: int = 0
@@ -98,6 +99,7 @@ class TrainConfig:
 
         need(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
         need(self.micro_batch >= 1, f"micro_batch must be >= 1, got {self.micro_batch}")
+        need(self.checkpoint_every >= 1, f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
         need(self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}")
         need(self.lr > 0, f"lr must be > 0, got {self.lr}")
         need(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
@@ -189,13 +191,21 @@ def coerce(field: dataclasses.Field, value, source: str = "config"):
         raise ValueError(f"{source}: field {field.name!r} got {value!r} ({e})") from None
 
 
+# How `vaops train` executes the 5 B presets (robotwin, libero) on one GPU and on several (torchrun,
+# a TrainJob): the one place to change once bench/train_step.py (`--config shipped`) has measured
+# the candidates on the GPUs that train (issue 14). TrainConfig fields; a run can override each.
+# compile_blocks compiles per latent-frame count (dynamic=False): with segments of varying length
+# pair it with max_latent_frames, and ZeRO-3 cannot run it.
+SCALE_OUT_EXECUTION: dict = {"zero_stage": 2, "activation_checkpointing": True, "checkpoint_every": 1,
+                             "compile_blocks": False, "micro_batch": 1}
+
 RECIPES: dict[str, TrainConfig] = {
     # CI and the embedded demo: the tiny preset, short windows, a high learning rate, fp32 on CPU.
     "tiny": TrainConfig(preset="tiny", steps=40, lr=1e-3, warmup_steps=2, zero_stage=2, window_range=(2, 8),
                         save_every=20, num_workers=0, activation_checkpointing=False),
     # The released RoboTwin post-training recipe (upstream va_robotwin_train_cfg).
-    "robotwin": TrainConfig(preset="robotwin", steps=50000, lr=1e-5, warmup_steps=10, zero_stage=2,
-                            save_every=1000, keep_last=3, num_workers=8),
+    "robotwin": TrainConfig(preset="robotwin", steps=50000, lr=1e-5, warmup_steps=10, save_every=1000, keep_last=3,
+                            num_workers=8, **SCALE_OUT_EXECUTION),
     # The `small` preset from scratch on the ALOHA sim demos (one GPU): no ZeRO partitioning (the
     # multi-tensor fp32-master AdamW), 2-frame chunks as the policy runs them, a from-scratch LR
     # with a cosine tail, and no activation checkpointing (21 M parameters, ~500 tokens a sample).
@@ -204,8 +214,8 @@ RECIPES: dict[str, TrainConfig] = {
                          lr_schedule="cosine", weight_decay=0.01, zero_stage=0, activation_checkpointing=False,
                          chunk_range=(2, 2), window_range=(16, 16), hold_first_frame=True, save_every=500, keep_last=2,
                          num_workers=2, preload=True),
-    "libero": TrainConfig(preset="libero", steps=50000, lr=1e-5, warmup_steps=10, zero_stage=2,
-                          save_every=1000, keep_last=3, num_workers=8),
+    "libero": TrainConfig(preset="libero", steps=50000, lr=1e-5, warmup_steps=10, save_every=1000, keep_last=3,
+                          num_workers=8, **SCALE_OUT_EXECUTION),
 }
 
 

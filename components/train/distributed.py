@@ -135,16 +135,27 @@ def lr_factor(cfg: TrainConfig):
             else warmup_constant(cfg.warmup_steps))
 
 
-def build_engine(model: torch.nn.Module, cfg: TrainConfig, info: DistInfo, external_params=()):
+def merged(base: dict, changes: dict) -> dict:
+    """`base` with `changes` merged in, nested mappings key by key."""
+    out = dict(base)
+    for k, v in changes.items():
+        out[k] = merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def build_engine(model: torch.nn.Module, cfg: TrainConfig, info: DistInfo, external_params=(),
+                 ds_overrides: dict | None = None):
     """DeepSpeed engine over `model`; `external_params` are parameters the model uses outside
-    their owner's forward (ZeRO-3 must gather them for the wrapper's forward)."""
+    their owner's forward (ZeRO-3 must gather them for the wrapper's forward). `ds_overrides`
+    (bench/train_step.py) merges into DeepSpeed's configuration, e.g. ZeRO bucket sizes."""
     if cfg.zero_stage == 3:
         for p in external_params:
             deepspeed.zero.register_external_parameter(model, p)
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg, info)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=deepspeed_config(cfg, info), dist_init_required=False)
+                                           config=merged(deepspeed_config(cfg, info), ds_overrides or {}),
+                                           dist_init_required=False)
     return engine
 
 

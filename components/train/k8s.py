@@ -19,6 +19,8 @@ from vaops.components.images import GPU_IMAGE
 from vaops.models.atomic import write_text_atomically
 
 API_VERSION = "trainer.kubeflow.org/v1alpha1"
+TORCHRUN = ("torchrun",)
+TRAIN_ENTRY = ("vaops", "train")  # the program every rank runs (the `vaops` console script)
 TRAINER_CONTAINER = "node"  # the trainer job and container name in the torch-distributed runtime
 PATCH_MANAGER = "vaops"
 
@@ -53,6 +55,21 @@ class K8sSpec:
                 raise ValueError(f"env {e!r} must be KEY=VALUE")
 
 
+def torchrun_command(program: list[str], *, no_python: bool, nproc_per_node: int | None = None,
+                     standalone: bool = False, launcher: tuple[str, ...] = TORCHRUN) -> list[str]:
+    """torchrun over `program` (an executable with `no_python`, else a Python script and its arguments).
+    In a TrainJob the runtime's PET_* variables give the node count, processes per node and the
+    rendezvous; on one machine `standalone` and `nproc_per_node` do (bench/train_step.py, local ranks)."""
+    cmd = [*launcher]
+    if standalone:
+        cmd.append("--standalone")
+    if nproc_per_node is not None:
+        cmd.append(f"--nproc-per-node={nproc_per_node}")
+    if no_python:
+        cmd.append("--no-python")
+    return [*cmd, *program]
+
+
 def train_job(spec: K8sSpec, train_args: list[str], passthrough: dict | None = None) -> dict:
     """The TrainJob manifest. `passthrough` carries a Kubeflow Pipelines step's TaskConfig fields
     (resources, env, volumes, volume_mounts, tolerations, node_selector, affinity) to the job."""
@@ -72,7 +89,7 @@ def train_job(spec: K8sSpec, train_args: list[str], passthrough: dict | None = N
     resources = extra.get("resources") or resources
     trainer = {
         "image": spec.image,
-        "command": ["torchrun", "--no-python", "vaops", "train", *train_args],
+        "command": torchrun_command([*TRAIN_ENTRY, *train_args], no_python=True),
         "numNodes": spec.nodes,
         "numProcPerNode": max(1, spec.gpus_per_node),
         "env": env_list,

@@ -15,7 +15,7 @@ from vaops.components.tracebacks import describe_failure
 
 from .cli import train_arguments
 from .config import TrainConfig
-from .k8s import API_VERSION, K8sSpec, train_job
+from .k8s import API_VERSION, K8sSpec, torchrun_command, train_job
 
 GROUP, VERSION = API_VERSION.split("/")
 NAMESPACE_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
@@ -53,8 +53,9 @@ def run_local_ranks(cfg: TrainConfig, recipe: str, processes: int, keep_lines: i
     a failure raises with the first failing rank's exception, not just torchrun's exit code."""
     if processes < 1:
         raise ValueError(f"processes must be >= 1, got {processes}")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
-           "-m", "vaops.pipelines.cli", "train", *train_arguments(cfg, recipe)]
+    cmd = torchrun_command(["-m", "vaops.pipelines.cli", "train", *train_arguments(cfg, recipe)], no_python=False,
+                           nproc_per_node=processes, standalone=True,
+                           launcher=(sys.executable, "-m", "torch.distributed.run"))
     tail: collections.deque[str] = collections.deque(maxlen=keep_lines)
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
                           env=dict(os.environ, PYTHONUNBUFFERED="1")) as proc:

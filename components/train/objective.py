@@ -191,6 +191,7 @@ def build_model(cfg: TrainConfig, preset: Preset, base: Path | None, bf16: bool,
         model = build_transformer(preset.transformer, seed=cfg.seed, dtype=dtype, device=device)
     model.train()
     model.gradient_checkpointing = cfg.activation_checkpointing
+    model.checkpoint_every = cfg.checkpoint_every
     if cfg.compile_blocks:
         model.compile_blocks()
     return model
