@@ -7,6 +7,7 @@
     vaops eval --merge runs/rt                        # metrics.json, report, MLflow run
     vaops eval --preset smoke --checkpoint ck --output runs/async --real-time --async-execution
                                                       # the control loop's idle time, computing ahead
+    vaops eval ... --async-execution grounded         # the paper's grounded variant
 """
 
 from __future__ import annotations
@@ -46,8 +47,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, help="evaluation seed (first env seed 10000 * (1 + seed))")
     parser.add_argument("--max-steps", type=int, help="actions per episode (robotwin default: each task's own limit)")
     parser.add_argument("--fps", type=int, help="aloha: actions per second, as the demonstrations were recorded")
-    parser.add_argument("--async-execution", action="store_true",
-                        help="the server computes each next chunk while the robot executes the current one")
+    parser.add_argument("--async-execution", nargs="?", const=True, default=False, choices=(True, "naive", "grounded"),
+                        metavar="MODE",
+                        help="the server computes each next chunk while the robot executes the current one; MODE "
+                             "naive (the default) continues the executing chunk's forecast, grounded first "
+                             "re-imagines it from the latest observation (the paper's)")
     parser.add_argument("--operating-point",
                         help="the server's named sampling settings for every episode (released, paper, fast; "
                              "its metadata lists them); default: the model's own")

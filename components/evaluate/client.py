@@ -41,6 +41,7 @@ IMAGINE_FLAG = "imagine"
 IMAGINED_FIELD = "imagined"
 # Reset field and metadata flag of servers that compute the next chunk while the robot executes.
 ASYNC_FIELD = "async_execution"
+ASYNC_MODES_FIELD = "async_modes"  # the modes a vaops server's async_execution may name (grounded)
 OPERATING_POINTS_FIELD = "operating_points"
 # Metadata flag of servers that take a sequence number (`seq`, increasing per connection) on every
 # message and answer a repeated one again instead of computing it twice; sent only to those.
@@ -204,12 +205,13 @@ class PolicyClient:
             raise PolicyProtocolError(f"{what}: reply must be a map, got {type(reply).__name__}")
         return reply, latency
 
-    def reset(self, prompt: str, seed: int | None = None, async_execution: bool = False,
+    def reset(self, prompt: str, seed: int | None = None, async_execution: bool | str = False,
               operating_point: str | None = None) -> None:
         """Start an episode; (re)connects when there is no live connection. The seed makes the
         server's sampling reproducible where it supports one (upstream's ignores it). With
         `async_execution` the server computes each next chunk while the robot executes the current
-        one; a server whose metadata does not offer it is refused rather than silently synchronous."""
+        one (a mode name, "grounded", asks for that variant); a server whose metadata does not offer it is
+        refused rather than silently synchronous."""
         if self._ws is None:
             self.connect()
         message: dict[str, Any] = {"reset": True, "prompt": prompt}
@@ -219,7 +221,12 @@ class PolicyClient:
             if not (self.metadata or {}).get(ASYNC_FIELD):
                 raise PolicyProtocolError(f"the policy server at {self.config.url} does not offer asynchronous "
                                           f"execution (no {ASYNC_FIELD!r} in its metadata)")
-            message[ASYNC_FIELD] = True
+            if isinstance(async_execution, str) and async_execution != "naive":
+                modes = (self.metadata or {}).get(ASYNC_MODES_FIELD) or []
+                if async_execution not in modes:
+                    raise PolicyProtocolError(f"the policy server at {self.config.url} offers no {async_execution!r} "
+                                              f"asynchronous execution (its metadata lists {modes})")
+            message[ASYNC_FIELD] = async_execution if isinstance(async_execution, str) else True
         if operating_point is not None:
             offered = (self.metadata or {}).get(OPERATING_POINTS_FIELD) or []
             if operating_point not in offered:

@@ -27,6 +27,11 @@ SUITE_SETTINGS = {"aloha": ("sim",), "robotwin": tuple(TASK_CONFIGS), "libero": 
 ALOHA_TASKS = ("AlohaTransferCube-v0", "AlohaInsertion-v0")  # the data stage's scenes
 ALOHA_SETTINGS = ("sim",)
 ROBOTWIN_SETTINGS = tuple(TASK_CONFIGS)  # clean (Easy), randomized (Hard)
+# How the server computes ahead (the reset's `async_execution`): "naive" continues the executing
+# chunk's forecast; "grounded" (the paper's) first re-imagines the executing chunk from the latest
+# observation and the actions being executed.
+ASYNC_MODES = ("naive", "grounded")
+
 
 
 @dataclass(frozen=True)
@@ -107,7 +112,9 @@ class EvalConfig:
     fps: int = 10
     # The server computes each next chunk while the robot executes the current one (the paper's
     # asynchronous execution); it only pays when executing takes time, as with `real_time`.
-    async_execution: bool = False
+    # True (or "naive"): continuing the executing chunk's forecast; "grounded": the paper's variant
+    # (ASYNC_MODES); False (or "none"): synchronous.
+    async_execution: bool | str = False
     # The sampling settings the server runs each episode with, by name (its policy.json
     # `operating_points`: released, paper, fast); None: the model's own.
     operating_point: str | None = None
@@ -126,6 +133,11 @@ class EvalConfig:
             object.__setattr__(self, "robotwin_root", Path(self.robotwin_root).absolute())
         if self.suite not in SUITE_SETTINGS:
             raise ValueError(f"suite must be one of {list(SUITE_SETTINGS)}, got {self.suite!r}")
+        mode = {"none": False, "naive": True}.get(self.async_execution, self.async_execution)  # type: ignore[call-overload]
+        if not isinstance(mode, bool) and mode not in ASYNC_MODES:
+            raise ValueError(f"async_execution must be true, false or one of {['none', *ASYNC_MODES]}, "
+                             f"got {self.async_execution!r}")
+        object.__setattr__(self, "async_execution", mode)
         if self.episodes < 1:
             raise ValueError(f"episodes must be >= 1, got {self.episodes}")
         if self.max_steps is not None and self.max_steps < 1:

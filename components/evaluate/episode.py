@@ -109,7 +109,7 @@ class ControlClock:
 
 
 def run_episode(client: PolicyClient, env: EpisodeEnv, *, seed: int | None = None, imagine: bool = False,
-                record_frames: bool = False, async_execution: bool = False,
+                record_frames: bool = False, async_execution: bool | str = False,
                 control_period_s: float = 0.0, operating_point: str | None = None) -> EpisodeOutcome:
     start = time.perf_counter()
     out = EpisodeOutcome(success=False, progress=0.0, steps=0)
@@ -127,7 +127,7 @@ def run_episode(client: PolicyClient, env: EpisodeEnv, *, seed: int | None = Non
 
 
 def _loop(client: PolicyClient, env: EpisodeEnv, out: EpisodeOutcome, seed: int | None, imagine: bool,
-          record: bool, async_execution: bool, clock: ControlClock, operating_point: str | None = None) -> None:
+          record: bool, async_execution: bool | str, clock: ControlClock, operating_point: str | None = None) -> None:
     prompt = env.prompt
     obs = env.observation()
     initial = [env.camera_frame(obs)] if record else []

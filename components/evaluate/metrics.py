@@ -10,6 +10,11 @@ import numpy as np
 from .results import EpisodeRecord
 
 
+def async_mode(async_execution: bool | str) -> str:
+    """An EvalConfig.async_execution value as a mode name: none, naive or grounded."""
+    return "none" if not async_execution else "naive" if async_execution is True else str(async_execution)
+
+
 def _latency(values: Sequence[float]) -> dict:
     if not values:
         return {"count": 0}
@@ -68,6 +73,7 @@ def summarize(identity: dict, records: Sequence[EpisodeRecord]) -> dict:
         },
         "control_loop": {
             "async_execution": bool(identity.get("async_execution", False)),
+            "async_mode": async_mode(identity.get("async_execution", False)),
             "real_time": bool(identity.get("real_time", False)),
             "operating_point": identity.get("operating_point") or "released",
             # the share of the loop (from the first chunk in hand to the end) the robot spends waiting

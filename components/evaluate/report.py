@@ -146,7 +146,8 @@ def episode_table(records: Sequence[EpisodeRecord]) -> str:
 
 
 def _loop_mode(loop: dict) -> str:
-    return (("asynchronous" if loop["async_execution"] else "synchronous") + " execution, "
+    grounded = " (grounded)" if loop.get("async_mode") == "grounded" else ""
+    return (("asynchronous" + grounded if loop["async_execution"] else "synchronous") + " execution, "
             + ("real time" if loop["real_time"] else "as fast as the sim steps")
             + f", operating point {loop.get('operating_point', 'released')}")
 
