@@ -140,10 +140,12 @@ class Policy:
         return self._robot_chunk(self.engine.act(
             first_latent=self.first_latent if self.engine.frame_offset == 0 else None, generator=self.generator))
 
-    def act_ahead(self) -> PolicyChunk:
+    def act_ahead(self, grounded: bool = False) -> PolicyChunk:
         """Asynchronous execution: the chunk after the one the robot is executing, computed before
-        that one's observation arrives; the next `observe` (of the executing chunk) grounds both."""
-        return self._robot_chunk(self.engine.act_ahead(generator=self.generator))
+        that one's observation arrives; the next `observe` (of the executing chunk) grounds both.
+        `grounded`: first re-imagine the executing chunk from the latest observation and its actions,
+        the paper's grounded variant (InferenceEngine.act_ahead)."""
+        return self._robot_chunk(self.engine.act_ahead(generator=self.generator, grounded=grounded))
 
     def warm_up(self) -> int:
         """Run each shape of an episode once, so that on a GPU compilation, cuDNN plans and CUDA graph

@@ -84,6 +84,24 @@ def check_flag(name: str, value) -> bool:
     return bool(value)
 
 
+# Asynchronous execution by name: `true` is the naive mode (the next chunk continues the executing
+# chunk's forecast); "grounded" first re-imagines the executing chunk from the latest observation
+# (Policy.act_ahead).
+ASYNC_MODES = ("naive", "grounded")
+
+
+def check_async_execution(value) -> bool | str:
+    """false, true (naive) or a name of ASYNC_MODES: False, True or "grounded"."""
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    if isinstance(value, str) and value in ASYNC_MODES:
+        return True if value == "naive" else value
+    if not isinstance(value, (bool, np.bool_)):
+        raise InputError(f"async_execution must be true or false, got {value!r}; or a mode: "
+                         f"{', '.join(map(repr, ASYNC_MODES))}")
+    return bool(value)
+
+
 def check_operating_point(value, preset: Preset) -> str | None:
     """None (the policy's own sampling) or one of the names in its policy.json `operating_points`."""
     if value is None:
@@ -234,7 +252,7 @@ class EpisodeService:
     async def reset(self, session: Session, prompt, seed, protocol: str, async_execution=False,
                     seq=None, operating_point=None) -> None:
         prompt, seed, seq = check_prompt(prompt), check_count("seed", seed), check_count("seq", seq)
-        async_execution = check_flag("async_execution", async_execution)
+        async_execution = check_async_execution(async_execution)
         operating_point = check_operating_point(operating_point, self.preset)
         async with self._operation(session, "reset", protocol):
             if self._replay(session, "reset", seq) is not _NEW:
@@ -270,7 +288,7 @@ class EpisodeService:
     def _start_ahead(self, session: Session, protocol: str) -> None:
         loop = asyncio.get_running_loop()
         timer = metrics.OP_SECONDS.labels("act_ahead", protocol)
-        session.ahead = self.executor.submit(_act_ahead, session.policy, timer)
+        session.ahead = self.executor.submit(_act_ahead, session.policy, timer, session.async_execution == "grounded")
 
         def done(_) -> None:  # in the worker thread; the sessions belong to the event loop
             if not loop.is_closed():
@@ -357,6 +375,6 @@ class EpisodeService:
             session.ahead, session.ready = None, ahead
 
 
-def _act_ahead(policy: Policy, timer) -> PolicyChunk:
+def _act_ahead(policy: Policy, timer, grounded: bool = False) -> PolicyChunk:
     with timer.time():
-        return policy.act_ahead()
+        return policy.act_ahead(grounded=True) if grounded else policy.act_ahead()

@@ -4,7 +4,7 @@ One infer request is one operation, named by the request parameter `op`:
 
 | op | parameters | inputs | outputs |
 | --- | --- | --- | --- |
-| reset | `session_id` (optional: a new id is made), `seed` (optional), `async_execution` (optional, bool), `operating_point` (optional: a name from the model's policy.json `operating_points`) | `prompt` BYTES [1] | - |
+| reset | `session_id` (optional: a new id is made), `seed` (optional), `async_execution` (optional, bool or "grounded"), `operating_point` (optional: a name from the model's policy.json `operating_points`) | `prompt` BYTES [1] | - |
 | act | `session_id`, `imagine` (optional) | one UINT8 [H, W, 3] per camera, named by camera key (needed at the first chunk) | `actions` FP32 [n_used, FC, N]; with `imagine`, `imagined` UINT8 [T, H, W, 3] |
 | observe | `session_id` | one UINT8 [K, H, W, 3] per camera (K keyframes), `actions` FP32 [n_used, F, N] | - |
 | close | `session_id` | - | - |

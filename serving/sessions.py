@@ -60,7 +60,7 @@ class Session:
     frame_offset: int = 0
     # Asynchronous execution (chosen at reset): `ahead` computes the chunk after the one the robot
     # executes; the observe of that one grounds it into `ready`, which the next act hands out.
-    async_execution: bool = False
+    async_execution: bool | str = False  # True: naive; "grounded" (episode.ASYNC_MODES)
     ahead: Future | None = None
     ready: PolicyChunk | None = None
     failure: str | None = None  # why the episode cannot go on until a reset

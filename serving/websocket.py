@@ -5,7 +5,8 @@ On connect the server sends a metadata map. Then, per message:
 - `{reset: true, prompt, seed?, async_execution?, operating_point?}` -> `{}`: starts an episode (the connection's
   session is opened at the first reset and closed when the connection closes); with
   `async_execution: true` the server computes each next chunk while the robot executes the current
-  one, so the observe waits for it and the next action request is answered at once;
+  one, so the observe waits for it and the next action request is answered at once
+  (`async_execution: "grounded"`: first re-imagining the executing chunk from the latest observation);
 - `{compute_kv_cache: true, obs: [keyframes...], state: executed actions [n_used, F, N]}` -> `{}`;
 - otherwise `{obs: {camera images..., observation.state, task}, prompt}` -> `{action: [n_used, FC, N]}`
   (plus `imagined`, the chunk's decoded video, when the request says `imagine: true`).
@@ -25,7 +26,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from vaops.models.msgpack_numpy import UnpackLimits, WireError, packb, unpackb
 
 from . import metrics
-from .episode import EpisodeFailed, EpisodeService, InputError
+from .episode import ASYNC_MODES, EpisodeFailed, EpisodeService, InputError
 from .sessions import Session, SessionError
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,7 @@ def server_metadata(name: str, episodes: EpisodeService) -> dict:
         "action_per_frame": preset.action_per_frame,
         "frames_per_latent": preset.frames_per_latent,
         "async_execution": True,  # the reset may ask for it
+        "async_modes": list(ASYNC_MODES),  # async_execution may name one; true is "naive"
         # the reset may name one (policy.json operating_points); none: the model's own sampling
         "operating_points": sorted(preset.operating_point_settings()),
         "sequence_numbers": True,  # messages may carry `seq`; a repeated one is answered again, not recomputed
