@@ -24,6 +24,7 @@ the server for its interpreter lock); the server runs in this process with its c
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import multiprocessing
 import random
@@ -217,8 +218,10 @@ def agreement(weights, robots: int, chunks: int, operating_point: str) -> dict:
             policy.observe(keyframes[preset.frames_per_latent:] if k == 0 else keyframes, chunk.actions)
         return out
 
+    t0 = time.perf_counter()
     alone_policy = weights.new_policy()
     alone = [episode(alone_policy, seed, None) for seed in range(robots)]
+    print(f"agreement: {robots} episodes alone in {time.perf_counter() - t0:.1f} s", flush=True)
     del alone_policy
     batcher = weights.batcher = ChunkBatcher(max_batch=robots, gather_s=0.05)  # robots in step share every batch
     policies = [weights.new_policy() for _ in range(robots)]
@@ -227,6 +230,7 @@ def agreement(weights, robots: int, chunks: int, operating_point: str) -> dict:
     with ThreadPoolExecutor(robots) as pool:
         together = list(pool.map(lambda r: episode(policies[r], r, start), range(robots)))
     sizes = dict(batcher.batch_sizes)
+    print(f"agreement: batched in {time.perf_counter() - t0:.1f} s (since the start)", flush=True)
     policies.clear()  # their KV caches (7 GB each at the robotwin preset)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -259,7 +263,11 @@ def main() -> None:
     parser.add_argument("--deadline-s", type=float, default=540.0,
                         help="skip the phases that would start after this many seconds (results so far are kept)")
     parser.add_argument("--out-dir", default=None, help="write serve_load.json and serve_load.md here")
+    parser.add_argument("--stack-dumps", help="file for every thread's stack each 60 s after the first 120 s "
+                        "(a run that seems stuck shows where)")
     args = parser.parse_args()
+    if args.stack_dumps:
+        faulthandler.dump_traceback_later(120, repeat=True, file=open(args.stack_dumps, "w"))  # noqa: SIM115
     counts = [int(n) for n in args.robots.split(",")]
     points = args.operating_points.split(",")
     began = time.perf_counter()
