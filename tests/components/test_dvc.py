@@ -48,7 +48,7 @@ def v1(tmp_path_factory):
     shutil.copyfile(REPO / ".dvc" / "config", repo / ".dvc" / "config")  # the project's default remote
     shutil.copyfile(REPO / "dvc.yaml", repo / "dvc.yaml")
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["demos"].update(episodes=1, time_scale=0.5)
+    params["demos"].update({"episodes": 1, "time-scale": 0.5})
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     (repo / ".gitignore").write_text("/.dvc-storage\n")
     repro = _dvc("repro", cwd=repo)
