@@ -71,3 +71,29 @@ def test_bad_use_is_refused():
     with pytest.raises(ValueError, match="holds 1 fp32 masters, the model has 0"):
         MasterWeightAdamW([torch.nn.Parameter(torch.zeros(3))], fused=False, **HYPER).load_state_dict(
             other.state_dict())
+
+
+def test_chunked_gradient_buffer_steps_every_master_once():
+    """Masters stepped chunk by chunk through one small fp32 gradient buffer (several tensors, one
+    larger than a chunk, an fp32 parameter between them) follow one whole-model fp32 AdamW exactly."""
+    g = torch.Generator().manual_seed(3)
+    shapes = [(4, 3), (5,), (7, 2), (3,), (2, 2)]
+    params = [torch.nn.Parameter(torch.randn(s, generator=g).to(torch.bfloat16 if i != 3 else torch.float32))
+              for i, s in enumerate(shapes)]
+    opt = MasterWeightAdamW(params, fused=False, chunk_numel=13, **HYPER)
+    assert opt.chunks == [(0, 1), (1, 2), (2, 3), (3, 4)]  # bf16 tensors of 12, 5, 14 (alone) and 4 elements
+    assert opt.grad_views[0].untyped_storage().size() == 14 * 4  # the largest chunk's fp32 bytes
+    ref_params = [torch.nn.Parameter(p.detach().float().clone()) for p in params]
+    ref = torch.optim.AdamW(ref_params, **HYPER)
+    for step in range(3):
+        for p, r in zip(params, ref_params):
+            grad = torch.randn(p.shape, generator=g)
+            p.grad, r.grad = grad.to(p.dtype), grad.to(p.dtype).float()
+        opt.step()
+        ref.step()
+        assert all(m.grad is None for m in opt.low_masters)
+        masters = iter(opt.low_masters)
+        for p, r in zip(params, ref_params):
+            got = p.detach() if p.dtype == torch.float32 else next(masters)
+            torch.testing.assert_close(got, r.detach(), rtol=0, atol=0)
+    assert all(int(s["step"]) == 3 for s in opt.adamw.state.values())
