@@ -185,7 +185,7 @@ class MaskedSelfAttention:
     """Self-attention over the same token set with a fixed mask (the teacher-forced sequence)."""
 
     mask: object = None
-    backend: Backend = "sdpa"
+    backend: str = "sdpa"  # one of Backend
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return attention(q, k, v, self.mask, self.backend)
