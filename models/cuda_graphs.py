@@ -6,9 +6,15 @@ faster than Python can launch them, so the steps are captured once and replayed.
 
 from __future__ import annotations
 
+import threading
 from typing import Callable
 
 import torch
+
+# One capture at a time in the process: entering a capture synchronises the device (and frees cached
+# blocks), which fails while another thread's stream is capturing ("operation not permitted when stream
+# is capturing"), as happens when several sessions' threads meet new shapes at once (models/batch.py).
+_CAPTURE_LOCK = threading.Lock()
 
 
 class CapturedCall:
@@ -19,16 +25,17 @@ class CapturedCall:
 
     def __init__(self, fn: Callable[..., torch.Tensor], inputs: list[torch.Tensor], pool=None, warmup: int = 2):
         self.inputs = [x.clone() for x in inputs]
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(warmup):
-                fn(*self.inputs)
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        # thread_local: other sessions' threads may launch work on the GPU meanwhile.
-        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
-            self.output = fn(*self.inputs)
+        with _CAPTURE_LOCK:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(warmup):
+                    fn(*self.inputs)
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            # thread_local: other sessions' threads may launch work on the GPU meanwhile.
+            with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
+                self.output = fn(*self.inputs)
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
         for dst, src in zip(self.inputs, inputs):
