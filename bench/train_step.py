@@ -20,8 +20,10 @@ Per row: s/step, tokens/s per GPU and on all GPUs, the ratio per GPU to the in-r
 on the same GPU count (its best batch) and to the reference's 6,246, MFU, peak memory, and the
 scaling efficiency against the same configuration and batch on one GPU.
 
-    python bench/train_step.py --gpus 1,2 --out /tmp/ts \\
-        --config fsdp2:full:off:1 --config z2:off:on:1+2+3 --config z0:off:on:1 --config z2:half:on:2+4
+    python bench/train_step.py --gpus 1,2 --steps 4 --warmup 2 --deadline-s 480 --out /tmp/ts \\
+        --config fsdp2:full:off:1 --config z2:off:on:2+3 --config z0:off:on:1+2 --config z2:half:on:4 \\
+        --config shipped                                          # 2 x H200: ~8 min
+    python bench/train_step.py --gpus 1,2,4 ...                   # the same on 4 GPUs
     python bench/train_step.py --gpus 1 --config z0:off:on:1+2     # one GPU's fastest (fp32 masters, compiled)
     python bench/train_step.py --preset tiny --device cpu --gpus 1,2 --frames 4 --steps 1 --warmup 1 \\
         --config fsdp2:full:off:1 --config z2:half:off:1 --out /tmp/ts-cpu      # smoke test, gloo
@@ -387,6 +389,9 @@ def derive(rows: list[dict]) -> tuple[list[dict], dict]:
             summary["best"][g] = {k: best.get(k) for k in ("engine", "zero_stage", "ckpt", "compile", "batch",
                                                              "tokens_per_s_per_gpu", "x_reference", "x_fsdp2",
                                                              "mfu", "scaling", "peak_memory_gib")}
+    if 1 in summary["best"]:  # scaling of the best recipe per GPU count against the best on one GPU
+        for b in summary["best"].values():
+            b["scaling_of_best"] = b["tokens_per_s_per_gpu"] / summary["best"][1]["tokens_per_s_per_gpu"]
     multi = {g: b for g, b in summary["best"].items() if g > 1}
     summary["targets"] = {
         "per_gpu_1.5x_reference": {g: b["x_reference"] >= TARGET_X_REFERENCE for g, b in multi.items()},
@@ -417,6 +422,7 @@ def summary_lines(summary: dict) -> list[str]:
                      f"{b['x_reference']:.2f}x the reference, {fmt(b['x_fsdp2'], '.2f')}x the in-run FSDP2, "
                      f"MFU {fmt(b['mfu'] and 100 * b['mfu'], '.1f')}%, "
                      f"scaling {fmt(b['scaling'] and 100 * b['scaling'], '.0f')}% "
+                     f"(best to best {fmt(b.get('scaling_of_best') and 100 * b['scaling_of_best'], '.0f')}%) "
                      f"({b['engine']} ckpt={b['ckpt']} compile={b['compile']} batch {b['batch']}, "
                      f"peak {fmt(b['peak_memory_gib'], '.1f')} GiB)")
     t = summary["targets"]

@@ -138,4 +138,5 @@ def test_configs_and_ratios(bench):
     assert z2_two["x_fsdp2"] == pytest.approx(1.9) and z2_two["scaling"] == pytest.approx(0.95)
     assert z2_two["x_reference"] == pytest.approx(9500.0 / bench.REFERENCE_TOKENS_PER_S)
     assert summary["best"][2]["tokens_per_s_per_gpu"] == 9500.0 and "x_fsdp2" not in rows[4]
+    assert summary["best"][2]["scaling_of_best"] == pytest.approx(0.95)
     assert summary["targets"] == {"per_gpu_1.5x_reference": {2: True}, "scaling_0.9": {2: True}, "mfu_0.4_any": True}
