@@ -133,7 +133,7 @@ def shard_like_reference(module: torch.nn.Module, ckpt_every: int) -> None:
 
 def worker(args) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from vaops.components.train.config import TrainConfig
+    from vaops.components.train.config import AttentionBackend, TrainConfig
     from vaops.components.train.distributed import build_engine, init_distributed
     from vaops.components.train.objective import TeacherForcedModel, build_model
     from vaops.models.config import get_preset
@@ -141,7 +141,7 @@ def worker(args) -> None:
     info = init_distributed()
     preset = get_preset(args.preset)
     cuda = info.cuda
-    backend = "flex" if cuda else "sdpa"
+    backend: AttentionBackend = "flex" if cuda else "sdpa"
     every = CKPT_EVERY[args.ckpt]
     fsdp2 = args.engine == "fsdp2"
     cfg = TrainConfig(preset=args.preset, zero_stage=0 if fsdp2 else args.zero_stage, precision="bf16",
@@ -273,18 +273,23 @@ def launch_command(args, config: Config, gpus: int) -> list[str]:
                             launcher=(sys.executable, "-m", "torch.distributed.run"))
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Job:
     config: Config
     gpus: int
-    devices: list[int] = dataclasses.field(default_factory=list)
-    proc: subprocess.Popen | None = None
-    log: Path | None = None
-    started: float = 0.0
 
     @property
     def label(self) -> str:
         return f"{self.config.label} gpus={self.gpus}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Running:
+    job: Job
+    devices: list[int]
+    proc: subprocess.Popen
+    log: Path
+    started: float
 
 
 def plan(configs: list[Config], gpu_counts: list[int], total: int, serial: bool) -> list[Job]:
@@ -317,45 +322,44 @@ def run_jobs(args, jobs: list[Job], total: int, on_rows) -> list[Job]:
     """Run `jobs` in order, each on free GPUs as soon as enough are; returns the jobs never started."""
     start_all = time.monotonic()
     free = list(range(total))
-    queue, running = list(jobs), []
+    queue, running = list(jobs), list[Running]()
     logs = Path(tempfile.mkdtemp(prefix="train_step-"))  # each job's output, appended to workers.log when done
     while queue or running:
         elapsed = time.monotonic() - start_all
         past_deadline = args.deadline_s is not None and elapsed > args.deadline_s - args.min_job_s
         while queue and not past_deadline and len(free) >= queue[0].gpus:
             job = queue.pop(0)
-            job.devices, free = free[:job.gpus], free[job.gpus:]
+            devices, free = free[:job.gpus], free[job.gpus:]
             env = dict(os.environ, PYTHONUNBUFFERED="1")
             if args.device == "cuda":
-                env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, job.devices))
+                env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, devices))
             cmd = launch_command(args, job.config, job.gpus)
-            job.log = logs / (job.label.replace(" ", "_").replace("=", "-") + ".log")
-            print(f"--- {job.label} on {args.device} {job.devices}: {' '.join(cmd)}", flush=True)
-            job.started = time.monotonic()
-            with open(job.log, "w") as f:
-                job.proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-            running.append(job)
+            log = logs / (job.label.replace(" ", "_").replace("=", "-") + ".log")
+            print(f"--- {job.label} on {args.device} {devices}: {' '.join(cmd)}", flush=True)
+            with open(log, "w") as f:
+                proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            running.append(Running(job, devices, proc, log, time.monotonic()))
         if past_deadline and not running:
             break
         time.sleep(0.5)
         now = time.monotonic()
-        for job in list(running):
-            rc = job.proc.poll()
+        for r in list(running):
+            rc: int | str | None = r.proc.poll()
             limit = args.timeout if args.deadline_s is None else min(args.timeout,
-                                                                   args.deadline_s - (job.started - start_all))
-            if rc is None and now - job.started > limit:
-                os.killpg(job.proc.pid, signal.SIGKILL)  # torchrun and its ranks: the job's own session
-                job.proc.wait()
+                                                                   args.deadline_s - (r.started - start_all))
+            if rc is None and now - r.started > limit:
+                os.killpg(r.proc.pid, signal.SIGKILL)  # torchrun and its ranks: the job's own session
+                r.proc.wait()
                 rc = "timeout"
             elif rc is None:
                 continue
-            running.remove(job)
-            free = sorted(free + job.devices)
-            text = job.log.read_text(errors="replace")
+            running.remove(r)
+            free = sorted(free + r.devices)
+            text = r.log.read_text(errors="replace")
             with open(args.out / "workers.log", "a") as f:
-                f.write(f"===== {job.label} on {job.devices}: exit {rc}, {now - job.started:.0f} s\n{text}\n")
-            rows = rows_of(job, text, rc)
-            print(f"    {job.label}: {now - job.started:.0f} s, exit {rc}, {len(rows)} row(s)", flush=True)
+                f.write(f"===== {r.job.label} on {r.devices}: exit {rc}, {now - r.started:.0f} s\n{text}\n")
+            rows = rows_of(r.job, text, rc)
+            print(f"    {r.job.label}: {now - r.started:.0f} s, exit {rc}, {len(rows)} row(s)", flush=True)
             on_rows(rows)
     return queue
 
@@ -369,7 +373,7 @@ def derive(rows: list[dict]) -> tuple[list[dict], dict]:
     same GPU count (its best batch), scaling efficiency to the same configuration and batch on one
     GPU; and the summary against issue 14's targets."""
     ok = [r for r in rows if "tokens_per_s_per_gpu" in r]
-    baseline = {}
+    baseline: dict[int, float] = {}
     for r in ok:
         if r["engine"] == "fsdp2":
             baseline[r["gpus"]] = max(baseline.get(r["gpus"], 0.0), r["tokens_per_s_per_gpu"])
