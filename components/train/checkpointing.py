@@ -50,9 +50,10 @@ RESUME_FIELDS = ("preset", "init_from", "micro_batch", "grad_accum", "seed", "ze
                  "window_range", "text_dropout", "noisy_history", "hold_first_frame", "video_shift", "action_shift", "lr", "betas",
                  "weight_decay", "warmup_steps", "lr_schedule", "norm_stats")
 # TrainConfig fields that change how a run is executed or recorded, not what it trains: configurations
-# that differ only in these share a run folder (`run_folder`), so one resumes the other.
+# that differ only in these share a run folder (`run_folder`), so one resumes the other. Recomputing
+# more or fewer blocks (checkpoint_every) gives the same numbers.
 EXECUTION_FIELDS = ("output", "num_workers", "preload", "time_limit_min", "save_every", "keep_last",
-                    "system_metrics", "system_metrics_interval")
+                    "system_metrics", "system_metrics_interval", "checkpoint_every")
 RUN_KEY_FILE = "run_key.json"  # in a run folder: what its name is a hash of
 METADATA_SUFFIXES = (".json", ".jsonl", ".yaml", ".txt")  # small files whose content an input identity includes
 
