@@ -202,6 +202,11 @@ def worker(args) -> None:
         if info.is_main:
             print(RESULT_PREFIX + json.dumps(row), flush=True)
         if "error" in row:
+            if info.world > 1:
+                # A rank that did not fail may wait in a collective for this one: a non-zero exit
+                # makes torchrun end every rank now, not at the job's time limit.
+                sys.stdout.flush()
+                os._exit(3)
             break  # larger batches would fail too, and an OOM may leave the optimizer half-updated
         gc.collect()
         if cuda:
@@ -308,7 +313,11 @@ def rows_of(job: Job, text: str, rc) -> list[dict]:
     for r in rows:
         r["shipped"] = job.config.shipped
     if not rows or (rc not in (0, None) and "error" not in rows[-1]):
-        tail = "\n".join(line for line in text.strip().splitlines()[-15:] if not line.startswith(RESULT_PREFIX))
+        from vaops.components.tracebacks import describe_failure
+
+        lines = [line for line in text.strip().splitlines() if not line.startswith(RESULT_PREFIX)]
+        # the first failing rank's exception, not torchrun's summary of which rank died
+        tail = describe_failure(lines, ignore=("ChildFailedError",)) or "\n".join(lines[-15:])
         done = {r["batch"] for r in rows}
         batch = next((b for b in job.config.batches if b not in done), job.config.batches[-1])
         rows.append({"engine": job.config.engine, "zero_stage": None if job.config.engine == "fsdp2"
