@@ -30,9 +30,9 @@ from .kv_cache import CachedSelfAttention
 from .transformer import StackedText
 
 # Captured graphs of batched steps, least recently used dropped first: a group of robots that stays
-# together (robots started together, the common case) reuses its graphs; other groupings would
-# otherwise keep adding them. 110 graphs make one robotwin episode (engine.MAX_GRAPHS).
-MAX_BATCH_GRAPHS = 256
+# together (robots started together, the common case) reuses its graphs (about 15 over an episode, see
+# ChunkBatcher._graph); other groupings would otherwise keep adding them.
+MAX_BATCH_GRAPHS = 128
 
 
 @dataclass
@@ -197,10 +197,14 @@ class ChunkBatcher:
         sin = torch.stack([s for _, s in ropes]).repeat_interleave(rows, 0)
         pending = [e.cache.begin(f * h * w, keep=keep, predicted=predicted, slots_out=e._slots[kind])
                    for e in engines]
+        for e in engines:  # ring reads (KVCache.write): masked until the ring is full
+            if not e.cache.full:
+                e.cache.update_valid()
         text = StackedText([(rows, e.text.select(batch) if cond_only else e.text) for e in engines])
 
         def run(x: torch.Tensor, t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-            attn = StackedSelfAttention([(rows, CachedSelfAttention(e.cache, p, batch, e.backend, static=e.static_reads))
+            attn = StackedSelfAttention([(rows, CachedSelfAttention(e.cache, p, batch, e.backend,
+                                                                    static=e.static_reads, ring=e.static_reads))
                                          for e, p in zip(engines, pending)])
             return fn(x, t, (cos, sin), text, attn, e0.backend).float()
 
@@ -215,8 +219,10 @@ class ChunkBatcher:
     def _graph(self, kind: str, engines: list["BatchingEngine"], x: torch.Tensor, run,
                inputs: list[torch.Tensor]) -> CapturedCall:
         """Keyed by what fixes the step's shapes and addresses: the tokens, and per engine its cache
-        (the engine), the cache read's extent and the prompt's buffers."""
-        key = (kind, tuple(x.shape), tuple((id(e), e.cache.static_extent(), e.text.kv[0][0].data_ptr())
+        (the engine), the extent of its ring read and whether it is masked, and the prompt's buffers. Not
+        the filling level: a group of robots needs 3 graphs (video steps, action steps, final pass) for
+        each of 5 read extents (KVCache.ring_extent) where a single robot needs one per level."""
+        key = (kind, tuple(x.shape), tuple((id(e), e.cache.ring_extent(), e.cache.full, e.text.kv[0][0].data_ptr())
                                            for e in engines))
         graph = self._graphs.get(key)
         if graph is None:

@@ -24,6 +24,8 @@ import torch
 
 from .attention import attention
 
+RING_QUARTERS = 4
+
 
 @dataclass
 class PendingWrite:
@@ -79,6 +81,15 @@ class KVCache:
             return self.capacity
         return self.tail if self.head == 0 else None
 
+    def ring_extent(self) -> int:
+        """What a ring read covers (see `write`): the live prefix rounded up to a quarter of the ring
+        while nothing has been evicted, else the whole ring. Four extents instead of one per filling
+        level keep a batch's graphs few (models/batch.py) without reading the empty ring early on."""
+        if self.full or self.head > 0:
+            return self.capacity
+        quarter = -(-self.capacity // RING_QUARTERS)
+        return min(self.capacity, -(-self.tail // quarter) * quarter)
+
     def begin(self, length: int, keep: bool, predicted: bool = False,
               slots_out: torch.Tensor | None = None) -> PendingWrite:
         """Reserve `length` entries at the end, evicting the oldest entries if full.
@@ -99,8 +110,12 @@ class KVCache:
         write = PendingWrite(self.tail, length, keep, slots)
         self.tail += length
         if self.static_extent() is None:  # only the masked read uses it: two kernels saved per pass
-            torch.lt(torch.remainder(self._positions - self.head, self.capacity), len(self), out=self.valid)
+            self.update_valid()
         return write
+
+    def update_valid(self) -> None:
+        """Mark the live slots in `valid` (at its fixed address): the masked read's mask."""
+        torch.lt(torch.remainder(self._positions - self.head, self.capacity), len(self), out=self.valid)
 
     def end(self, w: PendingWrite) -> None:
         if not w.keep:
@@ -123,12 +138,14 @@ class KVCache:
         return torch.cat([k[:, h:], k[:, :t]], dim=1), torch.cat([v[:, h:], v[:, :t]], dim=1)
 
     def write(self, layer: int, w: PendingWrite, k: torch.Tensor, v: torch.Tensor, batch: slice = slice(None),
-              static: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+              static: bool = False, ring: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Store this layer's new keys/values; return every live entry's keys/values and a mask.
 
         static: read at fixed addresses for captured graphs (see `static_extent`): a prefix of the
         ring with no mask, or the whole ring with the live-slot mask; otherwise the live entries alone
-        and no mask. A batch subset (the conditional half under CFG) may only make temporary writes.
+        and no mask. ring (with static): the whole ring, under the mask unless full, so that one graph
+        serves every filling level (batched steps: models/batch.py; the caller keeps `valid` current).
+        A batch subset (the conditional half under CFG) may only make temporary writes.
         """
         if w.keep and batch != slice(None):
             raise ValueError("a kept cache write must cover the whole batch")
@@ -136,6 +153,10 @@ class KVCache:
         self.v[layer, batch].index_copy_(1, w.slots, v)
         if not static:
             return *self.live(layer, batch), None
+        if ring:
+            n = self.ring_extent()
+            mask = None if self.full else self.valid[:n].view(1, 1, 1, -1)
+            return self.k[layer, batch, :n], self.v[layer, batch, :n], mask
         n = self.static_extent()
         if n is None:
             return self.k[layer, batch], self.v[layer, batch], self.valid.view(1, 1, 1, -1)
@@ -151,7 +172,8 @@ class CachedSelfAttention:
     batch: slice = field(default_factory=lambda: slice(None))
     backend: str = "sdpa"
     static: bool = False
+    ring: bool = False
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        keys, values, mask = self.cache.write(layer, self.pending, k, v, self.batch, self.static)
+        keys, values, mask = self.cache.write(layer, self.pending, k, v, self.batch, self.static, self.ring)
         return attention(q, keys, values, mask, self.backend)
