@@ -252,7 +252,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_server_arguments(parser)
     parser.add_argument("--robots", default="1,2,4,8", help="robot counts of the load phase")
-    parser.add_argument("--operating-points", default="released,paper")
+    parser.add_argument("--operating-points", default="released,paper",
+                        help="operating points of the load phase; `name=1,8` gives one its own robot counts")
     parser.add_argument("--chunks", type=int, default=8, help="chunks per robot in the load phase")
     parser.add_argument("--realtime-chunks", type=int, default=16)
     parser.add_argument("--control-hz", type=float, default=50.0)
@@ -269,7 +270,12 @@ def main() -> None:
     if args.stack_dumps:
         faulthandler.dump_traceback_later(120, repeat=True, file=open(args.stack_dumps, "w"))  # noqa: SIM115
     counts = [int(n) for n in args.robots.split(",")]
-    points = args.operating_points.split(",")
+    per_point = {}
+    for item in args.operating_points.split(" "):
+        name_, _, own = item.partition("=")
+        for point in name_.split(","):
+            per_point[point] = [int(n) for n in own.split(",")] if own else counts
+    points = list(per_point)
     began = time.perf_counter()
     weights = random_weights(args)
     name = weights.preset.name
@@ -292,17 +298,18 @@ def main() -> None:
         with ctx.Pool(1) as pool:
             run = lambda *a, **k: pool.apply(fleet, (url, name, *a), k)  # noqa: E731
             for point in points:
-                for n in counts:  # warm-up: compilation and graphs of each batch size
+                counts_here = per_point[point]
+                for n in counts_here:  # warm-up: compilation and graphs of each batch size
                     if not late(f"warm-up {point} x{n}"):
                         run(n, 2, point, seed0=900)
-                for n in counts:
+                for n in counts_here:
                     if late(f"load {point} x{n}"):
                         continue
                     row = load_row(run(n, args.chunks, point), n, point, True, args.warmup_chunks)
                     result["load"].append(row)
                     print(json.dumps(row), flush=True)
                     report(result, args, quiet=True)
-                n = max(counts)
+                n = max(counts_here)
                 if n > 1 and not late(f"load {point} x{n} unbatched"):
                     batcher.max_batch = 1
                     try:

@@ -103,6 +103,7 @@ class ChunkBatcher:
             group = [r for r in self._queue if r.key() == key][: self.max_batch]
             for r in group:
                 self._queue.remove(r)
+        group.sort(key=lambda r: id(r.engine))  # one order per set of robots: its graphs do not depend on arrival
         try:
             results = self._run(group)
             for r, chunk in zip(group, results):
