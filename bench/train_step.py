@@ -42,6 +42,7 @@ import dataclasses
 import gc
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -511,7 +512,11 @@ def main() -> None:
         p.error(str(e))
     gpu_counts = sorted({int(g) for g in args.gpus.split(",")})
     if args.device == "cuda":
-        total, name = torch.cuda.device_count(), f"{torch.cuda.get_device_name(0)} x {torch.cuda.device_count()}"
+        # The GPUs' names from nvidia-smi: no CUDA context of this process on GPU 0 beside a job's.
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                             text=True) if shutil.which("nvidia-smi") else None
+        total = torch.cuda.device_count()
+        name = f"{smi.stdout.splitlines()[0] if smi and smi.returncode == 0 and smi.stdout else 'GPU'} x {total}"
         if max(gpu_counts) > total:
             p.error(f"--gpus {args.gpus}: this host has {total} GPU(s)")
     else:
