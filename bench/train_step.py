@@ -426,7 +426,8 @@ def table_row(r: dict) -> list[str]:
             fmt(r.get("tokens_per_s"), ",.0f"), fmt(r.get("x_reference"), ".2f"), fmt(r.get("x_fsdp2"), ".2f"),
             fmt(r.get("mfu") and 100 * r["mfu"], ".1f") + ("%" if r.get("mfu") else ""),
             fmt(r.get("scaling") and 100 * r["scaling"], ".0f") + ("%" if r.get("scaling") else ""),
-            fmt(r.get("peak_memory_gib"), ".1f"), r["error"].splitlines()[0][:100].replace("|", "/") if r.get("error") else ""]
+            fmt(r.get("peak_memory_gib"), ".1f"),
+            r["error"].splitlines()[0][:100].replace("|", "/") if r.get("error") else ""]
 
 
 def summary_lines(summary: dict) -> list[str]:
