@@ -266,7 +266,12 @@ def main() -> None:
     parser.add_argument("--out-dir", default=None, help="write serve_load.json and serve_load.md here")
     parser.add_argument("--stack-dumps", help="file for every thread's stack each 60 s after the first 120 s "
                         "(a run that seems stuck shows where)")
+    parser.add_argument("--phases", default="agreement,load,realtime,soak", help="which phases run")
+    parser.add_argument("--max-batch", type=int, default=None,
+                        help="the server's batch limit (default: the largest robot count; 1: batching off)")
     args = parser.parse_args()
+    phases = set(args.phases.split(","))
+    faulthandler.enable()  # a crash in native code prints every thread's stack
     if args.stack_dumps:
         faulthandler.dump_traceback_later(120, repeat=True, file=open(args.stack_dumps, "w"))  # noqa: SIM115
     counts = [int(n) for n in args.robots.split(",")]
@@ -282,7 +287,7 @@ def main() -> None:
     result: dict = {"preset": name, "device": args.device, "dtype": server_dtype(args), "load": [], "realtime": [],
                     "skipped": []}
     ctx = multiprocessing.get_context("spawn")
-    if args.agreement_robots > 1:
+    if "agreement" in phases and args.agreement_robots > 1:
         result["agreement"] = agreement(weights, args.agreement_robots, 3, points[-1])
         print(json.dumps(result["agreement"]), flush=True)
 
@@ -297,7 +302,7 @@ def main() -> None:
         batcher = weights.batcher
         with ctx.Pool(1) as pool:
             run = lambda *a, **k: pool.apply(fleet, (url, name, *a), k)  # noqa: E731
-            for point in points:
+            for point in points if "load" in phases else []:
                 counts_here = per_point[point]
                 for n in counts_here:  # warm-up: compilation and graphs of each batch size
                     if not late(f"warm-up {point} x{n}"):
@@ -310,7 +315,7 @@ def main() -> None:
                     print(json.dumps(row), flush=True)
                     report(result, args, quiet=True)
                 n = max(counts_here)
-                if n > 1 and not late(f"load {point} x{n} unbatched"):
+                if n > 1 and batcher is not None and not late(f"load {point} x{n} unbatched"):
                     batcher.max_batch = 1
                     try:
                         row = load_row(run(n, args.chunks, point), n, point, False, args.warmup_chunks)
@@ -320,7 +325,7 @@ def main() -> None:
                     print(json.dumps(row), flush=True)
                     report(result, args, quiet=True)
             point = "paper" if "paper" in points else points[-1]
-            for n in sorted({1, max(counts)}):
+            for n in sorted({1, max(counts)}) if "realtime" in phases else []:
                 if late(f"real time x{n}"):
                     continue
                 res = run(n, args.realtime_chunks, point, period_s=1.0 / args.control_hz, async_execution=True,
@@ -329,7 +334,7 @@ def main() -> None:
                 result["realtime"].append(row)
                 print(json.dumps(row), flush=True)
                 report(result, args, quiet=True)
-            if not late("soak"):
+            if "soak" in phases and not late("soak"):
                 http = url.replace("ws://", "http://")
                 before = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
                 t0 = time.perf_counter()
@@ -344,9 +349,12 @@ def main() -> None:
                               "gpu_bytes_after": torch.cuda.memory_allocated() if torch.cuda.is_available() else 0})
                 result["soak"] = stats
                 print(json.dumps({k: v for k, v in stats.items() if k != "other_failures"}), flush=True)
-        result["batch_sizes"] = dict(sorted(batcher.batch_sizes.items()))
+        if batcher is not None:
+            result["batch_sizes"] = dict(sorted(batcher.batch_sizes.items()))
 
-    serve_during(args, weights, work, max_sessions=max(counts) + 2, max_batch=max(counts))
+    batch = max(counts) if args.max_batch is None else args.max_batch
+    result["max_batch"] = batch
+    serve_during(args, weights, work, max_sessions=max(counts) + 2, max_batch=batch)
     if torch.cuda.is_available() and args.device != "cpu":
         result["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
     report(result, args)

@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compute-threads", type=int, default=d.compute_threads,
                         help="episode operations computed at once (1 suits one GPU)")
     parser.add_argument("--max-batch", type=int, default=d.max_batch,
-                        help="most robots whose chunks run as one batch (default: 8 on a GPU, 1 on CPU)")
+                        help="most robots whose chunks run as one batch (default %(default)s: each alone)")
     parser.add_argument("--batch-wait-ms", type=float, default=d.batch_wait_ms,
                         help="how long a chunk waits for other robots' chunks to batch with (default: %(default)s)")
     parser.add_argument("--torch-threads", type=int, default=None)

@@ -24,9 +24,10 @@ class ServeConfig:
     max_request_mb: float = 64.0
     compute_threads: int = 1  # episode operations run in this many worker threads (1: one at a time)
     # Robots whose chunks are due together share their denoising passes (models/batch.py), at most this
-    # many per batch; 1: each chunk alone. None: 8 on a GPU (an action pass reads the weights whatever
-    # the batch), 1 on CPU (compute bound there: a batch takes as long as its chunks one by one).
-    max_batch: int | None = None
+    # many per batch; 1: each chunk alone (the default: on one H200 at the robotwin preset, 8 robots got
+    # 1.4 chunks/s batched against 4.7 alone, bench/results/serve_load_h200.md, as batches of changing
+    # sizes compile and capture anew).
+    max_batch: int = 1
     # How long the first chunk due waits for others to join its batch: robots that ask within this
     # window share one batch instead of the later ones waiting for the first's whole chunk.
     batch_wait_ms: float = 2.0
@@ -34,12 +35,6 @@ class ServeConfig:
     # On a GPU, run an episode's shapes once before reporting ready (Policy.warm_up), so the first
     # robot's first chunk does not pay for compilation and graph capture (3.9 s against 0.25 s later).
     warmup: bool = True
-
-    @property
-    def batch_limit(self) -> int:
-        if self.max_batch is not None:
-            return self.max_batch
-        return 1 if self.device == "cpu" else 8
 
     @property
     def max_request_bytes(self) -> int:
@@ -67,7 +62,7 @@ class ServeConfig:
             problems.append(f"max_request_mb {self.max_request_mb} must be positive")
         if self.compute_threads < 1:
             problems.append(f"compute_threads {self.compute_threads} must be at least 1")
-        if self.max_batch is not None and self.max_batch < 1:
+        if self.max_batch < 1:
             problems.append(f"max_batch {self.max_batch} must be at least 1")
         if self.batch_wait_ms < 0:
             problems.append(f"batch_wait_ms {self.batch_wait_ms} must not be negative")

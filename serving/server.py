@@ -260,7 +260,7 @@ def build_model(cfg: ServeConfig) -> PolicyModel:
 
 def model_from_weights(cfg: ServeConfig, weights: PolicyWeights) -> PolicyModel:
     max_cache = None if cfg.max_cache_gb is None else int(cfg.max_cache_gb * 2**30)
-    batch = cfg.batch_limit
+    batch = cfg.max_batch
     if batch > 1:  # before the first policy is made: every session's engine joins the batcher
         weights.batcher = ChunkBatcher(max_batch=batch, gather_s=cfg.batch_wait_ms / 1e3)
     sessions = SessionManager(weights, cfg.max_sessions, max_cache, cfg.idle_timeout_s,
