@@ -1,0 +1,183 @@
+"""Closed-loop success and task time of synchronous, naive asynchronous and grounded asynchronous
+execution on the same seeds, through one live `vaops serve` of a trained policy.
+
+Each seed runs once per mode before the next seed starts (sync, naive, grounded), so when the time
+budget ends the modes have the same seeds. Episodes are the evaluation's own (`run_episode`, the
+ALOHA sim, the websocket protocol), paced in real time by default: every action takes 1/fps s of
+wall time, so the server's work competes with the robot's clock as on a robot and the wall time of
+an episode is the task's. The sampling seed of an episode is its env seed in every mode.
+
+    MUJOCO_GL=egl nice .venv/bin/python bench/async_modes.py --budget-s 1500 \\
+        --out bench/results/async_modes_cpu      # writes .json and .md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MODES = {"sync": False, "naive": True, "grounded": "grounded"}  # -> the reset's async_execution
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", default=str(ROOT / "checkpoints" / "small-aloha"))
+    parser.add_argument("--task", default="AlohaTransferCube-v0")
+    parser.add_argument("--first-seed", type=int, default=10000, help="held-out seeds, as `make demo` uses")
+    parser.add_argument("--max-seeds", type=int, default=50)
+    parser.add_argument("--budget-s", type=float, default=1500.0, help="no new seed starts after this")
+    parser.add_argument("--max-steps", type=int, default=100)
+    parser.add_argument("--fps", type=int, default=10)
+    parser.add_argument("--no-real-time", action="store_true", help="execute as fast as the sim steps")
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    parser.add_argument("--operating-point", help="the server's named sampling settings (released, paper, fast); "
+                        "default: the model's own")
+    parser.add_argument("--torch-threads", type=int, default=1,
+                        help="the server's (1: a busy 2-core machine's OpenMP barriers make 2 threads slower)")
+    parser.add_argument("--out", type=Path, help="writes OUT.json and OUT.md")
+    args = parser.parse_args()
+    os.environ.setdefault("MUJOCO_GL", "egl")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    from vaops.components.evaluate.aloha import AlohaEpisode, camera_size
+    from vaops.components.evaluate.client import PolicyClient
+    from vaops.components.evaluate.config import ClientConfig
+    from vaops.components.evaluate.episode import run_episode
+    from vaops.components.evaluate.local_server import LocalPolicyServer
+
+    log = Path(args.out.with_suffix(".server.log") if args.out else "/tmp/async_modes.server.log")
+    if args.out:
+        args.out.with_suffix(".episodes.jsonl").unlink(missing_ok=True)
+    started = time.perf_counter()
+    load_before = os.getloadavg()
+    rows: list[dict] = []
+    with LocalPolicyServer(args.checkpoint, log, torch_threads=args.torch_threads) as server, \
+            PolicyClient(ClientConfig(url=server.url, request_timeout_s=600)) as client:
+        client.connect()
+        size = camera_size(client.metadata)
+        server_ready_s = time.perf_counter() - started
+        for seed in range(args.first_seed, args.first_seed + args.max_seeds):
+            if time.perf_counter() - started > args.budget_s:
+                break
+            for mode in args.modes:
+                env = AlohaEpisode(args.task, seed, args.max_steps, args.fps, size)
+                out = run_episode(client, env, seed=seed, async_execution=MODES[mode],
+                                  operating_point=args.operating_point,
+                                  control_period_s=0.0 if args.no_real_time else env.control_period_s)
+                row = {"seed": seed, "mode": mode, "status": out.status, "success": out.success,
+                       "progress": out.progress, "steps": out.steps, "chunks": out.chunks, "wall_s": out.wall_s,
+                       "idle_s": out.idle_s, "execution_s": out.execution_s, "chunk_latency_s": out.chunk_latency_s,
+                       "observe_latency_s": out.observe_latency_s, "error": out.error}
+                rows.append(row)
+                if args.out:  # kept as it goes: a run cut short still has its episodes
+                    with args.out.with_suffix(".episodes.jsonl").open("a") as f:
+                        f.write(json.dumps(row) + "\n")
+                print(f"seed {seed} {mode:8} {out.status:7} steps {out.steps:3} chunks {out.chunks} "
+                      f"wall {out.wall_s:6.1f} s", flush=True)
+    result = {
+        "what": "closed-loop success and task time per asynchronous-execution mode, same seeds",
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                 text=True).stdout.strip(),
+        "command": " ".join(["nice", ".venv/bin/python", "bench/async_modes.py", *sys.argv[1:]]),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load_avg_before": load_before,
+                    "load_avg_after": os.getloadavg(), "torch_threads": args.torch_threads},
+        "checkpoint": str(Path(args.checkpoint).resolve().relative_to(ROOT)) if Path(args.checkpoint).resolve()
+        .is_relative_to(ROOT) else args.checkpoint,
+        "task": args.task, "max_steps": args.max_steps, "fps": args.fps, "real_time": not args.no_real_time,
+        "operating_point": args.operating_point or "released",
+        "server_ready_s": server_ready_s, "total_s": time.perf_counter() - started,
+        "modes": {m: summarize([r for r in rows if r["mode"] == m]) for m in args.modes},
+        "episodes": rows,
+    }
+    complete = sorted({r["seed"] for r in rows if all(any(q["seed"] == r["seed"] and q["mode"] == m for q in rows)
+                                                       for m in args.modes)})
+    result["seeds"] = complete
+    result["all_succeeded"] = both_succeeded(rows, args.modes, complete)
+    text = markdown(result)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+        args.out.with_suffix(".md").write_text(text)
+    return 0
+
+
+def summarize(rows: list[dict]) -> dict:
+    from vaops.components.evaluate.libero_report import wilson_interval
+
+    n, k = len(rows), sum(r["success"] for r in rows)
+    low, high = wilson_interval(k, n) if n else (0.0, 0.0)
+    won = [r for r in rows if r["success"]]
+    idle = [x for r in rows for x in r["idle_s"]]
+    execution = [x for r in rows for x in r["execution_s"]]
+    return {
+        "episodes": n, "successes": k, "success_rate": k / n if n else None, "wilson95": [low, high],
+        "errors": sum(r["status"] == "error" for r in rows),
+        "steps_to_success_mean": statistics.mean(r["steps"] for r in won) if won else None,
+        "wall_s_to_success_mean": statistics.mean(r["wall_s"] for r in won) if won else None,
+        "wall_s_mean": statistics.mean(r["wall_s"] for r in rows) if rows else None,
+        "idle_per_chunk_median_s": statistics.median(idle) if idle else None,
+        "chunk_act_latency_median_s": statistics.median(x for r in rows for x in r["chunk_latency_s"]) if rows else None,
+        "idle_fraction": sum(idle) / (sum(idle) + sum(execution)) if execution else None,
+    }
+
+
+def both_succeeded(rows: list[dict], modes: list[str], seeds: list[int]) -> dict:
+    """Seeds every mode solved: the task's wall time and steps per mode on exactly those episodes."""
+    won = [s for s in seeds if all(r["success"] for r in rows if r["seed"] == s)]
+    per = {m: [r for r in rows if r["mode"] == m and r["seed"] in won] for m in modes}
+    return {"seeds": won, **{m: {"wall_s_mean": statistics.mean(r["wall_s"] for r in v) if v else None,
+                                 "steps_mean": statistics.mean(r["steps"] for r in v) if v else None}
+                             for m, v in per.items()}}
+
+
+def markdown(result: dict) -> str:
+    modes = result["modes"]
+    pct = lambda x: "–" if x is None else f"{100 * x:.0f}%"  # noqa: E731
+    num = lambda x, f="{:.1f}": "–" if x is None else f.format(x)  # noqa: E731
+    lines = [
+        "# Sync, naive async and grounded async in closed loop (CPU)", "",
+        f"{result['date']}, commit {result['commit']}: {result['task']} with `{result['checkpoint']}`, "
+        f"seeds {result['seeds'][0] if result['seeds'] else '-'}-{result['seeds'][-1] if result['seeds'] else '-'} "
+        f"({len(result['seeds'])} per mode, each seed run in every mode before the next), at most "
+        f"{result['max_steps']} actions, {result['fps']} actions/s, operating point {result['operating_point']}"
+        + (", real time (every action takes 1/fps s of wall time)" if result["real_time"] else ", unpaced")
+        + f"; {result['machine']['cpus']} CPU cores, load average {result['machine']['load_avg_before'][0]:.1f} "
+        f"before and {result['machine']['load_avg_after'][0]:.1f} after; {result['total_s'] / 60:.1f} min in all.", "",
+        "```", result["command"], "```", "",
+        "| mode | successes | success rate (Wilson 95%) | steps to success (mean) | wall s to success (mean) "
+        "| wall s per episode (mean) | idle per chunk (median s) | idle share |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for m, s in modes.items():
+        lo, hi = s["wilson95"]
+        lines.append(f"| {m} | {s['successes']}/{s['episodes']} | {pct(s['success_rate'])} ({pct(lo)}-{pct(hi)}) "
+                     f"| {num(s['steps_to_success_mean'])} | {num(s['wall_s_to_success_mean'])} "
+                     f"| {num(s['wall_s_mean'])} | {num(s['idle_per_chunk_median_s'], '{:.2f}')} "
+                     f"| {pct(s['idle_fraction'])} |")
+    both = result["all_succeeded"]
+    lines += ["", f"Seeds every mode solved ({len(both['seeds'])}): "
+              + ", ".join(f"{m} {num(both[m]['wall_s_mean'])} s / {num(both[m]['steps_mean'])} steps"
+                          for m in modes) + " (mean wall time / actions).", "",
+              "| seed | " + " | ".join(modes) + " |", "| --- |" + " --- |" * len(modes)]
+    for seed in result["seeds"]:
+        cells = []
+        for m in modes:
+            r = next(r for r in result["episodes"] if r["seed"] == seed and r["mode"] == m)
+            cells.append(f"{r['status']} {r['steps']} act, {r['wall_s']:.0f} s")
+        lines.append(f"| {seed} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
