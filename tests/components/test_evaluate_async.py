@@ -35,9 +35,10 @@ def slow_tiny_checkpoint(folder: Path) -> Path:
     return save_checkpoint(folder, preset, w.transformer, w.vae, w.text_encoder)
 
 
-def evaluate(url: str, out: Path, async_execution: bool, tracking: TrackingConfig, tasks: tuple[str, ...] | None = None):
+def evaluate(url: str, out: Path, async_execution: bool | str, tracking: TrackingConfig,
+             tasks: tuple[str, ...] | None = None, real_time: bool = True):
     config = get_eval_preset("smoke", out, client=ClientConfig(url=url, request_timeout_s=60), max_steps=MAX_STEPS,
-                             fps=FPS, videos=False, real_time=True, async_execution=async_execution,
+                             fps=FPS, videos=False, real_time=real_time, async_execution=async_execution,
                              tracking=tracking, tasks=tasks)
     return run(config)
 
@@ -53,7 +54,8 @@ def ahead_computations(port: int) -> float:
 @pytest.fixture(scope="module")
 def loops(tmp_path_factory):
     """One live server; the synchronous loop on one episode, then the asynchronous loop on both tasks'
-    (a reset between), each with the server's count of chunks computed ahead after it."""
+    (a reset between), each with the server's count of chunks computed ahead after it; last one
+    episode of grounded asynchronous execution, unpaced."""
     root = tmp_path_factory.mktemp("async")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     with LocalPolicyServer(slow_tiny_checkpoint(root / "ck"), root / "server.log", torch_threads=1) as server:
@@ -61,7 +63,11 @@ def loops(tmp_path_factory):
         after_sync = ahead_computations(server.port)
         fast = evaluate(server.url, root / "async", True, TrackingConfig(tracking_uri=uri))
         after_async = ahead_computations(server.port)
-    return {"root": root, "uri": uri, "sync": sync, "async": fast, "ahead": (after_sync, after_async)}
+        grounded = evaluate(server.url, root / "grounded", "grounded", TrackingConfig(enabled=False),
+                            ("AlohaInsertion-v0",), real_time=False)
+        after_grounded = ahead_computations(server.port)
+    return {"root": root, "uri": uri, "sync": sync, "async": fast, "grounded": grounded,
+            "ahead": (after_sync, after_async, after_grounded)}
 
 
 CHUNKS = len(CHUNK_ACTIONS)
@@ -71,7 +77,7 @@ def test_async_execution_computes_the_next_chunk_while_the_robot_moves(loops):
     """Behaviour, not speed: the async loop is handed chunks the server computed ahead, and the
     idle it records spans its round trips. How much idle that saves is a timing claim, measured
     on the GPU by bench/async_idle.py (results/async_idle_h200.json), not asserted here."""
-    after_sync, after_async = loops["ahead"]
+    after_sync, after_async, _ = loops["ahead"]
     # Sync computes every chunk on request. Async computes chunks 2..3 of each of the 2 episodes
     # while the one before runs; the ahead started after chunk 3 is dropped at the next reset,
     # counted only if it had begun.
@@ -119,6 +125,20 @@ def test_the_control_loop_is_saved_reported_and_logged(loops):
     assert logged.metrics["latency.idle.p50_s"] == idle["p50_s"]
     assert logged.metrics["control_loop.idle_fraction"] == control["idle_fraction"]
     assert logged.params["async_execution"] == "True" and logged.params["real_time"] == "True"
+
+
+def test_an_episode_runs_in_grounded_asynchronous_execution(loops):
+    """The paper's variant through the same server: the episode runs its chunks, each after the first
+    computed ahead (from chunk 2 on after re-imagining the executing chunk: tests/serving/test_grounded_async.py
+    and tests/models/test_engine_grounded.py check what is computed), and it is recorded as grounded."""
+    _, after_async, after_grounded = loops["ahead"]
+    result = loops["grounded"]
+    assert [(r.status, r.steps, r.chunks, r.error) for r in result.records] == [("failure", MAX_STEPS, CHUNKS, None)]
+    assert CHUNKS - 1 <= after_grounded - after_async <= CHUNKS
+    control = result.metrics["control_loop"]
+    assert (control["async_execution"], control["async_mode"], control["real_time"]) == (True, "grounded", False)
+    assert loops["async"].metrics["control_loop"]["async_mode"] == "naive"
+    assert "asynchronous (grounded) execution, as fast as the sim steps" in (loops["root"] / "grounded" / "report.md").read_text()
 
 
 def test_async_execution_needs_a_server_that_offers_it(tmp_path):
