@@ -6,7 +6,9 @@ of wall time (no sim: the keyframes are random images made beforehand), then it 
 observation and asks for the next chunk. Idle per chunk: from the end of the chunk's last action to
 the next chunk in hand, i.e. the observe and act round trips. One episode of N chunks synchronously
 (the baseline), then one with `async_execution`, where the server computes each next chunk while
-the robot executes the current one; a short warm-up episode of each runs first.
+the robot executes the current one, then one with `async_execution: "grounded"`, where it first
+re-imagines the executing chunk (one more video denoising per chunk, off the robot's path while it
+fits in a chunk's execution); a short warm-up episode of each runs first.
 
     python bench/async_idle.py --preset tiny --device cpu --chunks 6        # smoke test
     python bench/async_idle.py --preset robotwin --device cuda --out bench/results/async_idle_h200.json
@@ -26,7 +28,10 @@ import torch
 from serve import PROMPT, add_server_arguments, connect, episode_frames, random_weights, serve_during, server_dtype
 
 
-def robot(url: str, preset, chunks: int, period_s: float, async_execution: bool, seed: int) -> list[dict]:
+MODES = (("sync", False), ("async", True), ("grounded", "grounded"))  # -> the reset's async_execution
+
+
+def robot(url: str, preset, chunks: int, period_s: float, async_execution: bool | str, seed: int) -> list[dict]:
     """One episode of `chunks` chunks at the control rate; per chunk its execution and the idle after it."""
     first, keyframes = episode_frames(preset, seed, chunks)
     with connect(url) as infer:
@@ -73,26 +78,28 @@ def main() -> None:
     rows: dict[str, list[dict]] = {}
 
     def work(url: str) -> None:
-        for mode, async_execution in (("sync", False), ("async", True)):
+        for mode, async_execution in MODES:
             robot(url, weights.preset, 3, period, async_execution, seed=999)  # warm-up: kernels, graphs, caches
-        for mode, async_execution in (("sync", False), ("async", True)):
+        for mode, async_execution in MODES:
             rows[mode] = robot(url, weights.preset, args.chunks, period, async_execution, seed=0)
 
     serve_during(args, weights, work)
-    sync, fast = (summarize(rows[m], args.warmup_chunks) for m in ("sync", "async"))
+    sync, fast, grounded = (summarize(rows[m], args.warmup_chunks) for m, _ in MODES)
+    keys = ("idle_median_s", "idle_p95_s", "idle_fraction")
     result = {"preset": weights.preset.name, "device": args.device, "dtype": server_dtype(args),
-              "control_hz": args.control_hz, "sync": sync, "async": fast,
-              "ratio": {k: fast[k] / sync[k] for k in ("idle_median_s", "idle_p95_s", "idle_fraction")}}
+              "control_hz": args.control_hz, "sync": sync, "async": fast, "grounded": grounded,
+              "ratio": {k: fast[k] / sync[k] for k in keys}, "ratio_grounded": {k: grounded[k] / sync[k] for k in keys}}
     if torch.cuda.is_available() and args.device != "cpu":
         result["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
         print(f"peak GPU memory {result['peak_gpu_gib']:.1f} GiB")
     print(f"\n{weights.preset.name}, {args.control_hz:g} Hz control, {sync['chunks']} chunks per mode "
           f"(after {args.warmup_chunks} left out)")
-    print(f"{'':24}{'sync':>10}{'async':>10}{'async/sync':>12}")
+    print(f"{'':24}{'sync':>10}{'async':>10}{'grounded':>10}{'async/sync':>12}{'grnd/sync':>11}")
     for key, label in (("idle_median_s", "idle median (s)"), ("idle_p95_s", "idle p95 (s)"),
                        ("idle_fraction", "idle fraction"), ("execution_median_s", "execution / chunk (s)"),
                        ("observe_median_s", "observe round trip (s)"), ("act_median_s", "act round trip (s)")):
-        print(f"{label:24}{sync[key]:10.3f}{fast[key]:10.3f}{fast[key] / sync[key]:12.3f}")
+        print(f"{label:24}{sync[key]:10.3f}{fast[key]:10.3f}{grounded[key]:10.3f}{fast[key] / sync[key]:12.3f}"
+              f"{grounded[key] / sync[key]:11.3f}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)
