@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from test_evaluate_client import ScriptedServer
 
+from vaops.components.evaluate.client import PolicyClient, PolicyProtocolError
 from vaops.components.evaluate.config import ClientConfig, TrackingConfig, get_eval_preset
 from vaops.components.evaluate.local_server import LocalPolicyServer
 from vaops.components.evaluate.run import run
@@ -154,3 +155,19 @@ def test_async_execution_needs_a_server_that_offers_it(tmp_path):
     assert "does not offer asynchronous execution (no 'async_execution' in its metadata)" in record.error
     with pytest.raises(ValueError, match="real_time pacing needs the environment's control rate: suite 'aloha' only"):
         get_eval_preset("robotwin", tmp_path, robotwin_root=tmp_path, real_time=True)
+
+
+def test_grounded_needs_a_server_that_lists_it(tmp_path):
+    """A vaops server from before grounded async offers async_execution but no async_modes: asking it for
+    'grounded' is refused by the client rather than run as naive."""
+    server = ScriptedServer(["good"])
+    try:
+        with PolicyClient(ClientConfig(url=server.url)) as client:
+            client.connect()
+            client.metadata = {"async_execution": True}
+            with pytest.raises(PolicyProtocolError, match="offers no 'grounded' asynchronous execution"):
+                client.reset("transfer the cube", async_execution="grounded")
+    finally:
+        server.close()
+    with pytest.raises(ValueError, match="async_execution must be true, false or one of"):
+        get_eval_preset("smoke", tmp_path, async_execution="eager")
