@@ -1,0 +1,83 @@
+"""The config codec (models/codec.py): round trips of the project's dataclasses, and bad input as
+one line naming the source, the field and the value."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import Literal
+
+import pytest
+
+from vaops.models.codec import ConfigError, decode, encode
+from vaops.models.config import PRESETS, Camera, Preset, SamplingConfig, TransformerConfig
+
+
+class Mode(enum.Enum):
+    SYNC = "sync"
+    ASYNC = "async"
+
+
+@dataclasses.dataclass(frozen=True)
+class Inner:
+    key: str
+    size: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Outer:
+    pair: tuple[int, int] = (1, 2)
+    values: tuple[float, ...] = ()
+    maybe: int | None = None
+    kind: Literal["a", "b"] = "a"
+    mode: Mode = Mode.SYNC
+    inners: tuple[Inner, ...] = ()
+    named: dict[str, Inner] = dataclasses.field(default_factory=dict)
+    flag: bool = False
+
+    def __post_init__(self):
+        if self.maybe is not None and self.maybe < 0:
+            raise ValueError(f"outer: maybe must be >= 0, got {self.maybe}")
+
+
+def test_round_trips():
+    outer = Outer(pair=(3, 4), values=(0.5, -1e-7), maybe=2, kind="b", mode=Mode.ASYNC,
+                  inners=(Inner("x", 3),), named={"n": Inner("y")}, flag=True)
+    raw = encode(outer)
+    assert raw["pair"] == [3, 4] and raw["inners"] == [{"key": "x", "size": 3}] and raw["mode"] == "ASYNC"
+    assert decode(Outer, raw, "t") == outer
+    for preset in PRESETS.values():  # every field of every preset, nested and tuples of pairs included
+        assert decode(Preset, encode(preset), "preset") == preset
+    assert decode(SamplingConfig, {"video_shift": 5}, "s").video_shift == 5.0
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"stepz": 1}, r"^f.json: unknown field\(s\) 'stepz'; allowed: pair, values, maybe, kind, mode, inners, named, flag$"),
+    ({"inners": [{"key": "k", "colour": 1}]}, r"^f.json: unknown field\(s\) 'colour' in 'inners.0'; allowed: key, size$"),
+    ({"inners": [{"size": 1}]}, r"^f.json: field 'inners.0.key' is missing$"),
+    ({"pair": [1, 2, 3]}, r"^f.json: field 'pair' got \[1, 2, 3\] \(Expected 2 items, got 3\)$"),
+    ({"pair": [1, "two"]}, r"^f.json: field 'pair.1' got 'two' \(Couldn't parse 'two' into an int\)$"),
+    ({"kind": "c"}, r"^f.json: field 'kind' got 'c' \(must be one of 'a', 'b'\)$"),
+    ({"maybe": 1.5}, r"^f.json: field 'maybe' got 1.5 "),
+    ({"maybe": -1}, r"^f.json: outer: maybe must be >= 0, got -1$"),
+    ({"flag": "yes"}, r"^f.json: field 'flag' got 'yes' "),
+    ({"named": {"n": {"key": 3, "size": "big"}}}, r"^f.json: field 'named.n.size' got 'big' "),
+    ([1, 2], r"^f.json: expected a mapping of Outer fields, got list$"),
+])
+def test_bad_input_is_one_line_naming_source_field_and_value(raw, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        decode(Outer, raw, "f.json")
+    assert "\n" not in str(info.value) and isinstance(info.value, ValueError)
+
+
+def test_nested_checks_and_required_fields():
+    with pytest.raises(ConfigError, match=r"^p: sampling: video_steps 0 and action_steps 50 must be at least 1$"):
+        decode(SamplingConfig, {"video_steps": 0}, "p")
+    with pytest.raises(ConfigError, match=r"^c: field 'height' is missing, field 'width' is missing$"):
+        decode(Camera, {"key": "top"}, "c")
+    assert decode(TransformerConfig, {"patch_size": [1, 2, 2], "pos_embed_seq_len": None}, "t") == TransformerConfig()
+
+
+def test_a_string_is_no_tuple():
+    with pytest.raises(ConfigError, match=r"^f: field 'values' got 'abc' \(expected a list, got str\)$"):
+        decode(Outer, {"values": "abc"}, "f")
