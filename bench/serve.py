@@ -26,6 +26,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import httpx
 import numpy as np
@@ -108,7 +109,7 @@ def run_server(url: str, preset, episodes: int, chunks: int, seed0: int) -> list
 
 def summarize(timings: list[dict], warmup_chunks: int) -> dict:
     steady = [t for t in timings if t["chunk"] >= warmup_chunks]
-    out = {"chunks": len(steady)}
+    out: dict[str, Any] = {"chunks": len(steady)}
     for key in ("act", "observe"):
         values = sorted(t[key] for t in steady)
         out[key] = {"median_ms": 1e3 * statistics.median(values),

@@ -108,7 +108,8 @@ def soak(url: str, preset_name: str, total_chunks: int, robots: int, operating_p
     http = url.replace("ws://", "http://")
     lock = threading.Lock()
     stats = {"chunks": 0, "episodes": 0, "dropped": 0, "bad_ws": 0, "bad_ws_refused": 0, "bad_rest": 0,
-             "rest_4xx": 0, "rest_5xx": 0, "other_failures": []}
+             "rest_4xx": 0, "rest_5xx": 0}
+    failures: list[str] = []
 
     def count(key: str, n: int = 1) -> None:
         with lock:
@@ -164,11 +165,11 @@ def soak(url: str, preset_name: str, total_chunks: int, robots: int, operating_p
                 pass  # the connection ended without a close: the server must close the session itself
             except Exception as e:  # noqa: BLE001 - counted and reported, the soak goes on
                 with lock:
-                    stats["other_failures"].append(f"{type(e).__name__}: {e}"[:300])
+                    failures.append(f"{type(e).__name__}: {e}"[:300])
 
     with ThreadPoolExecutor(robots) as pool:
         list(pool.map(client, range(robots)))
-    return stats
+    return {**stats, "other_failures": failures}
 
 
 class _Drop(Exception):

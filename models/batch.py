@@ -19,6 +19,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter, OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -26,8 +27,8 @@ import torch
 from .cuda_graphs import CapturedCall
 from .engine import Chunk, InferenceEngine
 from .flow_matching import Schedule
-from .kv_cache import CachedSelfAttention
-from .transformer import StackedText
+from .kv_cache import CachedSelfAttention, KVCache
+from .transformer import StackedText, TextContext
 
 # Captured graphs of batched steps, least recently used dropped first: a group of robots that stays
 # together (robots started together, the common case) reuses its graphs (about 15 over an episode, see
@@ -172,7 +173,7 @@ class ChunkBatcher:
                 break
             pred = pred.unflatten(0, (n, -1))
             v = pred[:, 1] + guidance * (pred[:, 0] - pred[:, 1]) if guided else pred[:, 0]
-            x = x + v * (schedule.after - schedule.final if last else deltas[i])
+            x = x + v * (_after(schedule) - schedule.final if last else deltas[i])
             if first is not None:
                 x[idx, :, :1] = first
         return x
@@ -189,22 +190,22 @@ class ChunkBatcher:
         if kind == "video":
             _, ph, pw = model.config.patch_size
             h, w = x.shape[3] // ph, x.shape[4] // pw
-            fn = model.forward_video
+            fn: Callable[..., torch.Tensor] = model.forward_video
         else:
             h, w = x.shape[3], x.shape[4]
             fn = model.forward_actions
         ropes = [e._rope(kind, f, h, w) for e in engines]
         cos = torch.stack([c for c, _ in ropes]).repeat_interleave(rows, 0)
         sin = torch.stack([s for _, s in ropes]).repeat_interleave(rows, 0)
-        pending = [e.cache.begin(f * h * w, keep=keep, predicted=predicted, slots_out=e._slots[kind])
+        pending = [e.live_cache.begin(f * h * w, keep=keep, predicted=predicted, slots_out=e._slots[kind])
                    for e in engines]
         for e in engines:  # ring reads (KVCache.write): masked until the ring is full
-            if not e.cache.full:
-                e.cache.update_valid()
-        text = StackedText([(rows, e.text.select(batch) if cond_only else e.text) for e in engines])
+            if not e.live_cache.full:
+                e.live_cache.update_valid()
+        text = StackedText([(rows, e.live_text.select(batch) if cond_only else e.live_text) for e in engines])
 
         def run(x: torch.Tensor, t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-            attn = StackedSelfAttention([(rows, CachedSelfAttention(e.cache, p, batch, e.backend,
+            attn = StackedSelfAttention([(rows, CachedSelfAttention(e.live_cache, p, batch, e.backend,
                                                                     static=e.static_reads, ring=e.static_reads))
                                          for e, p in zip(engines, pending)])
             return fn(x, t, (cos, sin), text, attn, e0.backend).float()
@@ -214,7 +215,7 @@ class ChunkBatcher:
         graph = self._graph(kind, engines, xb, run, [xb, tb, cos, sin]) if e0.cuda_graphs else None
         out = run(xb, tb, cos, sin) if graph is None else graph(xb, tb, cos, sin)
         for e, p in zip(engines, pending):
-            e.cache.end(p)
+            e.live_cache.end(p)
         return out
 
     def _graph(self, kind: str, engines: list["BatchingEngine"], x: torch.Tensor, run,
@@ -223,8 +224,8 @@ class ChunkBatcher:
         (the engine), the extent of its ring read and whether it is masked, and the prompt's buffers. Not
         the filling level: a group of robots needs 3 graphs (video steps, action steps, final pass) for
         each of 5 read extents (KVCache.ring_extent) where a single robot needs one per level."""
-        key = (kind, tuple(x.shape), tuple((id(e), e.cache.ring_extent(), e.cache.full, e.text.kv[0][0].data_ptr())
-                                           for e in engines))
+        key = (kind, tuple(x.shape), tuple((id(e), e.live_cache.ring_extent(), e.live_cache.full,
+                                            e.live_text.kv[0][0].data_ptr()) for e in engines))
         graph = self._graphs.get(key)
         if graph is None:
             if self._graph_pool is None:
@@ -237,6 +238,13 @@ class ChunkBatcher:
         return graph
 
 
+def _after(schedule: Schedule) -> float:
+    """Where a truncated schedule's final step lands (the loop breaks before this when it is not truncated)."""
+    if schedule.after is None:
+        raise ValueError("the schedule is not truncated")
+    return schedule.after
+
+
 class BatchingEngine(InferenceEngine):
     """An InferenceEngine whose chunks go through a shared ChunkBatcher (see the module's docstring);
     everything else (reset, observe, the cache) is its own."""
@@ -244,6 +252,18 @@ class BatchingEngine(InferenceEngine):
     def __init__(self, *args, batcher: ChunkBatcher, **kwargs):
         super().__init__(*args, **kwargs)
         self.batcher = batcher
+
+    @property
+    def live_cache(self) -> KVCache:
+        if self.cache is None:
+            raise RuntimeError("call reset(prompt_emb) before act")
+        return self.cache
+
+    @property
+    def live_text(self) -> TextContext:
+        if self.text is None:
+            raise RuntimeError("call reset(prompt_emb) before act")
+        return self.text
 
     def _act(self, first_latent: torch.Tensor | None, video_noise: torch.Tensor | None,
              action_noise: torch.Tensor | None, generator: torch.Generator | None) -> Chunk:
@@ -258,7 +278,7 @@ class BatchingEngine(InferenceEngine):
         ashape = (1, mcfg.action_dim, c.frame_chunk_size, c.action_per_frame, 1)
         video = self._noise(video_noise, vshape, generator, "video_noise")
         actions = self._noise(action_noise, ashape, generator, "action_noise")
-        first = first_latent.to(self.device, torch.float32) if start else None
+        first = first_latent.to(self.device, torch.float32) if start and first_latent is not None else None
         if first is not None and tuple(first.shape) != vshape[:2] + (1,) + vshape[3:]:
             raise ValueError(f"first_latent must be {vshape[:2] + (1,) + vshape[3:]}, got {tuple(first.shape)}")
         return self.batcher.act(_Request(self, video, actions, first))

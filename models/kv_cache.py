@@ -154,9 +154,9 @@ class KVCache:
         if not static:
             return *self.live(layer, batch), None
         if ring:
-            n = self.ring_extent()
-            mask = None if self.full else self.valid[:n].view(1, 1, 1, -1)
-            return self.k[layer, batch, :n], self.v[layer, batch, :n], mask
+            r = self.ring_extent()
+            mask = None if self.full else self.valid[:r].view(1, 1, 1, -1)
+            return self.k[layer, batch, :r], self.v[layer, batch, :r], mask
         n = self.static_extent()
         if n is None:
             return self.k[layer, batch], self.v[layer, batch], self.valid.view(1, 1, 1, -1)

@@ -81,10 +81,13 @@ class Policy:
         preset = weights.preset
         self.preset = preset
         config = EngineConfig.from_preset(preset)
+        backend = weights.backend
+        if backend is None:
+            raise RuntimeError("PolicyWeights chose no attention backend")  # __post_init__ does
         if weights.batcher is None:
-            self.engine = InferenceEngine(weights.transformer, config, weights.backend, cuda_graphs=True)
+            self.engine = InferenceEngine(weights.transformer, config, backend, cuda_graphs=True)
         else:
-            self.engine = BatchingEngine(weights.transformer, config, weights.backend, cuda_graphs=True,
+            self.engine = BatchingEngine(weights.transformer, config, backend, cuda_graphs=True,
                                          batcher=weights.batcher)
         self.observations = ObservationEncoder(weights.vae, preset)
         self.q01 = torch.tensor(preset.norm_q01, dtype=torch.float32)

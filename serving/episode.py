@@ -268,8 +268,9 @@ class EpisodeService:
         if not session.started:
             raise InputError(f"session {session.id!r} has no episode yet: send a reset with the prompt first")
         ahead = session.ahead
-        if ahead is not None and ahead.done() and not ahead.cancelled() and ahead.exception() is not None:
-            self._fail(session, ahead.exception())
+        error = ahead.exception() if ahead is not None and ahead.done() and not ahead.cancelled() else None
+        if error is not None:
+            self._fail(session, error)
             raise AheadFailed(f"{session.failure}; this episode cannot go on: send a reset")
         if session.failure is not None:
             raise Conflict(f"{session.failure}; this episode cannot go on: send a reset")

@@ -134,7 +134,7 @@ class PolicyModel(Model):
         sessions = self.episodes.sessions
         session_id = params.get("session_id")
         seq = params.get("seq")
-        outputs = []
+        outputs: list[InferOutput] = []
         if op == "reset":
             prompt = _as_numpy(inputs, "prompt", "BYTES").reshape(-1)
             if prompt.size != 1:

@@ -74,6 +74,7 @@ class EpisodeSocket:
                 if message["type"] == "websocket.disconnect":
                     break
                 data = message.get("bytes")
+                reply: str | bytes
                 if data is None:
                     reply = self._error("invalid", "expected a binary msgpack frame, got a text frame")
                 else:
@@ -108,7 +109,7 @@ class EpisodeSocket:
         sessions = self.episodes.sessions
         if msg.get("reset"):
             new = session is None or session.id not in sessions
-            target = self.episodes.open() if new else session
+            target = self.episodes.open() if session is None or new else session
             try:
                 await self.episodes.reset(target, msg.get("prompt", ""), msg.get("seed"), "websocket",
                                           msg.get("async_execution", False), seq=msg.get("seq"),

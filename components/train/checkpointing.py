@@ -175,6 +175,8 @@ def save(engine, output: Path, state: TrainerState, preset: Preset, base: Path |
         # Rank 0 made the temporary folder; every rank writes its ZeRO shards into it.
         shared = [str(tmp) if tmp is not None else None]
         broadcast_object(shared)
+        if shared[0] is None:
+            raise RuntimeError("rank 0 sent no checkpoint folder")
         tmp = Path(shared[0])
         if training_state:
             engine.save_checkpoint(str(tmp / ENGINE_STATE), tag=ENGINE_TAG, save_latest=False)

@@ -56,12 +56,13 @@ def train(latent_dataset: dsl.Input[dsl.Dataset], checkpoint: dsl.Output[dsl.Mod
         fields["init_from"] = base_checkpoint.path
     cfg = TrainConfig.from_dict({**get_recipe(recipe).to_dict(), **fields}, source="train component config")
     own_folder = cfg.output is None  # else the caller's folder: resumed, never cleared
-    if own_folder:
+    if cfg.output is not None:
+        output = Path(cfg.output)
+    else:
         world = num_nodes * gpus_per_node if num_nodes else 1
         output = (checkpointing.run_folder(Path(work_root), cfg.to_dict(), world) if work_root
                   else Path(checkpoint.path).with_name(Path(checkpoint.path).name + "-run"))
         cfg = cfg.replace(output=str(output))
-    output = Path(cfg.output)
 
     done = finished_outputs(output, cfg.steps)
     latest = checkpointing.latest_checkpoint(output) if done is None else None

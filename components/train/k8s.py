@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+from typing import Any
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -76,7 +77,9 @@ def train_job(spec: K8sSpec, train_args: list[str], passthrough: dict | None = N
     extra = {k: v for k, v in (passthrough or {}).items() if v}
     env = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.update({k: os.environ[k] for k in spec.forwarded_env if os.environ.get(k)})
-    env.update(e.split("=", 1) for e in spec.env)
+    for item in spec.env:
+        key, value = item.split("=", 1)
+        env[key] = value
     env_list = [{"name": k, "value": str(v)} for k, v in env.items()]
     env_list += [e for e in extra.get("env", []) if e.get("name") not in env]
     resources: dict = {}
@@ -99,10 +102,10 @@ def train_job(spec: K8sSpec, train_args: list[str], passthrough: dict | None = N
     metadata = {"name": spec.name, "labels": {"app.kubernetes.io/part-of": "vaops", "vaops.stage": "train"}}
     if spec.namespace:
         metadata["namespace"] = spec.namespace
-    job = {"apiVersion": API_VERSION, "kind": "TrainJob", "metadata": metadata,
-           "spec": {"runtimeRef": {"name": spec.runtime, "apiGroup": "trainer.kubeflow.org",
-                                   "kind": "ClusterTrainingRuntime"},
-                    "trainer": trainer}}
+    job: dict[str, Any] = {"apiVersion": API_VERSION, "kind": "TrainJob", "metadata": metadata,
+                           "spec": {"runtimeRef": {"name": spec.runtime, "apiGroup": "trainer.kubeflow.org",
+                                                   "kind": "ClusterTrainingRuntime"},
+                                    "trainer": trainer}}
     volumes, mounts = [], []
     for i, v in enumerate(spec.volumes):
         claim, _, mount = v.partition(":")

@@ -41,10 +41,17 @@ def run_train_job(cfg: TrainConfig, recipe: str, name: str, nodes: int, gpus_per
         if "Complete" in states:
             break
         time.sleep(poll_s)
-    outputs = Path(cfg.output) / "outputs.json"
+    outputs = output_folder(cfg) / "outputs.json"
     if not outputs.is_file():
         raise FileNotFoundError(f"{outputs}: the TrainJob finished but its outputs are not on the shared volume")
     return json.loads(outputs.read_text())
+
+
+def output_folder(cfg: TrainConfig) -> Path:
+    """The run's output folder; the launchers set it before starting ranks or a TrainJob."""
+    if not cfg.output:
+        raise ValueError("the train config names no output folder")
+    return Path(cfg.output)
 
 
 def run_local_ranks(cfg: TrainConfig, recipe: str, processes: int, keep_lines: int = 400) -> dict:
@@ -59,7 +66,7 @@ def run_local_ranks(cfg: TrainConfig, recipe: str, processes: int, keep_lines: i
     tail: collections.deque[str] = collections.deque(maxlen=keep_lines)
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
                           env=dict(os.environ, PYTHONUNBUFFERED="1")) as proc:
-        for line in proc.stdout:
+        for line in proc.stdout or ():
             sys.stdout.write(line)
             tail.append(line)
     sys.stdout.flush()
@@ -67,7 +74,7 @@ def run_local_ranks(cfg: TrainConfig, recipe: str, processes: int, keep_lines: i
         # torchrun's own ChildFailedError comes last and only says which rank died.
         reason = describe_failure(tail, ignore=("ChildFailedError",)) or "no output"
         raise RuntimeError(f"training on {processes} local ranks failed (exit code {proc.returncode}): {reason}")
-    outputs = Path(cfg.output) / "outputs.json"
+    outputs = output_folder(cfg) / "outputs.json"
     if not outputs.is_file():
         raise FileNotFoundError(f"{outputs}: the ranks finished but wrote no outputs")
     return json.loads(outputs.read_text())

@@ -175,7 +175,8 @@ def run(cfg: TrainConfig) -> TrainOutputs:
         while state.step < cfg.steps:
             start = time.perf_counter()
             terms = torch.zeros(3, device=info.device)
-            tokens, grad_norm = 0, None
+            tokens: float = 0
+            grad_norm = None
             for _ in range(cfg.grad_accum):
                 batch = next(batches)
                 x = draw_inputs(batch, dataset.empty_emb, teacher,
@@ -225,6 +226,8 @@ def run(cfg: TrainConfig) -> TrainOutputs:
 
     outputs = None
     if info.is_main:
+        if tracker is None or last is None:
+            raise RuntimeError("the main rank ended its training without a tracker or a checkpoint")
         if cfg.log_checkpoints == "final":
             _log_checkpoint(tracker, last)
         report = write_report(output, tracker, cfg, preset, n_params, info.world)
