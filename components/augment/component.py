@@ -1,5 +1,7 @@
 """Kubeflow component of `vaops augment` (lightweight Python component)."""
 
+from typing import Optional
+
 from kfp import dsl
 
 from vaops.components.images import CPU_IMAGE
@@ -7,9 +9,10 @@ from vaops.components.images import CPU_IMAGE
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
 def augment(dataset: dsl.Input[dsl.Dataset], augmented: dsl.Output[dsl.Dataset], report: dsl.Output[dsl.Artifact],
-            summary: dsl.Output[dsl.Markdown], copies: int = 1, seed: int = 0, preset: str = "default") -> int:
-    """Keep the originals and append `copies` augmented copies of each, drawn as the named preset
-    says (default, photometric, strong); returns the episode count."""
+            summary: dsl.Output[dsl.Markdown], preset: str = "default", copies: Optional[int] = None,
+            seed: Optional[int] = None) -> int:
+    """Keep the originals and append augmented copies of each, drawn as the named preset says (default,
+    photometric, strong); `copies` and `seed`, when given, replace the preset's. Returns the episode count."""
     import dataclasses
     import shutil
 
@@ -18,8 +21,9 @@ def augment(dataset: dsl.Input[dsl.Dataset], augmented: dsl.Output[dsl.Dataset],
 
     if preset not in PRESETS:
         raise ValueError(f"augment preset {preset!r}: choose one of {sorted(PRESETS)}")
+    given = {k: v for k, v in (("copies", copies), ("seed", seed)) if v is not None}
     result = run(dataclasses.replace(PRESETS[preset], dataset=dataset.path, output=augmented.path,
-                                     report_dir=report.path, copies=copies, seed=seed))
+                                     report_dir=report.path, **given))
     shutil.copyfile(f"{report.path}/report.md", summary.path)
     total = result.originals + len(result.augmented)
     augmented.metadata.update({"episodes": total, "originals": result.originals})

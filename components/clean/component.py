@@ -8,9 +8,9 @@ from vaops.components.images import CPU_IMAGE
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
 def clean(dataset: dsl.Input[dsl.Dataset], validation_report: dsl.Input[dsl.Artifact],
           cleaned: dsl.Output[dsl.Dataset], report: dsl.Output[dsl.Artifact], summary: dsl.Output[dsl.Markdown],
-          preset: str = "default", min_length: int = 8, trim_idle: bool = True) -> int:
-    """Drop quarantined, failed, duplicate, short and static episodes, trim, clip and map grippers;
-    returns the number of episodes kept."""
+          preset: str = "default") -> int:
+    """Drop quarantined, failed, duplicate, short and static episodes, trim, clip and map grippers, as
+    the named preset says (components/clean/config.py); returns the number of episodes kept."""
     import dataclasses
     import shutil
 
@@ -18,8 +18,7 @@ def clean(dataset: dsl.Input[dsl.Dataset], validation_report: dsl.Input[dsl.Arti
     from vaops.components.clean.stage import run
 
     cfg = dataclasses.replace(PRESETS[preset], dataset=dataset.path, output=cleaned.path, report_dir=report.path,
-                              validation_report=validation_report.path, min_length=min_length,
-                              trim_idle=trim_idle)
+                              validation_report=validation_report.path)
     result = run(cfg)
     shutil.copyfile(f"{report.path}/report.md", summary.path)
     cleaned.metadata.update({"episodes": result.kept, "dropped": sorted(result.dropped)})

@@ -35,3 +35,22 @@ def test_component_compiles_and_calls_its_stage(stage, tmp_path):
     root = spec["root"]
     assert set(root.get("inputDefinitions", {}).get("artifacts", {})) == inputs
     assert set(root["outputDefinitions"]["artifacts"]) == outputs
+
+
+@pytest.mark.parametrize("stage", sorted(COMPONENTS))
+def test_a_preset_is_not_overridden_by_the_components_own_defaults(stage):
+    """A component that takes a preset name must not also declare that preset's fields with defaults of
+    its own: they would replace the preset's values on every run (clean's `min_length`/`trim_idle` once
+    did, so the "full-length" aloha-full preset still trimmed)."""
+    import dataclasses
+    import inspect
+
+    component = getattr(importlib.import_module(f"vaops.components.{stage}.component"), stage)
+    if "PRESETS[preset]" not in inspect.getsource(component.python_func):
+        return  # no stage preset (encode's `preset` names the model's)
+    params = inspect.signature(component.python_func).parameters
+    presets = importlib.import_module(f"vaops.components.{stage}.config").PRESETS
+    fields = {f.name for f in dataclasses.fields(next(iter(presets.values())))}
+    shadowing = [name for name, p in params.items()
+                 if name in fields and p.default not in (inspect.Parameter.empty, None)]
+    assert not shadowing, f"{stage} component re-declares preset fields {shadowing}"
