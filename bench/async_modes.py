@@ -9,6 +9,11 @@ an episode is the task's. The sampling seed of an episode is its env seed in eve
 
     MUJOCO_GL=egl nice .venv/bin/python bench/async_modes.py --budget-s 1500 \\
         --out bench/results/async_modes_cpu      # writes .json and .md
+
+`--forecast-error N` instead measures, in-process on N seeds, what grounding is for: how far the
+executing chunk's cached video is from what the cameras then saw (its encoded keyframes), for the
+stale forecast (naive) against the re-imagined video (grounded), the robot executing the grounded
+chunks for a fixed number of chunks.
 """
 
 from __future__ import annotations
@@ -44,9 +49,13 @@ def main() -> int:
     parser.add_argument("--torch-threads", type=int, default=1,
                         help="the server's (1: a busy 2-core machine's OpenMP barriers make 2 threads slower)")
     parser.add_argument("--out", type=Path, help="writes OUT.json and OUT.md")
+    parser.add_argument("--forecast-error", type=int, metavar="N", help="measure the cached video's error on N seeds")
+    parser.add_argument("--chunks", type=int, default=5, help="with --forecast-error: chunks per episode")
     args = parser.parse_args()
     os.environ.setdefault("MUJOCO_GL", "egl")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.forecast_error:
+        return forecast_error(args)
 
     from vaops.components.evaluate.aloha import AlohaEpisode, camera_size
     from vaops.components.evaluate.client import PolicyClient
@@ -110,6 +119,107 @@ def main() -> int:
         args.out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
         args.out.with_suffix(".md").write_text(text)
     return 0
+
+
+def forecast_error(args) -> int:
+    """Per chunk computed ahead (from the second on): the mean squared error, in normalised latent space,
+    of the stale forecast and of the re-imagined video against the chunk's encoded keyframes; and, as a
+    scale, of the previous chunk's observation held still (a forecast that nothing moves)."""
+    import numpy as np
+    import torch
+
+    from vaops.components.evaluate.aloha import AlohaEpisode
+    from vaops.models.checkpoint import load_weights
+    from vaops.models.model_source import resolve_checkpoint
+
+    torch.set_num_threads(args.torch_threads)
+    weights = load_weights(resolve_checkpoint(args.checkpoint))  # a shipped folder: its VAE and text encoder rebuilt
+    policy = weights.new_policy()
+    preset = policy.preset
+    keys = [c.key for c in preset.cameras]
+    observed: list[torch.Tensor] = []
+    engine_observe = policy.engine.observe
+
+    def capture(latents, actions):
+        observed.append(latents.clone())
+        return engine_observe(latents, actions)
+
+    policy.engine.observe = capture  # type: ignore[method-assign]
+    rows = []
+    for seed in range(args.first_seed, args.first_seed + args.forecast_error):
+        env = AlohaEpisode(args.task, seed, 10**6, args.fps, (preset.cameras[0].height, preset.cameras[0].width))
+        policy.reset(env.prompt, seed=seed, operating_point=args.operating_point)
+        observed.clear()
+        obs = env.observation()
+        chunk = policy.act({k: obs[k] for k in keys})
+        interval = policy.keyframe_interval
+        for k in range(args.chunks):
+            # k >= 1: chunk k was computed ahead; first the variant that ignores its actions, on a copy
+            # of the state and the same noise, then the grounded pass itself
+            blind = reimagine_without_actions(policy) if k >= 1 else None
+            ahead = policy.act_ahead(grounded=True)  # re-imagines chunk k when it was computed ahead (k >= 1)
+            grounded = policy.engine.grounded.video.clone() if k >= 1 else None
+            keyframes = []
+            for f in range(1 if k == 0 else 0, preset.frame_chunk_size):
+                for j in range(preset.action_per_frame):
+                    env.step(chunk.actions[:, f, j])
+                    if (j + 1) % interval == 0:
+                        keyframes.append({key: env.observation()[key] for key in keys})
+            policy.observe(keyframes, chunk.actions)
+            if k >= 1:
+                real = observed[-1]
+                mse = lambda x: float(((x.float() - real.float()) ** 2).mean())  # noqa: E731
+                still = observed[-2][:, :, -1:].expand_as(real)
+                rows.append({"seed": seed, "chunk": k, "stale_mse": mse(chunk.latents), "grounded_mse": mse(grounded),
+                             "without_actions_mse": mse(blind), "still_mse": mse(still),
+                             "success_so_far": env.success})
+                print(f"seed {seed} chunk {k}: stale {rows[-1]['stale_mse']:.4f} grounded "
+                      f"{rows[-1]['grounded_mse']:.4f} without actions {rows[-1]['without_actions_mse']:.4f} "
+                      f"still {rows[-1]['still_mse']:.4f}", flush=True)
+            chunk = ahead
+    stale = np.array([r["stale_mse"] for r in rows])
+    grounded = np.array([r["grounded_mse"] for r in rows])
+    summary = {"chunks": len(rows), "stale_mse_mean": float(stale.mean()), "grounded_mse_mean": float(grounded.mean()),
+               "without_actions_mse_mean": float(np.mean([r["without_actions_mse"] for r in rows])),
+               "still_mse_mean": float(np.mean([r["still_mse"] for r in rows])),
+               "grounded_better": int((grounded < stale).sum()),
+               "ratio_mean": float((grounded / stale).mean())}
+    print(json.dumps(summary, indent=1))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_suffix(".json").write_text(json.dumps(
+            {"what": "cached video of the executing chunk against its observation (normalised latents, MSE)",
+             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+             "command": " ".join(["nice", ".venv/bin/python", "bench/async_modes.py", *sys.argv[1:]]),
+             "task": args.task, "operating_point": args.operating_point or "released", "summary": summary,
+             "rows": rows}, indent=1) + "\n")
+    return 0
+
+
+def reimagine_without_actions(policy):
+    """The executing chunk's video re-denoised from the observed history alone (its actions not in the
+    cache), with the noise the grounded pass will draw; the engine's state is left as it was. For the
+    measurement only: it tells what attending to the executing actions adds."""
+    import torch
+
+    engine, cache = policy.engine, policy.engine.cache
+    saved = (cache.k.clone(), cache.v.clone(), cache.valid.clone(), cache.head, cache.tail, cache.predicted_from)
+    rng = policy.generator.get_state() if policy.generator is not None else torch.get_rng_state()
+    c = engine.config
+    shape = (1, engine.model.config.in_channels, c.frame_chunk_size, c.latent_height, c.latent_width)
+    with torch.no_grad():
+        noise = engine._noise(None, shape, policy.generator, "ground_noise")
+        cache.drop_predicted()
+        video = engine._denoise("video", noise, engine.video_schedule, c.sampling.guidance_scale, None).clone()
+    cache.k.copy_(saved[0])
+    cache.v.copy_(saved[1])
+    cache.valid.copy_(saved[2])
+    cache.head, cache.tail, cache.predicted_from = saved[3:]
+    if policy.generator is not None:
+        policy.generator.set_state(rng)
+    else:
+        torch.set_rng_state(rng)
+    return video
 
 
 def summarize(rows: list[dict]) -> dict:
