@@ -14,6 +14,16 @@ from test_golden import engine_config, golden, model  # noqa: F401  (fixtures)
 from vaops.models.engine import InferenceEngine
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small matrices: on a busy 2-core machine OpenMP's spinning barriers made 2 threads 20x slower (92 s
+    against 4.4 s for this module)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def new_engine(golden, model, window=1000):  # noqa: F811
     cases, t = golden
     cfg = engine_config(cases)
