@@ -17,16 +17,18 @@ sha256 of every weights file, `lineage.json` how the policy was made. `materiali
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 
 from .atomic import link_or_copy, read_json, write_folder_atomically
+from .codec import ConfigError, decode, encode
 from .config import Camera, Preset, SamplingConfig, TransformerConfig, check_operating_point, get_preset
 from .model_source import SHIPPED_FILE
 from .policy import Policy, PolicyWeights
@@ -45,73 +47,69 @@ POLICY_FILE = "policy.json"
 POLICY_FORMAT = 1
 
 
+@dataclass(frozen=True)
+class NormStats:
+    q01: tuple[float, ...]
+    q99: tuple[float, ...]
+
+
+@dataclass(frozen=True, kw_only=True)
+class PolicyFile:
+    """policy.json, field for field: the preset's name and what a checkpoint may change of it. The
+    transformer's sizes are its config.json, the VAE's and text encoder's the named preset's."""
+
+    format: int = POLICY_FORMAT
+    preset: str
+    cameras: tuple[Camera, ...]
+    layout: Literal["tshape", "side_by_side"]
+    used_action_channels: tuple[int, ...]
+    norm_stats: NormStats
+    sampling: SamplingConfig
+    operating_points: dict[str, SamplingConfig] = field(default_factory=dict)
+    # None (files written before they were recorded): the named preset's
+    frame_chunk_size: int | None = None
+    action_per_frame: int | None = None
+    frames_per_latent: int | None = None
+    fps: int | None = None
+    control_fps: int | None = None  # null: any dataset rate
+
+
 def policy_dict(preset: Preset) -> dict:
-    return {
-        "format": POLICY_FORMAT,
-        "preset": preset.name,
-        "cameras": [dataclasses.asdict(c) for c in preset.cameras],
-        "layout": preset.layout,
-        "used_action_channels": list(preset.used_action_channels),
-        "norm_stats": {"q01": list(preset.norm_q01), "q99": list(preset.norm_q99)},
-        "sampling": dataclasses.asdict(preset.sampling),
-        "operating_points": {name: dataclasses.asdict(point)
-                             for name, point in preset.operating_point_settings().items()},
-        "frame_chunk_size": preset.frame_chunk_size,
-        "action_per_frame": preset.action_per_frame,
-        "frames_per_latent": preset.frames_per_latent,
-        "fps": preset.fps,
-        "control_fps": preset.control_fps,
-    }
+    return encode(PolicyFile(
+        preset=preset.name, cameras=preset.cameras, layout=preset.layout,
+        used_action_channels=preset.used_action_channels, norm_stats=NormStats(preset.norm_q01, preset.norm_q99),
+        sampling=preset.sampling, operating_points=preset.operating_point_settings(),
+        frame_chunk_size=preset.frame_chunk_size, action_per_frame=preset.action_per_frame,
+        frames_per_latent=preset.frames_per_latent, fps=preset.fps, control_fps=preset.control_fps))
 
 
 def preset_from_policy(raw: dict, transformer: TransformerConfig, source: str) -> Preset:
     """Rebuild the preset a checkpoint was trained with from its policy.json."""
-
-    def need(key: str):
-        if key not in raw:
-            raise ValueError(f"{source}: field {key!r} is missing")
-        return raw[key]
-
+    policy = decode(PolicyFile, raw, source)
     try:
-        base = get_preset(need("preset"))
-        cameras = tuple(Camera(**c) for c in need("cameras"))
-        sampling = SamplingConfig(**need("sampling"))
-        points = tuple((str(name), SamplingConfig(**point)) for name, point in raw.get("operating_points", {}).items())
-        norm = need("norm_stats")
-        q01, q99 = tuple(float(x) for x in norm["q01"]), tuple(float(x) for x in norm["q99"])
-    except (TypeError, KeyError, AttributeError) as e:
-        raise ValueError(f"{source}: malformed field ({e})") from None
+        base = get_preset(policy.preset)
     except ValueError as e:
-        raise ValueError(f"{source}: {e}") from None
+        raise ConfigError(f"{source}: {e}") from None
     dim = transformer.action_dim
-    if len(q01) != dim or len(q99) != dim:
-        raise ValueError(f"{source}: norm_stats q01/q99 must have {dim} entries, got {len(q01)}/{len(q99)}")
-    channels = tuple(int(c) for c in need("used_action_channels"))
-    bad = [c for c in channels if not 0 <= c < dim]
+    norm = policy.norm_stats
+    if len(norm.q01) != dim or len(norm.q99) != dim:
+        raise ConfigError(f"{source}: norm_stats q01/q99 must have {dim} entries, got {len(norm.q01)}/{len(norm.q99)}")
+    bad = [c for c in policy.used_action_channels if not 0 <= c < dim]
     if bad:
-        raise ValueError(f"{source}: used_action_channels out of range 0..{dim - 1}: {bad}")
-    try:
-        for name, point in points:
-            check_operating_point(name, point, sampling)
-    except ValueError as e:
-        raise ValueError(f"{source}: {e}") from None
-    layout = need("layout")
-    if layout not in ("tshape", "side_by_side"):
-        raise ValueError(f"{source}: layout must be 'tshape' or 'side_by_side', got {layout!r}")
+        raise ConfigError(f"{source}: used_action_channels out of range 0..{dim - 1}: {bad}")
+    for name, point in policy.operating_points.items():
+        try:
+            check_operating_point(name, point, policy.sampling)
+        except ValueError as e:
+            raise ConfigError(f"{source}: {e}") from None
+    # None (absent, files written before they were recorded): the base preset's; control_fps null: any rate
+    sizes = {k: v for k in ("frame_chunk_size", "action_per_frame", "frames_per_latent", "fps")
+             if (v := getattr(policy, k)) is not None}
     return base.replace(
-        transformer=transformer, cameras=cameras, layout=layout, used_action_channels=channels,
-        norm_q01=q01, norm_q99=q99, sampling=sampling, operating_points=points,
-        frame_chunk_size=int(raw.get("frame_chunk_size", base.frame_chunk_size)),
-        action_per_frame=int(raw.get("action_per_frame", base.action_per_frame)),
-        frames_per_latent=int(raw.get("frames_per_latent", base.frames_per_latent)),
-        fps=int(raw.get("fps", base.fps)),
-        # null: any dataset rate; absent (files written before it was recorded): the base preset's
-        control_fps=optional_int(raw["control_fps"]) if "control_fps" in raw else base.control_fps,
-    )
-
-
-def optional_int(value) -> int | None:
-    return None if value is None else int(value)
+        transformer=transformer, cameras=policy.cameras, layout=policy.layout,
+        used_action_channels=policy.used_action_channels, norm_q01=norm.q01, norm_q99=norm.q99,
+        control_fps=policy.control_fps if "control_fps" in raw else base.control_fps, **sizes,
+        sampling=policy.sampling, operating_points=tuple(policy.operating_points.items()))
 
 
 def read_preset(folder: str | os.PathLike) -> Preset:

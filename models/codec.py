@@ -86,6 +86,10 @@ def _message(cls: type, raw: Any, e: DecodingError) -> str:
     path = tuple(e.key_path)
     where = ".".join(path)
     text = _one_line(e.message)
+    lines = e.message.strip().splitlines()
+    if lines[0].startswith("Could not decode the value into any of the given types"):  # X | None: X's reason
+        alternatives = [line.strip() for line in lines[1:]]
+        text = alternatives[0].split(": ", 1)[-1] if len(alternatives) == 1 else "; ".join(alternatives)
     if text.startswith("The fields "):
         owner = _field_type(cls, path)
         unknown = [k for k in _value_at(raw, path) if k not in {f.name for f in dataclasses.fields(owner)}]

@@ -11,9 +11,10 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from .atomic import read_json
+from .codec import decode, encode
 
 # `attn_mode` is chosen at run time here (see attention.py); the released configs carry it
 # and upstream users hand-edit it between training and inference, so it is read and ignored.
@@ -50,26 +51,14 @@ class TransformerConfig:
         return self.num_attention_heads * self.attention_head_dim
 
     def to_json_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["patch_size"] = list(self.patch_size)
-        return {"_class_name": "WanTransformer3DModel", "_diffusers_version": "0.36.0",
-                "attn_mode": "flex", **d}
+        return {"_class_name": "WanTransformer3DModel", "_diffusers_version": "0.36.0", "attn_mode": "flex",
+                **encode(self)}
 
     @classmethod
     def from_json_dict(cls, raw: dict, source: str = "config") -> "TransformerConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        kwargs: dict[str, Any] = {}
-        unknown = []
-        for key, value in raw.items():
-            if key.startswith("_") or key in _IGNORED_CONFIG_KEYS:
-                continue
-            if key not in known:
-                unknown.append(key)
-                continue
-            kwargs[key] = tuple(value) if key == "patch_size" else value
-        if unknown:
-            raise ValueError(f"{source}: unknown transformer config keys {sorted(unknown)}")
-        return cls(**kwargs)
+        """diffusers' keys (`_class_name`, ...) and those in _IGNORED_CONFIG_KEYS are skipped."""
+        return decode(cls, {k: v for k, v in raw.items() if not k.startswith("_") and k not in _IGNORED_CONFIG_KEYS},
+                      source)
 
     @classmethod
     def from_file(cls, path: str | Path) -> "TransformerConfig":

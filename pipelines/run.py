@@ -21,6 +21,7 @@ Pipeline parameters are flags (`--demo-episodes 2`, `--train-config '{"steps": 1
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -28,12 +29,14 @@ import re
 import sys
 import time
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+import yaml
+
 from vaops.components.tracebacks import clean, describe_failure
+from vaops.models.codec import ConfigError, decode
 
 from .pipeline import (
     LOCAL,
@@ -55,8 +58,7 @@ _KFP_LINE = re.compile(r"^\d{2}:\d{2}:\d{2}(\.\d+)? - [A-Z]+ - |^-{10,}$|^(Strea
 _NOTICE = re.compile(r"^vaops notice: (.+)$")  # a step's line for the console (the train step's resume)
 TRAIN_RUNS = "train-runs"  # under the run's root: the train step's run folders (pipeline.train_work_root)
 _STREAM_INDENT = " " * 4  # kfp.local indents the steps' own output by this much
-_PARSERS: dict[str, Callable[[str], Any]] = {"String": str, "Integer": int, "Float": float,
-            "Boolean": lambda s: {"true": True, "false": False}[s.lower()], "Dict": json.loads}
+_TYPES: dict[str, type] = {"String": str, "Integer": int, "Float": float, "Boolean": bool, "Dict": dict}
 
 
 class PipelineFailed(RuntimeError):
@@ -83,11 +85,21 @@ def parameters() -> dict[str, tuple[str, Any]]:
     return {name: (spec.type, spec.default) for name, spec in build_pipeline(LOCAL).component_spec.inputs.items()}
 
 
-def parse_value(name: str, kind: str, text: str) -> Any:
-    try:
-        return _PARSERS[kind](text)
-    except (KeyError, ValueError) as e:
-        raise ValueError(f"--{name.replace('_', '-')}: {text!r} is not a valid {kind} ({e})") from None
+def decode_parameters(texts: dict[str, str]) -> dict[str, Any]:
+    """Pipeline parameters from their flags' texts (YAML values: 3, 0.5, true, {"steps": 10}; a String
+    as given), checked against their kfp types by the config codec."""
+    kinds = {name: kind for name, (kind, _) in parameters().items()}
+    fields = [(name, _TYPES[kind] | None, dataclasses.field(default=None)) for name, kind in kinds.items()]
+    raw = {}
+    for name, text in texts.items():
+        try:
+            raw[name] = text if kinds[name] == "String" else yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            flag = "--" + name.replace("_", "-")
+            raise ConfigError(f"{flag}: {text!r} is not a YAML/JSON value ({' '.join(str(e).split())})") from None
+    spec = dataclasses.make_dataclass("PipelineParameters", fields, frozen=True)
+    given: Any = decode(spec, raw, "pipeline parameters")
+    return {name: getattr(given, name) for name in raw}
 
 
 class _StepLogs:
@@ -247,12 +259,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def arguments_from(args: argparse.Namespace) -> dict[str, Any]:
-    given = {}
-    for name, (kind, _) in parameters().items():
-        text = getattr(args, f"param_{name}")
-        if text is not None:
-            given[name] = parse_value(name, kind, text)
-    return given
+    texts = {name: getattr(args, f"param_{name}") for name in parameters()}
+    return decode_parameters({name: text for name, text in texts.items() if text is not None})
 
 
 def main(args: argparse.Namespace) -> int:

@@ -19,6 +19,8 @@ from typing import Literal
 
 import yaml
 
+from vaops.models.codec import decode, encode
+
 Precision = Literal["auto", "bf16", "fp32"]
 AttentionBackend = Literal["auto", "sdpa", "flex"]
 LogCheckpoints = Literal["final", "all", "none"]
@@ -134,16 +136,11 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
-        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
-                for f in dataclasses.fields(self)}
+        return encode(self)
 
     @classmethod
     def from_dict(cls, raw: dict, source: str = "config") -> TrainConfig:
-        known = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(raw) - set(known))
-        if unknown:
-            raise ValueError(f"{source}: unknown train config fields {unknown}")
-        return cls(**{k: coerce(known[k], v, source) for k, v in raw.items()})
+        return decode(cls, raw, source)
 
     @classmethod
     def from_file(cls, path: str | Path, base: TrainConfig | None = None) -> TrainConfig:
@@ -157,8 +154,7 @@ class TrainConfig:
             raise ValueError(f"{path}: not valid YAML/JSON ({e})") from None
         if not isinstance(raw, dict):
             raise ValueError(f"{path}: expected a mapping of train config fields, got {type(raw).__name__}")
-        merged = {**(base or cls()).to_dict(), **raw}
-        return cls.from_dict(merged, source=str(path))
+        return cls.from_dict({**(base or cls()).to_dict(), **raw}, source=str(path))
 
 
 def coerce(field: dataclasses.Field, value, source: str = "config"):

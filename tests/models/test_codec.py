@@ -58,7 +58,7 @@ def test_round_trips():
     ({"pair": [1, 2, 3]}, r"^f.json: field 'pair' got \[1, 2, 3\] \(Expected 2 items, got 3\)$"),
     ({"pair": [1, "two"]}, r"^f.json: field 'pair.1' got 'two' \(Couldn't parse 'two' into an int\)$"),
     ({"kind": "c"}, r"^f.json: field 'kind' got 'c' \(must be one of 'a', 'b'\)$"),
-    ({"maybe": 1.5}, r"^f.json: field 'maybe' got 1.5 "),
+    ({"maybe": 1.5}, r"^f.json: field 'maybe' got 1.5 \(Couldn't parse '1.5' into an int\)$"),
     ({"maybe": -1}, r"^f.json: outer: maybe must be >= 0, got -1$"),
     ({"flag": "yes"}, r"^f.json: field 'flag' got 'yes' "),
     ({"named": {"n": {"key": 3, "size": "big"}}}, r"^f.json: field 'named.n.size' got 'big' "),
@@ -81,3 +81,27 @@ def test_nested_checks_and_required_fields():
 def test_a_string_is_no_tuple():
     with pytest.raises(ConfigError, match=r"^f: field 'values' got 'abc' \(expected a list, got str\)$"):
         decode(Outer, {"values": "abc"}, "f")
+
+
+def test_policy_json_on_disk_loads_and_writes_back_the_same_values(tmp_path):
+    """The shipped small ALOHA policy's policy.json (written before operating points and control_fps
+    were recorded) loads, and writing its preset back keeps every value it has, the norm stats exactly."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from vaops.models.checkpoint import POLICY_FILE, policy_dict, read_preset
+
+    shipped = Path(__file__).resolve().parents[2] / "checkpoints" / "small-aloha"
+    raw = json.loads((shipped / POLICY_FILE).read_text())
+    back = policy_dict(read_preset(shipped))
+    assert {k: back[k] for k in raw if k != "sampling"} == {k: v for k, v in raw.items() if k != "sampling"}
+    assert {k: back["sampling"][k] for k in raw["sampling"]} == raw["sampling"]
+    folder = tmp_path / "ck"
+    shutil.copytree(shipped, folder, ignore=shutil.ignore_patterns("*.safetensors"))
+    (folder / POLICY_FILE).write_text(json.dumps({**raw, "camera": []}))
+    with pytest.raises(ConfigError, match=r"policy.json: unknown field\(s\) 'camera'; allowed: format, preset, cameras"):
+        read_preset(folder)
+    (folder / POLICY_FILE).write_text(json.dumps({**raw, "layout": "stacked"}))
+    with pytest.raises(ConfigError, match=r"policy.json: field 'layout' got 'stacked' \(must be one of 'tshape', "):
+        read_preset(folder)

@@ -194,7 +194,10 @@ def test_compiled_yaml_loads_with_kfp_and_lists_every_stage(tmp_path):
 
 def test_bad_parameter_is_refused_by_name(capsys):
     assert cli.main(["run", "--eval-shards", "two"]) == 2
-    assert "--eval-shards: 'two' is not a valid Integer" in capsys.readouterr().err
+    assert capsys.readouterr().err == ("vaops run: error: pipeline parameters: field 'eval_shards' got 'two' "
+                                       "(Couldn't parse 'two' into an int)\n")
+    assert cli.main(["run", "--train-config", "{steps: 3"]) == 2
+    assert capsys.readouterr().err.startswith("vaops run: error: --train-config: '{steps: 3' is not a YAML/JSON value (")
 
 
 @heavy
