@@ -27,8 +27,8 @@ import torch
 from .cuda_graphs import CapturedCall
 from .engine import Chunk, InferenceEngine
 from .flow_matching import Schedule
-from .kv_cache import CachedSelfAttention, KVCache
-from .transformer import StackedText, TextContext
+from .kv_cache import CachedSelfAttention
+from .transformer import StackedText
 
 # Captured graphs of batched steps, least recently used dropped first: a group of robots that stays
 # together (robots started together, the common case) reuses its graphs (about 15 over an episode, see
@@ -130,7 +130,7 @@ class ChunkBatcher:
     def _run(self, group: list[_Request]) -> list[Chunk]:
         if len(group) == 1:  # the engine's own path and graphs
             r = group[0]
-            return [InferenceEngine._act(r.engine, r.first, r.video, r.actions, None)]
+            return [r.engine._denoise_chunk(r.video, r.actions, r.first)]
         engines = [r.engine for r in group]
         e0 = engines[0]
         s = e0.config.sampling
@@ -173,7 +173,7 @@ class ChunkBatcher:
                 break
             pred = pred.unflatten(0, (n, -1))
             v = pred[:, 1] + guidance * (pred[:, 0] - pred[:, 1]) if guided else pred[:, 0]
-            x = x + v * (_after(schedule) - schedule.final if last else deltas[i])
+            x = x + v * (schedule.last_step() if last else deltas[i])
             if first is not None:
                 x[idx, :, :1] = first
         return x
@@ -238,13 +238,6 @@ class ChunkBatcher:
         return graph
 
 
-def _after(schedule: Schedule) -> float:
-    """Where a truncated schedule's final step lands (the loop breaks before this when it is not truncated)."""
-    if schedule.after is None:
-        raise ValueError("the schedule is not truncated")
-    return schedule.after
-
-
 class BatchingEngine(InferenceEngine):
     """An InferenceEngine whose chunks go through a shared ChunkBatcher (see the module's docstring);
     everything else (reset, observe, the cache) is its own."""
@@ -253,32 +246,9 @@ class BatchingEngine(InferenceEngine):
         super().__init__(*args, **kwargs)
         self.batcher = batcher
 
-    @property
-    def live_cache(self) -> KVCache:
-        if self.cache is None:
-            raise RuntimeError("call reset(prompt_emb) before act")
-        return self.cache
-
-    @property
-    def live_text(self) -> TextContext:
-        if self.text is None:
-            raise RuntimeError("call reset(prompt_emb) before act")
-        return self.text
-
     def _act(self, first_latent: torch.Tensor | None, video_noise: torch.Tensor | None,
              action_noise: torch.Tensor | None, generator: torch.Generator | None) -> Chunk:
         # The checks and the noise draws happen here, in the robot's own thread, in the order the
         # engine's own path draws them, so a robot's chunks do not depend on who it is batched with.
-        c = self.config
-        mcfg = self.model.config
-        start = self.frame_offset == 0
-        if start and first_latent is None:
-            raise ValueError("the first chunk needs first_latent, the encoded first observation")
-        vshape = (1, mcfg.in_channels, c.frame_chunk_size, c.latent_height, c.latent_width)
-        ashape = (1, mcfg.action_dim, c.frame_chunk_size, c.action_per_frame, 1)
-        video = self._noise(video_noise, vshape, generator, "video_noise")
-        actions = self._noise(action_noise, ashape, generator, "action_noise")
-        first = first_latent.to(self.device, torch.float32) if start and first_latent is not None else None
-        if first is not None and tuple(first.shape) != vshape[:2] + (1,) + vshape[3:]:
-            raise ValueError(f"first_latent must be {vshape[:2] + (1,) + vshape[3:]}, got {tuple(first.shape)}")
+        video, actions, first = self._chunk_inputs(first_latent, video_noise, action_noise, generator)
         return self.batcher.act(_Request(self, video, actions, first))

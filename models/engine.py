@@ -9,6 +9,7 @@ KV cache as *predicted* entries; `observe` replaces those by what really happene
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -145,6 +146,20 @@ class InferenceEngine:
         chunk computed ahead when there is one."""
         return self.frame_offset if self._ahead is None else self._ahead.frame_offset - self.config.frame_chunk_size
 
+    @property
+    def live_cache(self) -> KVCache:
+        """The episode's cache (reset allocates it)."""
+        if self.cache is None:
+            raise RuntimeError("call reset(prompt_emb) before act/observe")
+        return self.cache
+
+    @property
+    def live_text(self) -> TextContext:
+        """The episode's prompt (reset projects it)."""
+        if self.text is None:
+            raise RuntimeError("call reset(prompt_emb) before act/observe")
+        return self.text
+
     def _require_episode(self) -> None:
         if self.cache is None or self.text is None:
             raise RuntimeError("call reset(prompt_emb) before act/observe")
@@ -167,29 +182,29 @@ class InferenceEngine:
         if kind == "video":
             _, ph, pw = self.model.config.patch_size
             h, w = x.shape[3] // ph, x.shape[4] // pw
-            fn = self.model.forward_video
+            fn: Callable[..., torch.Tensor] = self.model.forward_video
         else:
             h, w = x.shape[3], x.shape[4]
             fn = self.model.forward_actions
         cos, sin = self._rope(kind, f, h, w)
-        pending = self.cache.begin(f * h * w, keep=keep, predicted=predicted, slots_out=self._slots[kind])
-        text = self.text.select(batch) if cond_only else self.text
+        pending = self.live_cache.begin(f * h * w, keep=keep, predicted=predicted, slots_out=self._slots[kind])
+        text = self.live_text.select(batch) if cond_only else self.live_text
 
         def run(x: torch.Tensor, t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-            attn = CachedSelfAttention(self.cache, pending, batch, self.backend, static=self.static_reads)
+            attn = CachedSelfAttention(self.live_cache, pending, batch, self.backend, static=self.static_reads)
             return fn(x, t, (cos, sin), text, attn, self.backend).float()
 
         x = x.expand(n, *x.shape[1:]).to(self.dtype)
         t = t.expand(n, -1)
         graph = self._graph(kind, n, x, run, [x, t, cos, sin]) if self.cuda_graphs else None
         out = run(x, t, cos, sin) if graph is None else graph(x, t, cos, sin)
-        self.cache.end(pending)
+        self.live_cache.end(pending)
         return out
 
     def _graph(self, kind: str, n: int, x: torch.Tensor, run, inputs: list[torch.Tensor]) -> CapturedCall | None:
         """This step's captured graph, captured on first use; None past MAX_GRAPHS (run it eagerly).
         Keyed by what fixes its shapes and addresses: the tokens, the batch and the cache read's extent."""
-        key = (kind, n, tuple(x.shape), self.cache.static_extent())
+        key = (kind, n, tuple(x.shape), self.live_cache.static_extent())
         if key not in self._graphs and len(self._graphs) < MAX_GRAPHS:
             self._graphs[key] = CapturedCall(run, inputs, pool=self._graph_pool)
         return self._graphs.get(key)
@@ -216,7 +231,7 @@ class InferenceEngine:
             if last and schedule.after is None:
                 break
             v = pred[1:] + guidance * (pred[:1] - pred[1:]) if guided else pred[:1]
-            x = x + v * (schedule.after - schedule.final if last else deltas[i])
+            x = x + v * (schedule.last_step() if last else deltas[i])
             if first is not None:
                 x[:, :, :1] = first
         return x
@@ -249,7 +264,7 @@ class InferenceEngine:
         that. Without it (naive) this chunk continues the stale forecast. After a synchronous act the
         executing chunk was imagined from the latest observation already and both are the same."""
         self._require_episode()
-        if self._ahead is not None or self.cache.predicted_from is None:
+        if self._ahead is not None or self.live_cache.predicted_from is None:
             raise RuntimeError("act_ahead follows an act (or a grounded observe) whose chunk is being executed")
         if grounded and self._executing is not None:
             self._reimagine_executing(ground_noise, generator)
@@ -269,20 +284,29 @@ class InferenceEngine:
         actions) runs it out of distribution. Writes at most one chunk beyond the history, so it evicts
         nothing the naive path keeps."""
         executing = self._executing
+        if executing is None:
+            raise RuntimeError("no chunk computed ahead is executing")
         c = self.config
         vshape = (1, self.model.config.in_channels, c.frame_chunk_size, c.latent_height, c.latent_width)
         video = self._noise(noise, vshape, generator, "ground_noise")
-        self.cache.drop_predicted()
+        self.live_cache.drop_predicted()
         zeros = torch.zeros(1, c.frame_chunk_size, device=self.device)
         self._forward("action", executing.actions, zeros, keep=True, predicted=True, cond_only=False)
         video = self._denoise("video", video, self.video_schedule, c.sampling.guidance_scale, None)
-        self.cache.drop_predicted()
+        self.live_cache.drop_predicted()
         self._write_t0(video, executing.actions, predicted=True)
         self.grounded = Chunk(video, executing.actions, self.frame_offset)
         self._executing = None
 
     def _act(self, first_latent: torch.Tensor | None, video_noise: torch.Tensor | None,
              action_noise: torch.Tensor | None, generator: torch.Generator | None) -> Chunk:
+        return self._denoise_chunk(*self._chunk_inputs(first_latent, video_noise, action_noise, generator))
+
+    def _chunk_inputs(self, first_latent: torch.Tensor | None, video_noise: torch.Tensor | None,
+                      action_noise: torch.Tensor | None, generator: torch.Generator | None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """A chunk's initial video and action noise (drawn in that order) and, at an episode's first
+        chunk, its first latent frame, checked."""
         c = self.config
         mcfg = self.model.config
         start = self.frame_offset == 0
@@ -292,12 +316,15 @@ class InferenceEngine:
         ashape = (1, mcfg.action_dim, c.frame_chunk_size, c.action_per_frame, 1)
         video = self._noise(video_noise, vshape, generator, "video_noise")
         actions = self._noise(action_noise, ashape, generator, "action_noise")
-        first = first_latent.to(self.device, torch.float32) if start else None
+        first = first_latent.to(self.device, torch.float32) if start and first_latent is not None else None
         if first is not None and tuple(first.shape) != vshape[:2] + (1,) + vshape[3:]:
             raise ValueError(f"first_latent must be {vshape[:2] + (1,) + vshape[3:]}, got {tuple(first.shape)}")
-        s = c.sampling
+        return video, actions, first
+
+    def _denoise_chunk(self, video: torch.Tensor, actions: torch.Tensor, first: torch.Tensor | None) -> Chunk:
+        s = self.config.sampling
         video = self._denoise("video", video, self.video_schedule, s.guidance_scale, first)
-        zero_first = torch.zeros(ashape[:2] + (1,) + ashape[3:], device=self.device) if start else None
+        zero_first = None if first is None else torch.zeros_like(actions[:, :, :1])
         actions = self._denoise("action", actions, self.action_schedule, s.action_guidance_scale, zero_first)
         return Chunk(video, actions * self.action_mask, self.frame_offset)
 
@@ -323,7 +350,7 @@ class InferenceEngine:
             raise ValueError(f"with a chunk computed ahead, the observation must cover the executing chunk's "
                              f"{c.frame_chunk_size} frames, got {f}")
         self.frame_offset, self._ahead = self.observation_offset, None
-        self.cache.drop_predicted()
+        self.live_cache.drop_predicted()
         self._write_t0(latents.to(self.device, torch.float32), actions.to(self.device, torch.float32),
                        predicted=False)
         self.frame_offset += f
@@ -342,7 +369,7 @@ class InferenceEngine:
         self._require_episode()
         if self._ahead is not None:
             raise RuntimeError("a chunk was computed ahead: observe the executing chunk first")
-        self.cache.predicted_from = None
+        self.live_cache.predicted_from = None
         self._executing = None
         self.frame_offset += self.config.frame_chunk_size
 
@@ -356,7 +383,7 @@ class InferenceEngine:
         schedule runs one step; the session's settings are restored. The cache is left holding zeros:
         reset before an episode. Returns the chunks run."""
         self._require_episode()
-        if self.frame_offset == 0 or self.cache.predicted_from is not None or self._ahead is not None:
+        if self.frame_offset == 0 or self.live_cache.predicted_from is not None or self._ahead is not None:
             raise RuntimeError("warm_up_cache_levels starts after an observe, with no chunk awaiting one")
         session = self.config.sampling
         # Guidance stays: it decides which batches (1 or 2) the steps run, hence the graphs' shapes.
@@ -368,7 +395,7 @@ class InferenceEngine:
             evicted = False
             while not evicted:
                 chunk = self._act(None, None, None, generator)
-                evicted = self.cache.head > 0
+                evicted = self.live_cache.head > 0
                 self.observe(torch.zeros_like(chunk.video), torch.zeros_like(chunk.actions))
                 chunks += 1
         finally:

@@ -78,6 +78,12 @@ class Schedule:
     def final_timestep(self) -> float:
         return self.final * NUM_TRAIN_TIMESTEPS
 
+    def last_step(self) -> float:
+        """The truncated schedule's extra step, from `final` to `after`."""
+        if self.after is None:
+            raise ValueError("a full schedule takes no step after its final pass")
+        return self.after - self.final
+
     def deltas(self) -> list[float]:
         """Euler step sizes `sigma_next - sigma`, the last one going to `final`."""
         s = self.sigmas.tolist() + [self.final]

@@ -21,7 +21,7 @@ def augment(dataset: dsl.Input[dsl.Dataset], augmented: dsl.Output[dsl.Dataset],
 
     if preset not in PRESETS:
         raise ValueError(f"augment preset {preset!r}: choose one of {sorted(PRESETS)}")
-    given = {k: v for k, v in (("copies", copies), ("seed", seed)) if v is not None}
+    given: dict = {k: v for k, v in (("copies", copies), ("seed", seed)) if v is not None}
     result = run(dataclasses.replace(PRESETS[preset], dataset=dataset.path, output=augmented.path,
                                      report_dir=report.path, **given))
     shutil.copyfile(f"{report.path}/report.md", summary.path)
