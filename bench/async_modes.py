@@ -30,7 +30,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MODES = {"sync": False, "naive": True, "grounded": "grounded"}  # -> the reset's async_execution
+MODES: dict[str, bool | str] = {"sync": False, "naive": True, "grounded": "grounded"}  # -> the reset's async_execution
 
 
 def main() -> int:
@@ -144,7 +144,7 @@ def forecast_error(args) -> int:
         observed.append(latents.clone())
         return engine_observe(latents, actions)
 
-    policy.engine.observe = capture  # type: ignore[method-assign]
+    policy.engine.observe = capture
     rows = []
     for seed in range(args.first_seed, args.first_seed + args.forecast_error):
         env = AlohaEpisode(args.task, seed, 10**6, args.fps, (preset.cameras[0].height, preset.cameras[0].width))
@@ -158,7 +158,8 @@ def forecast_error(args) -> int:
             # of the state and the same noise, then the grounded pass itself
             blind = reimagine_without_actions(policy) if k >= 1 else None
             ahead = policy.act_ahead(grounded=True)  # re-imagines chunk k when it was computed ahead (k >= 1)
-            grounded = policy.engine.grounded.video.clone() if k >= 1 else None
+            re_imagined = policy.engine.grounded
+            grounded = re_imagined.video.clone() if k >= 1 and re_imagined is not None else None
             keyframes = []
             for f in range(1 if k == 0 else 0, preset.frame_chunk_size):
                 for j in range(preset.action_per_frame):

@@ -144,6 +144,8 @@ class PolicyClient:
                                     f"attempt(s): {type(last).__name__}: {last}")
 
     def _read_metadata(self) -> dict | None:
+        if self._ws is None:
+            return None
         try:
             raw = self._ws.recv(timeout=self.config.metadata_timeout_s)
         except TimeoutError:

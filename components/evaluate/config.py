@@ -133,7 +133,7 @@ class EvalConfig:
             object.__setattr__(self, "robotwin_root", Path(self.robotwin_root).absolute())
         if self.suite not in SUITE_SETTINGS:
             raise ValueError(f"suite must be one of {list(SUITE_SETTINGS)}, got {self.suite!r}")
-        mode = {"none": False, "naive": True}.get(self.async_execution, self.async_execution)  # type: ignore[call-overload]
+        mode = {"none": False, "naive": True}.get(self.async_execution, self.async_execution)
         if not isinstance(mode, bool) and mode not in ASYNC_MODES:
             raise ValueError(f"async_execution must be true, false or one of {['none', *ASYNC_MODES]}, "
                              f"got {self.async_execution!r}")

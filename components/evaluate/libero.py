@@ -106,7 +106,7 @@ def _bridge_mujoco() -> None:
         return
     doc = (mujoco.mj_fullM.__doc__ or "").split("->")[0]
     if "MjData" not in doc and not isinstance(getattr(compat, "mujoco", None), _FullMBridge):
-        compat.mujoco = _FullMBridge(mujoco)
+        setattr(compat, "mujoco", _FullMBridge(mujoco))  # noqa: B010 - a module attribute mypy cannot see
 
 
 def import_libero():

@@ -216,17 +216,19 @@ def video_figures(records: Sequence[EpisodeRecord], folder: Path) -> tuple[str, 
     """Each episode's video with its caption: inlined while the budget lasts, linked beyond it
     (then it plays from the evaluation folder, not from MLflow's viewer), a poster on each.
     Returns the figures and, for the inlined videos, their path -> the figure's anchor."""
-    out, budget, anchors = "", MAX_INLINED_VIDEO_BYTES, {}
-    for i, r in enumerate([r for r in records if r.video][:MAX_EMBEDDED_VIDEOS]):
-        path = folder / r.video
+    out, budget = "", MAX_INLINED_VIDEO_BYTES
+    anchors: dict[str, str] = {}
+    videos = [(r, video) for r in records if (video := r.video)]
+    for i, (r, video) in enumerate(videos[:MAX_EMBEDDED_VIDEOS]):
+        path = folder / video
         caption = html.escape(f"{r.setting} / {r.task} / episode {r.episode} (seed {r.seed}): {r.status}")
         size = path.stat().st_size if path.is_file() else None
         if size is not None and size <= budget:
-            src, budget, anchors[r.video] = data_uri(path), budget - size, f"video-{i}"
+            src, budget, anchors[video] = data_uri(path), budget - size, f"video-{i}"
         else:
-            src = html.escape(r.video)
+            src = html.escape(video)
             caption += f' (<a href="{src}">{src}</a> in the evaluation folder)'
-        if r.video.endswith(".gif"):
+        if video.endswith(".gif"):
             media = f'<img src="{src}" alt="episode video">'
         else:
             still = poster(path) if size is not None else None

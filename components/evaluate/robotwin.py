@@ -145,6 +145,8 @@ class RoboTwinCheckout(AbstractContextManager):
         return self
 
     def __exit__(self, *exc) -> None:
+        if self._saved is None:
+            return
         cwd, path = self._saved
         os.chdir(cwd)
         sys.path[:] = path

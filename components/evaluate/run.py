@@ -94,6 +94,8 @@ def _aloha_unit(config: EvalConfig, client: PolicyClient, unit: WorkUnit,
         if (unit.setting, unit.task, e) in done:
             continue
         seed = episode_seed(config.seed, e)
+        if config.max_steps is None:
+            raise ValueError("suite 'aloha' needs max_steps (the sim has no step limit of its own)")
         env = AlohaEpisode(unit.task, seed, config.max_steps, config.fps, size)
         yield _episode(config, client, env, unit.setting, unit.task, e, seed,
                        env.control_period_s if config.real_time else 0.0)
@@ -128,7 +130,8 @@ def _libero_unit(config: EvalConfig, client: PolicyClient, unit: WorkUnit,
         if (unit.setting, unit.task, e) in done:
             continue
         task = task or load_task(unit.setting, unit.task)
-        env = LiberoEpisode(task, episode_plan(e)[0], config.max_steps)  # a new env per episode, as upstream
+        limit = {} if config.max_steps is None else {"max_steps": config.max_steps}  # None: LIBERO's own
+        env = LiberoEpisode(task, episode_plan(e)[0], **limit)  # a new env per episode, as upstream
         try:
             yield _episode(config, client, env, unit.setting, unit.task, e, episode_seed(config.seed, e))
         finally:
@@ -146,6 +149,8 @@ def _units(config: EvalConfig, client: PolicyClient, units: list[WorkUnit], done
         return
     from .robotwin import RoboTwinCheckout
 
+    if config.robotwin_root is None:
+        raise ValueError("suite 'robotwin' needs robotwin_root (the path of a RoboTwin 2.0 checkout)")
     with RoboTwinCheckout(config.robotwin_root) as checkout:
         for unit in units:
             yield from _robotwin_unit(checkout, config, client, unit, done, retry)
