@@ -9,8 +9,9 @@ flag, a stage), the field's dotted path and the bad value; an unknown key names 
 
 Built on draccus 0.10 (pinned for lerobot): its `decode`/`encode` do the walking. What it lacks is
 added here: a decoder for `Literal` (0.10 has none: "No decoding function for type Literal[...]"),
-tuples that refuse a string (draccus makes "ab" the tuple ('a', 'b')), and one-line messages (its errors are multi-line, name the class instead of the source, and a
-`__post_init__` error comes back as "Couldn't instantiate class" with the reason in `__cause__`).
+tuples that refuse a string (draccus makes "ab" the tuple ('a', 'b')), and one-line messages (its
+errors are multi-line, name the class instead of the source, and a `__post_init__` error comes back
+as "Couldn't instantiate class" with the reason in `__cause__`).
 Like draccus, scalars are converted where Python's constructor can (`"3"` -> 3 for an int, 5 -> 5.0
 for a float); booleans take only true/false.
 """

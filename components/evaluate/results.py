@@ -11,7 +11,6 @@ agree on what they evaluated, then concatenates their records.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Iterable
 
 from vaops.models.atomic import read_json, write_text_atomically
+from vaops.models.codec import decode, encode
 
 from .config import EvalConfig, Shard
 
@@ -50,15 +50,6 @@ class EpisodeRecord:
     @property
     def key(self) -> tuple[str, str, int]:
         return self.setting, self.task, self.episode
-
-    @classmethod
-    def from_json(cls, raw: dict, source: str) -> "EpisodeRecord":
-        names = {f.name for f in dataclasses.fields(cls)}
-        missing = [f.name for f in dataclasses.fields(cls)
-                   if f.name not in raw and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-        if missing:
-            raise ValueError(f"{source}: episode record lacks field(s) {missing}")
-        return cls(**{k: v for k, v in raw.items() if k in names})
 
 
 @dataclass(frozen=True)
@@ -107,14 +98,14 @@ class EpisodeLog:
                 raw = json.loads(line)
             except json.JSONDecodeError:
                 raise ValueError(f"{self.path}:{n}: not a JSON line") from None
-            record = EpisodeRecord.from_json(raw, f"{self.path}:{n}")
+            record = decode(EpisodeRecord, raw, f"{self.path}:{n}")
             records[record.key] = record
         return list(records.values())
 
     def append(self, record: EpisodeRecord) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a") as f:
-            f.write(json.dumps(dataclasses.asdict(record)) + "\n")
+            f.write(json.dumps(encode(record)) + "\n")
             f.flush()
             os.fsync(f.fileno())
 

@@ -52,8 +52,10 @@ def test_round_trips():
 
 
 @pytest.mark.parametrize("raw, message", [
-    ({"stepz": 1}, r"^f.json: unknown field\(s\) 'stepz'; allowed: pair, values, maybe, kind, mode, inners, named, flag$"),
-    ({"inners": [{"key": "k", "colour": 1}]}, r"^f.json: unknown field\(s\) 'colour' in 'inners.0'; allowed: key, size$"),
+    ({"stepz": 1}, r"^f.json: unknown field\(s\) 'stepz'; allowed: pair, values, maybe, kind, mode, inners, named, "
+                   r"flag$"),
+    ({"inners": [{"key": "k", "colour": 1}]},
+     r"^f.json: unknown field\(s\) 'colour' in 'inners.0'; allowed: key, size$"),
     ({"inners": [{"size": 1}]}, r"^f.json: field 'inners.0.key' is missing$"),
     ({"pair": [1, 2, 3]}, r"^f.json: field 'pair' got \[1, 2, 3\] \(Expected 2 items, got 3\)$"),
     ({"pair": [1, "two"]}, r"^f.json: field 'pair.1' got 'two' \(Couldn't parse 'two' into an int\)$"),
@@ -100,8 +102,24 @@ def test_policy_json_on_disk_loads_and_writes_back_the_same_values(tmp_path):
     folder = tmp_path / "ck"
     shutil.copytree(shipped, folder, ignore=shutil.ignore_patterns("*.safetensors"))
     (folder / POLICY_FILE).write_text(json.dumps({**raw, "camera": []}))
-    with pytest.raises(ConfigError, match=r"policy.json: unknown field\(s\) 'camera'; allowed: format, preset, cameras"):
+    with pytest.raises(ConfigError, match=r"policy.json: unknown field\(s\) 'camera'; allowed: format, preset, "):
         read_preset(folder)
     (folder / POLICY_FILE).write_text(json.dumps({**raw, "layout": "stacked"}))
     with pytest.raises(ConfigError, match=r"policy.json: field 'layout' got 'stacked' \(must be one of 'tshape', "):
         read_preset(folder)
+
+
+def test_episode_records_round_trip_and_a_bad_line_names_its_file_line_and_field(tmp_path):
+    import json
+
+    from vaops.components.evaluate.results import EpisodeLog, EpisodeRecord
+
+    record = EpisodeRecord(suite="aloha", setting="sim", task="t", episode=1, seed=3, prompt="p", status="success",
+                           success=True, progress=1.0, steps=40, chunks=3, chunk_latency_s=[0.25, 0.5])
+    log = EpisodeLog(tmp_path / "episodes.jsonl")
+    log.append(record)
+    assert log.read() == [record]
+    with open(log.path, "a") as f:
+        f.write(json.dumps({**encode(record), "episode": 2, "steps": "many"}) + "\n")
+    with pytest.raises(ConfigError, match=r"episodes.jsonl:2: field 'steps' got 'many' \(Couldn't parse 'many' into"):
+        log.read()
