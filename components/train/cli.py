@@ -17,29 +17,15 @@ import logging
 import os
 
 from vaops.components.images import GPU_IMAGE
+from vaops.components.stage_cli import add_config_arguments, config_arguments, config_from_args
 
-from .config import RECIPES, TrainConfig, coerce, get_recipe
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def _format(value) -> str:
-    if isinstance(value, (tuple, list)):
-        return ",".join(str(v) for v in value)
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return "none" if value is None else str(value)
+from .config import RECIPES, TrainConfig, get_recipe
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--recipe", default="tiny", choices=sorted(RECIPES), help="named starting configuration")
     parser.add_argument("--config", help="YAML/JSON file of TrainConfig fields (on top of the recipe)")
     fields = parser.add_argument_group("train config (override the recipe and --config)")
-    for f in dataclasses.fields(TrainConfig):
-        fields.add_argument(_flag(f.name), dest=f"cfg_{f.name}", default=argparse.SUPPRESS, metavar="VALUE",
-                            help=f"default {_format(f.default)}")
+    add_config_arguments(fields, TrainConfig, RECIPES, preset_flag="--recipe", default="tiny")
     k8s = parser.add_argument_group("Kubeflow Trainer (write a TrainJob instead of training)")
     k8s.add_argument("--emit-k8s", metavar="PATH", help="write the TrainJob manifest (YAML) here and exit")
     k8s.add_argument("--nodes", type=int, default=1)
@@ -58,21 +44,12 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
     base = get_recipe(args.recipe)
     if args.config:
         base = TrainConfig.from_file(args.config, base=base)
-    by_name = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    overrides = {key[4:]: coerce(by_name[key[4:]], value, _flag(key[4:]))
-                 for key, value in vars(args).items() if key.startswith("cfg_")}
-    return base.replace(**overrides)
+    return config_from_args(TrainConfig, RECIPES, args, preset_flag="--recipe", base=base)
 
 
 def train_arguments(cfg: TrainConfig, recipe: str) -> list[str]:
     """Command-line arguments that reproduce `cfg`: the recipe plus every field that differs from it."""
-    base = get_recipe(recipe)
-    out = ["--recipe", recipe]
-    for f in dataclasses.fields(TrainConfig):
-        value = getattr(cfg, f.name)
-        if value != getattr(base, f.name):
-            out += [_flag(f.name), _format(value)]
-    return out
+    return ["--recipe", recipe, *config_arguments(cfg, get_recipe(recipe))]
 
 
 def main(args: argparse.Namespace) -> int:

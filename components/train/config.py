@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,36 +154,6 @@ class TrainConfig:
         if not isinstance(raw, dict):
             raise ValueError(f"{path}: expected a mapping of train config fields, got {type(raw).__name__}")
         return cls.from_dict({**(base or cls()).to_dict(), **raw}, source=str(path))
-
-
-def coerce(field: dataclasses.Field, value, source: str = "config"):
-    """A value from YAML/JSON/the command line -> the field's type (tuples from lists or 'a,b';
-    'none' for optional fields)."""
-    hint = typing.get_type_hints(TrainConfig)[field.name]
-    kinds = (typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
-             else (hint,))
-    optional = type(None) in kinds
-    kind = next(k for k in kinds if k is not type(None))
-    if value is None or (optional and isinstance(value, str) and value.lower() == "none"):
-        if not optional:
-            raise ValueError(f"{source}: field {field.name!r} cannot be none")
-        return None
-    origin = typing.get_origin(kind)
-    try:
-        if origin is tuple:
-            items = value.split(",") if isinstance(value, str) else list(value)
-            return tuple(t(v) for t, v in zip(typing.get_args(kind), items, strict=True))
-        if origin is Literal:
-            return str(value)
-        if kind is bool:
-            if isinstance(value, str):
-                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                    raise ValueError(f"not a boolean: {value!r}")
-                return value.lower() in ("true", "1", "yes")
-            return bool(value)
-        return kind(value)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{source}: field {field.name!r} got {value!r} ({e})") from None
 
 
 # How `vaops train` executes the 5 B presets (robotwin, libero) on one GPU and on several (torchrun,

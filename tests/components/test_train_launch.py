@@ -36,6 +36,10 @@ def test_cli_flags_override_recipe_and_config_file(tmp_path):
     assert cfg.lr == 0.02 and cfg.zero_stage == 3 and cfg.activation_checkpointing is False
     assert cfg.window_range == (4, 16) and cfg.init_from is None
     assert cfg.save_every == get_recipe("robotwin").save_every
+    # the same generator as the data stages': a boolean also as --flag / --no-flag, a tuple as values
+    cfg = resolve_config(_parse(["--no-activation-checkpointing", "--preload", "--betas", "0.8", "0.99"]))
+    assert cfg.activation_checkpointing is False and cfg.preload is True and cfg.betas == (0.8, 0.99)
+    assert resolve_config(_parse(train_arguments(cfg, "small"))) == cfg
 
 
 def test_config_errors_name_the_field(tmp_path):
@@ -49,7 +53,7 @@ def test_config_errors_name_the_field(tmp_path):
     path.write_text(json.dumps({"stepz": 3}))
     with pytest.raises(ValueError, match=r"bad.json: unknown field\(s\) 'stepz'; allowed: dataset, output, preset"):
         TrainConfig.from_file(path)
-    with pytest.raises(ValueError, match="--micro-batch: field 'micro_batch' got 'two'"):
+    with pytest.raises(ValueError, match=r"^command line: field 'micro_batch' got 'two' \(Couldn't parse 'two' into"):
         resolve_config(_parse(["--micro-batch", "two"]))
     with pytest.raises(SystemExit, match="--dataset and --output are required"):
         vaops(["train", "--steps", "1"])
