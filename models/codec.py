@@ -13,7 +13,8 @@ tuples that refuse a string (draccus makes "ab" the tuple ('a', 'b')), and one-l
 errors are multi-line, name the class instead of the source, and a `__post_init__` error comes back
 as "Couldn't instantiate class" with the reason in `__cause__`).
 Like draccus, scalars are converted where Python's constructor can (`"3"` -> 3 for an int, 5 -> 5.0
-for a float); booleans take only true/false.
+for a float), and an integral float is an int (2.0 -> 2: kfp passes numbers as doubles); booleans take
+only true/false.
 """
 
 from __future__ import annotations
@@ -47,6 +48,18 @@ def _decode_tuple(cls: Any, raw: Any, path: Sequence[str]) -> tuple:
     return decode_tuple(*typing.get_args(cls))(raw, path)
 
 
+def _decode_int(raw: Any) -> int:
+    # A float with no fraction is an integer: kfp hands a dict parameter (vaops run's train config)
+    # through a protobuf Struct, where every number is a double (steps: 2 arrives as 2.0).
+    if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
+        raise ValueError("not an integer")
+    try:
+        return int(raw)
+    except (TypeError, ValueError):
+        raise ValueError("not an integer") from None
+
+
+draccus.decode.register(int, _decode_int)
 draccus.decode.register(Literal, _decode_literal, include_subclasses=True)
 draccus.decode.register(tuple, _decode_tuple, include_subclasses=True)
 

@@ -58,9 +58,10 @@ def test_round_trips():
      r"^f.json: unknown field\(s\) 'colour' in 'inners.0'; allowed: key, size$"),
     ({"inners": [{"size": 1}]}, r"^f.json: field 'inners.0.key' is missing$"),
     ({"pair": [1, 2, 3]}, r"^f.json: field 'pair' got \[1, 2, 3\] \(Expected 2 items, got 3\)$"),
-    ({"pair": [1, "two"]}, r"^f.json: field 'pair.1' got 'two' \(Couldn't parse 'two' into an int\)$"),
+    ({"pair": [1, "two"]}, r"^f.json: field 'pair.1' got 'two' \(Couldn't parse 'two' into a int: not an integer\)$"),
     ({"kind": "c"}, r"^f.json: field 'kind' got 'c' \(must be one of 'a', 'b'\)$"),
-    ({"maybe": 1.5}, r"^f.json: field 'maybe' got 1.5 \(Couldn't parse '1.5' into an int\)$"),
+    ({"maybe": 1.5}, r"^f.json: field 'maybe' got 1.5 \(Couldn't parse '1.5' into a int: not an integer\)$"),
+    ({"pair": [1, 2.5]}, r"^f.json: field 'pair.1' got 2.5 \(Couldn't parse '2.5' into a int: not an integer\)$"),
     ({"maybe": -1}, r"^f.json: outer: maybe must be >= 0, got -1$"),
     ({"flag": "yes"}, r"^f.json: field 'flag' got 'yes' "),
     ({"named": {"n": {"key": 3, "size": "big"}}}, r"^f.json: field 'named.n.size' got 'big' "),
@@ -70,6 +71,12 @@ def test_bad_input_is_one_line_naming_source_field_and_value(raw, message):
     with pytest.raises(ConfigError, match=message) as info:
         decode(Outer, raw, "f.json")
     assert "\n" not in str(info.value) and isinstance(info.value, ValueError)
+
+
+def test_an_integral_float_is_an_int():
+    """kfp passes a dict parameter's numbers as doubles: `vaops run`'s train config has steps 2.0."""
+    assert decode(Outer, {"pair": [2.0, 3]}, "f.json").pair == (2, 3)
+    assert decode(Outer, {"pair": ["4", 3]}, "f.json").pair == (4, 3)
 
 
 def test_nested_checks_and_required_fields():
