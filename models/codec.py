@@ -48,15 +48,15 @@ def _decode_tuple(cls: Any, raw: Any, path: Sequence[str]) -> tuple:
     return decode_tuple(*typing.get_args(cls))(raw, path)
 
 
-def _decode_int(raw: Any) -> int:
+def _decode_int(raw: Any, path: Sequence[str]) -> int:
     # A float with no fraction is an integer: kfp hands a dict parameter (vaops run's train config)
     # through a protobuf Struct, where every number is a double (steps: 2 arrives as 2.0).
-    if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
-        raise ValueError("not an integer")
     try:
+        if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
+            raise ValueError
         return int(raw)
     except (TypeError, ValueError):
-        raise ValueError("not an integer") from None
+        raise DecodingError(path, f"Couldn't parse '{raw}' into an int") from None
 
 
 draccus.decode.register(int, _decode_int)
