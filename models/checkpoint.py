@@ -163,9 +163,6 @@ def build_random_weights(preset: Preset, seed: int = 0, device: str | torch.devi
     return PolicyWeights(preset, transformer.eval(), vae.eval(), text)
 
 
-# Presets trained from random weights (no released checkpoint): the pipeline's base-model step may
-# start them without a base checkpoint.
-RANDOM_INIT_PRESETS = ("tiny", "small")
 
 
 def write_random_checkpoint(folder: str | os.PathLike, preset: Preset | str, seed: int | None = None,

@@ -329,6 +329,11 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+# Presets trained from random weights (no released checkpoint): the pipeline's base-model step may
+# start them without a base checkpoint.
+RANDOM_INIT_PRESETS = ("tiny", "small")
+
+
 def get_preset(name: str) -> Preset:
     try:
         return PRESETS[name]

@@ -29,6 +29,7 @@ import re
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -100,6 +101,64 @@ def decode_parameters(texts: dict[str, str]) -> dict[str, Any]:
     spec = dataclasses.make_dataclass("PipelineParameters", fields, frozen=True)
     given: Any = decode(spec, raw, "pipeline parameters")
     return {name: getattr(given, name) for name in raw}
+
+
+def _named(table: dict[str, Any], name: str, what: str) -> Any:
+    if name not in table:
+        raise ValueError(f"unknown {what} {name!r}; choose one of {sorted(table)}")
+    return table[name]
+
+
+def _stage_configs(p: dict[str, Any]) -> dict[str, Callable[[], object]]:
+    """Each stage's config as its step builds it from the pipeline's parameters `p` (paths left out)."""
+    from vaops.components.augment.config import PRESETS as AUGMENT
+    from vaops.components.clean.config import PRESETS as CLEAN
+    from vaops.components.demos.config import PRESETS as DEMOS
+    from vaops.components.demos.config import for_model_preset
+    from vaops.components.encode.adapter import get_robot
+    from vaops.components.encode.config import EncodeConfig
+    from vaops.components.evaluate.config import Shard, get_eval_preset
+    from vaops.components.train.config import TrainConfig, get_recipe
+    from vaops.models.config import RANDOM_INIT_PRESETS, get_preset
+
+    def demos() -> object:
+        base = DEMOS.get(p["preset"], DEMOS["default"])
+        return for_model_preset(dataclasses.replace(
+            base, episodes=p["demo_episodes"], task=p["demo_task"] or base.task,
+            time_scale=p["demo_time_scale"] or base.time_scale, workers=p["demo_workers"] or base.workers), p["preset"])
+
+    def base_model() -> object:
+        if not p["base_checkpoint"] and p["preset"] not in RANDOM_INIT_PRESETS:
+            raise ValueError(f"preset {p['preset']!r} needs base_checkpoint; only {', '.join(RANDOM_INIT_PRESETS)} "
+                             f"start from random weights")
+        return get_preset(p["preset"])
+
+    def augment() -> object:
+        cfg = _named(AUGMENT, p["augment_preset"], "augment preset")
+        return dataclasses.replace(cfg, copies=p["augment_copies"]) if p["augment_copies"] >= 0 else cfg
+
+    return {
+        "dataset-source": (lambda: None) if p["dvc_repo"] else demos,
+        "base-model": base_model,
+        "clean": lambda: _named(CLEAN, p["clean_preset"], "clean preset"),
+        "augment": augment,
+        "encode": lambda: (get_robot(p["robot"]), EncodeConfig(model_preset=p["preset"], robot=p["robot"])),
+        "train": lambda: TrainConfig.from_dict({**get_recipe(p["preset"]).to_dict(), **p["train_config"]},
+                                               "--train-config"),
+        "evaluate": lambda: get_eval_preset(p["eval_preset"], ".", episodes=p["eval_episodes"] or None,
+                                            max_steps=p["eval_max_steps"] or None, shard=Shard(0, p["eval_shards"])),
+    }
+
+
+def check_stages(arguments: dict[str, Any]) -> None:
+    """Decode and check every stage's config before the first step runs (a typo in --train-config
+    would otherwise stop the run at the train step, after encode): ConfigError names the stage."""
+    given = {name: default for name, (_, default) in parameters().items()} | arguments
+    for stage, build in _stage_configs(given).items():
+        try:
+            build()
+        except ValueError as e:
+            raise ConfigError(f"stage {stage!r}: {e}") from None
 
 
 class _StepLogs:
@@ -266,6 +325,7 @@ def arguments_from(args: argparse.Namespace) -> dict[str, Any]:
 def main(args: argparse.Namespace) -> int:
     try:
         arguments = arguments_from(args)
+        check_stages(arguments)
     except ValueError as e:
         print(f"vaops run: error: {e}", file=sys.stderr)
         return 2

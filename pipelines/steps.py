@@ -66,8 +66,8 @@ def base_model(model: dsl.Output[dsl.Model], base_checkpoint: str = "", preset: 
     if tracking_uri:
         os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
     from vaops.models.atomic import link_or_copy
-    from vaops.models.checkpoint import POLICY_FILE, RANDOM_INIT_PRESETS, read_preset, write_random_checkpoint
-    from vaops.models.config import get_preset
+    from vaops.models.checkpoint import POLICY_FILE, read_preset, write_random_checkpoint
+    from vaops.models.config import RANDOM_INIT_PRESETS, get_preset
     from vaops.models.model_source import WEIGHT_PARTS, resolve_checkpoint
 
     out = Path(model.path)

@@ -197,7 +197,26 @@ def test_bad_parameter_is_refused_by_name(capsys):
     assert capsys.readouterr().err == ("vaops run: error: pipeline parameters: field 'eval_shards' got 'two' "
                                        "(Couldn't parse 'two' into an int)\n")
     assert cli.main(["run", "--train-config", "{steps: 3"]) == 2
-    assert capsys.readouterr().err.startswith("vaops run: error: --train-config: '{steps: 3' is not a YAML/JSON value (")
+    err = capsys.readouterr().err
+    assert err.startswith("vaops run: error: --train-config: '{steps: 3' is not a YAML/JSON value (")
+
+
+def test_every_stage_config_is_checked_before_any_step_runs(capsys, monkeypatch):
+    """A typo in --train-config, an unknown stage preset or a bad value stops `vaops run` (local or
+    --host) with one line naming the stage, the field and the value, before the first step."""
+    monkeypatch.setattr(run_module, "run_local", lambda *a, **k: pytest.fail("a step ran"))
+    monkeypatch.setattr(run_module, "submit", lambda *a, **k: pytest.fail("submitted"))
+    for flags, line in (
+            (["--train-config", '{"stepz": 3}'], "stage 'train': --train-config: unknown field(s) 'stepz'; allowed: "
+                                                 "dataset, output, preset,"),
+            (["--train-config", '{"precision": "fp16"}'],
+             "stage 'train': --train-config: field 'precision' got 'fp16' (must be one of 'auto', 'bf16', 'fp32')"),
+            (["--clean-preset", "alhoa"], "stage 'clean': unknown clean preset 'alhoa'; choose one of "),
+            (["--eval-preset", "smoke", "--eval-episodes", "-1"], "stage 'evaluate': episodes must be >= 1, got -1"),
+            (["--host", "http://127.0.0.1:1", "--robot", "ur5"], "stage 'encode': unknown robot 'ur5'")):
+        assert cli.main(["run", *flags]) == 2
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 1 and err[0].startswith(f"vaops run: error: {line}"), err
 
 
 @heavy
