@@ -1,11 +1,13 @@
 """Several robots' chunks denoised as one batch: the GEMMs of N episodes' denoising passes run over
 N times the tokens, while each episode's attention reads its own KV cache and its own prompt.
 
-Why: an action pass (32 tokens against 10 GB of bf16 block weights at the robotwin preset) is bound
-by reading the weights, so N robots' action passes cost little more than one; the video passes are
-compute bound and gain from fewer launches only. Each robot's result equals its chunk run alone up
-to the GEMMs' rounding (another batch size may pick another kernel); its noise, cache reads and
-writes are its own.
+Why: an action pass (32 tokens against 10 GB of bf16 block weights at the robotwin preset) reads the
+weights whatever its batch, so N robots share that read (each still reads its own 7 GB cache); the video
+passes are compute bound and gain from fewer launches only. Each robot's result equals its chunk run
+alone up to the GEMMs' rounding (another batch size may pick another kernel); its noise, cache reads
+and writes are its own. Measured on one H200 it does not pay yet (bench/results/serve_load_h200_batched.md:
+batches of changing sizes recompile and recapture), so `vaops serve` runs chunks one by one unless
+`--max-batch` asks for more.
 
 How: every engine of one `ChunkBatcher` routes its chunks through it (`BatchingEngine`). A thread
 whose chunk is due queues it; one thread at a time leads and runs whatever is queued as one batch
