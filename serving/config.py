@@ -25,7 +25,7 @@ class ServeConfig:
     compute_threads: int = 1  # episode operations run in this many worker threads (1: one at a time)
     # Robots whose chunks are due together share their denoising passes (models/batch.py), at most this
     # many per batch; 1: each chunk alone (the default: on one H200 at the robotwin preset, 8 robots got
-    # 1.4 chunks/s batched against 4.7 alone, bench/results/serve_load_h200.md, as batches of changing
+    # 1.4 chunks/s batched against 4.7 alone, bench/results/serve_load_h200_batched.md, as batches of changing
     # sizes compile and capture anew).
     max_batch: int = 1
     # How long the first chunk due waits for others to join its batch: robots that ask within this
