@@ -21,7 +21,6 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -185,25 +184,14 @@ class ChunkBatcher:
         """InferenceEngine._forward over the batch: each engine's rows (CFG's two, or the conditional
         one) attend to its cache and prompt; returns [rows, ...] in engine order."""
         e0 = engines[0]
-        model = e0.model
         rows = 1 if cond_only else e0.batch
         batch = slice(0, 1) if cond_only else slice(None)
-        f = x.shape[2]
-        if kind == "video":
-            _, ph, pw = model.config.patch_size
-            h, w = x.shape[3] // ph, x.shape[4] // pw
-            fn: Callable[..., torch.Tensor] = model.forward_video
-        else:
-            h, w = x.shape[3], x.shape[4]
-            fn = model.forward_actions
+        fn, f, h, w = e0._pass(kind, x)
         ropes = [e._rope(kind, f, h, w) for e in engines]
         cos = torch.stack([c for c, _ in ropes]).repeat_interleave(rows, 0)
         sin = torch.stack([s for _, s in ropes]).repeat_interleave(rows, 0)
-        pending = [e.live_cache.begin(f * h * w, keep=keep, predicted=predicted, slots_out=e._slots[kind])
-                   for e in engines]
-        for e in engines:  # ring reads (KVCache.write): masked until the ring is full
-            if not e.live_cache.full:
-                e.live_cache.update_valid()
+        pending = [e.live_cache.begin(f * h * w, keep=keep, predicted=predicted, slots_out=e._slots[kind],
+                                      ring=True) for e in engines]
         text = StackedText([(rows, e.live_text.select(batch) if cond_only else e.live_text) for e in engines])
 
         def run(x: torch.Tensor, t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

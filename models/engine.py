@@ -161,8 +161,8 @@ class InferenceEngine:
         return self.text
 
     def _require_episode(self) -> None:
-        if self.cache is None or self.text is None:
-            raise RuntimeError("call reset(prompt_emb) before act/observe")
+        """Raise unless reset has run (the live_cache and live_text properties check)."""
+        _ = self.live_cache, self.live_text
 
     # ----- one forward over new tokens against the cache -----
     def _rope(self, kind: str, frames: int, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -174,18 +174,19 @@ class InferenceEngine:
             self._rope_cache[key] = self.model.rope(grid)
         return self._rope_cache[key]
 
+    def _pass(self, kind: str, x: torch.Tensor) -> tuple[Callable[..., torch.Tensor], int, int, int]:
+        """A pass's forward function and its token grid (frames, height, width) for input `x`."""
+        f = x.shape[2]
+        if kind == "video":
+            _, ph, pw = self.model.config.patch_size
+            return self.model.forward_video, f, x.shape[3] // ph, x.shape[4] // pw
+        return self.model.forward_actions, f, x.shape[3], x.shape[4]
+
     def _forward(self, kind: str, x: torch.Tensor, t: torch.Tensor, keep: bool, predicted: bool,
                  cond_only: bool) -> torch.Tensor:
         batch = slice(0, 1) if cond_only else slice(None)
         n = 1 if cond_only else self.batch
-        f = x.shape[2]
-        if kind == "video":
-            _, ph, pw = self.model.config.patch_size
-            h, w = x.shape[3] // ph, x.shape[4] // pw
-            fn: Callable[..., torch.Tensor] = self.model.forward_video
-        else:
-            h, w = x.shape[3], x.shape[4]
-            fn = self.model.forward_actions
+        fn, f, h, w = self._pass(kind, x)
         cos, sin = self._rope(kind, f, h, w)
         pending = self.live_cache.begin(f * h * w, keep=keep, predicted=predicted, slots_out=self._slots[kind])
         text = self.live_text.select(batch) if cond_only else self.live_text

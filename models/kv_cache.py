@@ -91,10 +91,11 @@ class KVCache:
         return min(self.capacity, -(-self.tail // quarter) * quarter)
 
     def begin(self, length: int, keep: bool, predicted: bool = False,
-              slots_out: torch.Tensor | None = None) -> PendingWrite:
+              slots_out: torch.Tensor | None = None, ring: bool = False) -> PendingWrite:
         """Reserve `length` entries at the end, evicting the oldest entries if full.
 
-        `slots_out` (optional) receives the ring slots, for callers that need them at a fixed address.
+        `slots_out` (optional) receives the ring slots, for callers that need them at a fixed address;
+        `ring`: the pass reads the ring (`write(..., ring=True)`), so the live-slot mask is kept current.
         """
         if length > self.capacity:
             raise ValueError(f"write of {length} tokens exceeds the cache capacity {self.capacity}")
@@ -109,11 +110,12 @@ class KVCache:
                                 out=None if slots_out is None else slots_out[:length])
         write = PendingWrite(self.tail, length, keep, slots)
         self.tail += length
-        if self.static_extent() is None:  # only the masked read uses it: two kernels saved per pass
-            self.update_valid()
+        # Only masked reads use it: two kernels saved per pass otherwise.
+        if self.static_extent() is None or (ring and not self.full):
+            self._update_valid()
         return write
 
-    def update_valid(self) -> None:
+    def _update_valid(self) -> None:
         """Mark the live slots in `valid` (at its fixed address): the masked read's mask."""
         torch.lt(torch.remainder(self._positions - self.head, self.capacity), len(self), out=self.valid)
 
@@ -143,8 +145,9 @@ class KVCache:
 
         static: read at fixed addresses for captured graphs (see `static_extent`): a prefix of the
         ring with no mask, or the whole ring with the live-slot mask; otherwise the live entries alone
-        and no mask. ring (with static): the whole ring, under the mask unless full, so that one graph
-        serves every filling level (batched steps: models/batch.py; the caller keeps `valid` current).
+        and no mask. ring (with static): the first `ring_extent()` slots, under the live-slot mask
+        unless the ring is full, so that one graph serves many filling levels (batched steps:
+        models/batch.py; the pass's `begin(..., ring=True)` keeps the mask current).
         A batch subset (the conditional half under CFG) may only make temporary writes.
         """
         if w.keep and batch != slice(None):

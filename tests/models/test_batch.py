@@ -134,8 +134,7 @@ def test_ring_reads_equal_the_live_entries():
     q = torch.randn(1, 6, 2, 8)
     extents = []
     for length, keep in [(7, True), (6, False), (12, True), (10, True), (9, True), (6, False), (3, True), (40, True)]:
-        w = cache.begin(length, keep=keep)
-        cache.update_valid()
+        w = cache.begin(length, keep=keep, ring=True)
         k, v = torch.randn(1, length, 2, 8), torch.randn(1, length, 2, 8)
         keys, values, _ = cache.write(0, w, k, v)  # the live entries, compacted
         ring_k, ring_v, mask = cache.write(0, w, k, v, static=True, ring=True)
