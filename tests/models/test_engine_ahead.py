@@ -65,17 +65,25 @@ def test_ahead_equals_sync_when_the_robot_sees_what_was_imagined(golden, model, 
         executing = ahead
 
 
+def ahead_then_observed(engine, t, obs0=None):
+    """Chunk 0 by act, chunk 1 computed ahead, then chunk 0 observed (`obs0`: its latents, by default
+    the golden ones); returns chunk 1."""
+    _, _, o0, oa0 = inputs(t, 0)
+    vn1, an1, _, _ = inputs(t, 1)
+    first_act(engine, t)
+    chunk1 = engine.act_ahead(video_noise=vn1, action_noise=an1)
+    engine.observe(o0 if obs0 is None else obs0, oa0)
+    return chunk1
+
+
 def test_grounding_replaces_the_imagined_chunk_by_the_observation(golden, model):  # noqa: F811
     """Chunk 2 computed ahead must see [observed chunk 0, imagined chunk 1], not imagined chunk 0."""
     _, t = golden
     _, _, obs0, obs_act0 = inputs(t, 0)
-    vn1, an1, _, _ = inputs(t, 1)
     vn2, an2, _, _ = inputs(t, 2)
 
     fast = new_engine(golden, model)
-    first_act(fast, t)
-    chunk1 = fast.act_ahead(video_noise=vn1, action_noise=an1)
-    fast.observe(obs0, obs_act0)
+    chunk1 = ahead_then_observed(fast, t)
     chunk2 = fast.act_ahead(video_noise=vn2, action_noise=an2)
 
     ref = new_engine(golden, model)

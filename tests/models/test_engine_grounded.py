@@ -8,7 +8,7 @@ import dataclasses
 
 import pytest
 import torch
-from test_engine_ahead import first_act, inputs, max_diff
+from test_engine_ahead import ahead_then_observed, first_act, inputs, max_diff
 from test_golden import engine_config, golden, model  # noqa: F401  (fixtures)
 
 from vaops.models.engine import InferenceEngine
@@ -50,13 +50,9 @@ def grounded_episode(golden, model, obs0=None, actions1=None):  # noqa: F811
     """Chunk 0 by act, chunk 1 computed ahead, chunk 0 observed, then chunk 2 computed ahead with
     grounding (chunk 1's actions optionally replaced before it, as if the robot executed those)."""
     _, t = golden
-    _, _, o0, oa0 = inputs(t, 0)
-    vn1, an1, _, _ = inputs(t, 1)
     vn2, an2, _, _ = inputs(t, 2)
     engine = new_engine(golden, model)
-    first_act(engine, t)
-    chunk1 = engine.act_ahead(video_noise=vn1, action_noise=an1)
-    engine.observe(o0 if obs0 is None else obs0, oa0)
+    chunk1 = ahead_then_observed(engine, t, obs0)
     if actions1 is not None:
         engine._executing = dataclasses.replace(engine._executing, actions=actions1)
     chunk2 = engine.act_ahead(video_noise=vn2, action_noise=an2, grounded=True, ground_noise=ground_noise(engine))
