@@ -37,26 +37,15 @@ from pathlib import Path
 import httpx
 import numpy as np
 import torch
-from serve import PROMPT, add_server_arguments, connect, random_weights, serve_during, server_dtype
+from serve import PROMPT, add_server_arguments, connect, episode_frames, random_weights, serve_during, server_dtype
 
 # ----- the robots (client process) -----
-
-
-def robot_frames(preset, seed: int) -> tuple[dict, list[dict]]:
-    """A first image and one chunk's keyframes (reused every chunk: the server does not look)."""
-    rng = np.random.default_rng(seed)
-
-    def frame() -> dict:
-        return {c.key: rng.integers(0, 256, (c.height, c.width, 3), dtype=np.uint8) for c in preset.cameras}
-
-    return frame(), [frame() for _ in range(preset.frame_chunk_size * preset.frames_per_latent)]
 
 
 def robot(url: str, preset, chunks: int, seed: int, operating_point: str, period_s: float,
           async_execution: bool, start: threading.Barrier | None) -> list[dict]:
     """One episode; per chunk the act and observe round trips and, at a control rate, the idle time."""
-    first, keyframes = robot_frames(preset, seed)
-    per_latent = preset.frames_per_latent
+    first, keyframes = episode_frames(preset, seed, 2)  # later chunks reuse the second's: the server does not look
     rows = []
     with connect(url) as infer:
         infer({"reset": True, "prompt": PROMPT, "seed": seed, "operating_point": operating_point,
@@ -72,8 +61,7 @@ def robot(url: str, preset, chunks: int, seed: int, operating_point: str, period
             if period_s > 0:
                 time.sleep(max(0.0, received + executed * period_s - time.perf_counter()))
             done = time.perf_counter()
-            frames = keyframes[per_latent:] if k == 0 else keyframes
-            infer({"obs": frames, "compute_kv_cache": True, "state": actions})
+            infer({"obs": keyframes[min(k, 1)], "compute_kv_cache": True, "state": actions})
             observed = time.perf_counter()
             rows.append({"chunk": k, "act_s": act_s, "observe_s": observed - done, "end": observed})
             if k + 1 < chunks:
@@ -131,8 +119,7 @@ def soak(url: str, preset_name: str, total_chunks: int, robots: int, operating_p
 
     def client(worker: int) -> None:
         rng = random.Random(seed0 + worker)
-        first, keyframes = robot_frames(preset, seed0 + worker)
-        per_latent = preset.frames_per_latent
+        first, keyframes = episode_frames(preset, seed0 + worker, 2)
         while True:
             with lock:
                 if stats["chunks"] >= total_chunks:
@@ -156,8 +143,7 @@ def soak(url: str, preset_name: str, total_chunks: int, robots: int, operating_p
                         if k == drop_at:
                             count("dropped")
                             raise _Drop
-                        frames = keyframes[per_latent:] if k == 0 else keyframes
-                        infer({"obs": frames, "compute_kv_cache": True, "state": actions})
+                        infer({"obs": keyframes[min(k, 1)], "compute_kv_cache": True, "state": actions})
                         if rng.random() < 0.05:
                             bad_rest(rng)
                 count("episodes")
@@ -208,7 +194,7 @@ def agreement(weights, robots: int, chunks: int, operating_point: str) -> dict:
     preset = weights.preset
 
     def episode(policy, seed: int, start: threading.Barrier | None) -> list:
-        first, keyframes = robot_frames(preset, seed)
+        first, keyframes = episode_frames(preset, seed, 2)
         policy.reset(PROMPT, seed=seed, operating_point=operating_point)
         out = []
         for k in range(chunks):
@@ -216,7 +202,7 @@ def agreement(weights, robots: int, chunks: int, operating_point: str) -> dict:
                 start.wait()
             chunk = policy.act(first if k == 0 else None)
             out.append((chunk.actions, chunk.latents.float().cpu()))
-            policy.observe(keyframes[preset.frames_per_latent:] if k == 0 else keyframes, chunk.actions)
+            policy.observe(keyframes[min(k, 1)], chunk.actions)
         return out
 
     t0 = time.perf_counter()
