@@ -4,7 +4,7 @@ One sample is 16 latent frames: [noisy video | clean video | noisy actions | cle
 2 x 16 x 120 + 2 x 16 x 16 = 4,352 tokens. The reference trainer (FSDP2, flex attention,
 activation checkpointing, fused AdamW) measured 0.697 s/step = 6,246 tokens/s on one H200.
 
-A configuration is `ENGINE:CKPT:COMPILE:BATCHES` (`--config`, repeatable), run on every GPU count
+A configuration is `ENGINE:CKPT:COMPILE:BATCHES[:ACCUM]` (`--config`, repeatable), run on every GPU count
 of `--gpus`, each in its own process group under torchrun (the launcher of `vaops train` and of
 its TrainJob) on a clean set of GPUs:
 - ENGINE `fsdp2`: the reference's recipe, measured in the same run on the same GPUs (the in-run
@@ -16,6 +16,8 @@ its TrainJob) on a clean set of GPUs:
 - CKPT `full` (every block recomputed), `half` (every 2nd block), `off`.
 - COMPILE `on`: torch.compile of the blocks' attention-free regions (ZeRO <= 2), `off`.
 - BATCHES: micro-batches per GPU, ascending, each `+`-separated; the sweep stops at the first OOM.
+- ACCUM: micro-steps per optimizer step (gradient accumulation, DeepSpeed engines), default 1; a row's
+  batch reads `2x4` then, and its tokens count all micro-steps of the step.
 Per row: s/step, tokens/s per GPU and on all GPUs, the ratio per GPU to the in-run FSDP2 baseline
 on the same GPU count (its best batch) and to the reference's 6,246, MFU, peak memory, and the
 scaling efficiency against the same configuration and batch on one GPU.
@@ -148,7 +150,7 @@ def worker(args) -> None:
     cfg = TrainConfig(preset=args.preset, zero_stage=0 if fsdp2 else args.zero_stage, precision="bf16",
                       attention=backend, activation_checkpointing=every > 0, checkpoint_every=max(every, 1),
                       compile_blocks=args.compile == "on", offload_optimizer=args.offload_optimizer, micro_batch=1,
-                      lr=1e-5)
+                      grad_accum=args.grad_accum, lr=1e-5)
     torch.manual_seed(0)
     model = build_model(cfg, preset, None, bf16=True, device=info.device)
     module = TeacherForcedModel(model, backend)
@@ -167,15 +169,16 @@ def worker(args) -> None:
                               ds_overrides=json.loads(args.ds_override) if args.ds_override else None)
 
         def step(x):
-            loss = engine(x)[0]
-            engine.backward(loss)
-            engine.step()
+            for _ in range(args.grad_accum):  # DeepSpeed steps the optimizer at the accumulation boundary
+                loss = engine(x)[0]
+                engine.backward(loss)
+                engine.step()
 
     h, w = preset.latent_hw
     flops = flops_per_sample(preset, args.frames, args.chunk, args.window)
     for batch_size in args.batch_sizes:
         row = {"engine": args.engine, "zero_stage": None if fsdp2 else args.zero_stage, "ckpt": args.ckpt,
-               "compile": args.compile, "gpus": info.world, "batch": batch_size,
+               "compile": args.compile, "gpus": info.world, "batch": batch_size, "grad_accum": args.grad_accum,
                "tokens_per_sample": 2 * args.frames * ((h // 2) * (w // 2) + preset.action_per_frame)}
         try:
             x = step_inputs(preset, batch_size, args.frames, args.chunk, args.window, info.device)
@@ -191,10 +194,11 @@ def worker(args) -> None:
             if cuda:
                 torch.cuda.synchronize()
             s_step = (time.perf_counter() - start) / args.steps
-            per_gpu = batch_size * row["tokens_per_sample"] / s_step
+            samples = batch_size * args.grad_accum  # per GPU and optimizer step
+            per_gpu = samples * row["tokens_per_sample"] / s_step
             row.update(s_per_step=s_step, tokens_per_s_per_gpu=per_gpu, tokens_per_s=per_gpu * info.world,
-                       tflops_per_gpu=batch_size * flops / s_step / 1e12,
-                       mfu=batch_size * flops / s_step / (args.peak_tflops * 1e12) if cuda else None,
+                       tflops_per_gpu=samples * flops / s_step / 1e12,
+                       mfu=samples * flops / s_step / (args.peak_tflops * 1e12) if cuda else None,
                        peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None)
         except torch.OutOfMemoryError:
             row["error"] = "OOM"
@@ -223,6 +227,8 @@ class Config:
     compile: str
     batches: tuple[int, ...]
     shipped: bool = False
+    grad_accum: int = 1  # micro-steps per optimizer step: the step's fixed cost (ZeRO's reduce, AdamW) amortised
+
 
     @property
     def zero_stage(self) -> int:
@@ -231,7 +237,8 @@ class Config:
     @property
     def label(self) -> str:
         name = "shipped=" + self.engine if self.shipped else self.engine
-        return f"{name} ckpt={self.ckpt} compile={self.compile}"
+        accum = f" accum={self.grad_accum}" if self.grad_accum > 1 else ""
+        return f"{name} ckpt={self.ckpt} compile={self.compile}{accum}"
 
 
 def shipped_config() -> Config:
@@ -240,17 +247,20 @@ def shipped_config() -> Config:
     ckpt = "off" if not e["activation_checkpointing"] else {1: "full", 2: "half"}.get(e["checkpoint_every"])
     if ckpt is None:
         raise ValueError(f"SCALE_OUT_EXECUTION: checkpoint_every {e['checkpoint_every']} has no bench name")
-    return Config(f"z{e['zero_stage']}", ckpt, "on" if e["compile_blocks"] else "off", (e["micro_batch"],), True)
+    return Config(f"z{e['zero_stage']}", ckpt, "on" if e["compile_blocks"] else "off", (e["micro_batch"],), True,
+                  e.get("grad_accum", 1))
 
 
 def parse_config(text: str) -> Config:
-    """ENGINE:CKPT:COMPILE:BATCHES, e.g. z2:half:on:2+4; `shipped` alone is the trainer's own."""
+    """ENGINE:CKPT:COMPILE:BATCHES[:ACCUM], e.g. z2:half:on:2+4 or z2:off:on:2:4 (4 micro-batches of 2
+    per optimizer step); `shipped` alone is the trainer's own."""
     if text == "shipped":
         return shipped_config()
     parts = text.split(":")
-    if len(parts) != 4:
-        raise ValueError(f"--config {text!r}: expected ENGINE:CKPT:COMPILE:BATCHES, e.g. z2:off:on:1+2")
-    engine, ckpt, compile_, batches = parts
+    if len(parts) not in (4, 5) or (len(parts) == 5 and not parts[4].isdigit()):
+        raise ValueError(f"--config {text!r}: expected ENGINE:CKPT:COMPILE:BATCHES[:ACCUM], e.g. z2:off:on:1+2")
+    engine, ckpt, compile_, batches = parts[:4]
+    accum = int(parts[4]) if len(parts) == 5 else 1
     if engine not in ENGINES[:-1]:
         raise ValueError(f"--config {text!r}: engine must be one of {ENGINES}")
     if ckpt not in CKPT_EVERY:
@@ -259,7 +269,9 @@ def parse_config(text: str) -> Config:
         raise ValueError(f"--config {text!r}: compile must be on or off")
     if compile_ == "on" and engine in ("z3", "fsdp2"):
         raise ValueError(f"--config {text!r}: compiled blocks need ZeRO <= 2 (parameter hooks inside the regions)")
-    return Config(engine, ckpt, compile_, tuple(int(b) for b in batches.split("+")))
+    if accum < 1 or (accum > 1 and engine == "fsdp2"):
+        raise ValueError(f"--config {text!r}: ACCUM must be >= 1, and 1 for the fsdp2 baseline (the reference's step)")
+    return Config(engine, ckpt, compile_, tuple(int(b) for b in batches.split("+")), grad_accum=accum)
 
 
 def launch_command(args, config: Config, gpus: int) -> list[str]:
@@ -270,7 +282,8 @@ def launch_command(args, config: Config, gpus: int) -> list[str]:
                str(config.zero_stage), "--ckpt", config.ckpt, "--compile", config.compile, "--preset", args.preset,
                "--frames", str(args.frames), "--chunk", str(args.chunk), "--window", str(args.window),
                "--steps", str(args.steps), "--warmup", str(args.warmup), "--peak-tflops", str(args.peak_tflops),
-               "--device", args.device, "--batch-sizes", ",".join(map(str, config.batches))]
+               "--device", args.device, "--batch-sizes", ",".join(map(str, config.batches)),
+               "--grad-accum", str(config.grad_accum)]
     if args.offload_optimizer:
         program.append("--offload-optimizer")
     if args.ds_override:
@@ -387,7 +400,7 @@ def derive(rows: list[dict]) -> tuple[list[dict], dict]:
     for r in ok:
         if r["engine"] == "fsdp2":
             baseline[r["gpus"]] = max(baseline.get(r["gpus"], 0.0), r["tokens_per_s_per_gpu"])
-    key = lambda r: (r["engine"], r["zero_stage"], r["ckpt"], r["compile"], r["batch"])  # noqa: E731
+    key = lambda r: (r["engine"], r["zero_stage"], r["ckpt"], r["compile"], r["batch"], r.get("grad_accum", 1))  # noqa: E731
     single = {key(r): r["tokens_per_s_per_gpu"] for r in ok if r["gpus"] == 1}
     for r in ok:
         per_gpu = r["tokens_per_s_per_gpu"]
@@ -400,7 +413,7 @@ def derive(rows: list[dict]) -> tuple[list[dict], dict]:
         best = max((r for r in ok if r["gpus"] == g and r["engine"] != "fsdp2"),
                    key=lambda r: r["tokens_per_s_per_gpu"], default=None)
         if best is not None:
-            summary["best"][g] = {k: best.get(k) for k in ("engine", "zero_stage", "ckpt", "compile", "batch",
+            summary["best"][g] = {k: best.get(k) for k in ("engine", "zero_stage", "ckpt", "compile", "batch", "grad_accum",
                                                              "tokens_per_s_per_gpu", "x_reference", "x_fsdp2",
                                                              "mfu", "scaling", "peak_memory_gib")}
     if 1 in summary["best"]:  # scaling of the best recipe per GPU count against the best on one GPU
@@ -421,7 +434,9 @@ COLUMNS = ("engine", "ZeRO", "ckpt", "compile", "GPUs", "batch", "s/step", "toke
 
 def table_row(r: dict) -> list[str]:
     name = ("shipped " if r.get("shipped") else "") + r["engine"]
-    return [name, fmt(r.get("zero_stage"), "d"), r["ckpt"], r["compile"], str(r["gpus"]), str(r["batch"]),
+    accum = r.get("grad_accum", 1)
+    batch = f"{r['batch']}x{accum}" if accum > 1 else str(r["batch"])
+    return [name, fmt(r.get("zero_stage"), "d"), r["ckpt"], r["compile"], str(r["gpus"]), batch,
             fmt(r.get("s_per_step"), ".3f"), fmt(r.get("tokens_per_s_per_gpu"), ",.0f"),
             fmt(r.get("tokens_per_s"), ",.0f"), fmt(r.get("x_reference"), ".2f"), fmt(r.get("x_fsdp2"), ".2f"),
             fmt(r.get("mfu") and 100 * r["mfu"], ".1f") + ("%" if r.get("mfu") else ""),
@@ -438,7 +453,8 @@ def summary_lines(summary: dict) -> list[str]:
                      f"MFU {fmt(b['mfu'] and 100 * b['mfu'], '.1f')}%, "
                      f"scaling {fmt(b['scaling'] and 100 * b['scaling'], '.0f')}% "
                      f"(best to best {fmt(b.get('scaling_of_best') and 100 * b['scaling_of_best'], '.0f')}%) "
-                     f"({b['engine']} ckpt={b['ckpt']} compile={b['compile']} batch {b['batch']}, "
+                     f"({b['engine']} ckpt={b['ckpt']} compile={b['compile']} batch {b['batch']}"
+                     f"{' x ' + str(b['grad_accum']) + ' accumulated' if (b.get('grad_accum') or 1) > 1 else ''}, "
                      f"peak {fmt(b['peak_memory_gib'], '.1f')} GiB)")
     t = summary["targets"]
     lines.append(f"targets: per GPU >= {TARGET_X_REFERENCE}x reference {t['per_gpu_1.5x_reference']}, "
@@ -500,6 +516,7 @@ def main() -> None:
     p.add_argument("--ckpt", choices=tuple(CKPT_EVERY), default="full", help=argparse.SUPPRESS)
     p.add_argument("--compile", choices=("on", "off"), default="off", help=argparse.SUPPRESS)
     p.add_argument("--batch-sizes", default="1", help=argparse.SUPPRESS)
+    p.add_argument("--grad-accum", type=int, default=1, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
