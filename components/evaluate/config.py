@@ -33,7 +33,6 @@ ROBOTWIN_SETTINGS = tuple(TASK_CONFIGS)  # clean (Easy), randomized (Hard)
 ASYNC_MODES = ("naive", "grounded")
 
 
-
 @dataclass(frozen=True)
 class Shard:
     """Worker `index` of `count`: it runs every `count`-th work unit starting at `index`."""
@@ -64,15 +63,18 @@ class Shard:
 class ClientConfig:
     """How the evaluation talks to the policy server."""
 
-    url: str = "ws://127.0.0.1:8080"  # `vaops serve`'s default port
+    url: str = field(default="ws://127.0.0.1:8080", metadata={  # `vaops serve`'s default port
+        "flag": "policy_url", "help": "websocket url of a running policy server"})
     connect_timeout_s: float = 30.0
     # One chunk of the 5B model takes seconds on a GPU; a stalled server must not hang the run.
-    request_timeout_s: float = 600.0
+    request_timeout_s: float = field(default=600.0, metadata={
+        "flag": "request_timeout", "help": "seconds to wait for one reply before failing the episode"})
     connect_attempts: int = 3
     retry_delay_s: float = 1.0
     # A server may open every connection with a metadata message (openpi's server does).
     metadata_timeout_s: float = 2.0
-    token: str | None = field(default=None, repr=False)  # bearer token, when the server requires one
+    # bearer token, when the server requires one (`vaops eval --token-env`: not a flag, as a secret)
+    token: str | None = field(default=None, repr=False, metadata={"flag": None})
 
     def __post_init__(self):
         if not re.match(r"^wss?://", self.url):
@@ -86,48 +88,51 @@ class ClientConfig:
 
 @dataclass(frozen=True)
 class TrackingConfig:
-    enabled: bool = True
-    # None: MLFLOW_TRACKING_URI, else ./mlflow.db (the default of every stage)
-    tracking_uri: str | None = None
-    experiment: str = "vaops-eval"
-    model_run_id: str | None = None
+    enabled: bool = field(default=True, metadata={"flag": "mlflow", "help": "log to MLflow"})
+    tracking_uri: str | None = field(default=None, metadata={
+        "help": "MLflow store (default MLFLOW_TRACKING_URI, else ./mlflow.db)"})
+    experiment: str = field(default="vaops-eval", metadata={"help": "MLflow experiment"})
+    model_run_id: str | None = field(default=None, metadata={
+        "help": "MLflow run that trained the model; the evaluation run is tagged with it"})
     run_name: str | None = None
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    suite: Suite
-    output_dir: Path
+    suite: Suite = "aloha"
+    # Absolute (__post_init__): the RoboTwin adapter works from inside the checkout while episodes are written.
+    output_dir: Path = field(default=Path("runs/eval"), metadata={
+        "flag": "output", "help": "evaluation folder (shards, videos, metrics.json, report)"})
     client: ClientConfig = field(default_factory=ClientConfig)
-    tasks: tuple[str, ...] = ALOHA_TASKS
-    settings: tuple[str, ...] = ALOHA_SETTINGS
-    episodes: int = 10  # per task and setting
-    seed: int = 0
-    # Actions per episode; None keeps the environment's own limit (RoboTwin's per-task step limits).
-    max_steps: int | None = 100
-    videos: bool = True
-    imagine: bool = True  # ask the server for its imagined video (decoded latents) of every chunk
-    robotwin_root: Path | None = None
+    tasks: tuple[str, ...] = field(default=ALOHA_TASKS, metadata={"help": "the suite's tasks to run"})
+    settings: tuple[str, ...] = field(default=ALOHA_SETTINGS, metadata={"help": "robotwin: clean and/or randomized"})
+    episodes: int = field(default=10, metadata={"help": "episodes (trials) per task and setting"})
+    seed: int = field(default=0, metadata={"help": "evaluation seed (first env seed 10000 * (1 + seed))"})
+    # None keeps the environment's own limit (RoboTwin's per-task step limits).
+    max_steps: int | None = field(default=100, metadata={"help": "actions per episode"})
+    videos: bool = field(default=True, metadata={"help": "per-episode videos"})
+    imagine: bool = field(default=True, metadata={"help": "videos with the model's imagined video of every chunk"})
+    robotwin_root: Path | None = field(default=None, metadata={"help": "path of a RoboTwin 2.0 checkout"})
     # ALOHA: actions per second, as the demonstrations were recorded (each held for 50/fps sim steps).
-    fps: int = 10
+    fps: int = field(default=10, metadata={"help": "aloha: actions per second, as the demonstrations were recorded"})
     # The server computes each next chunk while the robot executes the current one (the paper's
     # asynchronous execution); it only pays when executing takes time, as with `real_time`.
-    # True (or "naive"): continuing the executing chunk's forecast; "grounded": the paper's variant
-    # (ASYNC_MODES); False (or "none"): synchronous.
-    async_execution: bool | str = False
-    # The sampling settings the server runs each episode with, by name (its policy.json
-    # `operating_points`: released, paper, fast); None: the model's own.
-    operating_point: str | None = None
-    # ALOHA: every action takes 1/fps s of wall time, sim stepping included, as on a real robot.
-    real_time: bool = False
-    shard: Shard = field(default_factory=Shard)
+    async_execution: bool | str = field(default=False, metadata={
+        "help": "the server computes each next chunk while the robot executes the current one: true or naive "
+                "continues the executing chunk's forecast, grounded first re-imagines it from the latest "
+                "observation (the paper's, ASYNC_MODES), false or none: synchronous"})
+    operating_point: str | None = field(default=None, metadata={
+        "help": "the server's named sampling settings for every episode (its policy.json's operating_points: "
+                "released, paper, fast); unset: the model's own"})
+    real_time: bool = field(default=False, metadata={
+        "help": "aloha: every action takes 1/fps s of wall time, as on a robot (pair with --async-execution)"})
+    shard: Shard = field(default_factory=Shard, metadata={"help": "run worker i of n (i/n), e.g. 0/4"})
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     # Stop (with the results so far written) after this many episodes in a row could not reach
     # the server at all: a dead server should not be retried for hours.
     max_consecutive_connection_failures: int = 3
 
     def __post_init__(self):
-        # Absolute: the RoboTwin adapter works from inside the checkout while episodes are written.
         object.__setattr__(self, "output_dir", Path(self.output_dir).absolute())
         if self.robotwin_root is not None:
             object.__setattr__(self, "robotwin_root", Path(self.robotwin_root).absolute())
@@ -165,8 +170,6 @@ class EvalConfig:
         if self.real_time and self.suite != "aloha":
             raise ValueError(f"real_time pacing needs the environment's control rate: suite 'aloha' only, "
                              f"not {self.suite!r}")
-        if self.suite == "robotwin" and self.robotwin_root is None:
-            raise ValueError("suite 'robotwin' needs robotwin_root (the path of a RoboTwin 2.0 checkout)")
 
     def replace(self, **changes) -> "EvalConfig":
         return dataclasses.replace(self, **changes)
@@ -184,35 +187,39 @@ class EvalConfig:
         }
 
 
-PRESETS: dict[str, dict] = {
+PRESETS: dict[str, EvalConfig] = {
     # Seconds on a laptop: one short episode per ALOHA task.
-    "smoke": dict(suite="aloha", tasks=ALOHA_TASKS, settings=ALOHA_SETTINGS, episodes=1, max_steps=48),
+    "smoke": EvalConfig(episodes=1, max_steps=48),
     # The embedded benchmark: 50 seeded episodes per ALOHA task, twice the scripted expert's
     # 48 actions (4.8 s at 10 fps) to finish.
-    "aloha": dict(suite="aloha", tasks=ALOHA_TASKS, settings=ALOHA_SETTINGS, episodes=50, max_steps=100),
+    "aloha": EvalConfig(episodes=50, max_steps=100),
     # The task the shipped `small` policy solves (41/50, bench/results/policy_aloha.md), as the
     # benchmark runs it: `vaops demo`'s gate on the policy it post-trains.
-    "transfer_cube": dict(suite="aloha", tasks=("AlohaTransferCube-v0",), settings=ALOHA_SETTINGS, episodes=10,
-                          max_steps=100),
+    "transfer_cube": EvalConfig(tasks=("AlohaTransferCube-v0",), episodes=10, max_steps=100),
     # The LingBot-VA paper's protocol: 50 tasks x {clean, randomized} x 100 trials, seed 0,
-    # each task's own step limit.
-    "robotwin": dict(suite="robotwin", tasks=ROBOTWIN_TASKS, settings=ROBOTWIN_SETTINGS, episodes=100, seed=0,
-                     max_steps=None),
+    # each task's own step limit (a run needs robotwin_root: `checked`).
+    "robotwin": EvalConfig(suite="robotwin", tasks=ROBOTWIN_TASKS, settings=ROBOTWIN_SETTINGS, episodes=100,
+                           max_steps=None),
     # LIBERO (upstream `evaluation/libero/`): one task, one episode, three chunks (5 settling + 12 + 16 + 16 steps).
-    "libero_smoke": dict(suite="libero", tasks=("0",), settings=("libero_10",), episodes=1, max_steps=49),
+    "libero_smoke": EvalConfig(suite="libero", tasks=("0",), settings=("libero_10",), episodes=1, max_steps=49),
     # upstream's launch_client.sh: libero_10, its 10 tasks, 50 episodes each, 800 env steps.
-    "libero": dict(suite="libero", tasks=libero.TASKS, settings=("libero_10",), episodes=50,
-                   max_steps=libero.MAX_ENV_STEPS),
+    "libero": EvalConfig(suite="libero", tasks=libero.TASKS, settings=("libero_10",), episodes=50,
+                         max_steps=libero.MAX_ENV_STEPS),
     # the paper's: 4 suites x 3 seeds x 500 trials (50 init states x 10 tasks) = 150 episodes per task.
-    "libero_paper": dict(suite="libero", tasks=libero.TASKS, settings=libero.SUITES, episodes=3 * libero.INIT_STATES,
-                         seed=0, max_steps=libero.MAX_ENV_STEPS),
+    "libero_paper": EvalConfig(suite="libero", tasks=libero.TASKS, settings=libero.SUITES,
+                               episodes=3 * libero.INIT_STATES, max_steps=libero.MAX_ENV_STEPS),
 }
 
 
+def checked(config: EvalConfig) -> EvalConfig:
+    """`config`, checked for what a run needs and a preset cannot name: RoboTwin's checkout."""
+    if config.suite == "robotwin" and config.robotwin_root is None:
+        raise ValueError("suite 'robotwin' needs robotwin_root (the path of a RoboTwin 2.0 checkout)")
+    return config
+
+
 def get_eval_preset(name: str, output_dir: str | Path, **overrides) -> EvalConfig:
-    try:
-        base = dict(PRESETS[name])
-    except KeyError:
-        raise ValueError(f"unknown evaluation preset {name!r}; choose one of {sorted(PRESETS)}") from None
-    base.update({k: v for k, v in overrides.items() if v is not None})
-    return EvalConfig(output_dir=Path(output_dir), **base)
+    if name not in PRESETS:
+        raise ValueError(f"unknown evaluation preset {name!r}; choose one of {sorted(PRESETS)}")
+    return checked(PRESETS[name].replace(output_dir=Path(output_dir),
+                                         **{k: v for k, v in overrides.items() if v is not None}))

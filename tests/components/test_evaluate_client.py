@@ -18,7 +18,7 @@ from websockets.sync.server import serve
 from vaops.components.evaluate import robotwin
 from vaops.components.evaluate.client import (PolicyClient, PolicyConnectionError, PolicyDisconnected,
                                               PolicyProtocolError, check_actions)
-from vaops.components.evaluate.config import ClientConfig, EvalConfig, Shard, TrackingConfig, get_eval_preset
+from vaops.components.evaluate.config import ClientConfig, Shard, TrackingConfig, get_eval_preset
 from vaops.components.evaluate.episode import ChunkFrames
 from vaops.components.evaluate.results import EpisodeLog, EpisodeRecord, merge, shard_units, work_units
 from vaops.components.evaluate.run import EvaluationAborted, run
@@ -173,6 +173,30 @@ def test_no_server_is_one_error_line_before_any_episode(tmp_path, capsys):
     assert not out.exists()  # no episode ran, nothing was written
 
 
+def test_eval_flags_are_the_configs_fields_with_the_documented_names(tmp_path):
+    import argparse
+
+    from vaops.components.evaluate import cli
+    from vaops.components.evaluate.config import PRESETS, EvalConfig
+    from vaops.components.stage_cli import config_from_args
+
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    args = parser.parse_args(["--preset", "robotwin", "--robotwin-root", "/rt", "--policy-url", "ws://gpu0:8080",
+                              "--output", str(tmp_path), "--shard", "1/8", "--tasks", "click_bell", "--settings",
+                              "clean", "--request-timeout", "5", "--no-mlflow", "--no-videos", "--no-imagine",
+                              "--max-steps", "none", "--experiment", "e", "--model-run-id", "r"])
+    config = config_from_args(EvalConfig, PRESETS, args)
+    assert config == get_eval_preset("robotwin", tmp_path, robotwin_root="/rt", shard=Shard(1, 8), tasks=("click_bell",),
+                                     settings=("clean",), client=ClientConfig(url="ws://gpu0:8080", request_timeout_s=5),
+                                     videos=False, imagine=False, max_steps=None,
+                                     tracking=TrackingConfig(enabled=False, experiment="e", model_run_id="r"))
+    for flags, mode in ((["--async-execution"], True), (["--async-execution", "grounded"], "grounded"), ([], False)):
+        assert config_from_args(EvalConfig, PRESETS, parser.parse_args(flags)).async_execution == mode
+    assert config_from_args(EvalConfig, PRESETS, parser.parse_args(["--real-time"])).real_time is True
+    assert "--token" not in parser._option_string_actions  # read from --token-env's variable, never a flag
+
+
 def test_resume_runs_error_episodes_again_and_keeps_verdicts(scripted, tmp_path):
     from vaops.components.evaluate.aloha import episode_seed
 
@@ -298,7 +322,7 @@ def test_config_errors_are_named():
     with pytest.raises(ValueError, match="unknown ALOHA task"):
         get_eval_preset("smoke", "/tmp/x", tasks=("fold_shirt",))
     with pytest.raises(ValueError, match="needs robotwin_root"):
-        EvalConfig(suite="robotwin", output_dir="/tmp/x", settings=("clean",))
+        get_eval_preset("robotwin", "/tmp/x", settings=("clean",))
     with pytest.raises(ValueError, match="must start with ws://"):
         ClientConfig(url="http://localhost:8080")
     with pytest.raises(ValueError, match="unknown evaluation preset"):

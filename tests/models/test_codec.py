@@ -130,3 +130,49 @@ def test_episode_records_round_trip_and_a_bad_line_names_its_file_line_and_field
         f.write(json.dumps({**encode(record), "episode": 2, "steps": "many"}) + "\n")
     with pytest.raises(ConfigError, match=r"episodes.jsonl:2: field 'steps' got 'many' \(Couldn't parse 'many' into"):
         log.read()
+
+
+@dataclasses.dataclass(frozen=True)
+class Span:
+    lo: int = 0
+    hi: int = 1
+
+    @classmethod
+    def parse(cls, text: str) -> "Span":
+        lo, hi = text.split("-")
+        return cls(int(lo), int(hi))
+
+    def __str__(self) -> str:
+        return f"{self.lo}-{self.hi}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    out: str = dataclasses.field(default="o", metadata={"flag": "output"})
+    inner: Inner = Inner("k")
+    secret: str | None = dataclasses.field(default=None, metadata={"flag": None})
+    span: Span = Span()
+    on: bool = dataclasses.field(default=True, metadata={"flag": "switch"})
+
+
+def test_flags_of_nested_renamed_parsed_and_hidden_fields():
+    import argparse
+
+    from vaops.models.codec import add_config_arguments, config_arguments, config_from_args
+
+    presets = {"default": Job(), "big": Job(inner=Inner("k", 9))}
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, Job, presets)
+    assert "--secret" not in parser._option_string_actions and "--out" not in parser._option_string_actions
+    args = parser.parse_args(["--preset", "big", "--output", "x", "--key", "j", "--span", "2-5", "--no-switch"])
+    job = config_from_args(Job, presets, args)
+    assert job == Job(out="x", inner=Inner("j", 9), span=Span(2, 5), on=False)
+    assert config_arguments(job, presets["big"]) == ["--output", "x", "--key", "j", "--span", "2-5", "--switch",
+                                                     "false"]
+    with pytest.raises(ConfigError, match=r"^command line: field 'inner.size' got 'x'"):
+        config_from_args(Job, presets, parser.parse_args(["--size", "x"]))
+    bare = argparse.ArgumentParser()  # a command without presets: no --preset, the base's values
+    add_config_arguments(bare, Job, {"default": Job()}, preset_flag=None)
+    assert "--preset" not in bare._option_string_actions
+    assert config_from_args(Job, {}, bare.parse_args(["--size", "3"]), base=Job(secret="s")) == \
+        Job(inner=Inner("k", 3), secret="s")
