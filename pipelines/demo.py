@@ -38,6 +38,7 @@ from pathlib import Path
 from rich.console import Console
 
 from vaops.components.evaluate.local_server import LocalPolicyServer
+from vaops.models.codec import ConfigError
 from vaops.models.model_source import SHIPPED_FILE
 from vaops.serving.config import ServeConfig
 
@@ -364,6 +365,9 @@ def _interrupt(*_) -> None:
 
 
 def run_demo(cfg: DemoConfig, keep_serving: bool = False, fresh: bool = False, verbose: bool = False) -> int:
+    from .run import check_stages
+
+    check_stages(pipeline_arguments(cfg, "HEAD"))  # as `vaops run`: every stage's config, before anything runs
     started = time.perf_counter()
     if fresh:
         shutil.rmtree(cfg.root, ignore_errors=True)
@@ -451,7 +455,7 @@ def config_from_args(args: argparse.Namespace) -> DemoConfig:
     name = args.preset or ("small-policy" if args.base_checkpoint is not None else default_preset())
     cfg = PRESETS[name]
     if args.base_checkpoint is not None and cfg.base_checkpoint is None:
-        raise ValueError(f"--base-checkpoint needs a preset that post-trains a policy (small-policy), not {name!r}")
+        raise ConfigError(f"--base-checkpoint needs a preset that post-trains a policy (small-policy), not {name!r}")
     given = {key: getattr(args, key) for key in ("root", "base_checkpoint", "episodes", "train_steps", "eval_shards",
                                                  "eval_episodes", "eval_max_steps", "threshold", "model_name")}
     return cfg.replace(**{k: v for k, v in given.items() if v is not None})
@@ -461,8 +465,10 @@ def main(args: argparse.Namespace) -> int:
     from .run import PipelineFailed
 
     try:
-        cfg = config_from_args(args)
-        return run_demo(cfg, keep_serving=args.keep_serving, fresh=args.fresh, verbose=args.verbose)
+        return run_demo(config_from_args(args), keep_serving=args.keep_serving, fresh=args.fresh, verbose=args.verbose)
+    except ConfigError as e:  # a bad flag or stage config, found before anything ran
+        print(f"vaops demo: error: {e}", file=sys.stderr)
+        return 2
     except (PipelineFailed, RuntimeError, ValueError, FileNotFoundError) as e:
         console.print(f"[red]vaops demo: {e}[/]")
         return 1
