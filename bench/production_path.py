@@ -322,8 +322,12 @@ def train_config(args, gpus: int, stage: int, dataset: Path, output: Path, base:
     from vaops.components.train.config import get_recipe
 
     recipe = get_recipe(args.preset)
+    # ZeRO-3 gathers parameters in hooks the compiled regions cannot call (TrainConfig refuses both):
+    # its runs train the recipe's blocks uncompiled.
+    compile_blocks = recipe.compile_blocks and stage != 3
     return recipe.replace(dataset=str(dataset), output=str(output), init_from=str(base), steps=args.train_steps,
-                          zero_stage=stage, save_every=args.train_steps, save_training_state=False, num_workers=0,
+                          zero_stage=stage, compile_blocks=compile_blocks, save_every=args.train_steps,
+                          save_training_state=False, num_workers=0,
                           warmup_steps=0, run_name=f"rehearsal-{gpus}gpu-zero{stage}", system_metrics=False,
                           experiment="vaops-rehearsal")
 

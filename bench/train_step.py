@@ -12,7 +12,8 @@ its TrainJob) on a clean set of GPUs:
   wrapper around each block, fused AdamW (upstream wan_va/distributed/fsdp.py, train.py);
   `z0`..`z3`: the trainer's engine (DeepSpeed ZeRO stage 0-3, bf16, fused AdamW; stage 0 keeps the
   fp32 masters in components/train/master_weights.py's multi-tensor AdamW);
-  `shipped`: what `vaops train` runs for robotwin (config.SCALE_OUT_EXECUTION), at its micro-batch.
+  `shipped`: what `vaops train` runs for robotwin (config.SCALE_OUT_EXECUTION), at its micro-batch
+  and with samples of its max_latent_frames (instead of --frames) where it sets them.
 - CKPT `full` (every block recomputed), `half` (every 2nd block), `off`.
 - COMPILE `on`: torch.compile of the blocks' attention-free regions (ZeRO <= 2), `off`.
 - BATCHES: micro-batches per GPU, ascending, each `+`-separated; the sweep stops at the first OOM.
@@ -228,6 +229,7 @@ class Config:
     batches: tuple[int, ...]
     shipped: bool = False
     grad_accum: int = 1  # micro-steps per optimizer step: the step's fixed cost (ZeRO's reduce, AdamW) amortised
+    frames: int | None = None  # latent frames per sample; None: --frames (shipped: its max_latent_frames)
 
 
     @property
@@ -238,7 +240,8 @@ class Config:
     def label(self) -> str:
         name = "shipped=" + self.engine if self.shipped else self.engine
         accum = f" accum={self.grad_accum}" if self.grad_accum > 1 else ""
-        return f"{name} ckpt={self.ckpt} compile={self.compile}{accum}"
+        frames = f" frames={self.frames}" if self.frames is not None else ""
+        return f"{name} ckpt={self.ckpt} compile={self.compile}{accum}{frames}"
 
 
 def shipped_config() -> Config:
@@ -248,7 +251,7 @@ def shipped_config() -> Config:
     if ckpt is None:
         raise ValueError(f"SCALE_OUT_EXECUTION: checkpoint_every {e['checkpoint_every']} has no bench name")
     return Config(f"z{e['zero_stage']}", ckpt, "on" if e["compile_blocks"] else "off", (e["micro_batch"],), True,
-                  e.get("grad_accum", 1))
+                  e.get("grad_accum", 1), e.get("max_latent_frames"))
 
 
 def parse_config(text: str) -> Config:
@@ -280,7 +283,7 @@ def launch_command(args, config: Config, gpus: int) -> list[str]:
 
     program = [str(Path(__file__).resolve()), "--worker", "--engine", config.engine, "--zero-stage",
                str(config.zero_stage), "--ckpt", config.ckpt, "--compile", config.compile, "--preset", args.preset,
-               "--frames", str(args.frames), "--chunk", str(args.chunk), "--window", str(args.window),
+               "--frames", str(config.frames or args.frames), "--chunk", str(args.chunk), "--window", str(args.window),
                "--steps", str(args.steps), "--warmup", str(args.warmup), "--peak-tflops", str(args.peak_tflops),
                "--device", args.device, "--batch-sizes", ",".join(map(str, config.batches)),
                "--grad-accum", str(config.grad_accum)]

@@ -67,7 +67,14 @@ class TrainConfig:
     action_shift: float | None = None  # None: the preset's action shift (upstream action_snr_shift)
 
     # Data
-    max_latent_frames: int | None = None  # keep at most this many leading latent frames of a segment
+    # At most this many latent frames of a segment per visit (None: whole segments). A longer segment
+    # gives a window whose start each visit draws from (seed, visit) (data.py `window_start`): every
+    # part of it is trained on across epochs, and a resumed run draws the same windows. It bounds the
+    # memory of a run without activation checkpointing (which grows with the frames) and the frame
+    # counts compile_blocks compiles for. With hold_first_frame the window's first frame is held: the
+    # episode's first observation when the window starts there, else a clean context frame with its
+    # executed actions, as the engine's cache holds an observed frame.
+    max_latent_frames: int | None = None
     # The actions' normalisation (q01/q99 per channel), which the checkpoint's policy.json keeps:
     # "dataset" (upstream post-training: the latent dataset's meta/norm_stats.json) or "base" (the
     # init_from checkpoint's). A policy already trained keeps "base": its action head learned that
@@ -151,10 +158,15 @@ class TrainConfig:
 # How `vaops train` executes the 5 B presets (robotwin, libero) on one GPU and on several (torchrun,
 # a TrainJob): the one place to change once bench/train_step.py (`--config shipped`) has measured
 # the candidates on the GPUs that train (issue 14). TrainConfig fields; a run can override each.
-# compile_blocks compiles per latent-frame count (dynamic=False): with segments of varying length
-# pair it with max_latent_frames, and ZeRO-3 cannot run it.
-SCALE_OUT_EXECUTION: dict = {"zero_stage": 2, "activation_checkpointing": True, "checkpoint_every": 1,
-                             "compile_blocks": False, "micro_batch": 1}
+# bench/results/train_step_h200x2.md (robotwin, 16-latent-frame samples, 2 H200): ZeRO-2 without
+# activation checkpointing, compiled blocks, micro-batch 2 ran 11,558 tokens/s per GPU (1.85x the
+# reference) at a 98.5 GiB peak per GPU (130.3 GiB on 1 GPU), where the previous ZeRO-2 with full
+# checkpointing at micro-batch 1 ran 6,303 (1.01x). Micro-batch 3 (12,583) peaked at 127.7 GiB, too
+# close to an H200's memory once real data varies. Without checkpointing memory grows with the
+# frames, and compile_blocks compiles per latent-frame count (dynamic=False), so samples are windows
+# of at most the 16 frames measured; ZeRO-3 cannot run compile_blocks.
+SCALE_OUT_EXECUTION: dict = {"zero_stage": 2, "activation_checkpointing": False, "checkpoint_every": 1,
+                             "compile_blocks": True, "micro_batch": 2, "max_latent_frames": 16}
 
 RECIPES: dict[str, TrainConfig] = {
     # CI and the embedded demo: the tiny preset, short windows, a high learning rate, fp32 on CPU.

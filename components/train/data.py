@@ -14,9 +14,11 @@ empty_emb.pt               the empty-prompt embedding [L, D]
 ```
 A segment becomes one deterministic sample: video latents in the preset's camera layout, the
 actions aligned to latent frames in the model's 30 normalised channels with their channel mask,
-and the padded text embedding. Everything random (noise, timesteps, text dropout, noisy history,
-chunk and window) is drawn in the training step from a seeded generator, so that a resumed run
-sees exactly the draws of an uninterrupted one.
+and the padded text embedding. With `max_latent_frames`, a longer segment gives a window of that
+many latent frames, its start drawn per visit from (seed, visit) alone (`window_start`). Everything
+else random (noise, timesteps, text dropout, noisy history, chunk and attention window) is drawn in
+the training step from a seeded generator, so that a resumed run sees exactly the draws of an
+uninterrupted one.
 """
 
 from __future__ import annotations
@@ -57,9 +59,16 @@ class Segment:
 @dataclass
 class Sample:
     latents: torch.Tensor  # [C, F, H, W] float32, the preset's camera layout
-    actions: torch.Tensor  # [A, F, N, 1] float32, normalised model channels (unused and frame 0 zero)
+    actions: torch.Tensor  # [A, F, N, 1] float32, normalised model channels (unused and the segment's frame 0 zero)
     action_mask: torch.Tensor  # [A, F, N, 1] bool, the used channels
     text_emb: torch.Tensor  # [text_len, D] bfloat16, zero-padded
+
+    def frames(self, start: int, count: int) -> Sample:
+        """Latent frames `start` .. `start + count - 1`: video, actions and mask alike. Copies, so that
+        a loader worker sends the window, not the storage of a preloaded whole sample."""
+        span = slice(start, start + count)
+        return Sample(self.latents[:, span].contiguous(), self.actions[:, span].contiguous(),
+                      self.action_mask[:, span].contiguous(), self.text_emb)
 
 
 @dataclass
@@ -240,6 +249,21 @@ def pad_text(emb: torch.Tensor, length: int, source: str) -> torch.Tensor:
     return out
 
 
+def window_start(frames: int, window: int, seed: int, visit: int) -> int:
+    """Where a visit's window of `window` latent frames starts in a segment of `frames`: drawn from
+    (seed, visit) alone, so the loader's workers and a resumed run draw the same. The start is drawn
+    uniformly from -(window-1) .. frames-1 and clamped into the segment: every frame is then in at
+    least `window` of the frames+window-1 equally likely draws. Uniform starts would put the ends in
+    1 of frames-window+1: at 40 frames and windows of 16, the episode's first frame (where every
+    inference episode starts) 16 times less often than its middle."""
+    if frames <= window:
+        return 0
+    mixed = np.random.SeedSequence([seed, visit]).generate_state(1, dtype=np.uint64)[0]
+    g = torch.Generator().manual_seed(int(mixed) & (2**63 - 1))
+    drawn = int(torch.randint(1 - window, frames, (1,), generator=g))
+    return min(max(drawn, 0), frames - window)
+
+
 def load_latent_file(path: Path) -> dict:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
@@ -266,8 +290,9 @@ def camera_latent(data: dict, path: Path, expected_hw: tuple[int, int], channels
 
 class LatentDataset(torch.utils.data.Dataset):
     def __init__(self, root: str | Path, preset: Preset, max_latent_frames: int | None = None,
-                 norm: tuple[tuple[float, ...], tuple[float, ...]] | None = None):
-        """`norm`: the (q01, q99) the actions are normalised with; None: the dataset's own."""
+                 norm: tuple[tuple[float, ...], tuple[float, ...]] | None = None, seed: int = 0):
+        """`norm`: the (q01, q99) the actions are normalised with; None: the dataset's own. `seed`
+        (the run's) draws the windows of segments longer than `max_latent_frames`."""
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"{self.root}: latent dataset directory does not exist")
@@ -278,6 +303,7 @@ class LatentDataset(torch.utils.data.Dataset):
         self.q01, self.q99 = (torch.tensor(q, dtype=torch.float32) for q in (q01, q99))
         self.adapter = robot_adapter(stats, preset, str(self.root / NORM_STATS_FILE))
         self.max_latent_frames = max_latent_frames
+        self.seed = seed
         self.segments = index_segments(self.root, preset)
         self.actions = read_actions(self.root)
         lost = sorted({s.episode for s in self.segments} - set(self.actions))
@@ -304,8 +330,15 @@ class LatentDataset(torch.utils.data.Dataset):
         indices = range(len(self.segments))
         self._cache = [self._read(i) for i in (progress(indices) if progress else indices)]
 
-    def __getitem__(self, index: int) -> Sample:
-        return self._cache[index] if self._cache is not None else self._read(index)
+    def __getitem__(self, visit: int) -> Sample:
+        """`visit`: `epoch * len(self) + index`, as `ResumableSampler` yields (a bare index is its first
+        epoch's visit); a segment longer than `max_latent_frames` gives the window this visit draws."""
+        index = visit % len(self.segments)
+        sample = self._cache[index] if self._cache is not None else self._read(index)
+        f, window = sample.latents.shape[1], self.max_latent_frames
+        if window is None or f <= window:
+            return sample
+        return sample.frames(window_start(f, window, self.seed, visit), window)
 
     def check_rate(self) -> None:
         """A preset with a fixed control rate refuses latents encoded from data at another rate (one
@@ -341,11 +374,9 @@ class LatentDataset(torch.utils.data.Dataset):
         text = pad_text(metas[0]["text_emb"], self.text_len, source)
         if text.shape[1] != cfg.text_dim:
             raise ValueError(f"{source}: text width {text.shape[1]}, the transformer expects {cfg.text_dim}")
-        keep = f if self.max_latent_frames is None else min(f, self.max_latent_frames)
         mask = torch.zeros(cfg.action_dim, 1, 1, 1, dtype=torch.bool)
         mask[list(self.preset.used_action_channels)] = True
-        return Sample(latents[:, :keep].contiguous(), actions[:, :keep].contiguous(),
-                      mask.expand(-1, keep, actions.shape[2], 1).contiguous(), text)
+        return Sample(latents.contiguous(), actions, mask.expand(-1, f, actions.shape[2], 1).contiguous(), text)
 
 
 def collate(samples: list[Sample]) -> Batch:
@@ -358,8 +389,9 @@ def collate(samples: list[Sample]) -> Batch:
 
 
 class ResumableSampler(torch.utils.data.Sampler[int]):
-    """An endless stream of dataset indices: a seeded permutation per epoch, split across ranks,
-    starting at this rank's `start`-th index (the data position saved with a checkpoint)."""
+    """An endless stream of visits `epoch * size + index` (`LatentDataset.__getitem__` takes the index
+    back and draws a long segment's window from the visit): a seeded permutation per epoch, split
+    across ranks, starting at this rank's `start`-th visit (the data position saved with a checkpoint)."""
 
     def __init__(self, size: int, seed: int, rank: int = 0, world: int = 1, start: int = 0):
         self.size, self.seed, self.rank, self.world, self.start = size, seed, rank, world, start
@@ -373,5 +405,5 @@ class ResumableSampler(torch.utils.data.Sampler[int]):
     def __iter__(self) -> Iterator[int]:
         epoch, offset = divmod(self.start, self.per_rank)
         while True:
-            yield from self.epoch_indices(epoch)[offset:]
+            yield from (epoch * self.size + i for i in self.epoch_indices(epoch)[offset:])
             epoch, offset = epoch + 1, 0

@@ -132,7 +132,8 @@ def run(cfg: TrainConfig) -> TrainOutputs:
     bf16 = use_bf16(cfg, info)
     backend = ("flex" if info.cuda else "sdpa") if cfg.attention == "auto" else cfg.attention
     preset, base = resolve_preset(cfg, dataset_dir)
-    dataset = LatentDataset(dataset_dir, preset, cfg.max_latent_frames, (preset.norm_q01, preset.norm_q99))
+    dataset = LatentDataset(dataset_dir, preset, cfg.max_latent_frames, (preset.norm_q01, preset.norm_q99),
+                            seed=cfg.seed)
     dataset.check_rate()
     if cfg.preload:
         dataset.preload(lambda it: progress(iterable=it, total=len(dataset), desc="preload", disable=not info.is_main))

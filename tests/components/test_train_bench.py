@@ -95,13 +95,15 @@ def test_bench_launches_and_measures_what_vaops_train_ships(bench):
     """The bench's workers start under torchrun as the TrainJob's ranks do, and its `shipped`
     configuration is the robotwin recipe's execution (SCALE_OUT_EXECUTION), which the TrainJob runs."""
     shipped = bench.parse_config("shipped")
-    args = argparse.Namespace(preset="robotwin", frames=16, chunk=2, window=64, steps=5, warmup=3, peak_tflops=989.0,
+    args = argparse.Namespace(preset="robotwin", frames=8, chunk=2, window=64, steps=5, warmup=3, peak_tflops=989.0,
                               device="cuda", offload_optimizer=False, ds_override=None)
     cmd = bench.launch_command(args, shipped, 4)
     launcher = (sys.executable, "-m", "torch.distributed.run")
     assert cmd == torchrun_command(cmd[5:], no_python=False, nproc_per_node=4, standalone=True, launcher=launcher)
     assert cmd[5:7] == [str(BENCH), "--worker"] and cmd[cmd.index("--batch-sizes") + 1] == str(
         SCALE_OUT_EXECUTION["micro_batch"])
+    # the samples the shipped execution caps its windows at, not --frames
+    assert cmd[cmd.index("--frames") + 1] == str(SCALE_OUT_EXECUTION["max_latent_frames"]) == str(shipped.frames)
 
     recipe = get_recipe("robotwin")
     job = train_job(K8sSpec(nodes=2, gpus_per_node=8), train_arguments(recipe, "robotwin"))
@@ -115,6 +117,8 @@ def test_bench_launches_and_measures_what_vaops_train_ships(bench):
         shipped.zero_stage, shipped.compile == "on", shipped.batches[0])
     assert (trained.activation_checkpointing, trained.checkpoint_every) == (
         shipped.ckpt != "off", max(1, bench.CKPT_EVERY[shipped.ckpt]))
+    assert trained.max_latent_frames == shipped.frames
+    assert bench.launch_command(args, bench.parse_config("z2:off:on:2"), 1)[cmd.index("--frames") + 1] == "8"
 
 
 def test_configs_and_ratios(bench):

@@ -10,7 +10,14 @@ import pytest
 import torch
 from scipy.spatial.transform import Rotation
 
-from vaops.components.train.data import LatentDataset, ResumableSampler, collate, index_segments, load_latent_file
+from vaops.components.train.data import (
+    LatentDataset,
+    ResumableSampler,
+    collate,
+    index_segments,
+    load_latent_file,
+    window_start,
+)
 from vaops.components.train.synthetic import write_synthetic_latent_dataset
 from vaops.models.config import get_preset
 
@@ -181,7 +188,41 @@ def test_collate_keeps_the_common_leading_frames(tmp_path):
     batch = collate([a, b])
     assert batch.latents.shape == (2, 48, 3, 4, 6) and batch.actions.shape == (2, 30, 3, 16, 1)
     assert torch.equal(batch.latents[0], a.latents[:, :3]) and torch.equal(batch.actions[1], b.actions)
-    assert LatentDataset(long_ds, TINY, max_latent_frames=2)[0].latents.shape[1] == 2
+
+
+def test_max_latent_frames_takes_a_window_drawn_per_visit(tmp_path):
+    """A segment longer than max_latent_frames gives a window of that many frames (video, actions and
+    mask from the same frames) at a start drawn from (seed, visit): every part of the segment over the
+    visits, the same window for the same visit in another dataset (a loader worker, a resumed run) and
+    from the preloaded cache."""
+    root = write_synthetic_latent_dataset(tmp_path / "ds", TINY, episodes=1, latent_frames=6, seed=4)
+    whole = LatentDataset(root, TINY)[0]
+    ds = LatentDataset(root, TINY, max_latent_frames=3, seed=7)
+    starts = []
+    for visit in range(40):  # one segment: visit = epoch
+        sample = ds[visit]
+        start = window_start(6, 3, 7, visit)
+        span = slice(start, start + 3)
+        assert sample.latents.shape[1] == sample.actions.shape[1] == sample.action_mask.shape[1] == 3
+        assert torch.equal(sample.latents, whole.latents[:, span]) and torch.equal(sample.actions, whole.actions[:, span])
+        assert torch.equal(sample.action_mask, whole.action_mask[:, span])
+        assert torch.equal(sample.text_emb, whole.text_emb)
+        starts.append(start)
+    assert set(starts) == {0, 1, 2, 3}
+    assert starts[:10] != [window_start(6, 3, 8, v) for v in range(10)]  # another seed, other windows
+    again = LatentDataset(root, TINY, max_latent_frames=3, seed=7)
+    again.preload()
+    assert all(torch.equal(again[v].latents, ds[v].latents) for v in range(40))
+    assert torch.equal(LatentDataset(root, TINY, max_latent_frames=6, seed=7)[5].latents, whole.latents)  # fits
+
+
+def test_windows_reach_a_segments_ends_as_often_as_its_middle():
+    """Starts drawn over -(window-1)..frames-1 and clamped: at 40 frames and windows of 16 every frame is
+    in at least 16 of 55 draws (29%); uniform starts would put the first frame in 1 of 25 (4%)."""
+    starts = torch.tensor([window_start(40, 16, 0, v) for v in range(4000)])
+    assert starts.min() == 0 and starts.max() == 24 and len(starts.unique()) == 25
+    covered = torch.stack([(starts <= j) & (starts > j - 16) for j in range(40)]).float().mean(1)
+    assert covered.min() > 16 / 55 - 0.04 and covered.max() < 31 / 55 + 0.04  # 31 of 55: frames 15 and 24
 
 
 def test_resumable_sampler_continues_the_stream_and_splits_ranks():
@@ -190,7 +231,8 @@ def test_resumable_sampler_continues_the_stream_and_splits_ranks():
         return [next(it) for _ in range(n)]
 
     full = take(ResumableSampler(10, seed=3), 25)
-    assert sorted(full[:10]) == list(range(10)) and full[:10] != full[10:20]  # a new permutation per epoch
+    assert sorted(full[:10]) == list(range(10)) and sorted(full[10:20]) == list(range(10, 20))  # epoch * 10 + index
+    assert [v % 10 for v in full[:10]] != [v % 10 for v in full[10:20]]  # a new permutation per epoch
     assert take(ResumableSampler(10, seed=3, start=7), 18) == full[7:]
     r0, r1 = take(ResumableSampler(10, 3, 0, 2), 5), take(ResumableSampler(10, 3, 1, 2), 5)
     assert sorted(r0 + r1) == list(range(10))

@@ -199,24 +199,27 @@ def test_zero_stages_and_accumulation_agree(workspace):
 
 
 def test_two_ranks_resume_exactly_with_the_scale_out_execution(workspace):
-    """The execution `vaops train` ships for the 5 B recipes (SCALE_OUT_EXECUTION: activation
-    checkpointing, micro-batch, bf16) on two ranks through the local-ranks launcher (torchrun, the
-    TrainJob's entry point), with ZeRO-3 partitioning (the 2-GPU stage of bench/production_path.py) so
-    that the saved weights are gathered from both ranks' shards: relaunched from its step-2 checkpoint,
-    the run repeats steps 3-4 loss for loss and weight for weight. Compiled blocks are a GPU matter and
-    stay off here. (One test for both: each torchrun launch costs about a minute on 2 cores.)"""
+    """The execution `vaops train` ships for the 5 B recipes (SCALE_OUT_EXECUTION: no activation
+    checkpointing, micro-batch 2, windows of at most max_latent_frames, bf16) on two ranks through the
+    local-ranks launcher (torchrun, the TrainJob's entry point), with ZeRO-3 partitioning (the 2-GPU
+    stage of bench/production_path.py) so that the saved weights are gathered from both ranks' shards:
+    relaunched from its step-2 checkpoint, the run repeats steps 3-4 loss for loss and weight for weight,
+    drawing the same windows. The workspace's segments are 4 latent frames: windows of 3 here (the
+    shipped 16 would take them whole). Compiled blocks are a GPU matter and stay off here. (One test for
+    both: each torchrun launch costs about a minute on 2 cores.)"""
     from vaops.components.train.config import SCALE_OUT_EXECUTION
     from vaops.components.train.launch import run_local_ranks
 
     output = workspace["root"] / "scale-out"
-    cfg = get_recipe("tiny").replace(**{**SCALE_OUT_EXECUTION, "compile_blocks": False, "zero_stage": 3}).replace(
+    cfg = get_recipe("tiny").replace(
+        **{**SCALE_OUT_EXECUTION, "compile_blocks": False, "zero_stage": 3, "max_latent_frames": 3}).replace(
         dataset=str(workspace["dataset"]), output=str(output), steps=4, save_every=2, keep_last=2,
         precision="bf16", system_metrics=False, log_checkpoints="none", init_from=str(workspace["base"]))
     first = run_local_ranks(cfg, "tiny", 2)
     step4 = output / "checkpoints" / "step-00000004"
     weights = load_file(str(step4 / "transformer" / "diffusion_pytorch_model.safetensors"))
     state = json.loads((step4 / "trainer_state.json").read_text())
-    assert state["world"] == 2 and state["micro_steps"] == 4  # per rank: 4 steps x 1 micro-batch
+    assert state["world"] == 2 and state["micro_steps"] == 4  # per rank: 4 steps x 1 micro-batch (of 2 samples)
     assert state["config"]["zero_stage"] == 3
     ranks = sorted(p.name for p in (step4 / "training" / "state").iterdir())
     assert sum("optim_states" in name for name in ranks) == 2  # one ZeRO-3 optimizer shard per rank
