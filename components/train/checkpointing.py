@@ -47,8 +47,9 @@ MODULE_PREFIX = "transformer."  # the trained module wraps the transformer under
 # Changing these between a run and its resumption would break the continued curve or be silently
 # ignored (the optimizer and LR schedule come back from the checkpoint).
 RESUME_FIELDS = ("preset", "init_from", "micro_batch", "grad_accum", "seed", "zero_stage", "chunk_range",
-                 "window_range", "text_dropout", "noisy_history", "hold_first_frame", "video_shift", "action_shift", "lr", "betas",
-                 "weight_decay", "warmup_steps", "lr_schedule", "norm_stats")
+                 "window_range", "max_latent_frames", "text_dropout", "noisy_history", "hold_first_frame",
+                 "video_shift", "action_shift", "lr", "betas", "weight_decay", "warmup_steps", "lr_schedule",
+                 "norm_stats")
 # TrainConfig fields that change how a run is executed or recorded, not what it trains: configurations
 # that differ only in these share a run folder (`run_folder`), so one resumes the other. Recomputing
 # more or fewer blocks (checkpoint_every) gives the same numbers.

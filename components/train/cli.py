@@ -44,6 +44,10 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
     base = get_recipe(args.recipe)
     if args.config:
         base = TrainConfig.from_file(args.config, base=base)
+    if str(args.zero_stage) == "3" and args.compile_blocks is None and base.compile_blocks:
+        # The 5 B recipes compile their blocks (SCALE_OUT_EXECUTION); ZeRO-3's parameter hooks cannot run
+        # inside compiled regions, so asking for stage 3 alone runs the blocks uncompiled instead of failing.
+        base = base.replace(compile_blocks=False)
     return config_from_args(TrainConfig, RECIPES, args, preset_flag="--recipe", base=base)
 
 
