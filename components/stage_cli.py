@@ -5,8 +5,11 @@ bars).
 
 from __future__ import annotations
 
+import argparse
+import importlib
 import sys
 from collections.abc import Callable
+from typing import Any
 
 from tqdm import tqdm
 
@@ -19,15 +22,26 @@ from vaops.models.codec import config_from_args as config_from_args
 SPARSE_PROGRESS_S = 30.0
 
 
-def run_stage(name: str, body: Callable[[], int]) -> int:
-    """Run a stage's command body; bad input ends with one clear line on stderr and exit code 2."""
-    from vaops.components.dataset import DatasetError
+def stage_command(name: str, cls: type, presets: dict[str, Any], report: Callable[[Any, Any], int]
+                  ) -> tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]:
+    """`add_arguments` and `main` of the data stage `name`: every field of `cls` a flag over `presets`;
+    `main` runs `vaops.components.<name>.stage.run` (imported only then) on the decoded config and
+    returns `report(config, result)`, which prints the outcome. Bad input (a DatasetError is a
+    ValueError) ends with one clear line on stderr and exit code 2."""
 
-    try:
-        return body()
-    except (DatasetError, ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"vaops {name}: error: {e}", file=sys.stderr)
-        return 2
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        add_config_arguments(parser, cls, presets)
+
+    def main(args: argparse.Namespace) -> int:
+        try:
+            run = importlib.import_module(f"vaops.components.{name}.stage").run
+            cfg = config_from_args(cls, presets, args)
+            return report(cfg, run(cfg))
+        except (ValueError, FileNotFoundError, RuntimeError) as e:
+            print(f"vaops {name}: error: {e}", file=sys.stderr)
+            return 2
+
+    return add_arguments, main
 
 
 def progress(**kwargs) -> tqdm:

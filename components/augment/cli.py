@@ -5,25 +5,15 @@
 
 from __future__ import annotations
 
-import argparse
-
-from vaops.components.stage_cli import add_config_arguments, config_from_args, run_stage
+from vaops.components.stage_cli import stage_command
 
 from .config import PRESETS, AugmentConfig
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_config_arguments(parser, AugmentConfig, PRESETS)
+def _report(cfg: AugmentConfig, r) -> int:
+    print(f"wrote {r.originals} originals and {len(r.augmented)} augmented copies to {r.output} "
+          f"(report: {cfg.report_dir}/report.md)")
+    return 0
 
 
-def main(args: argparse.Namespace) -> int:
-    def body() -> int:
-        from .stage import run
-
-        cfg = config_from_args(AugmentConfig, PRESETS, args)
-        r = run(cfg)
-        print(f"wrote {r.originals} originals and {len(r.augmented)} augmented copies to {r.output} "
-              f"(report: {cfg.report_dir}/report.md)")
-        return 0
-
-    return run_stage("augment", body)
+add_arguments, main = stage_command("augment", AugmentConfig, PRESETS, _report)

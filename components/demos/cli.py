@@ -6,24 +6,15 @@
 
 from __future__ import annotations
 
-import argparse
-
-from vaops.components.stage_cli import add_config_arguments, config_from_args, run_stage
+from vaops.components.stage_cli import stage_command
 
 from .config import PRESETS, DemosConfig
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_config_arguments(parser, DemosConfig, PRESETS)
+def _report(cfg: DemosConfig, r) -> int:
+    print(f"wrote {r.episodes} episodes to {r.output} (scripted expert solved "
+          f"{100 * r.success_rate:.0f}% of {r.attempts} seeds)")
+    return 0
 
 
-def main(args: argparse.Namespace) -> int:
-    def body() -> int:
-        from .stage import run
-
-        r = run(config_from_args(DemosConfig, PRESETS, args))
-        print(f"wrote {r.episodes} episodes to {r.output} (scripted expert solved "
-              f"{100 * r.success_rate:.0f}% of {r.attempts} seeds)")
-        return 0
-
-    return run_stage("demos", body)
+add_arguments, main = stage_command("demos", DemosConfig, PRESETS, _report)

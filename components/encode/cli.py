@@ -7,25 +7,15 @@
 
 from __future__ import annotations
 
-import argparse
-
-from vaops.components.stage_cli import add_config_arguments, config_from_args, run_stage
+from vaops.components.stage_cli import stage_command
 
 from .config import PRESETS, EncodeConfig
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_config_arguments(parser, EncodeConfig, PRESETS)
+def _report(cfg: EncodeConfig, r) -> int:
+    print(f"wrote {r.files} latent files for {r.segments} segments to {r.output} ({len(r.skipped)} skipped, "
+          f"{r.frames_per_second:.1f} frames/s; report: {cfg.report_dir}/report.md)")
+    return 0
 
 
-def main(args: argparse.Namespace) -> int:
-    def body() -> int:
-        from .stage import run
-
-        cfg = config_from_args(EncodeConfig, PRESETS, args)
-        r = run(cfg)
-        print(f"wrote {r.files} latent files for {r.segments} segments to {r.output} ({len(r.skipped)} skipped, "
-              f"{r.frames_per_second:.1f} frames/s; report: {cfg.report_dir}/report.md)")
-        return 0
-
-    return run_stage("encode", body)
+add_arguments, main = stage_command("encode", EncodeConfig, PRESETS, _report)

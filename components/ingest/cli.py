@@ -9,30 +9,21 @@ Exits 1 when a written parquet or video is broken (each named on its own line), 
 
 from __future__ import annotations
 
-import argparse
-
-from vaops.components.stage_cli import add_config_arguments, config_from_args, run_stage
+from vaops.components.stage_cli import stage_command
 
 from .config import PRESETS, IngestConfig
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_config_arguments(parser, IngestConfig, PRESETS)
+def _report(cfg: IngestConfig, r) -> int:
+    print(f"wrote {r.output}: {r.episodes} episodes, {r.frames} frames (source was LeRobot {r.source_version})")
+    for note in r.notes:
+        print(f"  converted: {note}")
+    if r.broken:
+        print(f"{len(r.broken)} broken files (`vaops validate` quarantines their episodes):")
+        for line in r.broken:
+            print(f"  {line}")
+        return 1
+    return 0
 
 
-def main(args: argparse.Namespace) -> int:
-    def body() -> int:
-        from .stage import run
-
-        r = run(config_from_args(IngestConfig, PRESETS, args))
-        print(f"wrote {r.output}: {r.episodes} episodes, {r.frames} frames (source was LeRobot {r.source_version})")
-        for note in r.notes:
-            print(f"  converted: {note}")
-        if r.broken:
-            print(f"{len(r.broken)} broken files (`vaops validate` quarantines their episodes):")
-            for line in r.broken:
-                print(f"  {line}")
-            return 1
-        return 0
-
-    return run_stage("ingest", body)
+add_arguments, main = stage_command("ingest", IngestConfig, PRESETS, _report)

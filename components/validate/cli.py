@@ -7,30 +7,20 @@
 
 from __future__ import annotations
 
-import argparse
-
-from vaops.components.stage_cli import add_config_arguments, config_from_args, run_stage
+from vaops.components.stage_cli import stage_command
 
 from .config import PRESETS, ValidateConfig
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_config_arguments(parser, ValidateConfig, PRESETS)
+def _report(cfg: ValidateConfig, report) -> int:
+    print(f"{cfg.dataset}: {'usable' if report.usable else 'UNUSABLE'}; {len(report.passed)} of "
+          f"{report.episodes} episodes passed, {len(report.quarantine)} quarantined; robot limits: "
+          f"{report.robot or 'none'} (report: {cfg.report_dir}/report.md)")
+    for p in report.dataset_problems:
+        print(f"  dataset: {p.message}" + (f" [{p.file}]" if p.file else ""))
+    for ep, problems in sorted(report.quarantine.items()):
+        print(f"  episode {ep}: " + "; ".join(p.line() for p in problems))
+    return 0 if report.usable else 1
 
 
-def main(args: argparse.Namespace) -> int:
-    def body() -> int:
-        from .stage import run
-
-        cfg = config_from_args(ValidateConfig, PRESETS, args)
-        report = run(cfg)
-        print(f"{cfg.dataset}: {'usable' if report.usable else 'UNUSABLE'}; {len(report.passed)} of "
-              f"{report.episodes} episodes passed, {len(report.quarantine)} quarantined; robot limits: "
-              f"{report.robot or 'none'} (report: {cfg.report_dir}/report.md)")
-        for p in report.dataset_problems:
-            print(f"  dataset: {p.message}" + (f" [{p.file}]" if p.file else ""))
-        for ep, problems in sorted(report.quarantine.items()):
-            print(f"  episode {ep}: " + "; ".join(p.line() for p in problems))
-        return 0 if report.usable else 1
-
-    return run_stage("validate", body)
+add_arguments, main = stage_command("validate", ValidateConfig, PRESETS, _report)
