@@ -37,7 +37,7 @@ from typing import Any, TextIO
 import yaml
 
 from vaops.components.tracebacks import clean, describe_failure
-from vaops.models.codec import ConfigError, decode
+from vaops.models.codec import ConfigError, decode, flag
 
 from .pipeline import (
     LOCAL,
@@ -96,8 +96,7 @@ def decode_parameters(texts: dict[str, str]) -> dict[str, Any]:
         try:
             raw[name] = text if kinds[name] == "String" else yaml.safe_load(text)
         except yaml.YAMLError as e:
-            flag = "--" + name.replace("_", "-")
-            raise ConfigError(f"{flag}: {text!r} is not a YAML/JSON value ({' '.join(str(e).split())})") from None
+            raise ConfigError(f"{flag(name)}: {text!r} is not a YAML/JSON value ({' '.join(str(e).split())})") from None
     spec = dataclasses.make_dataclass("PipelineParameters", fields, frozen=True)
     given: Any = decode(spec, raw, "pipeline parameters")
     return {name: getattr(given, name) for name in raw}
@@ -313,8 +312,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     params = parser.add_argument_group("pipeline parameters (default: the pipeline's)")
     for name, (kind, default) in parameters().items():
         shown = json.dumps(default) if kind == "Dict" else repr(default)
-        params.add_argument(f"--{name.replace('_', '-')}", dest=f"param_{name}", metavar=kind.upper(),
-                            help=f"default: {shown}")
+        params.add_argument(flag(name), dest=f"param_{name}", metavar=kind.upper(), help=f"default: {shown}")
 
 
 def arguments_from(args: argparse.Namespace) -> dict[str, Any]:
@@ -323,12 +321,8 @@ def arguments_from(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(args: argparse.Namespace) -> int:
-    try:
-        arguments = arguments_from(args)
-        check_stages(arguments)
-    except ValueError as e:
-        print(f"vaops run: error: {e}", file=sys.stderr)
-        return 2
+    arguments = arguments_from(args)  # bad parameters (ConfigError): one line, exit 2 at the dispatcher
+    check_stages(arguments)
     if args.host:
         result = submit(arguments, args.host, cluster_options(args), args.experiment, args.namespace, args.run_name,
                         os.environ.get(args.token_env) or None)
