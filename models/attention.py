@@ -97,7 +97,7 @@ def teacher_forced_layout(video_frames: int, tokens_per_video_frame: int, action
     return TokenLayout(block, clean)
 
 
-def teacher_forced_allowed(layout: TokenLayout, window: int):
+def teacher_forced_allowed(layout: TokenLayout, window: int | torch.Tensor):
     """Mask predicate (q_idx, kv_idx) -> bool, usable densely and as a flex mask_mod."""
     block, clean = layout.block, layout.clean
 
@@ -132,7 +132,11 @@ def teacher_forced_block_mask(video_frames: int, tokens_per_video_frame: int, ac
     layout = teacher_forced_layout(video_frames, tokens_per_video_frame, action_frames,
                                    tokens_per_action_frame, chunk_size)
     layout = TokenLayout(layout.block.to(device), layout.clean.to(device))
-    allowed = teacher_forced_allowed(layout, window)
+    # The window as a tensor, like the layout: flex attention compiles a mask_mod's Python numbers
+    # into its kernel, so training (chunk 1-4 x window 4-64 drawn per step: 244 masks) recompiled at
+    # almost every step and fell back to the unfused path past the recompile limit (7 s a step on
+    # 2 H200 against 0.75 s). Tensors are the kernel's inputs: one compile per token count.
+    allowed = teacher_forced_allowed(layout, torch.tensor(window, device=device))
     n = layout.block.numel()
     return create_block_mask(lambda b, h, q, k: allowed(q, k), None, None, n, n, device=device)
 
