@@ -33,7 +33,8 @@ fetch .whl-gpu "${sim[@]}" hjson pydantic pydantic_core annotated_types typing_i
   opentelemetry_sdk opentelemetry_semantic_conventions sqlparse python_dotenv gitpython gitdb smmap \
   kserve fastapi starlette uvicorn httptools cloudevents deprecation orjson grpc_interceptor grpcio protobuf \
   kubernetes oauthlib requests_oauthlib websocket_client python_multipart timing_asgi watchfiles websockets \
-  pyjwt tzdata pytz cryptography cffi pycparser markdown_it_py mdurl
+  pyjwt tzdata pytz cryptography cffi pycparser markdown_it_py mdurl \
+  draccus mergedeep pyyaml_include toml typing_inspect mypy_extensions
 # deepspeed is a source distribution: its pure-Python wheel, ops left to JIT compilation.
 DS_BUILD_OPS=0 .venv/bin/pip wheel -q --no-deps --no-build-isolation -w .whl-gpu \
   "deepspeed==$(.venv/bin/python -c 'import importlib.metadata as m; print(m.version("deepspeed"))')"
