@@ -21,7 +21,7 @@ it), so a rerun of an interrupted training resumes from its last checkpoint. Kub
 """
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -36,6 +36,7 @@ from vaops.components.images import GPU_IMAGE
 from vaops.components.register.component import register
 from vaops.components.train.component import train
 from vaops.components.validate.component import validate
+from vaops.models.codec import add_config_arguments, config_from_args
 
 from .steps import base_model, dataset_source, shard_names
 
@@ -49,11 +50,12 @@ MLFLOW_SECRET_KEYS = {"uri": "MLFLOW_TRACKING_URI", "username": "MLFLOW_TRACKING
 class ClusterOptions:
     """What the pipeline asks of Kubernetes (compile time; a local run has no use for it)."""
 
-    gpus: int = 1  # per GPU step (encode, train); 0: CPU only, and the steps default to device "cpu"
-    accelerator: str = "nvidia.com/gpu"
-    volume: str | None = None  # a PersistentVolumeClaim mounted on the GPU steps (checkpoints, caches)
-    volume_mount: str = "/mnt/vaops"
-    mlflow_secret: str = "mlflow-credentials"  # optional Secret with MLFLOW_SECRET_KEYS; "" for none
+    gpus: int = field(default=1, metadata={"help": "GPUs of the encode and train steps (0: CPU)"})
+    accelerator: str = field(default="nvidia.com/gpu", metadata={"help": "accelerator resource name"})
+    volume: str | None = field(default=None, metadata={"help": "PersistentVolumeClaim to mount on the GPU steps"})
+    volume_mount: str = field(default="/mnt/vaops", metadata={"help": "where the volume is mounted"})
+    mlflow_secret: str = field(default="mlflow-credentials", metadata={
+        "help": f"optional Secret with MLflow credentials (keys {', '.join(MLFLOW_SECRET_KEYS)}); '' for none"})
 
     @property
     def train_work_root(self) -> str:
@@ -186,20 +188,12 @@ def compile_pipeline(output: str | Path, options: ClusterOptions = ClusterOption
 
 
 def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
-    d = ClusterOptions()
     group = parser.add_argument_group("cluster", "Kubernetes settings of the compiled pipeline")
-    group.add_argument("--gpus", type=int, default=d.gpus, help="GPUs of the encode and train steps (0: CPU)")
-    group.add_argument("--accelerator", default=d.accelerator, help="accelerator resource name")
-    group.add_argument("--volume", help="PersistentVolumeClaim to mount on the GPU steps")
-    group.add_argument("--volume-mount", default=d.volume_mount, help="where the volume is mounted")
-    group.add_argument("--mlflow-secret", default=d.mlflow_secret,
-                       help=f"optional Secret with MLflow credentials (keys {', '.join(MLFLOW_SECRET_KEYS)}); "
-                            f"'' for none")
+    add_config_arguments(group, ClusterOptions, {"default": ClusterOptions()}, preset_flag=None)
 
 
 def cluster_options(args: argparse.Namespace) -> ClusterOptions:
-    return ClusterOptions(gpus=args.gpus, accelerator=args.accelerator, volume=args.volume,
-                          volume_mount=args.volume_mount, mlflow_secret=args.mlflow_secret)
+    return config_from_args(ClusterOptions, {}, args, base=ClusterOptions())
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
