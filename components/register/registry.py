@@ -13,7 +13,7 @@ import os
 import shutil
 import tempfile
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
@@ -35,17 +35,20 @@ MODEL_NAME = "policy"
 
 @dataclass(frozen=True)
 class RegisterConfig:
-    checkpoint: Path
-    name: str = "lingbot-va"
-    metrics: Path | None = None  # the evaluation's metrics.json
-    metric: str = "success_rate"
-    threshold: float = 0.5
-    train_run_id: str | None = None  # default: the run id in the checkpoint's trainer_state.json
-    data: Path | None = None  # the training dataset (DVC-tracked) for the data revision
-    repo: Path = Path(".")
+    checkpoint: Path = field(metadata={"flag": None})  # `vaops register CHECKPOINT`: an argument, not a flag
+    name: str = field(default="lingbot-va", metadata={"help": "registered model name"})
+    metrics: Path | None = field(default=None, metadata={"help": "the evaluation's metrics.json"})
+    metric: str = field(default="success_rate", metadata={"help": "the metric the promotion gate compares"})
+    threshold: float = field(default=0.5, metadata={
+        "help": "promote only at or above this value (and at least the current champion's)"})
+    train_run_id: str | None = field(default=None, metadata={
+        "help": "MLflow run that trained it (default: from trainer_state.json)"})
+    data: Path | None = field(default=None, metadata={
+        "help": "the DVC-tracked training dataset (its .dvc file or folder)"})
+    repo: Path = field(default=Path("."), metadata={"help": "git/DVC repository root"})
     experiment: str = "vaops-register"
     alias: str = "champion"
-    output: Path | None = None  # folder that receives gate_decision.json
+    output: Path | None = field(default=None, metadata={"help": "folder for gate_decision.json"})
 
 
 @dataclass(frozen=True)
