@@ -30,6 +30,8 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 # Marks a shipped policy folder and says how to rebuild what it leaves out (the VAE and text encoder).
 SHIPPED_FILE = "shipped.json"
 CACHE_ENV = "VAOPS_MODEL_CACHE"
+# The policy server's bearer token (`vaops serve`, `vaops deploy --local`) and its clients' (`vaops eval`).
+TOKEN_ENV = "VAOPS_SERVE_TOKEN"
 _COMPLETE = ".complete"
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]")
 _MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))$")

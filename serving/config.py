@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-TOKEN_ENV = "VAOPS_SERVE_TOKEN"
+from vaops.models.model_source import TOKEN_ENV as TOKEN_ENV
 
 
 @dataclass(frozen=True)

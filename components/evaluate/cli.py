@@ -19,10 +19,9 @@ import sys
 from pathlib import Path
 
 from vaops.components.stage_cli import add_config_arguments, config_from_args
+from vaops.models.model_source import TOKEN_ENV
 
 from .config import PRESETS, EvalConfig, checked
-
-TOKEN_ENV = "VAOPS_SERVE_TOKEN"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
