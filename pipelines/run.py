@@ -142,8 +142,7 @@ def _stage_configs(p: dict[str, Any]) -> dict[str, Callable[[], object]]:
         "clean": lambda: _named(CLEAN, p["clean_preset"], "clean preset"),
         "augment": augment,
         "encode": lambda: (get_robot(p["robot"]), EncodeConfig(model_preset=p["preset"], robot=p["robot"])),
-        "train": lambda: TrainConfig.from_dict({**get_recipe(p["preset"]).to_dict(), **p["train_config"]},
-                                               "--train-config"),
+        "train": lambda: TrainConfig.from_dict(p["train_config"], "--train-config", get_recipe(p["preset"])),
         "evaluate": lambda: get_eval_preset(p["eval_preset"], ".", episodes=p["eval_episodes"] or None,
                                             max_steps=p["eval_max_steps"] or None, shard=Shard(0, p["eval_shards"])),
     }

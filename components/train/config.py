@@ -137,8 +137,9 @@ class TrainConfig:
         return encode(self)
 
     @classmethod
-    def from_dict(cls, raw: dict, source: str = "config") -> TrainConfig:
-        return decode(cls, raw, source)
+    def from_dict(cls, raw: dict, source: str = "config", base: TrainConfig | None = None) -> TrainConfig:
+        """`raw`'s fields, on top of `base` (a recipe) when given."""
+        return decode(cls, {**base.to_dict(), **raw} if base is not None and isinstance(raw, dict) else raw, source)
 
     @classmethod
     def from_file(cls, path: str | Path, base: TrainConfig | None = None) -> TrainConfig:
@@ -152,7 +153,7 @@ class TrainConfig:
             raise ValueError(f"{path}: not valid YAML/JSON ({e})") from None
         if not isinstance(raw, dict):
             raise ValueError(f"{path}: expected a mapping of train config fields, got {type(raw).__name__}")
-        return cls.from_dict({**(base or cls()).to_dict(), **raw}, source=str(path))
+        return cls.from_dict(raw, str(path), base or cls())
 
 
 # How `vaops train` executes the 5 B presets (robotwin, libero) on one GPU and on several (torchrun,
