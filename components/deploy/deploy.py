@@ -3,7 +3,7 @@ InferenceService manifest for it, and check the written file (parsed back) befor
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import yaml
@@ -16,10 +16,12 @@ from .manifest import ManifestSpec, build_manifest, validate_manifest
 
 @dataclass(frozen=True)
 class DeployConfig:
-    model: str  # models:/<name>@<alias> or models:/<name>/<version>
-    output: Path = Path("deploy/inferenceservice.yaml")
-    manifest: ManifestSpec | None = None  # manifest settings; storage_uri and model_uri are filled in here
-    storage_uri: str | None = None  # override the registry's artifact location (e.g. an s3:// mirror)
+    model: str = field(metadata={"flag": None})  # models:/<name>@<alias> or models:/<name>/<version>
+    output: Path = field(default=Path("deploy/inferenceservice.yaml"), metadata={"help": "manifest to write"})
+    # manifest settings; an empty name is the registered model's, storage_uri and model_uri are filled in here
+    manifest: ManifestSpec = ManifestSpec(name="", storage_uri="", model_uri="")
+    storage_uri: str | None = field(default=None, metadata={  # override the registry's artifact location
+        "help": "where the cluster fetches the checkpoint (default: the registry's artifact location of that version)"})
 
 
 @dataclass(frozen=True)
@@ -49,8 +51,8 @@ def run(config: DeployConfig) -> DeployResult:
     storage, version = registered_checkpoint_uri(config.model)
     storage = config.storage_uri or storage
     name = parse_model_uri(config.model)[0]
-    base = config.manifest or ManifestSpec(name=service_name(name), storage_uri="", model_uri="")
-    spec = replace(base, storage_uri=storage, model_uri=f"models:/{name}/{version}")
+    spec = replace(config.manifest, name=config.manifest.name or service_name(name), storage_uri=storage,
+                   model_uri=f"models:/{name}/{version}")
     doc = build_manifest(spec)
     errors, warnings = validate_manifest(doc)
     if errors:

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 from urllib.parse import urlparse
 
 from kserve.models import V1beta1InferenceServiceSpec, V1beta1PredictorSpec
@@ -41,19 +42,21 @@ _DNS_1123 = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 
 @dataclass(frozen=True)
 class ManifestSpec:
-    name: str  # InferenceService name (also the model name on /v2/models/<name>)
-    storage_uri: str
-    model_uri: str  # the registry reference it was made from, recorded as an annotation
+    # `vaops deploy`'s flags (through the config codec) but the URIs and timeouts it fills in
+    name: str = field(metadata={"help": "InferenceService name (default: the registered model name)"})
+    storage_uri: str = field(metadata={"flag": None})
+    model_uri: str = field(metadata={"flag": None})  # the registry reference it was made from, an annotation
     namespace: str = "default"
-    image: str = GPU_IMAGE  # the project image runs `vaops serve` too (docker/Dockerfile.cuda)
+    image: str = field(default=GPU_IMAGE, metadata={"help": "serving image (docker/ builds it)"})  # runs `vaops serve`
     gpus: int = 1
     cpu: str = "8"
     memory: str = "64Gi"
-    dtype: str = "bfloat16"
+    dtype: Literal["float32", "bfloat16"] = "bfloat16"
     max_sessions: int = 8
-    idle_timeout_s: float = 600.0
-    token_secret: str | None = None  # a Secret with key "token": enables bearer authentication
-    startup_timeout_s: int = 1800
+    idle_timeout_s: float = field(default=600.0, metadata={"flag": None})
+    token_secret: str | None = field(default=None, metadata={  # a Secret with key "token"
+        "help": "Kubernetes Secret (key 'token') that enables bearer authentication"})
+    startup_timeout_s: int = field(default=1800, metadata={"flag": None})
 
 
 def build_manifest(spec: ManifestSpec) -> dict:
