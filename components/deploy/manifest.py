@@ -24,6 +24,7 @@ from urllib.parse import urlparse
 from kserve.models import V1beta1InferenceServiceSpec, V1beta1PredictorSpec
 
 from vaops.components.images import GPU_IMAGE
+from vaops.models.model_source import TOKEN_ENV
 
 API_VERSION = "serving.kserve.io/v1beta1"
 KIND = "InferenceService"
@@ -34,6 +35,9 @@ CONTAINER_NAME = "kserve-container"  # the name KServe's storage initializer and
 DEPLOYMENT_MODE = "serving.kserve.io/deploymentMode"
 AFFINITY_NOTE = ("none: KServe routes without session affinity and each episode's KV cache lives in one "
                  "replica, so minReplicas = maxReplicas = 1")
+# Annotations that have Prometheus (and KServe's aggregation) scrape the server's /metrics.
+SCRAPING = {"serving.kserve.io/enable-prometheus-scraping": "true", "prometheus.io/scrape": "true",
+            "prometheus.io/port": str(HTTP_PORT), "prometheus.io/path": "/metrics"}
 # URI schemes KServe's storage initializer can fetch inside a cluster.
 CLUSTER_SCHEMES = ("s3", "gs", "pvc", "hdfs", "webhdfs", "http", "https", "hf", "oci")
 _DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
@@ -69,7 +73,7 @@ def build_manifest(spec: ManifestSpec) -> dict:
     env: list[dict[str, object]] = [{"name": "STORAGE_URI", "value": spec.storage_uri},
                                     {"name": "HF_HUB_OFFLINE", "value": "1"}]
     if spec.token_secret:
-        env.append({"name": "VAOPS_SERVE_TOKEN",
+        env.append({"name": TOKEN_ENV,
                     "valueFrom": {"secretKeyRef": {"name": spec.token_secret, "key": "token"}}})
     resources = {"cpu": spec.cpu, "memory": spec.memory}
     if spec.gpus > 0:
@@ -96,10 +100,7 @@ def build_manifest(spec: ManifestSpec) -> dict:
             "labels": {"app.kubernetes.io/name": spec.name, "app.kubernetes.io/part-of": "vaops"},
             "annotations": {
                 DEPLOYMENT_MODE: "Standard",
-                "serving.kserve.io/enable-prometheus-scraping": "true",
-                "prometheus.io/scrape": "true",
-                "prometheus.io/port": str(HTTP_PORT),
-                "prometheus.io/path": "/metrics",
+                **SCRAPING,
                 "vaops/session-affinity": AFFINITY_NOTE,
                 "vaops/model-uri": spec.model_uri,
             },
@@ -159,8 +160,7 @@ def validate_manifest(doc: dict) -> tuple[list[str], list[str]]:
     ann = meta.get("annotations") or {}
     if ann.get(DEPLOYMENT_MODE) != "Standard":
         errors.append(f"annotation {DEPLOYMENT_MODE} must be Standard, got {ann.get(DEPLOYMENT_MODE)!r}")
-    for key, want in (("serving.kserve.io/enable-prometheus-scraping", "true"), ("prometheus.io/scrape", "true"),
-                      ("prometheus.io/port", str(HTTP_PORT)), ("prometheus.io/path", "/metrics")):
+    for key, want in SCRAPING.items():
         if ann.get(key) != want:
             errors.append(f"annotation {key} must be {want!r}, got {ann.get(key)!r}")
     spec = doc.get("spec") or {}
