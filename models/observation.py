@@ -10,14 +10,16 @@ streaming state, as upstream's server does.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKLWan
-
 from vaops.models.config import Camera, Preset
 from vaops.models.vae import StreamingEncoder, decode, latent_stats, normalize_latents
+
+if TYPE_CHECKING:  # diffusers is imported where a VAE is made (models/vae.py)
+    from diffusers import AutoencoderKLWan
 
 
 def frames_to_video(frames: np.ndarray, height: int, width: int) -> torch.Tensor:

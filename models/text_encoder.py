@@ -9,16 +9,21 @@ from __future__ import annotations
 
 import string
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from diffusers.pipelines.wan.pipeline_wan import prompt_clean
-from transformers import T5TokenizerFast, UMT5Config, UMT5EncoderModel
 
 from vaops.models.atomic import write_folder_atomically
 from vaops.models.config import TextEncoderConfig
 
 TEXT_ENCODER_SUBFOLDER = "text_encoder"
 TOKENIZER_SUBFOLDER = "tokenizer"
+
+# transformers' UMT5 and T5 classes (and diffusers' prompt_clean below) are imported where an encoder
+# is built or loaded: ~4 s of CPU a process that every importer of this file paid (the registry, the
+# trainer, the pipeline's steps), most of which never build one.
+if TYPE_CHECKING:
+    from transformers import T5TokenizerFast, UMT5EncoderModel
 
 # The tiny tokenizer's whole words; anything else falls back to single characters.
 _TINY_WORDS = (
@@ -35,6 +40,8 @@ def build_tokenizer(max_length: int = 512) -> T5TokenizerFast:
     Ids follow T5's convention (`<pad>` 0, `</s>` 1, `<unk>` 2); pieces are single characters
     and a fixed list of whole words, so every ASCII prompt tokenises without `<unk>`.
     """
+    from transformers import T5TokenizerFast
+
     chars = string.ascii_letters + string.digits + string.punctuation
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -3.0)]
     vocab += [(c, -8.0) for c in chars]
@@ -59,6 +66,8 @@ class TextEncoder:
         """Prompts -> `[B, max_length, D]` in the encoder's dtype, zero past each prompt's tokens."""
         if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
             raise TypeError(f"prompts must be a list of str, got {prompts!r}")
+        from diffusers.pipelines.wan.pipeline_wan import prompt_clean  # its whole module for one function
+
         tokens = self.tokenizer(
             [prompt_clean(p) for p in prompts], padding="max_length", max_length=self.max_length,
             truncation=True, add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
@@ -84,6 +93,8 @@ def build_text_encoder(cfg: TextEncoderConfig, seed: int = 0, device: str | torc
     """A randomly initialised UMT5 encoder of the given sizes (deterministic in `seed` on a given
     device) with the offline tiny tokenizer. Built on `device`: the real size (5.7 B) initialises
     in seconds on a GPU, minutes on a CPU."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
     config = UMT5Config(vocab_size=cfg.vocab_size, d_model=cfg.d_model, d_kv=cfg.d_kv, d_ff=cfg.d_ff,
                         num_layers=cfg.num_layers, num_heads=cfg.num_heads)
     device = torch.device(device)
@@ -105,6 +116,8 @@ def load_text_encoder(folder_text_encoder: str | Path, folder_tokenizer: str | P
                       dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                       max_length: int = 512) -> TextEncoder:
     """Load a `text_encoder/` (UMT5EncoderModel) and `tokenizer/` (T5) folder from local disk."""
+    from transformers import T5TokenizerFast, UMT5EncoderModel
+
     folder_text_encoder, folder_tokenizer = Path(folder_text_encoder), Path(folder_tokenizer)
     _require_folder(folder_text_encoder, "text encoder", "config.json")
     _require_folder(folder_tokenizer, "tokenizer", "tokenizer_config.json")

@@ -12,9 +12,9 @@ import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import torch
-from diffusers import AutoencoderKLWan
-from diffusers.models.autoencoders.autoencoder_kl_wan import patchify
 
 from vaops.models.config import VAEConfig
 
@@ -23,6 +23,11 @@ from .atomic import read_json, write_folder_atomically
 VAE_SUBFOLDER = "vae"
 _VAE_CLASS_NAME = "AutoencoderKLWan"
 _WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json")
+
+# diffusers is imported where a VAE is made: importing it costs ~3 s of CPU a process, which every
+# simulator, evaluation client and registry step paid through this module without using it.
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKLWan
 
 
 def _constructor_kwargs(cfg: VAEConfig) -> dict:
@@ -35,6 +40,8 @@ def build_vae(cfg: VAEConfig, seed: int = 0) -> AutoencoderKLWan:
     Its latent statistics are drawn from the same seed (means in [-0.3, 0.3], stds in
     [0.4, 1.6], the range of the published Wan2.2 values) so that normalisation is exercised.
     """
+    from diffusers import AutoencoderKLWan
+
     gen = torch.Generator().manual_seed(seed)
     mean = ((torch.rand(cfg.z_dim, generator=gen) - 0.5) * 0.6).tolist()
     std = (0.4 + torch.rand(cfg.z_dim, generator=gen) * 1.2).tolist()
@@ -69,6 +76,8 @@ def load_vae(folder: str | Path, dtype: torch.dtype = torch.float32,
     Every parameter must come from the file: missing, unexpected or misshapen tensors fail
     with their names instead of being silently initialised at random.
     """
+    from diffusers import AutoencoderKLWan
+
     folder = Path(folder)
     _check_vae_folder(folder)
     try:
@@ -175,6 +184,8 @@ class StreamingEncoder:
         param = next(self.vae.parameters())
         x = frames.to(device=param.device, dtype=param.dtype)
         if self.vae.config.patch_size is not None:
+            from diffusers.models.autoencoders.autoencoder_kl_wan import patchify
+
             x = patchify(x, patch_size=self.vae.config.patch_size)
         start = 1 if first else 0
         pieces = [x[:, :, :1]] if first else []
