@@ -44,11 +44,8 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
     base = get_recipe(args.recipe)
     if args.config:
         base = TrainConfig.from_file(args.config, base=base)
-    if str(args.zero_stage) == "3" and args.compile_blocks is None and base.compile_blocks:
-        # The 5 B recipes compile their blocks (SCALE_OUT_EXECUTION); ZeRO-3's parameter hooks cannot run
-        # inside compiled regions, so asking for stage 3 alone runs the blocks uncompiled instead of failing.
-        base = base.replace(compile_blocks=False)
-    return config_from_args(TrainConfig, RECIPES, args, preset_flag="--recipe", base=base)
+    flags = {name: value for name in ("zero_stage", "compile_blocks") if (value := getattr(args, name)) is not None}
+    return config_from_args(TrainConfig, RECIPES, args, preset_flag="--recipe", base=base.under(flags))
 
 
 def train_arguments(cfg: TrainConfig, recipe: str) -> list[str]:

@@ -54,7 +54,7 @@ def train(latent_dataset: dsl.Input[dsl.Dataset], checkpoint: dsl.Output[dsl.Mod
     fields = {**config, "dataset": latent_dataset.path}
     if base_checkpoint is not None:
         fields["init_from"] = base_checkpoint.path
-    cfg = TrainConfig.from_dict({**get_recipe(recipe).to_dict(), **fields}, source="train component config")
+    cfg = TrainConfig.from_dict(fields, source="train component config", base=get_recipe(recipe))
     own_folder = cfg.output is None  # else the caller's folder: resumed, never cleared
     if cfg.output is not None:
         output = Path(cfg.output)

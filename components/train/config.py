@@ -138,8 +138,19 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, raw: dict, source: str = "config", base: TrainConfig | None = None) -> TrainConfig:
-        """`raw`'s fields, on top of `base` (a recipe) when given."""
-        return decode(cls, {**base.to_dict(), **raw} if base is not None and isinstance(raw, dict) else raw, source)
+        """`raw`'s fields, on top of `base` (a recipe, `under` them) when given."""
+        if base is None or not isinstance(raw, dict):
+            return decode(cls, raw, source)
+        return decode(cls, {**base.under(raw).to_dict(), **raw}, source)
+
+    def under(self, changes: dict) -> TrainConfig:
+        """This recipe as the base of `changes` (raw field values: YAML, kfp parameters or flag text). A
+        recipe that compiles its blocks (SCALE_OUT_EXECUTION) runs them uncompiled when the changes ask
+        for ZeRO-3 without naming compile_blocks: ZeRO-3's parameter hooks cannot run inside compiled
+        regions, and the same request should not fail on one entry point and run on another."""
+        if self.compile_blocks and "compile_blocks" not in changes and _number(changes.get("zero_stage")) == 3:
+            return self.replace(compile_blocks=False)
+        return self
 
     @classmethod
     def from_file(cls, path: str | Path, base: TrainConfig | None = None) -> TrainConfig:
@@ -154,6 +165,13 @@ class TrainConfig:
         if not isinstance(raw, dict):
             raise ValueError(f"{path}: expected a mapping of train config fields, got {type(raw).__name__}")
         return cls.from_dict(raw, str(path), base or cls())
+
+
+def _number(value) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
 
 
 # How `vaops train` executes the 5 B presets (robotwin, libero) on one GPU and on several (torchrun,
