@@ -7,12 +7,6 @@ from typing import Literal
 
 from vaops.models.model_source import TOKEN_ENV as TOKEN_ENV
 
-# What each numeric setting must be (an unset one, None, is not checked), in the order they are reported.
-_BOUNDS = {"max_sessions": "be at least 1", "max_cache_gb": "be positive", "idle_timeout_s": "be positive",
-           "max_request_mb": "be positive", "compute_threads": "be at least 1", "max_batch": "be at least 1",
-           "batch_wait_ms": "not be negative"}
-_BROKEN = {"be at least 1": lambda v: v < 1, "be positive": lambda v: v <= 0, "not be negative": lambda v: v < 0}
-
 
 @dataclass(frozen=True)
 class ServeConfig:
@@ -58,12 +52,26 @@ class ServeConfig:
         problems = [] if self.model else ["model is required (a checkpoint folder or models:/ URI)"]
         if not self.name or not self.name.replace("-", "").replace("_", "").isalnum():
             problems.append(f"name {self.name!r} must be letters, digits, '-' or '_'")
-        problems += [f"{name} {port} is not a TCP port" for name in ("http_port", "grpc_port")
-                     if not 0 < (port := getattr(self, name)) < 65536]
+        for field_name in ("http_port", "grpc_port"):
+            port = getattr(self, field_name)
+            if not 0 < port < 65536:
+                problems.append(f"{field_name} {port} is not a TCP port")
         if self.enable_grpc and self.http_port == self.grpc_port:
             problems.append(f"http_port and grpc_port are both {self.http_port}")
-        problems += [f"{name} {value} must {bound}" for name, bound in _BOUNDS.items()
-                     if (value := getattr(self, name)) is not None and _BROKEN[bound](value)]
+        if self.max_sessions < 1:
+            problems.append(f"max_sessions {self.max_sessions} must be at least 1")
+        if self.max_cache_gb is not None and self.max_cache_gb <= 0:
+            problems.append(f"max_cache_gb {self.max_cache_gb} must be positive")
+        if self.idle_timeout_s <= 0:
+            problems.append(f"idle_timeout_s {self.idle_timeout_s} must be positive")
+        if self.max_request_mb <= 0:
+            problems.append(f"max_request_mb {self.max_request_mb} must be positive")
+        if self.compute_threads < 1:
+            problems.append(f"compute_threads {self.compute_threads} must be at least 1")
+        if self.max_batch < 1:
+            problems.append(f"max_batch {self.max_batch} must be at least 1")
+        if self.batch_wait_ms < 0:
+            problems.append(f"batch_wait_ms {self.batch_wait_ms} must not be negative")
         if self.token is not None and len(self.token) < 8:
             problems.append("token must be at least 8 characters")
         if problems:
