@@ -163,8 +163,6 @@ def build_random_weights(preset: Preset, seed: int = 0, device: str | torch.devi
     return PolicyWeights(preset, transformer.eval(), vae.eval(), text)
 
 
-
-
 def write_random_checkpoint(folder: str | os.PathLike, preset: Preset | str, seed: int | None = None,
                             device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                             max_shard_bytes: int | None = None) -> Path:

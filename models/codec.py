@@ -162,8 +162,9 @@ def flag(name: str) -> str:
 def _options(cls: type, path: tuple[str, ...] = ()) -> list[tuple[str, tuple[str, ...], Any, dataclasses.Field]]:
     """(flag name, the field's path, its type, the field) of every flag of `cls`."""
     out = []
+    hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        hint = typing.get_type_hints(cls)[f.name]
+        hint = hints[f.name]
         if dataclasses.is_dataclass(hint) and not hasattr(hint, "parse"):
             out += _options(hint, (*path, f.name))  # type: ignore[arg-type]
         elif (name := f.metadata.get("flag", f.name)) is not None:

@@ -25,7 +25,7 @@ from typing import Iterator
 from vaops.components.stage_cli import progress
 
 from .client import PolicyClient, PolicyConnectionError
-from .config import EvalConfig, TrackingConfig
+from .config import EvalConfig, TrackingConfig, checked
 from .episode import EpisodeEnv, run_episode
 from .metrics import flat_metrics, summarize
 from .report import write_report
@@ -149,9 +149,9 @@ def _units(config: EvalConfig, client: PolicyClient, units: list[WorkUnit], done
         return
     from .robotwin import RoboTwinCheckout
 
-    if config.robotwin_root is None:
-        raise ValueError("suite 'robotwin' needs robotwin_root (the path of a RoboTwin 2.0 checkout)")
-    with RoboTwinCheckout(config.robotwin_root) as checkout:
+    root = checked(config).robotwin_root
+    assert root is not None  # checked() refuses a robotwin run without one
+    with RoboTwinCheckout(root) as checkout:
         for unit in units:
             yield from _robotwin_unit(checkout, config, client, unit, done, retry)
 
