@@ -122,6 +122,21 @@ def operating_points(engine: InferenceEngine, preset, chunks: int, text_len: int
     return rows
 
 
+def served_operating_points(engine: InferenceEngine, preset, precision: str, args) -> list[dict]:
+    """A served engine warmed up as the server does, then an episode at each operating point."""
+    device = engine.device
+    warm_s = warm_up(engine, args.text_len, args.seed)
+    graphs = len(engine._graphs)
+    print(f"\n{precision}: warm-up (compilation, graph capture, each shape once): {warm_s:.1f} s, {graphs} graphs")
+    rows = operating_points(engine, preset, args.operating_points, args.text_len, args.seed)
+    for row in rows:  # the graphs after the episodes: the same number when the warm-up captured them all
+        row.update(precision=precision, warm_up_s=warm_s, graphs_after_warm_up=graphs,
+                   graphs_after_episodes=len(engine._graphs))
+        if device.type == "cuda":  # weights, the KV cache, the graphs and their pool
+            row["served_peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return rows
+
+
 def steady_median(times: list[float]) -> float:
     return statistics.median(times[len(times) // 2:])
 
@@ -235,6 +250,8 @@ def main() -> None:
                    help="after a warm-up, N chunks at each operating point (0: none)")
     p.add_argument("--backend", default="cudnn", choices=["sdpa", "cudnn", "flash"],
                    help="attention kernel of the headline run")
+    p.add_argument("--precisions", default="bf16", help="served weights of the --operating-points runs, in order: "
+                   "bf16, and fp8 (the same weights with FP8 block GEMMs, models/fp8.py)")
     p.add_argument("--profile", action="store_true", help="print the top GPU kernels of one steady chunk")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args()
@@ -300,16 +317,15 @@ def main() -> None:
     if not args.skip_headline:
         headline(results, engine, weight_bytes, args)
     if args.operating_points:
-        results["warm_up_s"] = warm_up(engine, args.text_len, args.seed)
-        results["graphs_after_warm_up"] = len(engine._graphs)
-        print(f"\nwarm-up (compilation, graph capture, each shape once): {results['warm_up_s']:.1f} s, "
-              f"{len(engine._graphs)} graphs")
-        results["operating_points"] = operating_points(engine, preset, args.operating_points, args.text_len, args.seed)
-        results["graphs_after_episodes"] = len(engine._graphs)  # the same number: the warm-up captured them all
-        if device.type == "cuda":  # weights, the KV cache, the graphs and their pool
-            results["served_peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-            print(f"{results['graphs_after_episodes']} graphs after the episodes; peak memory "
-                  f"{results['served_peak_memory_gib']:.1f} GiB (KV cache {cache_of(engine).nbytes() / 2**30:.1f} GiB)")
+        results["operating_points"] = []
+        for precision in args.precisions.split(","):
+            if precision == "fp8":  # the same weights, quantised: the rows compare precisions alone
+                del engine
+                quantize_blocks_fp8(model)
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(device)
+                engine = InferenceEngine(model, config, backend=args.backend, cuda_graphs=True)
+            results["operating_points"] += served_operating_points(engine, preset, precision, args)
     del engine, model
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -18,6 +18,7 @@ import torch
 from .batch import BatchingEngine, ChunkBatcher
 from .config import Preset
 from .engine import Chunk, EngineConfig, InferenceEngine
+from .fp8 import quantize_blocks_fp8
 from .observation import ObservationEncoder
 from .text_encoder import TextEncoder
 from .transformer import LingBotVATransformer
@@ -63,6 +64,16 @@ class PolicyWeights:
         if on_gpu:
             self.transformer.fuse_qkv_projections()
             self.transformer.compile_blocks()
+
+    def use_fp8(self) -> int:
+        """Run the block GEMMs in FP8 (models/fp8.py; Hopper GPUs): before the first policy is made, as
+        its captured graphs hold the weights' addresses. Returns the Linears swapped."""
+        if not self.on_gpu:
+            raise ValueError("fp8 needs the transformer on a CUDA GPU (compute capability 8.9 or later)")
+        major, minor = torch.cuda.get_device_capability(self.transformer.patch_embedding_mlp.weight.device)
+        if (major, minor) < (8, 9):
+            raise ValueError(f"fp8 needs a GPU of compute capability 8.9 or later, this one is {major}.{minor}")
+        return quantize_blocks_fp8(self.transformer)
 
     def new_policy(self) -> "Policy":
         return Policy(self)
@@ -112,9 +123,11 @@ class Policy:
         """Actions between two camera keyframes: each latent frame spans `frames_per_latent` frames."""
         return max(1, self.preset.action_per_frame // self.preset.frames_per_latent)
 
-    def reset(self, prompt: str, seed: int | None = None, operating_point: str | None = None) -> None:
+    def reset(self, prompt: str, seed: int | None = None, operating_point: str | None = None,
+              synchronous: bool = False) -> None:
         """Start an episode; `operating_point` names the sampling settings it runs with (policy.json
-        `operating_points`; None: the policy's own `sampling`)."""
+        `operating_points`; None: the policy's own `sampling`). `synchronous`: every chunk is observed
+        before the next act, no act_ahead (InferenceEngine.reset)."""
         if not isinstance(prompt, str):
             raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
         sampling = self.preset.sampling if operating_point is None else self.preset.operating_point(operating_point)
@@ -126,7 +139,7 @@ class Policy:
             prompt_emb = text.encode([prompt])
             if self._empty_emb is None:
                 self._empty_emb = text.empty_prompt_embedding()
-        self.engine.reset(prompt_emb.float(), self._empty_emb.float())
+        self.engine.reset(prompt_emb.float(), self._empty_emb.float(), synchronous)
         self.observations.reset()
         self.first_latent = None
         device = self.engine.device

@@ -258,7 +258,7 @@ class EpisodeService:
             if self._replay(session, "reset", seq) is not _NEW:
                 return
             await self._discard_ahead(session)
-            await self._compute(session.policy.reset, prompt, seed, operating_point)
+            await self._compute(session.policy.reset, prompt, seed, operating_point, not async_execution)
             session.async_execution, session.failure, session.frame_offset = async_execution, None, 0
             session.pending = False
             session.started = True

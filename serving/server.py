@@ -259,6 +259,8 @@ def build_model(cfg: ServeConfig) -> PolicyModel:
 
 
 def model_from_weights(cfg: ServeConfig, weights: PolicyWeights) -> PolicyModel:
+    if cfg.fp8:
+        log.info("FP8 block GEMMs: %d Linears quantised", weights.use_fp8())
     max_cache = None if cfg.max_cache_gb is None else int(cfg.max_cache_gb * 2**30)
     batch = cfg.max_batch
     if batch > 1:  # before the first policy is made: every session's engine joins the batcher

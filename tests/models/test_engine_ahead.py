@@ -119,3 +119,33 @@ def test_ahead_misuse_is_refused(golden, model):  # noqa: F811
         engine.observe(obs0[:, :, :1], obs_act0[:, :, :1])
     engine.observe(obs0, obs_act0)  # the refused call left the state intact
     assert engine.frame_offset == engine.config.frame_chunk_size  # where the chunk computed ahead sits
+
+
+def test_synchronous_episode_skips_the_predicted_actions_pass_and_changes_nothing(golden, model):  # noqa: F811
+    """An episode reset as synchronous observes each chunk before the next act, so the pass that caches a
+    chunk's predicted actions (dropped unread by the observation) is skipped: the same chunks, bit for
+    bit, one action pass fewer per chunk; computing ahead and continuing from imagination are refused."""
+    cases, t = golden
+    runs = {}
+    for synchronous in (False, True):
+        engine = new_engine(golden, model)
+        engine.reset(t["infer.in.prompt_emb"], t["infer.in.negative_emb"], synchronous=synchronous)
+        passes = []
+        forward = engine._forward
+        engine._forward = lambda kind, *a, **k: passes.append(kind) or forward(kind, *a, **k)
+        chunks = [first_act(engine, t)]
+        for c in range(1, cases["infer"]["chunks"]):
+            _, _, obs_latent, obs_action = inputs(t, c - 1)
+            engine.observe(obs_latent, obs_action)
+            vn, an, _, _ = inputs(t, c)
+            chunks.append(engine.act(video_noise=vn, action_noise=an))
+        runs[synchronous] = chunks, passes, engine
+    (full, full_passes, _), (sync, sync_passes, engine) = runs[False], runs[True]
+    for a, b in zip(full, sync):
+        assert max_diff(a.video, b.video) == 0 and max_diff(a.actions, b.actions) == 0
+    assert full_passes.count("video") == sync_passes.count("video")
+    assert full_passes.count("action") - sync_passes.count("action") == len(full)
+    with pytest.raises(RuntimeError, match="reset as synchronous"):
+        engine.act_ahead()
+    with pytest.raises(RuntimeError, match="reset as synchronous"):
+        engine.advance()

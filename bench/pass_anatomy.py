@@ -1,0 +1,270 @@
+"""Where a served denoising pass spends its time, and what FP8 and other attention kernels change (one GPU).
+
+Four measurements, each beside its own baseline in the same process (robotwin preset, 5.09 B, random
+weights, full KV cache of 9,792 entries):
+
+1. GEMMs: each block Linear's shape at the token counts of the passes (32 action queries, 64 for the
+   action cache pass under CFG, 480 for a video pass under CFG): bf16 `F.linear` against FP8
+   `_scaled_mm` with unit scales (models/fp8.py applies the token and channel scales to its result), the
+   whole FP8Linear compiled, and `_scaled_mm` given the row-wise scales and bias (what models/fp8.py ran before). Timed as CUDA graphs of 20 calls.
+2. Attention over the full cache at the same query counts, per kernel PyTorch offers.
+3. Whole passes of the served engine (compiled blocks, CUDA graphs, fused q/k/v), bf16 and FP8 weights:
+   one video pass (CFG batch), one action step (conditional only), one action cache pass (CFG batch).
+4. A profile of one chunk at the paper's operating point on the graphed engine, kernels grouped.
+
+    python bench/pass_anatomy.py --out bench/results/pass_anatomy_h200.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from collections import defaultdict
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from chunk_latency import observation, run_chunks
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from vaops.models.config import get_preset
+from vaops.models.engine import EngineConfig, InferenceEngine
+from vaops.models.fp8 import FP8Linear, quantize_blocks_fp8, quantize_rows
+from vaops.models.transformer import build_transformer
+
+TOKENS = {"action": 32, "action_cfg": 64, "video_cfg": 480}
+
+
+def graph_time_us(fn: Callable[[], object], calls: int = 20, replays: int = 10) -> float:
+    """Microseconds per call of `fn`, replayed as one CUDA graph of `calls` calls (no launch gaps)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(calls):
+            fn()
+    g.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        g.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / (calls * replays)
+
+
+def gemm_shapes(cfg) -> dict[str, tuple[int, int]]:
+    d = cfg.inner_dim
+    return {"qkv": (d, 3 * d), "attn out / cross q / cross out (x3)": (d, d), "ffn up": (d, cfg.ffn_dim),
+            "ffn down": (cfg.ffn_dim, d)}
+
+
+def gemms(cfg) -> list[dict]:
+    torch._dynamo.config.recompile_limit = 64  # one compile per shape, as compile_blocks allows
+    rows = []
+    quantize = torch.compile(quantize_rows, dynamic=False)
+    for name, (k, n) in gemm_shapes(cfg).items():
+        linear = torch.nn.Linear(k, n, device="cuda", dtype=torch.bfloat16)
+        fp8 = torch.compile(FP8Linear(linear), dynamic=False)  # as the compiled blocks run it
+        wq, w_scale, bias, one = fp8.weight, fp8.weight_scale, fp8.bias.bfloat16(), fp8.one
+        for m in TOKENS.values():
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            xq, x_scale = quantize(x)
+            t = {
+                "bf16": graph_time_us(lambda: linear(x)),
+                "fp8 FP8Linear (quantise, GEMM, scale)": graph_time_us(lambda: fp8(x)),
+                "fp8 GEMM, unit scales": graph_time_us(
+                    lambda: torch._scaled_mm(xq, wq.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16)),
+                "fp8 GEMM, row-wise scales and bias in it": graph_time_us(
+                    lambda: torch._scaled_mm(xq, wq.t(), scale_a=x_scale, scale_b=w_scale, bias=bias,
+                                             out_dtype=torch.bfloat16)),
+                "quantise only": graph_time_us(lambda: quantize(x)),
+            }
+            flop = 2 * m * k * n
+            rows.append({"gemm": name, "k": k, "n": n, "tokens": m, **{f"{v}_us": us for v, us in t.items()},
+                         "bf16_tflops": flop / t["bf16"] / 1e6, "weight_read_us_at_4.2TB/s": k * n * 2 / 4.2e6})
+            print(f"{name:38s} M={m:4d}  " + "  ".join(f"{v} {us:7.1f}" for v, us in t.items()), flush=True)
+    return rows
+
+
+def attentions(cfg, keys: int) -> list[dict]:
+    heads, dim = cfg.num_attention_heads, cfg.attention_head_dim
+    shapes = {"video pass (CFG batch 2 x 240)": (2, 240), "action step (1 x 32)": (1, 32),
+              "action cache pass (2 x 32)": (2, 32)}
+    backends = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+                "efficient": SDPBackend.EFFICIENT_ATTENTION}
+    rows = []
+    for name, (b, lq) in shapes.items():
+        q = torch.randn(b, heads, lq, dim, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(b, heads, keys, dim, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn_like(k)
+        row: dict = {"attention": name, "batch": b, "queries": lq, "keys": keys}
+        for label, backend in backends.items():
+            try:
+                with sdpa_kernel([backend]):
+                    row[f"{label}_us"] = graph_time_us(lambda: F.scaled_dot_product_attention(q, k, v))
+            except RuntimeError as e:
+                row[f"{label}_us"] = None
+                print(f"  {label}: {str(e).splitlines()[0][:120]}")
+        for splits in (2, 3, 4):
+            for label in ("cudnn", "flash"):
+                try:
+                    row[f"{label} split-KV x{splits}_us"] = graph_time_us(lambda: split_kv_attention(q, k, v, splits, label))
+                except (RuntimeError, TypeError) as e:
+                    row[f"{label} split-KV x{splits}_us"] = None
+                    print(f"  {label} split x{splits}: {str(e).splitlines()[0][:160]}")
+        ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+        for label in ("cudnn", "flash"):
+            try:
+                row[f"{label} split-KV x4 max abs err vs fp32"] = (split_kv_attention(q, k, v, 4, label).float() - ref).abs().max().item()
+            except (RuntimeError, TypeError):
+                pass
+        kv_bytes = 2 * b * keys * heads * dim * 2
+        row["kv_read_us_at_4.2TB/s"] = kv_bytes / 4.2e6
+        row["flop_us_at_989TF"] = 4 * b * lq * keys * heads * dim / 989e6
+        rows.append(row)
+        print(name, {k_: (round(v_, 1) if isinstance(v_, float) else v_) for k_, v_ in row.items()}, flush=True)
+    return rows
+
+
+def split_kv_attention(q, k, v, splits: int, kernel: str) -> torch.Tensor:
+    """Attention over `splits` slices of the keys, merged by their log-sum-exp (flash decoding): more
+    thread blocks for a few query tiles over a long cache. q/k/v [B, H, L, D]."""
+    outs, lses = [], []
+    for ks, vs in zip(k.chunk(splits, dim=2), v.chunk(splits, dim=2)):
+        if kernel == "cudnn":
+            out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q, ks, vs, None, True)[:2]
+        else:
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, ks, vs)[:2]
+        outs.append(out)
+        lses.append(lse.reshape(*q.shape[:3], 1).float())
+    lse = torch.logsumexp(torch.stack(lses), dim=0)
+    return sum(o.float() * (w - lse).exp() for o, w in zip(outs, lses)).to(q.dtype)
+
+
+@torch.no_grad()
+def engine_passes(preset, fp8: bool, text_len: int, seed: int) -> tuple[InferenceEngine, dict]:
+    model = build_transformer(preset.transformer, seed=seed, device="cuda", dtype=torch.bfloat16)
+    model.fuse_qkv_projections()
+    if fp8:
+        quantize_blocks_fp8(model)
+    model.compile_blocks()
+    engine = InferenceEngine(model, EngineConfig.from_preset(preset), backend="cudnn", cuda_graphs=True)
+    prefill = preset.sampling.attn_window // 2 + 1
+    run_chunks(engine, 1, prefill, text_len, seed)
+    cache = engine.live_cache
+    assert cache.full, "the prefill should fill the ring"
+    c, m = engine.config, model.config
+    video = torch.randn(1, m.in_channels, c.frame_chunk_size, c.latent_height, c.latent_width, device="cuda")
+    actions = torch.randn(1, m.action_dim, c.frame_chunk_size, c.action_per_frame, 1, device="cuda")
+    t = torch.full((1, c.frame_chunk_size), 500.0, device="cuda")
+    out = {}
+    for label, kind, x, cond_only in (("video pass, CFG batch", "video", video, False),
+                                      ("action step, conditional only", "action", actions, True),
+                                      ("action cache pass, CFG batch", "action", actions, False)):
+        for _ in range(3):  # capture, then steady replays
+            engine._forward(kind, x, t, keep=False, predicted=False, cond_only=cond_only)
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(20):
+            engine._forward(kind, x, t, keep=False, predicted=False, cond_only=cond_only)
+        end.record()
+        torch.cuda.synchronize()
+        out[label] = start.elapsed_time(end) / 20
+        print(f"{'fp8' if fp8 else 'bf16'} {label}: {out[label]:.2f} ms", flush=True)
+    return engine, out
+
+
+KERNEL_GROUPS = [("attention", r"flash|fmha|sdpa|attention"),
+                 ("gemm", r"gemm|nvjet|cutlass|xmma|scaled_mm|sm90_|splitK"),
+                 ("fused elementwise (triton)", r"triton"),
+                 ("copy / index", r"copy|index|cat|gather|scatter"),
+                 ("other", r".")]
+
+
+def profile_paper_chunk(engine: InferenceEngine, preset, seed: int) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    engine.set_sampling(preset.operating_point("paper"))
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    for _ in range(2):  # capture the paper point's shapes first
+        obs = observation(engine, gen)
+        engine.act(generator=gen).actions.cpu()
+        engine.observe(*obs)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        obs = observation(engine, gen)
+        engine.act(generator=gen).actions.cpu()
+        engine.observe(*obs)
+        torch.cuda.synchronize()
+    groups: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    kernels = []
+    for evt in prof.key_averages():
+        us = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0.0)
+        if evt.device_type.name != "CUDA" or us <= 0:
+            continue
+        kernels.append((evt.key, us, evt.count))
+        for group, pattern in KERNEL_GROUPS:
+            if re.search(pattern, evt.key, re.IGNORECASE):
+                groups[group][0] += us
+                groups[group][1] += evt.count
+                break
+    kernels.sort(key=lambda r: -r[1])
+    for name, us, n in kernels[:30]:
+        print(f"{us / 1e3:8.2f} ms {n:6d}x  {name[:110]}")
+    total = sum(us for _, us, _ in kernels)
+    print(f"kernel time {total / 1e3:.1f} ms; " + ", ".join(f"{g} {v[0] / 1e3:.1f} ms ({v[1]} calls)"
+                                                          for g, v in groups.items()))
+    engine.set_sampling(preset.sampling)
+    return {"kernel_ms": total / 1e3, "groups": {g: {"ms": v[0] / 1e3, "calls": v[1]} for g, v in groups.items()},
+            "top_kernels": [{"name": n, "ms": us / 1e3, "calls": c} for n, us, c in kernels[:40]]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="robotwin")
+    p.add_argument("--text-len", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip", default="", help="comma-separated parts to skip: gemm, attention, passes, profile")
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
+    preset = get_preset(args.preset)
+    cfg = preset.transformer
+    results: dict = {"preset": preset.name, "device": torch.cuda.get_device_name(), "torch": torch.__version__}
+
+    def save() -> None:
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(results, f, indent=2)
+
+    if "gemm" not in skip:
+        results["gemms"] = gemms(cfg)
+        save()
+    _, ph, pw = cfg.patch_size
+    h, w = preset.latent_hw
+    capacity = (preset.sampling.attn_window // 2) * preset.frame_chunk_size * (preset.action_per_frame + h * w // (ph * pw))
+    if "attention" not in skip:
+        results["attention"] = attentions(cfg, capacity)
+        save()
+    if "passes" not in skip or "profile" not in skip:
+        passes = {}
+        for fp8 in (False, True):
+            engine, passes["fp8" if fp8 else "bf16"] = engine_passes(preset, fp8, args.text_len, args.seed)
+            results["passes_ms"] = passes
+            save()
+            if "profile" not in skip:
+                results[f"profile_paper_{'fp8' if fp8 else 'bf16'}"] = profile_paper_chunk(engine, preset, args.seed)
+                save()
+            del engine
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
