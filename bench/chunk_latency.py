@@ -60,7 +60,7 @@ def observation(engine: InferenceEngine, gen: torch.Generator):
 def run_chunks(engine: InferenceEngine, chunks: int, prefill: int, text_len: int, seed: int) -> list[float]:
     gen = torch.Generator(device=engine.device).manual_seed(seed)
     prompt, negative, first = random_episode_inputs(engine, text_len, gen)
-    engine.reset(prompt, negative)
+    engine.reset(prompt, negative, synchronous=True)  # as the server runs an episode without act_ahead
     # Prefill: the cache reaches its steady state through observed chunks only.
     for _ in range(prefill):
         if engine.frame_offset == 0:

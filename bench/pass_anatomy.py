@@ -101,8 +101,9 @@ def attentions(cfg, keys: int) -> list[dict]:
     rows = []
     for name, (b, lq) in shapes.items():
         q = torch.randn(b, heads, lq, dim, device="cuda", dtype=torch.bfloat16)
-        k = torch.randn(b, heads, keys, dim, device="cuda", dtype=torch.bfloat16)
-        v = torch.randn_like(k)
+        # As the engine reads its cache: [B, L, H, D] seen as [B, H, L, D].
+        k = torch.randn(b, keys, heads, dim, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+        v = torch.randn(b, keys, heads, dim, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
         row: dict = {"attention": name, "batch": b, "queries": lq, "keys": keys}
         for label, backend in backends.items():
             try:
@@ -111,19 +112,20 @@ def attentions(cfg, keys: int) -> list[dict]:
             except RuntimeError as e:
                 row[f"{label}_us"] = None
                 print(f"  {label}: {str(e).splitlines()[0][:120]}")
-        for splits in (2, 3, 4):
-            for label in ("cudnn", "flash"):
-                try:
-                    row[f"{label} split-KV x{splits}_us"] = graph_time_us(lambda: split_kv_attention(q, k, v, splits, label))
-                except (RuntimeError, TypeError) as e:
-                    row[f"{label} split-KV x{splits}_us"] = None
-                    print(f"  {label} split x{splits}: {str(e).splitlines()[0][:160]}")
-        ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
-        for label in ("cudnn", "flash"):
+        for splits in (2, 3, 4, 6):
             try:
-                row[f"{label} split-KV x4 max abs err vs fp32"] = (split_kv_attention(q, k, v, 4, label).float() - ref).abs().max().item()
-            except (RuntimeError, TypeError):
-                pass
+                row[f"cudnn split-KV x{splits}, one call_us"] = graph_time_us(lambda: split_kv_one_call(q, k, v, splits))
+            except RuntimeError as e:
+                row[f"cudnn split-KV x{splits}, one call_us"] = None
+                print(f"  split x{splits}: {str(e).splitlines()[0][:160]}")
+        ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+        try:
+            row["cudnn split-KV x3, one call: max abs err vs fp32"] = (
+                split_kv_one_call(q, k, v, 3).float() - ref).abs().max().item()
+            with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+                row["cudnn: max abs err vs fp32"] = (F.scaled_dot_product_attention(q, k, v).float() - ref).abs().max().item()
+        except RuntimeError:
+            pass
         kv_bytes = 2 * b * keys * heads * dim * 2
         row["kv_read_us_at_4.2TB/s"] = kv_bytes / 4.2e6
         row["flop_us_at_989TF"] = 4 * b * lq * keys * heads * dim / 989e6
@@ -132,19 +134,16 @@ def attentions(cfg, keys: int) -> list[dict]:
     return rows
 
 
-def split_kv_attention(q, k, v, splits: int, kernel: str) -> torch.Tensor:
-    """Attention over `splits` slices of the keys, merged by their log-sum-exp (flash decoding): more
-    thread blocks for a few query tiles over a long cache. q/k/v [B, H, L, D]."""
-    outs, lses = [], []
-    for ks, vs in zip(k.chunk(splits, dim=2), v.chunk(splits, dim=2)):
-        if kernel == "cudnn":
-            out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q, ks, vs, None, True)[:2]
-        else:
-            out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, ks, vs)[:2]
-        outs.append(out)
-        lses.append(lse.reshape(*q.shape[:3], 1).float())
-    lse = torch.logsumexp(torch.stack(lses), dim=0)
-    return sum(o.float() * (w - lse).exp() for o, w in zip(outs, lses)).to(q.dtype)
+def split_kv_one_call(q, k, v, splits: int) -> torch.Tensor:
+    """Attention over `splits` equal slices of the keys as one cuDNN call (the slices as batch rows: a
+    view of a [B, L, H, D] cache), merged by their log-sum-exp: more thread blocks for the few query
+    tiles of a video pass. q [B, H, Lq, D]; k/v [B, H, L, D] as views of [B, L, H, D]."""
+    b, h, lq, d = q.shape
+    ks, vs = (x.transpose(1, 2).unflatten(1, (splits, -1)).flatten(0, 1).transpose(1, 2) for x in (k, v))
+    qs = q.unsqueeze(1).expand(b, splits, h, lq, d).flatten(0, 1)
+    out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(qs, ks, vs, None, True)[:2]
+    w = torch.softmax(lse.reshape(b, splits, h, lq, 1).float(), dim=1)
+    return (out.unflatten(0, (b, splits)).float() * w).sum(1).to(q.dtype)
 
 
 @torch.no_grad()
@@ -181,9 +180,10 @@ def engine_passes(preset, fp8: bool, text_len: int, seed: int) -> tuple[Inferenc
     return engine, out
 
 
+# First match wins: inductor names its kernels after the ops they fuse ("triton_red_fused__scaled_mm_...").
 KERNEL_GROUPS = [("attention", r"flash|fmha|sdpa|attention"),
-                 ("gemm", r"gemm|nvjet|cutlass|xmma|scaled_mm|sm90_|splitK"),
                  ("fused elementwise (triton)", r"triton"),
+                 ("gemm", r"gemm|nvjet|cutlass|xmma|sm90_|splitK"),
                  ("copy / index", r"copy|index|cat|gather|scatter"),
                  ("other", r".")]
 

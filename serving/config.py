@@ -21,8 +21,9 @@ class ServeConfig:
                                                                                "websocket only)"})
     device: str = field(default="cpu", metadata={"help": "cpu, cuda, cuda:1, ..."})
     dtype: Literal["float32", "bfloat16"] = "float32"  # transformer weights
-    # Measured on one H200 at the robotwin preset (bench/results/chunk_latency_fp8_h200.md): 0.144 -> 0.134 s
-    # a chunk at the paper's operating point; one chunk from the same noise moves 1.8% from fp32 (bf16: 1.1%).
+    # Measured on one H200 at the robotwin preset (bench/results/chunk_latency_fp8_h200.md): 0.138 -> 0.121 s a
+    # chunk at the paper's operating point, 0.684 -> 0.590 s at the released one; one chunk from the same noise
+    # moves 2.3% from fp32 (bf16: 1.1%).
     fp8: bool = field(default=False, metadata={
         "help": "run the transformer blocks' matrix products in FP8 (GPU of compute capability 8.9+, with "
                 "--dtype bfloat16; changes the numbers)"})
