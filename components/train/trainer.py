@@ -37,6 +37,7 @@ from .distributed import (
     pre_step_grad_norm,
     use_bf16,
 )
+from .memory import Execution, fitted
 from .objective import TeacherForcedModel, TeacherForcing, build_model, draw_inputs
 from .report import write_report
 from .tracking import Tracker
@@ -111,6 +112,17 @@ class TimeLimit:
         return bool(flag.item())
 
 
+def fit_to_gpus(cfg: TrainConfig, preset: Preset, info: DistInfo) -> tuple[TrainConfig, Execution | None]:
+    """On GPUs, the recipe's execution fitted to their memory (components/train/memory.py)."""
+    if not info.cuda:
+        return cfg, None
+    gib = torch.cuda.get_device_properties(info.device).total_memory / 2**30
+    cfg, execution = fitted(cfg, preset, info.world, gib)
+    if execution is not None and info.is_main:
+        log.info("execution for %d GPU(s) of %.0f GiB: %s", info.world, gib, execution.name)
+    return cfg, execution
+
+
 def micro_step_generator(seed: int, rank: int, micro_step: int, device: torch.device | str = "cpu") -> torch.Generator:
     """The micro-step's own generator (exact resume needs no saved RNG state), on the device that draws."""
     mixed = np.random.SeedSequence([seed, rank, micro_step]).generate_state(2, dtype=np.uint64)[0]
@@ -132,6 +144,7 @@ def run(cfg: TrainConfig) -> TrainOutputs:
     bf16 = use_bf16(cfg, info)
     backend = ("flex" if info.cuda else "sdpa") if cfg.attention == "auto" else cfg.attention
     preset, base = resolve_preset(cfg, dataset_dir)
+    cfg, execution = fit_to_gpus(cfg, preset, info)
     dataset = LatentDataset(dataset_dir, preset, cfg.max_latent_frames, (preset.norm_q01, preset.norm_q99),
                             seed=cfg.seed)
     dataset.check_rate()
@@ -165,7 +178,8 @@ def run(cfg: TrainConfig) -> TrainOutputs:
         if state.run_id is None:
             tracker.log_params({**cfg.to_dict(), "parameters": n_params, "world_size": info.world,
                                 "segments": len(dataset), "precision": "bf16" if bf16 else "fp32",
-                                "attention_backend": backend, "model_preset": preset.name})
+                                "attention_backend": backend, "model_preset": preset.name,
+                                "execution": execution.name if execution else "as configured"})
         state.run_id = tracker.run_id
 
     batches = _loader(dataset, cfg, info, state.micro_steps)
@@ -200,6 +214,8 @@ def run(cfg: TrainConfig) -> TrainOutputs:
                        "samples": state.micro_steps * cfg.micro_batch * info.world}
             if grad_norm is not None and math.isfinite(float(grad_norm)):
                 metrics["grad_norm"] = float(grad_norm)
+            if info.cuda:  # this rank's, against the plan of fit_to_gpus
+                metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated(info.device) / 2**30
             if not math.isfinite(metrics["loss"]):
                 raise FloatingPointError(f"step {state.step}: loss is {metrics['loss']}")
             if tracker is not None:
