@@ -80,21 +80,37 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 @dataclass(frozen=True)
 class TokenLayout:
-    """Per-token ids of one teacher-forced sample: block index and noisy/clean flag."""
+    """Per-token ids of one teacher-forced sample: block index, noisy/clean flag and, with forward
+    dynamics, the flag of the forward-dynamics (FD) action tokens."""
 
     block: torch.Tensor  # [L] int
     clean: torch.Tensor  # [L] bool
+    fd: torch.Tensor | None = None  # [L] bool; None: the sequence has no FD segment
 
 
 def teacher_forced_layout(video_frames: int, tokens_per_video_frame: int, action_frames: int,
-                          tokens_per_action_frame: int, chunk_size: int) -> TokenLayout:
-    """Tokens in the order [noisy video | clean video | noisy actions | clean actions]."""
+                          tokens_per_action_frame: int, chunk_size: int,
+                          forward_dynamics: bool = False) -> TokenLayout:
+    """Tokens in the order [noisy video | clean video | noisy actions | clean actions], then with
+    `forward_dynamics` [| FD actions]: a copy of the clean actions, in their chunk's video block (2t:
+    they read the history that chunk's video reads; `forward_dynamics_allowed`)."""
     vf = torch.arange(video_frames).repeat_interleave(tokens_per_video_frame)
     af = torch.arange(action_frames).repeat_interleave(tokens_per_action_frame)
     vb, ab = 2 * (vf // chunk_size), 2 * (af // chunk_size) + 1
-    block = torch.cat([vb, vb, ab, ab])
-    clean = torch.cat([torch.zeros_like(vb), torch.ones_like(vb), torch.zeros_like(ab), torch.ones_like(ab)]).bool()
-    return TokenLayout(block, clean)
+    # (blocks, clean, FD) per segment
+    segments = [(vb, False, False), (vb, True, False), (ab, False, False), (ab, True, False)]
+    segments += [(ab - 1, True, True)] if forward_dynamics else []
+
+    def flag(i: int) -> torch.Tensor:
+        return torch.cat([torch.full_like(seg[0], seg[i], dtype=torch.bool) for seg in segments])
+
+    return TokenLayout(torch.cat([seg[0] for seg in segments]), flag(1), flag(2) if forward_dynamics else None)
+
+
+def _causal(bq: torch.Tensor, bk: torch.Tensor, cq: torch.Tensor, ck: torch.Tensor) -> torch.Tensor:
+    """Clean tokens see clean blocks up to their own, noisy tokens the clean blocks before theirs
+    and their own noisy block."""
+    return (cq & ck & (bk <= bq)) | (~cq & ck & (bk < bq)) | (~cq & ~ck & (bk == bq))
 
 
 def teacher_forced_allowed(layout: TokenLayout, window: int | torch.Tensor):
@@ -102,11 +118,43 @@ def teacher_forced_allowed(layout: TokenLayout, window: int | torch.Tensor):
     block, clean = layout.block, layout.clean
 
     def allowed(q, k):
-        bq, bk, cq, ck = block[q], block[k], clean[q], clean[k]
-        causal = (cq & ck & (bk <= bq)) | (~cq & ck & (bk < bq)) | (~cq & ~ck & (bk == bq))
-        return causal & ((bq - bk).abs() <= window)
+        bq, bk = block[q], block[k]
+        return _causal(bq, bk, clean[q], clean[k]) & ((bq - bk).abs() <= window)
 
     return allowed
+
+
+def forward_dynamics_queries(layout: TokenLayout, chosen: torch.Tensor) -> torch.Tensor:
+    """[B, L] bool: the noisy video tokens of the chunks chosen for forward dynamics (`chosen`
+    [B, chunks] bool), the only tokens that see FD action tokens."""
+    noisy_video = ~layout.clean & (layout.block % 2 == 0)
+    return chosen[:, layout.block // 2] & noisy_video
+
+
+def forward_dynamics_allowed(layout: TokenLayout, window: int | torch.Tensor, sees_fd: torch.Tensor):
+    """Mask predicate (b, q_idx, kv_idx) -> bool over a layout with FD action tokens; `sees_fd` is
+    `forward_dynamics_queries`. The engine's grounded pass (InferenceEngine._reimagine_executing)
+    writes chunk t's executed actions at t=0 after the history before chunk t, then denoises chunk
+    t's video from both, both reading the same cached history. So the FD tokens of chunk t (in its
+    video block 2t) see the clean blocks before it within the window, as its noisy video does, and
+    their own chunk's FD tokens; never chunk t's clean video, which chunk t's clean actions see
+    (hence a copy of them). A chosen chunk's noisy video also sees its chunk's FD tokens. Nothing
+    else sees them, and among the other tokens the mask is `teacher_forced_allowed`'s."""
+    block, clean, fd = layout.block, layout.clean, layout.fd
+    assert fd is not None, "a layout with forward_dynamics"
+
+    def allowed(b, q, k):
+        bq, bk, fq, fk = block[q], block[k], fd[q], fd[k]
+        others = ~fq & ~fk & _causal(bq, bk, clean[q], clean[k])
+        history = fq & ~fk & clean[k] & (bk < bq)
+        own_chunk = fk & (fq | sees_fd[b, q]) & (bk == bq)
+        return (others | history | own_chunk) & ((bq - bk).abs() <= window)
+
+    return allowed
+
+
+def _dense_indices(n: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.arange(n, device=device).view(-1, 1), torch.arange(n, device=device).view(1, -1)
 
 
 @functools.lru_cache(maxsize=32)
@@ -116,10 +164,34 @@ def teacher_forced_mask(video_frames: int, tokens_per_video_frame: int, action_f
     """Dense boolean mask [L, L] (True = may attend), built once per shape."""
     layout = teacher_forced_layout(video_frames, tokens_per_video_frame, action_frames,
                                    tokens_per_action_frame, chunk_size)
-    n = layout.block.numel()
-    q = torch.arange(n).view(-1, 1)
-    k = torch.arange(n).view(1, -1)
-    return teacher_forced_allowed(layout, window)(q, k).to(device)
+    return teacher_forced_allowed(layout, window)(*_dense_indices(layout.block.numel())).to(device)
+
+
+_Sizes = tuple[int, int, int, int, int]  # teacher_forced_layout's sizes
+
+
+def _layout_on(device: str, shape: _Sizes, forward_dynamics: bool = False) -> TokenLayout:
+    layout = teacher_forced_layout(*shape, forward_dynamics=forward_dynamics)
+    return TokenLayout(*(None if t is None else t.to(device) for t in (layout.block, layout.clean, layout.fd)))
+
+
+def _forward_dynamics_predicate(shape: _Sizes, window: int | torch.Tensor,
+                                chosen: torch.Tensor, device: str):
+    """(forward_dynamics_allowed on `device`, token count) for a teacher_forced_layout `shape`."""
+    layout = _layout_on(device, shape, forward_dynamics=True)
+    sees_fd = forward_dynamics_queries(layout, chosen.to(device))
+    return forward_dynamics_allowed(layout, window, sees_fd), layout.block.numel()
+
+
+def forward_dynamics_mask(video_frames: int, tokens_per_video_frame: int, action_frames: int,
+                          tokens_per_action_frame: int, chunk_size: int, window: int,
+                          chosen: torch.Tensor, device: str = "cpu") -> torch.Tensor:
+    """Dense boolean mask [B, 1, L, L] of the sequence with FD action tokens; `chosen` [B, chunks]
+    bool, the chunks whose noisy video sees them. Built per step: it depends on the batch's draw."""
+    allowed, n = _forward_dynamics_predicate((video_frames, tokens_per_video_frame, action_frames,
+                                              tokens_per_action_frame, chunk_size), window, chosen, device)
+    batch = torch.arange(chosen.shape[0], device=device).view(-1, 1, 1)
+    return allowed(batch, *_dense_indices(n, device)).unsqueeze(1)
 
 
 @functools.lru_cache(maxsize=32)
@@ -129,9 +201,8 @@ def teacher_forced_block_mask(video_frames: int, tokens_per_video_frame: int, ac
     """The same mask as a flex-attention BlockMask (skips the empty tiles on GPU)."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    layout = teacher_forced_layout(video_frames, tokens_per_video_frame, action_frames,
-                                   tokens_per_action_frame, chunk_size)
-    layout = TokenLayout(layout.block.to(device), layout.clean.to(device))
+    layout = _layout_on(device, (video_frames, tokens_per_video_frame, action_frames, tokens_per_action_frame,
+                                 chunk_size))
     # The window as a tensor, like the layout: flex attention compiles a mask_mod's Python numbers
     # into its kernel, so training (chunk 1-4 x window 4-64 drawn per step: 244 masks) recompiled at
     # almost every step and fell back to the unfused path past the recompile limit (7 s a step on
@@ -139,6 +210,19 @@ def teacher_forced_block_mask(video_frames: int, tokens_per_video_frame: int, ac
     allowed = teacher_forced_allowed(layout, torch.tensor(window, device=device))
     n = layout.block.numel()
     return create_block_mask(lambda b, h, q, k: allowed(q, k), None, None, n, n, device=device)
+
+
+def forward_dynamics_block_mask(video_frames: int, tokens_per_video_frame: int, action_frames: int,
+                                tokens_per_action_frame: int, chunk_size: int, window: int,
+                                chosen: torch.Tensor, device: str):
+    """`forward_dynamics_mask` as a BlockMask, one per sample (B = batch: the chosen chunks differ
+    per sample). The draw enters as a [B, L] tensor, not as numbers (see teacher_forced_block_mask)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    allowed, n = _forward_dynamics_predicate((video_frames, tokens_per_video_frame, action_frames,
+                                              tokens_per_action_frame, chunk_size),
+                                             torch.tensor(window, device=device), chosen, device)
+    return create_block_mask(lambda b, h, q, k: allowed(b, q, k), chosen.shape[0], None, n, n, device=device)
 
 
 _flex_attention = None

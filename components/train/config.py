@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -61,6 +61,13 @@ class TrainConfig:
     # and leans on its pretrained video model; from scratch the first chunk then sees a near-clean
     # first frame (t < 100) in 1 sample of 10, and the policy learns only the average reach.
     hold_first_frame: bool = False
+    # Forward dynamics (issue 15): the engine's grounded asynchronous pass denoises a chunk's video
+    # attending to the chunk's executed actions (models/engine.py `_reimagine_executing`), which
+    # teacher forcing alone never shows a chunk's noisy video.
+    forward_dynamics_prob: float = field(default=0.0, metadata={"help": (
+        "probability that a chunk's noisy video also sees its own chunk's clean actions (at t=0, after the "
+        "history before the chunk): the forward-dynamics loss of the grounded asynchronous mode; "
+        "drawn per chunk and sample")})
     chunk_range: tuple[int, int] = (1, 4)
     window_range: tuple[int, int] = (4, 64)
     video_shift: float | None = None  # None: the preset's sampling shift (upstream snr_shift)
@@ -121,6 +128,8 @@ class TrainConfig:
              f"time_limit_min must be > 0, got {self.time_limit_min}")
         need(0 <= self.text_dropout <= 1, f"text_dropout must be in [0, 1], got {self.text_dropout}")
         need(0 <= self.noisy_history <= 1, f"noisy_history must be in [0, 1], got {self.noisy_history}")
+        need(0 <= self.forward_dynamics_prob <= 1,
+             f"forward_dynamics_prob must be in [0, 1], got {self.forward_dynamics_prob}")
         for name in ("chunk_range", "window_range"):
             lo, hi = getattr(self, name)
             need(1 <= lo <= hi, f"{name} must be (low, high) with 1 <= low <= high, got {(lo, hi)}")

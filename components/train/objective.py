@@ -4,9 +4,18 @@
 order) the text dropout, one timestep per latent frame from the 1000-step tables (video and
 action shifts), the noise, the noisy history (the clean video noised with timesteps from the less
 noisy half of the table, never the actions), optionally the first frame held clean as inference holds
-it, and the step's chunk size and attention window.
+it, the step's chunk size and attention window, and (forward_dynamics_prob > 0) the chunks whose
+noisy video also sees its own chunk's clean actions.
 `TeacherForcedModel` is what DeepSpeed wraps: the transformer's teacher-forced forward plus the
 loss, per-frame weighted MSE for video plus per-frame masked weighted MSE for actions.
+
+Forward dynamics (FD, issue 15): the engine's grounded asynchronous pass denoises a chunk's video
+attending to the history before the chunk and to the chunk's executed actions, written at t=0
+(models/engine.py `_reimagine_executing`). Teacher forcing never shows a chunk's noisy video its own
+actions, so with forward_dynamics_prob > 0 the sequence gains a fifth segment, a copy of the clean
+actions ("FD action tokens", models/attention.py `forward_dynamics_allowed`), and each chunk of
+each sample is chosen with that probability to see its copy; a chosen chunk's video loss is the
+FD loss. The FD tokens carry no loss.
 """
 
 from __future__ import annotations
@@ -18,7 +27,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from vaops.models.attention import MaskedSelfAttention, teacher_forced_block_mask, teacher_forced_mask
+from vaops.models.attention import (
+    MaskedSelfAttention,
+    forward_dynamics_block_mask,
+    forward_dynamics_mask,
+    grid_ids,
+    teacher_forced_block_mask,
+    teacher_forced_mask,
+)
 from vaops.models.config import Preset
 from vaops.models.flow_matching import (
     NUM_TRAIN_TIMESTEPS,
@@ -46,13 +62,15 @@ class TeacherForcing:
     hold_first_frame: bool
     chunk_range: tuple[int, int]
     window_range: tuple[int, int]
+    forward_dynamics: float = 0.0  # TrainConfig.forward_dynamics_prob
 
     @classmethod
     def from_config(cls, cfg: TrainConfig, preset: Preset) -> TeacherForcing:
         s = preset.sampling
         return cls(train_table(s.video_shift if cfg.video_shift is None else cfg.video_shift),
                    train_table(s.action_shift if cfg.action_shift is None else cfg.action_shift),
-                   cfg.text_dropout, cfg.noisy_history, cfg.hold_first_frame, cfg.chunk_range, cfg.window_range)
+                   cfg.text_dropout, cfg.noisy_history, cfg.hold_first_frame, cfg.chunk_range, cfg.window_range,
+                   cfg.forward_dynamics_prob)
 
     def to(self, device: torch.device | str) -> TeacherForcing:
         return dataclasses.replace(self, video=self.video.to(device), action=self.action.to(device))
@@ -75,6 +93,8 @@ class StepInputs:
     text_emb: torch.Tensor  # [B, 512, D]
     chunk: int
     window: int
+    # [B, chunks] bool: the chunks whose noisy video sees its FD action tokens; None: no FD segment
+    fd_chunks: torch.Tensor | None = None
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> StepInputs:
         """Move to `device`; model inputs (not targets, weights or masks) cast to `dtype`."""
@@ -90,7 +110,8 @@ class StepInputs:
     @property
     def tokens(self) -> int:
         b, _, f, h, w = self.video_noisy.shape
-        return b * 2 * f * ((h // 2) * (w // 2) + self.action_noisy.shape[3])
+        n = self.action_noisy.shape[3]
+        return b * (2 * f * ((h // 2) * (w // 2) + n) + (0 if self.fd_chunks is None else f * n))
 
 
 def _per_frame(values: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -141,12 +162,15 @@ def draw_inputs(batch: Batch, empty_emb: torch.Tensor, tf: TeacherForcing, gener
 
     chunk = int(torch.randint(tf.chunk_range[0], tf.chunk_range[1] + 1, (1,), **on))
     window = int(torch.randint(tf.window_range[0], tf.window_range[1] + 1, (1,), **on))
+    # Drawn last and only when asked for, so that every other draw is the same as without FD. Every
+    # step with p > 0 carries the FD segment, chosen or not: one token count, one compiled kernel.
+    fd_chunks = torch.rand(b, -(-f // chunk), **on) < tf.forward_dynamics if tf.forward_dynamics > 0 else None
     return StepInputs(
         video_noisy=video_noisy, video_clean=video_clean, video_t=video_t, video_cond_t=video_cond_t,
         video_target=velocity_target(x0, noise), video_weight=video_weight,
         action_noisy=action_noisy, action_clean=a0 * m, action_t=action_t,
         action_target=velocity_target(a0, anoise) * m, action_weight=action_weight,
-        action_mask=mask, text_emb=text, chunk=chunk, window=window)
+        action_mask=mask, text_emb=text, chunk=chunk, window=window, fd_chunks=fd_chunks)
 
 
 def flow_matching_loss(video_pred: torch.Tensor, action_pred: torch.Tensor, x: StepInputs) -> torch.Tensor:
@@ -169,16 +193,53 @@ class TeacherForcedModel(nn.Module):
         _, _, f, h, w = x.video_noisy.shape
         args = (f, t.video_tokens_per_frame(h, w), f, x.action_noisy.shape[3], x.chunk, x.window)
         device = str(x.video_noisy.device)
-        if self.backend == "flex":
-            return teacher_forced_block_mask(*args, device=device)
-        return teacher_forced_mask(*args, device=device)
+        flex = self.backend == "flex"
+        if x.fd_chunks is not None:
+            fd_mask = forward_dynamics_block_mask if flex else forward_dynamics_mask
+            return fd_mask(*args, x.fd_chunks, device=device)
+        return teacher_forced_block_mask(*args, device=device) if flex else teacher_forced_mask(*args, device=device)
 
-    def forward(self, x: StepInputs) -> torch.Tensor:
+    def predict(self, x: StepInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Velocities for the noisy video and the noisy actions."""
         attn = MaskedSelfAttention(self.attention_mask(x), self.backend)
-        video, action = self.transformer.forward_train(
+        if x.fd_chunks is not None:
+            return forward_dynamics_train(self.transformer, x, attn, self.backend)
+        return self.transformer.forward_train(
             x.video_noisy, x.video_clean, x.video_t, x.video_cond_t, x.action_noisy, x.action_clean, x.action_t,
             torch.zeros_like(x.action_t), x.text_emb, attn, backend=self.backend)
-        return flow_matching_loss(video, action, x)
+
+    def forward(self, x: StepInputs) -> torch.Tensor:
+        return flow_matching_loss(*self.predict(x), x)
+
+
+def forward_dynamics_train(model: LingBotVATransformer, x: StepInputs, attn: MaskedSelfAttention,
+                           backend: str = "sdpa") -> tuple[torch.Tensor, torch.Tensor]:
+    """`LingBotVATransformer.forward_train` over [noisy video | clean video | noisy actions | clean
+    actions | FD actions]: the FD actions are the clean actions at t=0 again, at their rotary
+    positions; only their attention differs (`attn`'s mask). Returns the same two velocities.
+    forward_train's assembly with one more segment: were forward_train to take the optional segment,
+    this copy would go."""
+    b, _, fv, h, w = x.video_noisy.shape
+    _, a, fa, n, aw = x.action_noisy.shape
+    ph, pw = model.config.patch_size[1:]
+    vtok, atok = model.video_tokens_per_frame(h, w), n * aw
+    cond, clean_actions = torch.zeros_like(x.action_t), model.embed_actions(x.action_clean)
+    segments = [(model.embed_video(x.video_noisy), x.video_t, False, vtok),
+                (model.embed_video(x.video_clean), x.video_cond_t, False, vtok),
+                (model.embed_actions(x.action_noisy), x.action_t, True, atok),
+                (clean_actions, cond, True, atok), (clean_actions, cond, True, atok)]
+    embedded = [(model.time_embed(t, action), n_tok) for _, t, action, n_tok in segments]
+    temb = torch.cat([e[0].repeat_interleave(n_tok, dim=1) for e, n_tok in embedded], dim=1)
+    mod = torch.cat([e[1].repeat_interleave(n_tok, dim=1) for e, n_tok in embedded], dim=1)
+    vgrid = grid_ids(fv, h // ph, w // pw, device=temb.device)
+    agrid = grid_ids(fa, n, aw, action=True, device=temb.device)
+    rope = model.rope(torch.cat([vgrid, vgrid, agrid, agrid, agrid], dim=1))
+    out = model.trunk(torch.cat([s[0] for s in segments], dim=1), temb, mod, rope, model.text_context(x.text_emb),
+                      attn, backend)
+    lv, la = fv * vtok, fa * atok
+    video = model.unpatchify(model.proj_out(out[:, :lv]), fv, h, w)
+    action = model.action_proj_out(out[:, 2 * lv:2 * lv + la]).transpose(1, 2).reshape(b, a, fa, n, aw)
+    return video, action
 
 
 def build_model(cfg: TrainConfig, preset: Preset, base: Path | None, bf16: bool,

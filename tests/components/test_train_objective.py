@@ -1,5 +1,7 @@
 """The teacher-forced flow-matching objective: draws, noising, loss."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -126,3 +128,66 @@ def test_model_wraps_the_teacher_forced_forward():
                                      x.action_clean, x.action_t, torch.zeros_like(x.action_t), x.text_emb,
                                      MaskedSelfAttention(mask))
     torch.testing.assert_close(loss, flow_matching_loss(vp, ap, x))
+
+
+def _fd_step(fd_chunks, **changes):
+    """Tiny-model inputs in 3 chunks of 1 frame (window 8), with the given FD choice [2, 3] or None."""
+    x = draw_inputs(_batch(), torch.zeros(512, 40, dtype=torch.bfloat16), TF, torch.Generator().manual_seed(4))
+    return dataclasses.replace(x.to("cpu", torch.float32), chunk=1, window=8, fd_chunks=fd_chunks, **changes)
+
+
+def test_forward_dynamics_draws_chunks_last_and_from_the_generator():
+    batch, empty = _batch(b=64, f=4), torch.zeros(512, 40, dtype=torch.bfloat16)
+    fd = TeacherForcing.from_config(TrainConfig(forward_dynamics_prob=0.25), TINY)
+    a, b, c = (draw_inputs(batch, empty, fd, torch.Generator().manual_seed(s)) for s in (7, 7, 8))
+    off = draw_inputs(batch, empty, TF, torch.Generator().manual_seed(7))
+    assert off.fd_chunks is None  # p = 0: no FD segment, every draw as before
+    assert a.fd_chunks is not None and b.fd_chunks is not None and c.fd_chunks is not None
+    assert a.fd_chunks.shape == (64, -(-4 // a.chunk)) and a.fd_chunks.dtype == torch.bool
+    assert torch.equal(a.fd_chunks, b.fd_chunks) and not torch.equal(a.fd_chunks, c.fd_chunks)
+    assert 0.15 < a.fd_chunks.float().mean() < 0.35
+    for f in dataclasses.fields(off):  # drawn last: everything else is what p = 0 draws
+        if f.name != "fd_chunks":
+            v, w = getattr(a, f.name), getattr(off, f.name)
+            assert torch.equal(v, w) if isinstance(v, torch.Tensor) else v == w, f.name
+    assert a.tokens == off.tokens + 64 * 4 * 16  # plus the FD copy of the actions
+    with pytest.raises(ValueError, match="forward_dynamics_prob"):
+        TrainConfig(forward_dynamics_prob=1.5)
+
+
+def test_forward_dynamics_shows_a_chunks_video_its_actions_and_nothing_of_its_own_clean_video():
+    model = TeacherForcedModel(build_transformer(TINY.transformer, seed=0))
+    every = torch.ones(2, 3, dtype=torch.bool)
+    x = _fd_step(every)
+    video_clean, action_clean = x.video_clean.requires_grad_(), x.action_clean.requires_grad_()
+    video, _ = model.predict(x)
+    video[:, :, 1].square().sum().backward()  # chunk 1's noisy-video output
+    vg, ag = video_clean.grad, action_clean.grad
+    assert vg is not None and ag is not None
+    assert torch.all(vg[:, :, 1:] == 0) and vg[:, :, 0].abs().sum() > 0  # the history only
+    assert torch.all(ag[:, :, 2] == 0) and ag[:, :, 1].abs().sum() > 0 and ag[:, :, 0].abs().sum() > 0
+    # Moving chunk 1's actions moves its video with FD, and leaves it bit for bit without.
+    moved = x.action_clean.detach().clone()
+    moved[:, :, 1] += x.action_mask[:, :, 1].float()
+    with torch.no_grad():
+        for fd_chunks, seen in ((every, True), (None, False)):
+            before = model.predict(_fd_step(fd_chunks))[0][:, :, 1]
+            after = model.predict(_fd_step(fd_chunks, action_clean=moved))[0][:, :, 1]
+            assert torch.equal(before, after) is not seen, fd_chunks
+
+
+def test_forward_dynamics_segment_is_invisible_to_chunks_not_chosen():
+    """With no chunk chosen the FD tokens change no prediction, and the loss stays the flow-matching loss."""
+    model = TeacherForcedModel(build_transformer(TINY.transformer, seed=0))
+    with torch.no_grad():
+        plain = model.predict(_fd_step(None))
+        unchosen = model.predict(_fd_step(torch.zeros(2, 3, dtype=torch.bool)))
+        chosen = _fd_step(torch.tensor([[False, True, False], [False, False, False]]))
+        some = model.predict(chosen)
+        loss = model(chosen)
+    for p, u in zip(plain, unchosen):
+        torch.testing.assert_close(u, p)
+    torch.testing.assert_close(loss, flow_matching_loss(*some, chosen))
+    torch.testing.assert_close(some[0][1], plain[0][1])  # sample 1 chose nothing
+    torch.testing.assert_close(some[0][0, :, 0], plain[0][0, :, 0])  # sample 0's chunk 0 was not chosen
+    assert not torch.allclose(some[0][0, :, 1], plain[0][0, :, 1])  # its chunk 1 was
