@@ -204,9 +204,9 @@ def profile_paper_chunk(engine: InferenceEngine, preset, seed: int) -> dict:
         engine.observe(*obs)
         torch.cuda.synchronize()
     groups: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
-    kernels = []
+    kernels: list[tuple[str, float, int]] = []
     for evt in prof.key_averages():
-        us = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0.0)
+        us = float(getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0.0) or 0.0)
         if evt.device_type.name != "CUDA" or us <= 0:
             continue
         kernels.append((evt.key, us, evt.count))

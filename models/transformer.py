@@ -322,8 +322,10 @@ class LingBotVATransformer(nn.Module):
                       video_cond_t: torch.Tensor, action_noisy: torch.Tensor, action_clean: torch.Tensor,
                       action_t: torch.Tensor, action_cond_t: torch.Tensor, text_emb: torch.Tensor,
                       self_attention: SelfAttentionFn, backend: str = "sdpa",
-                      frame_offset: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-        """Teacher-forced forward over [noisy video | clean video | noisy actions | clean actions].
+                      frame_offset: float = 0.0, forward_dynamics: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher-forced forward over [noisy video | clean video | noisy actions | clean actions], and with
+        `forward_dynamics` the clean actions once more at their positions (the training objective's
+        forward-dynamics segment; only the mask tells it apart).
 
         Returns the velocity for the noisy video [B, 48, F, H, W] and noisy actions [B, 30, F, N, 1].
         `self_attention` carries the block-causal mask (see training.py).
@@ -333,16 +335,19 @@ class LingBotVATransformer(nn.Module):
         ph, pw = self.config.patch_size[1:]
         vtok = self.video_tokens_per_frame(h, w)
         atok = n * aw
-        x = torch.cat([self.embed_video(video_noisy), self.embed_video(video_clean),
-                       self.embed_actions(action_noisy), self.embed_actions(action_clean)], dim=1)
-        # The four parts have different tokens per frame: modulate token by token.
-        parts = [(self.time_embed(t, action), n_tok) for t, action, n_tok in
-                 ((video_t, False, vtok), (video_cond_t, False, vtok), (action_t, True, atok), (action_cond_t, True, atok))]
+        segments = [(self.embed_video(video_noisy), video_t, False, vtok),
+                    (self.embed_video(video_clean), video_cond_t, False, vtok),
+                    (self.embed_actions(action_noisy), action_t, True, atok),
+                    (self.embed_actions(action_clean), action_cond_t, True, atok)]
+        segments += segments[-1:] if forward_dynamics else []
+        x = torch.cat([s[0] for s in segments], dim=1)
+        # The parts have different tokens per frame: modulate token by token.
+        parts = [(self.time_embed(t, action), n_tok) for _, t, action, n_tok in segments]
         temb = torch.cat([p[0].repeat_interleave(n_tok, dim=1) for p, n_tok in parts], dim=1)
         mod = torch.cat([p[1].repeat_interleave(n_tok, dim=1) for p, n_tok in parts], dim=1)
         vgrid = grid_ids(fv, h // ph, w // pw, frame_offset, device=x.device)
         agrid = grid_ids(fa, n, aw, frame_offset, action=True, device=x.device)
-        rope = self.rope(torch.cat([vgrid, vgrid, agrid, agrid], dim=1))
+        rope = self.rope(torch.cat([vgrid, vgrid] + [agrid] * (len(segments) - 2), dim=1))
         out = self.trunk(x, temb, mod, rope, self.text_context(text_emb), self_attention, backend)
         lv, la = fv * vtok, fa * atok
         video = self.unpatchify(self.proj_out(out[:, :lv]), fv, h, w)

@@ -49,12 +49,12 @@ MODULE_PREFIX = "transformer."  # the trained module wraps the transformer under
 RESUME_FIELDS = ("preset", "init_from", "micro_batch", "grad_accum", "seed", "zero_stage", "chunk_range",
                  "window_range", "max_latent_frames", "text_dropout", "noisy_history", "hold_first_frame",
                  "video_shift", "action_shift", "lr", "betas", "weight_decay", "warmup_steps", "lr_schedule",
-                 "norm_stats")
+                 "norm_stats", "forward_dynamics_prob")
 # TrainConfig fields that change how a run is executed or recorded, not what it trains: configurations
 # that differ only in these share a run folder (`run_folder`), so one resumes the other. Recomputing
 # more or fewer blocks (checkpoint_every) gives the same numbers.
 EXECUTION_FIELDS = ("output", "num_workers", "preload", "time_limit_min", "save_every", "keep_last",
-                    "system_metrics", "system_metrics_interval", "checkpoint_every")
+                    "system_metrics", "system_metrics_interval", "checkpoint_every", "fit_execution", "gpu_memory_gib")
 RUN_KEY_FILE = "run_key.json"  # in a run folder: what its name is a hash of
 METADATA_SUFFIXES = (".json", ".jsonl", ".yaml", ".txt")  # small files whose content an input identity includes
 

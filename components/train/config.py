@@ -51,6 +51,11 @@ class TrainConfig:
     checkpoint_every: int = 1  # with activation_checkpointing: recompute every n-th block (2: half, "selective")
     compile_blocks: bool = False  # torch.compile the blocks' attention-free regions (GPU, fixed frame count)
     attention: AttentionBackend = "auto"  # auto: flex on GPU, sdpa on CPU
+    # On GPUs a run that keeps the recipe's execution (SCALE_OUT_EXECUTION) gets the fastest one predicted to
+    # fit their memory (components/train/memory.py); false: run the configured execution as it is.
+    fit_execution: bool = True
+    gpu_memory_gib: float | None = field(default=None, metadata={"help": (
+        "memory per GPU to plan the execution for and to stay within (a shared GPU); default: the device's")})
     seed: int = 0
 
     # Teacher forcing (MODEL.md "Training"): probabilities and per-step draws.
@@ -128,6 +133,8 @@ class TrainConfig:
              f"time_limit_min must be > 0, got {self.time_limit_min}")
         need(0 <= self.text_dropout <= 1, f"text_dropout must be in [0, 1], got {self.text_dropout}")
         need(0 <= self.noisy_history <= 1, f"noisy_history must be in [0, 1], got {self.noisy_history}")
+        need(self.gpu_memory_gib is None or self.gpu_memory_gib > 0,
+             f"gpu_memory_gib must be > 0, got {self.gpu_memory_gib}")
         need(0 <= self.forward_dynamics_prob <= 1,
              f"forward_dynamics_prob must be in [0, 1], got {self.forward_dynamics_prob}")
         for name in ("chunk_range", "window_range"):

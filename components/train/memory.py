@@ -5,7 +5,7 @@ The recipes' execution (config.SCALE_OUT_EXECUTION: ZeRO-2, no activation checkp
 micro-batch 2) peaked at 98.5 GiB per GPU on 2 H200s and 130.3 GiB on one, so as shipped it would run
 out of memory on 80 GB GPUs at any count up to 8, and on a single H200 it ran out once in three runs.
 A run that keeps the recipe's execution unchanged gets the first of these that fits; a run that sets any
-of its fields itself keeps its own.
+of its fields to another value, or `fit_execution: false`, keeps its own.
 
 Each execution's peak per GPU is modelled as `fixed + partitioned / gpus + per_sample * micro_batch`
 (GiB at 5.09 B parameters and 4,352 tokens a sample: robotwin, 16 latent frames), fitted to
@@ -70,11 +70,13 @@ EXECUTIONS = (
 )
 
 
-def sample_tokens(preset: Preset, latent_frames: int) -> int:
-    """Tokens of one teacher-forced sample: noisy and clean video and actions of `latent_frames` frames."""
+def sample_tokens(preset: Preset, latent_frames: int, forward_dynamics: bool = False) -> int:
+    """Tokens of one teacher-forced sample: noisy and clean video and actions of `latent_frames` frames,
+    and with `forward_dynamics` the actions once more (objective.py's forward-dynamics segment)."""
     h, w = preset.latent_hw
     _, ph, pw = preset.transformer.patch_size
-    return 2 * latent_frames * ((h // ph) * (w // pw) + preset.action_per_frame)
+    actions = (3 if forward_dynamics else 2) * preset.action_per_frame
+    return latent_frames * (2 * (h // ph) * (w // pw) + actions)
 
 
 def parameter_count(preset: Preset) -> int:
@@ -106,8 +108,8 @@ def fitted(cfg: TrainConfig, preset: Preset, gpus: int, gpu_gib: float) -> tuple
     bounds a sample's frames; else `cfg` unchanged. Returns the config and the execution chosen (or None)."""
     keys = EXECUTIONS[0].fields
     own = any(getattr(cfg, k) != SCALE_OUT_EXECUTION[k] for k in keys) or cfg.offload_optimizer or cfg.offload_params
-    if own or cfg.max_latent_frames is None:
+    if own or not cfg.fit_execution or cfg.max_latent_frames is None:
         return cfg, None
-    tokens = sample_tokens(preset, cfg.max_latent_frames)
+    tokens = sample_tokens(preset, cfg.max_latent_frames, cfg.forward_dynamics_prob > 0)
     chosen = plan(gpus, gpu_gib, parameter_count(preset), tokens, f"preset {preset.name!r}")
     return dataclasses.replace(cfg, **chosen.fields), chosen

@@ -31,7 +31,6 @@ from vaops.models.attention import (
     MaskedSelfAttention,
     forward_dynamics_block_mask,
     forward_dynamics_mask,
-    grid_ids,
     teacher_forced_block_mask,
     teacher_forced_mask,
 )
@@ -202,44 +201,13 @@ class TeacherForcedModel(nn.Module):
     def predict(self, x: StepInputs) -> tuple[torch.Tensor, torch.Tensor]:
         """Velocities for the noisy video and the noisy actions."""
         attn = MaskedSelfAttention(self.attention_mask(x), self.backend)
-        if x.fd_chunks is not None:
-            return forward_dynamics_train(self.transformer, x, attn, self.backend)
         return self.transformer.forward_train(
             x.video_noisy, x.video_clean, x.video_t, x.video_cond_t, x.action_noisy, x.action_clean, x.action_t,
-            torch.zeros_like(x.action_t), x.text_emb, attn, backend=self.backend)
+            torch.zeros_like(x.action_t), x.text_emb, attn, backend=self.backend,
+            forward_dynamics=x.fd_chunks is not None)
 
     def forward(self, x: StepInputs) -> torch.Tensor:
         return flow_matching_loss(*self.predict(x), x)
-
-
-def forward_dynamics_train(model: LingBotVATransformer, x: StepInputs, attn: MaskedSelfAttention,
-                           backend: str = "sdpa") -> tuple[torch.Tensor, torch.Tensor]:
-    """`LingBotVATransformer.forward_train` over [noisy video | clean video | noisy actions | clean
-    actions | FD actions]: the FD actions are the clean actions at t=0 again, at their rotary
-    positions; only their attention differs (`attn`'s mask). Returns the same two velocities.
-    forward_train's assembly with one more segment: were forward_train to take the optional segment,
-    this copy would go."""
-    b, _, fv, h, w = x.video_noisy.shape
-    _, a, fa, n, aw = x.action_noisy.shape
-    ph, pw = model.config.patch_size[1:]
-    vtok, atok = model.video_tokens_per_frame(h, w), n * aw
-    cond, clean_actions = torch.zeros_like(x.action_t), model.embed_actions(x.action_clean)
-    segments = [(model.embed_video(x.video_noisy), x.video_t, False, vtok),
-                (model.embed_video(x.video_clean), x.video_cond_t, False, vtok),
-                (model.embed_actions(x.action_noisy), x.action_t, True, atok),
-                (clean_actions, cond, True, atok), (clean_actions, cond, True, atok)]
-    embedded = [(model.time_embed(t, action), n_tok) for _, t, action, n_tok in segments]
-    temb = torch.cat([e[0].repeat_interleave(n_tok, dim=1) for e, n_tok in embedded], dim=1)
-    mod = torch.cat([e[1].repeat_interleave(n_tok, dim=1) for e, n_tok in embedded], dim=1)
-    vgrid = grid_ids(fv, h // ph, w // pw, device=temb.device)
-    agrid = grid_ids(fa, n, aw, action=True, device=temb.device)
-    rope = model.rope(torch.cat([vgrid, vgrid, agrid, agrid, agrid], dim=1))
-    out = model.trunk(torch.cat([s[0] for s in segments], dim=1), temb, mod, rope, model.text_context(x.text_emb),
-                      attn, backend)
-    lv, la = fv * vtok, fa * atok
-    video = model.unpatchify(model.proj_out(out[:, :lv]), fv, h, w)
-    action = model.action_proj_out(out[:, 2 * lv:2 * lv + la]).transpose(1, 2).reshape(b, a, fa, n, aw)
-    return video, action
 
 
 def build_model(cfg: TrainConfig, preset: Preset, base: Path | None, bf16: bool,

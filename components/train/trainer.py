@@ -116,7 +116,10 @@ def fit_to_gpus(cfg: TrainConfig, preset: Preset, info: DistInfo) -> tuple[Train
     """On GPUs, the recipe's execution fitted to their memory (components/train/memory.py)."""
     if not info.cuda:
         return cfg, None
-    gib = torch.cuda.get_device_properties(info.device).total_memory / 2**30
+    total = torch.cuda.get_device_properties(info.device).total_memory / 2**30
+    gib = total if cfg.gpu_memory_gib is None else min(cfg.gpu_memory_gib, total)
+    if gib < total:  # the plan's memory is the process's: allocations past it fail as on a smaller GPU
+        torch.cuda.set_per_process_memory_fraction(gib / total, info.device)
     cfg, execution = fitted(cfg, preset, info.world, gib)
     if execution is not None and info.is_main:
         log.info("execution for %d GPU(s) of %.0f GiB: %s", info.world, gib, execution.name)

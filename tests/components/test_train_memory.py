@@ -77,3 +77,29 @@ def test_the_trainer_plans_with_the_gpus_memory_and_count(monkeypatch):
     with pytest.raises(ValueError, match="on 1 GPU"):
         fit_to_gpus(recipe, ROBOTWIN, DistInfo(0, 1, 0, torch.device("cuda", 0)))
     assert fit_to_gpus(recipe, ROBOTWIN, DistInfo(0, 1, 0, torch.device("cpu"))) == (recipe, None)
+
+
+def test_fit_execution_false_and_a_smaller_memory_budget(monkeypatch):
+    """`fit_execution: false` runs the recipe's execution as configured (a flag equal to the recipe's value
+    cannot say so); `gpu_memory_gib` plans for less than the device has and caps the process there."""
+    import types
+
+    import torch
+
+    from vaops.components.train.distributed import DistInfo
+    from vaops.components.train.trainer import fit_to_gpus
+
+    recipe = get_recipe("robotwin")
+    assert fitted(dataclasses.replace(recipe, fit_execution=False), ROBOTWIN, 1, H100)[1] is None
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(
+        total_memory=H200 * 2**30))
+    fractions = []
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, device: fractions.append(f))
+    gpu = DistInfo(0, 2, 0, torch.device("cuda", 0))
+    assert fit_to_gpus(recipe, ROBOTWIN, gpu)[1] is EXECUTIONS[0] and fractions == []
+    cfg, execution = fit_to_gpus(dataclasses.replace(recipe, gpu_memory_gib=H100), ROBOTWIN, gpu)
+    assert execution is EXECUTIONS[1] and fractions == [pytest.approx(H100 / H200)]
+
+
+def test_the_forward_dynamics_segment_counts_in_a_samples_tokens():
+    assert sample_tokens(ROBOTWIN, 16, forward_dynamics=True) == 4352 + 16 * 16
