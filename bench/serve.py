@@ -123,6 +123,8 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: float32 on CPU, bfloat16 on GPU")
+    parser.add_argument("--fp8", action="store_true", help="FP8 block GEMMs (vaops serve --fp8)")
+    parser.add_argument("--warm-sessions", type=int, default=1, help="sessions warmed up before ready")
 
 
 def random_weights(args: argparse.Namespace):
@@ -147,13 +149,15 @@ def serve_during(args: argparse.Namespace, weights, work: Callable[[str], None],
     once the server is ready; the server stops when the work ends. `settings`: ServeConfig fields."""
     cfg = ServeConfig(**{"model": "(in memory)", "http_port": free_port(), "grpc_port": free_port(),
                          "enable_grpc": False, "device": args.device, "dtype": server_dtype(args),
-                         "max_sessions": 2, **settings})
+                         "max_sessions": max(2, args.warm_sessions), "fp8": args.fp8,
+                         "warm_sessions": args.warm_sessions, **settings})
     failure: list[str] = []
 
     def client() -> None:
         try:
             url = f"http://127.0.0.1:{cfg.http_port}"
-            for _ in range(600):
+            ready_by = time.monotonic() + 900  # the warm-up comes first (a minute per warmed session at most)
+            while time.monotonic() < ready_by:
                 try:
                     if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
                         break

@@ -23,8 +23,9 @@ from .transformer import LingBotVATransformer, TextContext
 
 # Captured graphs per engine. An episode at the robotwin preset captures 110: while the ring fills,
 # 36 video levels (CFG batch of two) and 35 action levels, each for the steps' batch of one and the
-# cache pass's two (106); 3 on the full ring; 1 masked observation pass after an eviction. They take
-# 0.57 GiB on one H200 (their inputs, outputs and shared pool; the KV cache is 7.2 GB). Observations
+# cache pass's two (106); 3 on the full ring; 1 masked observation pass after an eviction. Grounded
+# asynchronous execution's forward-dynamics passes add 70 (2 a filling level). The 110 take 0.57 GiB
+# on one H200 (their inputs, outputs and shared pool; the KV cache is 7.2 GB). Observations
 # of other lengths add shapes: past this bound a new shape runs eagerly, with the same reads, so graph
 # memory stays bounded.
 MAX_GRAPHS = 256
@@ -394,16 +395,21 @@ class InferenceEngine:
         self.frame_offset += self.config.frame_chunk_size
 
     @torch.no_grad()
-    def warm_up_cache_levels(self) -> int:
+    def warm_up_cache_levels(self, grounded: bool = False) -> int:
         """Warm-up: from an observed chunk, act and observe (zeros) until the ring has evicted, so each
         read of an episode runs once: every filling level, the full ring and the masked observation pass
         after an eviction. On a GPU their graphs are captured here rather than in the first episode's
         chunks (robotwin preset: up to 36 chunks, 3 graphs each while filling; 20 s on one H200 with
-        the blocks uncompiled). The graphs' shapes do not depend on the number of steps, so each
-        schedule runs one step; the session's settings are restored. The cache is left holding zeros:
-        reset before an episode. Returns the chunks run."""
+        the blocks uncompiled). `grounded` (after an episode's first act): the same levels through grounded
+        asynchronous execution (act_ahead(grounded=True), then the executing chunk's observation), whose
+        forward-dynamics passes read the cache at levels of their own. The graphs' shapes do not depend on the number of steps,
+        so each schedule runs one step; the session's settings are restored. The cache is left holding
+        zeros: reset before an episode. Returns the chunks run."""
         self._require_episode()
-        if self.frame_offset == 0 or self.live_cache.predicted_from is not None or self._ahead is not None:
+        if grounded:  # as an episode's asynchronous loop: from its first act on
+            if self._ahead is not None or self.live_cache.predicted_from is None:
+                raise RuntimeError("a grounded warm_up_cache_levels starts after an act")
+        elif self.frame_offset == 0 or self.live_cache.predicted_from is not None or self._ahead is not None:
             raise RuntimeError("warm_up_cache_levels starts after an observe, with no chunk awaiting one")
         session = self.config.sampling
         # Guidance stays: it decides which batches (1 or 2) the steps run, hence the graphs' shapes.
@@ -414,7 +420,10 @@ class InferenceEngine:
         try:
             evicted = False
             while not evicted:
-                chunk = self._act(None, None, None, generator)
+                if grounded:
+                    chunk = self.act_ahead(generator=generator, grounded=True)
+                else:
+                    chunk = self._act(None, None, None, generator)
                 evicted = self.live_cache.head > 0
                 self.observe(torch.zeros_like(chunk.video), torch.zeros_like(chunk.actions))
                 chunks += 1

@@ -168,8 +168,9 @@ class Policy:
         capture happen here rather than in a robot's chunks: through the policy the first chunk, its
         observation, a chunk with the cache filling and a whole chunk's observation; then the engine
         runs every other level of the filling ring (a graph each, one denoising step per schedule)
-        until it has evicted; last a chunk on the full ring at the session's settings. The policy is
-        left reset, with no episode. Returns the number of chunks run through the policy."""
+        until it has evicted; then a chunk on the full ring at the session's settings; then a new
+        episode's levels in grounded asynchronous execution. The policy is left reset, with no episode.
+        Returns the number of chunks run through the policy."""
         preset = self.preset
         blank = {c.key: np.zeros((c.height, c.width, 3), np.uint8) for c in preset.cameras}
         executed = np.zeros((len(self.channels), preset.frame_chunk_size, preset.action_per_frame), np.float32)
@@ -181,8 +182,12 @@ class Policy:
         self.observe([blank] * frames, executed)
         self.engine.warm_up_cache_levels()
         self.act()
+        # The grounded asynchronous mode's forward-dynamics passes read the cache at levels of their own.
         self.reset("", seed=0)
-        return 3
+        self.act(blank)
+        self.engine.warm_up_cache_levels(grounded=True)
+        self.reset("", seed=0)
+        return 4
 
     def _robot_chunk(self, chunk: Chunk) -> PolicyChunk:
         actions = denormalize_actions(chunk.actions[0, ..., 0].cpu(), self.q01, self.q99)[self.channels]

@@ -44,6 +44,12 @@ class ServeConfig:
     batch_wait_ms: float = field(default=2.0, metadata={
         "help": "how long a chunk waits for other robots' chunks to batch with: robots that ask within it share "
                 "one batch instead of the later ones waiting for the first's whole chunk"})
+    # The pool's policies warmed up before ready: a robot given a policy that was not captures its CUDA graphs
+    # during its first episode (one H200, paper's operating point: 0.544 s a chunk against 0.11 s,
+    # bench/results/serve_load_h200_batched.md); each warmed session holds its KV cache from the start.
+    warm_sessions: int = field(default=1, metadata={
+        "help": "sessions warmed up before ready (GPU, with --warmup): as many robots as this start at full "
+                "speed; each holds its KV cache and graphs from the start"})
     torch_threads: int | None = None
     # On a GPU, run an episode's shapes once before reporting ready (Policy.warm_up), so the first
     # robot's first chunk does not pay for compilation and graph capture (3.9 s against 0.25 s later).
@@ -76,6 +82,8 @@ class ServeConfig:
             problems.append(f"max_request_mb {self.max_request_mb} must be positive")
         if self.compute_threads < 1:
             problems.append(f"compute_threads {self.compute_threads} must be at least 1")
+        if not 1 <= self.warm_sessions <= self.max_sessions:
+            problems.append(f"warm_sessions {self.warm_sessions} must be between 1 and max_sessions {self.max_sessions}")
         if self.max_batch < 1:
             problems.append(f"max_batch {self.max_batch} must be at least 1")
         if self.batch_wait_ms < 0:

@@ -266,7 +266,7 @@ def model_from_weights(cfg: ServeConfig, weights: PolicyWeights) -> PolicyModel:
     if batch > 1:  # before the first policy is made: every session's engine joins the batcher
         weights.batcher = ChunkBatcher(max_batch=batch, gather_s=cfg.batch_wait_ms / 1e3)
     sessions = SessionManager(weights, cfg.max_sessions, max_cache, cfg.idle_timeout_s,
-                              warm_up=cfg.warmup and weights.on_gpu)
+                              warm_up=cfg.warmup and weights.on_gpu, warm_sessions=cfg.warm_sessions)
     # Batching needs the sessions' operations in flight together: a thread for each session's operation
     # and one for its chunk computed ahead.
     threads = cfg.compute_threads if batch == 1 else max(cfg.compute_threads, 2 * sessions.capacity)

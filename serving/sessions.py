@@ -83,7 +83,8 @@ def cache_bytes(policy: Policy) -> int:
 
 class SessionManager:
     def __init__(self, weights: PolicyWeights, max_sessions: int, max_cache_bytes: int | None,
-                 idle_timeout_s: float, clock: Callable[[], float] = time.monotonic, warm_up: bool = False):
+                 idle_timeout_s: float, clock: Callable[[], float] = time.monotonic, warm_up: bool = False,
+                 warm_sessions: int = 1):
         self.weights = weights
         self.idle_timeout_s = idle_timeout_s
         self.clock = clock
@@ -100,6 +101,11 @@ class SessionManager:
                                  f"KV cache ({self.bytes_per_session} bytes)")
             self.capacity = min(max_sessions, fit)
         self._pool: list[Policy] = [probe]
+        if warm_up:  # more policies, each with its own cache and graphs; popped first (the pool's end)
+            for _ in range(min(warm_sessions, self.capacity) - 1):
+                policy = weights.new_policy()
+                policy.warm_up()
+                self._pool.append(policy)
         self._sessions: dict[str, Session] = {}
         self._closed: OrderedDict[str, None] = OrderedDict()
 

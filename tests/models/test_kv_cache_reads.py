@@ -182,6 +182,17 @@ def test_warm_up_runs_every_level_of_the_robotwin_ring(counted):
         chunk = engine.act()
         engine.observe(chunk.video, chunk.actions)
     assert engine.cache.head > 0 and len(engine._graphs) == 110
+    # Grounded asynchronous execution adds the forward-dynamics passes' own levels, well within MAX_GRAPHS.
+    engine.reset(torch.randn(1, 5, tiny.text_dim), torch.randn(1, 5, tiny.text_dim))
+    engine.act(first_latent=first)
+    assert engine.warm_up_cache_levels(grounded=True) == 36
+    assert len(engine._graphs) == 180 <= engine_module.MAX_GRAPHS  # 70 more: 2 a filling level
+    engine.reset(torch.randn(1, 5, tiny.text_dim), torch.randn(1, 5, tiny.text_dim))
+    engine.act(first_latent=first)
+    for _ in range(38):  # filling, evicting, full
+        ahead = engine.act_ahead(grounded=True)
+        engine.observe(ahead.video, ahead.actions)
+    assert engine.cache.head > 0 and engine.grounded is not None and len(engine._graphs) == 180
 
 
 def test_policy_warm_up_leaves_nothing_to_capture_in_the_first_episode(counted):
@@ -190,7 +201,7 @@ def test_policy_warm_up_leaves_nothing_to_capture_in_the_first_episode(counted):
     preset = get_preset("tiny")
     policy = build_random_weights(preset, seed=0).new_policy()
     graphed(policy.engine)
-    assert policy.warm_up() == 3
+    assert policy.warm_up() == 4
     captured = len(policy.engine._graphs)
     assert policy.frame_offset == 0 and len(policy.engine.cache) == 0
     blank = {c.key: np.zeros((c.height, c.width, 3), np.uint8) for c in preset.cameras}
@@ -201,4 +212,14 @@ def test_policy_warm_up_leaves_nothing_to_capture_in_the_first_episode(counted):
         frames = (preset.frame_chunk_size - (c == 0)) * preset.frames_per_latent
         policy.observe([blank] * frames, chunk.actions)
     assert policy.engine.cache.head > 0
+    assert len(policy.engine._graphs) == captured
+    # Grounded asynchronous execution: its forward-dynamics passes read the cache at levels of their own,
+    # which the warm-up's grounded episode captured too (without it this episode captured 3 graphs).
+    policy.reset("stack the cubes", seed=4)
+    policy.act(blank)
+    for c in range(chunks):
+        ahead = policy.act_ahead(grounded=True)
+        frames = (preset.frame_chunk_size - (c == 0)) * preset.frames_per_latent
+        policy.observe([blank] * frames, ahead.actions)
+    assert policy.engine.cache.head > 0 and policy.engine.grounded is not None
     assert len(policy.engine._graphs) == captured

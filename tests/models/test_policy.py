@@ -191,7 +191,7 @@ def test_warm_up_runs_the_filling_and_full_cache_shapes_and_leaves_no_trace(chec
     forward = warmed.engine._forward
     warmed.engine._forward = lambda kind, x, *a, **k: seen.append((kind, warmed.engine.cache.full)) or forward(
         kind, x, *a, **k)
-    assert warmed.warm_up() == 3
+    assert warmed.warm_up() == 4
     # both phases of the cache, for the video and the action passes (the keys of captured graphs)
     assert {("video", False), ("action", False), ("video", True), ("action", True)} <= set(seen)
     assert warmed.frame_offset == 0 and len(warmed.engine.cache) == 0

@@ -81,3 +81,22 @@ def test_busy_sessions_neither_expire_nor_get_pooled_until_done(tiny_weights):
         assert manager.open("c").policy is a.policy
 
     asyncio.run(scenario())
+
+
+def test_warm_sessions_are_warmed_before_any_client_and_handed_out_first(tiny_weights, monkeypatch):
+    """`warm_sessions`: that many pooled policies run Policy.warm_up (their CUDA graphs captured on a GPU)
+    before the server reports ready, bounded by the capacity; robots get them before any new policy."""
+    from vaops.models.policy import Policy
+
+    warmed = []
+    monkeypatch.setattr(Policy, "warm_up", lambda self: warmed.append(self) or 4)
+    manager = SessionManager(tiny_weights, max_sessions=3, max_cache_bytes=None, idle_timeout_s=60, warm_up=True,
+                             warm_sessions=2)
+    assert len(warmed) == 2 and len(set(map(id, warmed))) == 2
+    a, b, c = manager.open("a"), manager.open("b"), manager.open("c")
+    assert {id(a.policy), id(b.policy)} == set(map(id, warmed)) and c.policy not in warmed
+    assert len(SessionManager(tiny_weights, max_sessions=2, max_cache_bytes=None, idle_timeout_s=60, warm_up=True,
+                              warm_sessions=5)._pool) == 2
+    warmed.clear()
+    SessionManager(tiny_weights, max_sessions=3, max_cache_bytes=None, idle_timeout_s=60, warm_sessions=2)
+    assert warmed == []  # no warm-up asked for (CPU servers)
