@@ -153,6 +153,8 @@ def serve_during(args: argparse.Namespace, weights, work: Callable[[str], None],
                          "warm_sessions": args.warm_sessions, **settings})
     failure: list[str] = []
 
+    started = time.monotonic()
+
     def client() -> None:
         try:
             url = f"http://127.0.0.1:{cfg.http_port}"
@@ -160,6 +162,8 @@ def serve_during(args: argparse.Namespace, weights, work: Callable[[str], None],
             while time.monotonic() < ready_by:
                 try:
                     if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
+                        print(f"server ready {time.monotonic() - started:.1f} s after the weights were built "
+                              f"({cfg.warm_sessions} session(s) warmed up)", flush=True)
                         break
                 except httpx.HTTPError:
                     time.sleep(0.1)

@@ -297,7 +297,7 @@ def main() -> None:
                 for n in counts_here:
                     if late(f"load {point} x{n}"):
                         continue
-                    row = load_row(run(n, args.chunks, point), n, point, True, args.warmup_chunks)
+                    row = load_row(run(n, args.chunks, point), n, point, batcher is not None, args.warmup_chunks)
                     result["load"].append(row)
                     print(json.dumps(row), flush=True)
                     report(result, args, quiet=True)

@@ -45,8 +45,9 @@ class ServeConfig:
         "help": "how long a chunk waits for other robots' chunks to batch with: robots that ask within it share "
                 "one batch instead of the later ones waiting for the first's whole chunk"})
     # The pool's policies warmed up before ready: a robot given a policy that was not captures its CUDA graphs
-    # during its first episode (one H200, paper's operating point: 0.544 s a chunk against 0.11 s,
-    # bench/results/serve_load_h200_batched.md); each warmed session holds its KV cache from the start.
+    # during its first episode (one H200, paper's operating point, 2 robots: 3.93 chunks/s against 7.01 with
+    # both warmed, bench/results/serve_load_warm_sessions_h200.md); each costs ~35 s of start-up and holds its
+    # KV cache from the start.
     warm_sessions: int = field(default=1, metadata={
         "help": "sessions warmed up before ready (GPU, with --warmup): as many robots as this start at full "
                 "speed; each holds its KV cache and graphs from the start"})
