@@ -118,7 +118,7 @@ class InferenceEngine:
         `synchronous`: every chunk will be observed before the next act (no act_ahead, no advance). The
         pass that caches a chunk's predicted actions is then skipped: the observation replaces them
         before anything reads them, so the chunks are the same, one action pass sooner (the CFG batch:
-        5.5 ms of a 0.144 s chunk at the paper's operating point on one H200)."""
+        0.144 -> 0.138 s a chunk at the paper's operating point on one H200, bf16)."""
         if prompt_emb.dim() != 3 or prompt_emb.shape[0] != 1:
             raise ValueError(f"prompt_emb must be [1, L, D], got {tuple(prompt_emb.shape)}")
         text = prompt_emb
@@ -400,11 +400,12 @@ class InferenceEngine:
         read of an episode runs once: every filling level, the full ring and the masked observation pass
         after an eviction. On a GPU their graphs are captured here rather than in the first episode's
         chunks (robotwin preset: up to 36 chunks, 3 graphs each while filling; 20 s on one H200 with
-        the blocks uncompiled). `grounded` (after an episode's first act): the same levels through grounded
-        asynchronous execution (act_ahead(grounded=True), then the executing chunk's observation), whose
-        forward-dynamics passes read the cache at levels of their own. The graphs' shapes do not depend on the number of steps,
-        so each schedule runs one step; the session's settings are restored. The cache is left holding
-        zeros: reset before an episode. Returns the chunks run."""
+        the blocks uncompiled). `grounded` (after an episode's first act): the same levels through
+        grounded asynchronous execution (act_ahead(grounded=True), then the executing chunk's
+        observation), whose forward-dynamics passes read the cache at levels of their own. The graphs'
+        shapes do not depend on the number of steps, so each schedule runs one step; the session's
+        settings are restored. The cache is left holding zeros: reset before an episode. Returns the
+        chunks run."""
         self._require_episode()
         if grounded:  # as an episode's asynchronous loop: from its first act on
             if self._ahead is not None or self.live_cache.predicted_from is None:
