@@ -12,6 +12,7 @@ from vaops.models.codec import add_config_arguments, config_arguments, config_fr
 from vaops.models.model_source import TOKEN_ENV, parse_model_uri
 
 from .deploy import DeployConfig, run, service_name
+from .manifest import serving_options
 
 
 @dataclass(frozen=True)
@@ -41,8 +42,8 @@ def serve_command(config: DeployConfig, local: LocalServe, name: str) -> list[st
     return [sys.executable, "-m", "vaops.pipelines.cli", "serve", "--model", config.model, "--name", name,
             # float32 on CPU: bfloat16 matmuls there are slow and gain nothing
             "--dtype", "float32" if local.device == "cpu" else config.manifest.dtype,
-            "--max-sessions", str(config.manifest.max_sessions), *config_arguments(replace(local, local=False),
-                                                                                  LocalServe())]
+            "--max-sessions", str(config.manifest.max_sessions), *serving_options(config.manifest),
+            *config_arguments(replace(local, local=False), LocalServe())]
 
 
 def main(args: argparse.Namespace) -> int:

@@ -57,10 +57,19 @@ class ManifestSpec:
     memory: str = "64Gi"
     dtype: Literal["float32", "bfloat16"] = "bfloat16"
     max_sessions: int = 8
+    fp8: bool = field(default=False, metadata={"help": "FP8 block GEMMs (vaops serve --fp8: a Hopper GPU, bfloat16)"})
+    warm_sessions: int = field(default=1, metadata={"help": "sessions warmed up before ready (vaops serve "
+                                                            "--warm-sessions; about 35 s each on an H200)"})
     idle_timeout_s: float = field(default=600.0, metadata={"flag": None})
     token_secret: str | None = field(default=None, metadata={  # a Secret with key "token"
         "help": "Kubernetes Secret (key 'token') that enables bearer authentication"})
     startup_timeout_s: int = field(default=1800, metadata={"flag": None})
+
+
+def serving_options(spec: ManifestSpec) -> list[str]:
+    """`vaops serve`'s flags for the spec's FP8 and warm-up choices (none at their defaults)."""
+    return (["--fp8"] if spec.fp8 else []) + (["--warm-sessions", str(spec.warm_sessions)] if spec.warm_sessions > 1
+                                              else [])
 
 
 def build_manifest(spec: ManifestSpec) -> dict:
@@ -69,7 +78,8 @@ def build_manifest(spec: ManifestSpec) -> dict:
     args = ["serve", "--model", MODEL_MOUNT, "--name", spec.name, "--host", "0.0.0.0",
             "--http-port", str(HTTP_PORT), "--grpc-port", str(GRPC_PORT),
             "--device", "cuda" if spec.gpus > 0 else "cpu", "--dtype", spec.dtype,
-            "--max-sessions", str(spec.max_sessions), "--idle-timeout", f"{spec.idle_timeout_s:g}"]
+            "--max-sessions", str(spec.max_sessions), "--idle-timeout", f"{spec.idle_timeout_s:g}",
+            *serving_options(spec)]
     env: list[dict[str, object]] = [{"name": "STORAGE_URI", "value": spec.storage_uri},
                                     {"name": "HF_HUB_OFFLINE", "value": "1"}]
     if spec.token_secret:
@@ -194,8 +204,11 @@ def validate_manifest(doc: dict) -> tuple[list[str], list[str]]:
             warnings.append(f"STORAGE_URI {storage} is not fetchable from a cluster (scheme {scheme or 'none'!r}); "
                             f"use an s3/gs/pvc artifact store or pass --storage-uri")
     limits = (c.get("resources") or {}).get("limits") or {}
-    if "--device" in args and args[args.index("--device") + 1] == "cuda" and not limits.get("nvidia.com/gpu"):
+    cuda = "--device" in args and args[args.index("--device") + 1] == "cuda"
+    if cuda and not limits.get("nvidia.com/gpu"):
         errors.append("a cuda container needs resources.limits nvidia.com/gpu")
+    if "--fp8" in args and not (cuda and "--dtype" in args and args[args.index("--dtype") + 1] == "bfloat16"):
+        errors.append("--fp8 needs a cuda container serving --dtype bfloat16")
     probe = (c.get("startupProbe") or {}).get("httpGet") or {}
     if probe.get("path") != f"/v2/models/{name}/ready" or probe.get("port") != HTTP_PORT:
         errors.append(f"startupProbe must GET /v2/models/{name}/ready on port {HTTP_PORT}, got {probe}")

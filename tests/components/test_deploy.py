@@ -52,6 +52,13 @@ def test_generated_manifest_is_valid_and_complete():
     assert env["STORAGE_URI"]["value"] == "s3://models/lingbot-va/1"
     assert env["VAOPS_SERVE_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "va-token", "key": "token"}
     assert c["args"][c["args"].index("--host") + 1] == "0.0.0.0"
+    assert "--fp8" not in c["args"] and "--warm-sessions" not in c["args"]  # the defaults add no flags
+    args = build_manifest(spec(fp8=True, warm_sessions=4))["spec"]["predictor"]["containers"][0]["args"]
+    assert "--fp8" in args and args[args.index("--warm-sessions") + 1] == "4"
+
+
+def _args(doc: dict) -> list:
+    return doc["spec"]["predictor"]["containers"][0]["args"]
 
 
 @pytest.mark.parametrize("break_it, error", [
@@ -64,6 +71,8 @@ def test_generated_manifest_is_valid_and_complete():
     (lambda d: d["spec"]["predictor"]["containers"][0]["resources"]["limits"].pop("nvidia.com/gpu"), "nvidia.com/gpu"),
     (lambda d: d["spec"]["predictor"]["containers"][0]["env"].pop(0), "STORAGE_URI"),
     (lambda d: d["metadata"]["annotations"].pop("prometheus.io/scrape"), "prometheus.io/scrape"),
+    (lambda d: _args(d).__setitem__(_args(d).index("bfloat16"), "float32") or _args(d).append("--fp8"),
+     "--fp8 needs a cuda container serving --dtype bfloat16"),
 ])
 def test_validation_names_what_is_wrong(break_it, error):
     doc = copy.deepcopy(build_manifest(spec()))
