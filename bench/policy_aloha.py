@@ -24,6 +24,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -178,7 +179,8 @@ def train(a: argparse.Namespace) -> None:
     """`vaops train --recipe small`; `--fit-min M` sizes the run (its cosine schedule) to M minutes of
     this machine from a measured step rate, and later launches resume that same run."""
     w = a.work
-    args = ["train", "--recipe", "small", "--dataset", str(w / "encoded"), "--init-from", str(base_checkpoint(w))]
+    args = ["train", "--recipe", "small", "--dataset", str(w / "encoded"), "--init-from", str(base_checkpoint(w)),
+            *shlex.split(a.train_args)]
     timings = Timings(w)
     before = timings.data.get("train", {}).get("seconds", 0.0) if (w / "train").is_dir() else 0.0
     start = time.perf_counter()  # the probe's minutes count as training time
@@ -563,6 +565,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--episodes", type=int, default=100, help="demonstrations per task")
     p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2), help="demo rollout processes, and dataset writers of demos, clean and augment")
     p.add_argument("--steps", type=int, default=0, help="optimizer steps (0: the recipe's)")
+    p.add_argument("--train-args", default="", help="train: more `vaops train` flags, e.g. "
+                   "'--forward-dynamics-prob 0.5' (the recipe with the forward-dynamics loss)")
     p.add_argument("--time-limit-min", type=float, default=0, help="this launch's training budget (resumable)")
     p.add_argument("--fit-min", type=float, default=0, help="train: size the run to this many minutes here")
     p.add_argument("--variants", nargs="+", default=["sync"], choices=sorted(VARIANTS))
