@@ -3,7 +3,8 @@ peak fits, or a one-line refusal before anything loads.
 
 The recipes' execution (config.SCALE_OUT_EXECUTION: ZeRO-2, no activation checkpointing, compiled blocks,
 micro-batch 2) peaked at 98.5 GiB per GPU on 2 H200s and 130.3 GiB on one, so as shipped it would run
-out of memory on 80 GB GPUs at any count up to 8, and on a single H200 it ran out once in three runs.
+out of memory on 80 GB GPUs at any count up to 8; on a single H200 it ran out of memory in the bench's
+gradient-accumulation run (bench/results/train_step_h200x2_accum.json).
 A run that keeps the recipe's execution unchanged gets the first of these that fits; a run that sets any
 of its fields to another value, or `fit_execution: false`, keeps its own.
 
