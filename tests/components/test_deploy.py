@@ -57,8 +57,10 @@ def test_generated_manifest_is_valid_and_complete():
     assert "--fp8" in args and args[args.index("--warm-sessions") + 1] == "4"
 
 
-def _args(doc: dict) -> list:
-    return doc["spec"]["predictor"]["containers"][0]["args"]
+def _fp8_in_float32(doc: dict) -> None:
+    args = doc["spec"]["predictor"]["containers"][0]["args"]
+    args[args.index("bfloat16")] = "float32"
+    args.append("--fp8")
 
 
 @pytest.mark.parametrize("break_it, error", [
@@ -71,8 +73,7 @@ def _args(doc: dict) -> list:
     (lambda d: d["spec"]["predictor"]["containers"][0]["resources"]["limits"].pop("nvidia.com/gpu"), "nvidia.com/gpu"),
     (lambda d: d["spec"]["predictor"]["containers"][0]["env"].pop(0), "STORAGE_URI"),
     (lambda d: d["metadata"]["annotations"].pop("prometheus.io/scrape"), "prometheus.io/scrape"),
-    (lambda d: _args(d).__setitem__(_args(d).index("bfloat16"), "float32") or _args(d).append("--fp8"),
-     "--fp8 needs a cuda container serving --dtype bfloat16"),
+    (_fp8_in_float32, "--fp8 needs a cuda container serving --dtype bfloat16"),
 ])
 def test_validation_names_what_is_wrong(break_it, error):
     doc = copy.deepcopy(build_manifest(spec()))
