@@ -66,7 +66,9 @@ def batched(weights, max_batch=8, gather_s=0.05):
 
 def test_robots_in_step_share_every_batch_and_get_their_own_chunks(weights):
     alone = [episode(weights.new_policy(), seed) for seed in range(3)]
-    w, batcher = batched(weights)
+    # A batch of three gathers until the three are queued (at most 30 s): robots in step share it on a loaded
+    # machine too, where a 50 ms window split them.
+    w, batcher = batched(weights, max_batch=3, gather_s=30.0)
     policies = [w.new_policy() for _ in range(3)]
     start = threading.Barrier(3)
     together, errors = in_threads(lambda i: episode(policies[i], i, start=start), 3)
