@@ -52,22 +52,19 @@ class Execution:
         return scale * (self.fixed_gib + self.partitioned_gib / gpus) + self.per_sample_gib * samples
 
 
-def _compiled(micro_batch: int) -> dict:
-    return {"zero_stage": 2, "activation_checkpointing": False, "checkpoint_every": 1, "compile_blocks": True,
-            "micro_batch": micro_batch}
-
+# The recipes' execution as measured (its max_latent_frames bounds the tokens, not the execution), and the
+# measured ones that need less memory, each a change of it: one source for the fields the plan changes.
+_RECIPE = {k: v for k, v in SCALE_OUT_EXECUTION.items() if k != "max_latent_frames"}
+_MB1 = {**_RECIPE, "micro_batch": 1}
+_CHECKPOINTED = {**_MB1, "activation_checkpointing": True, "compile_blocks": False}
 
 # Fastest first (bench/results/train_step_h200x2.md, tokens/s per GPU on 2 H200s: 11,558; about 10,000;
 # 6,303; about 3,100).
 EXECUTIONS = (
-    Execution("ZeRO-2, compiled blocks, micro-batch 2", _compiled(2), 11.6, 63.6, 29.2),
-    Execution("ZeRO-2, compiled blocks, micro-batch 1", _compiled(1), 11.6, 63.6, 29.2),
-    Execution("ZeRO-2, activation checkpointing, micro-batch 1",
-              {"zero_stage": 2, "activation_checkpointing": True, "checkpoint_every": 1, "compile_blocks": False,
-               "micro_batch": 1}, 8.6, 94.8, 1.0),
-    Execution("ZeRO-3, activation checkpointing, micro-batch 1",
-              {"zero_stage": 3, "activation_checkpointing": True, "checkpoint_every": 1, "compile_blocks": False,
-               "micro_batch": 1}, 5.4, 76.2, 1.0),
+    Execution("ZeRO-2, compiled blocks, micro-batch 2", _RECIPE, 11.6, 63.6, 29.2),
+    Execution("ZeRO-2, compiled blocks, micro-batch 1", _MB1, 11.6, 63.6, 29.2),
+    Execution("ZeRO-2, activation checkpointing, micro-batch 1", _CHECKPOINTED, 8.6, 94.8, 1.0),
+    Execution("ZeRO-3, activation checkpointing, micro-batch 1", {**_CHECKPOINTED, "zero_stage": 3}, 5.4, 76.2, 1.0),
 )
 
 
@@ -107,8 +104,7 @@ def plan(gpus: int, gpu_gib: float, params: float, tokens: int, what: str) -> Ex
 def fitted(cfg: TrainConfig, preset: Preset, gpus: int, gpu_gib: float) -> tuple[TrainConfig, Execution | None]:
     """`cfg` with the fastest execution that fits, when it keeps the recipes' (SCALE_OUT_EXECUTION) and
     bounds a sample's frames; else `cfg` unchanged. Returns the config and the execution chosen (or None)."""
-    keys = EXECUTIONS[0].fields
-    own = any(getattr(cfg, k) != SCALE_OUT_EXECUTION[k] for k in keys) or cfg.offload_optimizer or cfg.offload_params
+    own = any(getattr(cfg, k) != v for k, v in _RECIPE.items()) or cfg.offload_optimizer or cfg.offload_params
     if own or not cfg.fit_execution or cfg.max_latent_frames is None:
         return cfg, None
     tokens = sample_tokens(preset, cfg.max_latent_frames, cfg.forward_dynamics_prob > 0)
