@@ -103,3 +103,8 @@ def test_fit_execution_false_and_a_smaller_memory_budget(monkeypatch):
 
 def test_the_forward_dynamics_segment_counts_in_a_samples_tokens():
     assert sample_tokens(ROBOTWIN, 16, forward_dynamics=True) == 4352 + 16 * 16
+
+
+def test_a_memory_budget_must_be_positive():
+    with pytest.raises(ValueError, match="train config: gpu_memory_gib must be > 0, got 0.0"):
+        dataclasses.replace(get_recipe("robotwin"), gpu_memory_gib=0.0)
