@@ -8,7 +8,7 @@ suits it and resume there:
     python bench/policy_aloha.py demos    # scripted demos, both tasks (renders as the evaluation will)
     python bench/policy_aloha.py data     # validate -> clean -> augment -> encode (the small random VAE)
     python bench/policy_aloha.py train    # vaops train --recipe small, from scratch        [GPU]
-    python bench/policy_aloha.py eval --variants sync async v3a10 v2a4                   [GPU]
+    python bench/policy_aloha.py eval --variants sync async grounded v3a10 v2a4          [GPU]
     python bench/policy_aloha.py report   # bench/results/policy_aloha.{md,json}, loss plot, videos
 
 An evaluation variant serves one checkpoint (`vaops serve`), runs `--eval-workers` evaluation
@@ -39,6 +39,9 @@ TASKS = ("AlohaTransferCube-v0", "AlohaInsertion-v0")
 VARIANTS: dict[str, tuple[dict, list[str]]] = {
     "sync": ({}, []),
     "async": ({}, ["--async-execution", "--real-time"]),
+    # the paper's grounded async (section 3.4): the executing chunk's video re-imagined from the latest
+    # observation and its actions before the next chunk is predicted; pays with the forward-dynamics loss
+    "grounded": ({}, ["--async-execution", "grounded", "--real-time"]),
     "sync-rt": ({}, ["--real-time"]),  # the synchronous baseline of `async`: same pacing
     "v3a10": ({"video_steps": 3, "action_steps": 10}, []),
     "v2a4": ({"video_steps": 2, "action_steps": 4}, []),
