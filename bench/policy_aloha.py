@@ -14,8 +14,8 @@ suits it and resume there:
 An evaluation variant serves one checkpoint (`vaops serve`), runs `--eval-workers` evaluation
 shards against it at once (`vaops eval --shard i/n`: one sim per process) and merges them:
 `sync` (the released sampling: video 25 / action 50 steps), `async` (the next chunk computed while
-the robot executes, robot paced in real time), `v3a10` and `v2a4` (fewer denoising steps, the same
-checkpoint and seeds). Seeds: demos 0, 1, ...; evaluation 10000 + episode, never trained on.
+the robot executes, robot paced in real time), `grounded` (the same, the executing chunk's video
+re-imagined first), `v3a10` and `v2a4` (fewer denoising steps, the same checkpoint and seeds). Seeds: demos 0, 1, ...; evaluation 10000 + episode, never trained on.
 """
 
 from __future__ import annotations
