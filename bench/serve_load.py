@@ -165,6 +165,41 @@ class _Drop(Exception):
 # ----- the server side (this process) -----
 
 
+def soak_round(pool, url: str, name: str, args: argparse.Namespace, robots: int, point: str, seed0: int) -> dict:
+    """One soak on the running server, and what it left: open sessions, KV cache bytes, readiness and this
+    process's GPU memory before and after (the server runs here). Rounds after the first show whether
+    memory stays flat once the session pool has filled (its caches stay allocated for reuse)."""
+    http = url.replace("ws://", "http://")
+    before = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
+    t0 = time.perf_counter()
+    stats = pool.apply(soak, (url, name, args.soak_chunks, robots, point, seed0))
+    time.sleep(1.0)  # the server closes dropped sessions when it notices the disconnect
+    text = httpx.get(f"{http}/metrics", timeout=10).text
+    stats.update({"wall_s": time.perf_counter() - t0,
+                  "sessions_open_after": metric(text, "vaops_sessions"),
+                  "cache_bytes_after": metric(text, "vaops_kv_cache_bytes"),
+                  "ready_after": httpx.get(f"{http}/v2/health/ready", timeout=10).status_code == 200,
+                  "gpu_bytes_before": before,
+                  "gpu_bytes_after": torch.cuda.memory_allocated() if torch.cuda.is_available() else 0})
+    return stats
+
+
+def soak_lines(rounds: list[dict]) -> list[str]:
+    """One line a round, then whether GPU memory stayed flat after the first round."""
+    lines = [""]
+    for k, s in enumerate(rounds, 1):
+        lines.append(f"Soak round {k}: " + ", ".join(f"{key} {v}" for key, v in s.items() if key != "other_failures")
+                     + f"; failures other than the planned ones: {len(s['other_failures'])}")
+    if len(rounds) > 1:
+        after = [s["gpu_bytes_after"] / 1e9 for s in rounds]
+        lines += ["", "GPU memory allocated after each round (GB): " + ", ".join(f"{a:.2f}" for a in after)
+                  + f"; after round 1 it changed by {(after[-1] - after[0]) * 1e3:+.1f} MB over "
+                  f"{len(rounds) - 1} more round(s)."]
+    return lines
+
+
+
+
 def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q)) if values else float("nan")
 
@@ -245,6 +280,8 @@ def main() -> None:
     parser.add_argument("--realtime-chunks", type=int, default=16)
     parser.add_argument("--control-hz", type=float, default=50.0)
     parser.add_argument("--soak-chunks", type=int, default=1000)
+    parser.add_argument("--soak-rounds", type=int, default=1,
+                        help="soaks one after another on the same server (2+: is memory flat once the pool is full)")
     parser.add_argument("--warmup-chunks", type=int, default=1, help="first chunks of an episode not in the stats")
     parser.add_argument("--agreement-robots", type=int, default=3,
                         help="robots of the check that batched chunks equal chunks run alone (0: skip)")
@@ -321,21 +358,14 @@ def main() -> None:
                 result["realtime"].append(row)
                 print(json.dumps(row), flush=True)
                 report(result, args, quiet=True)
-            if "soak" in phases and not late("soak"):
-                http = url.replace("ws://", "http://")
-                before = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
-                t0 = time.perf_counter()
-                stats = pool.apply(soak, (url, name, args.soak_chunks, max(counts), point, 7))
-                time.sleep(1.0)  # the server closes dropped sessions when it notices the disconnect
-                text = httpx.get(f"{http}/metrics", timeout=10).text
-                stats.update({"wall_s": time.perf_counter() - t0,
-                              "sessions_open_after": metric(text, "vaops_sessions"),
-                              "cache_bytes_after": metric(text, "vaops_kv_cache_bytes"),
-                              "ready_after": httpx.get(f"{http}/v2/health/ready", timeout=10).status_code == 200,
-                              "gpu_bytes_before": before,
-                              "gpu_bytes_after": torch.cuda.memory_allocated() if torch.cuda.is_available() else 0})
-                result["soak"] = stats
-                print(json.dumps({k: v for k, v in stats.items() if k != "other_failures"}), flush=True)
+            rounds = args.soak_rounds if "soak" in phases else 0
+            for k in range(rounds):
+                if late(f"soak round {k + 1}"):
+                    break
+                result.setdefault("soak", []).append(soak_round(pool, url, name, args, max(counts), point, seed0=7 + k))
+                print(json.dumps({key: v for key, v in result["soak"][-1].items() if key != "other_failures"}),
+                      flush=True)
+                report(result, args, quiet=True)
         if batcher is not None:
             result["batch_sizes"] = dict(sorted(batcher.batch_sizes.items()))
 
@@ -375,9 +405,7 @@ def report(result: dict, args: argparse.Namespace, quiet: bool = False) -> None:
                   f"batches {a['batch_sizes']}): actions differ by at most {a['actions_max_abs_diff']:.2e} "
                   f"(robot units), imagined latents by {a['latents_max_rel_l2']:.2e} (relative L2)."]
     if "soak" in result:
-        s = result["soak"]
-        lines += ["", "Soak: " + ", ".join(f"{k} {v}" for k, v in s.items() if k != "other_failures")
-                  + f"; failures other than the planned ones: {len(s['other_failures'])}"]
+        lines += soak_lines(result["soak"])
     if result["skipped"]:
         lines += ["", "Skipped at the deadline: " + ", ".join(result["skipped"])]
     text = "\n".join(lines) + "\n"
