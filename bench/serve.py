@@ -61,12 +61,13 @@ def episode_frames(preset, seed: int, chunks: int) -> tuple[dict, list[list[dict
     return first, keyframes
 
 
-def run_direct(weights, episodes: int, chunks: int, seed0: int) -> list[dict]:
+def run_direct(weights, episodes: int, chunks: int, seed0: int, operating_point: str | None = None) -> list[dict]:
     timings = []
     policy = weights.new_policy()
     for e in range(episodes):
         first, keyframes = episode_frames(weights.preset, seed0 + e, chunks)
-        policy.reset(PROMPT, seed=seed0 + e)
+        # synchronous, as the server resets a session without asynchronous execution
+        policy.reset(PROMPT, seed=seed0 + e, operating_point=operating_point, synchronous=True)
         for k in range(chunks):
             t0 = time.perf_counter()
             actions = policy.act(first if k == 0 else None).actions
@@ -92,12 +93,14 @@ def connect(url: str) -> Iterator[Callable[[dict], dict]]:
         yield infer
 
 
-def run_server(url: str, preset, episodes: int, chunks: int, seed0: int) -> list[dict]:
+def run_server(url: str, preset, episodes: int, chunks: int, seed0: int, operating_point: str | None = None
+               ) -> list[dict]:
     timings = []
     with connect(url) as infer:
         for e in range(episodes):
             first, keyframes = episode_frames(preset, seed0 + e, chunks)
-            infer({"reset": True, "prompt": PROMPT, "seed": seed0 + e})
+            reset = {"reset": True, "prompt": PROMPT, "seed": seed0 + e}
+            infer(reset if operating_point is None else {**reset, "operating_point": operating_point})
             for k in range(chunks):
                 t0 = time.perf_counter()
                 actions = infer({"obs": first, "prompt": PROMPT})["action"]
@@ -185,35 +188,46 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=6)
     parser.add_argument("--chunks", type=int, default=6, help="chunks per episode")
     parser.add_argument("--warmup-chunks", type=int, default=1, help="first chunks of each episode not timed")
+    parser.add_argument("--operating-points", default="released",
+                        help="comma-separated named sampling settings (released, paper, fast), each measured alike")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
+    points = args.operating_points.split(",")
     weights = random_weights(args)
     preset = weights.preset
-    direct: list[dict] = []
-    served: list[dict] = []
+    for point in points:
+        preset.operating_point(point)  # an unknown name fails here, before the server starts
+    timings: dict[str, tuple[list[dict], list[dict]]] = {p: ([], []) for p in points}
 
     def work(ws: str) -> None:
-        run_direct(weights, 1, 2, seed0=999)  # warm-up: kernels, allocator, caches
-        run_server(ws, preset, 1, 2, seed0=999)
-        for e in range(args.episodes):
-            direct.extend(run_direct(weights, 1, args.chunks, seed0=e))
-            served.extend(run_server(ws, preset, 1, args.chunks, seed0=e))
+        for point in points:
+            direct, served = timings[point]
+            run_direct(weights, 1, 2, seed0=999, operating_point=point)  # warm-up: kernels, allocator, caches
+            run_server(ws, preset, 1, 2, seed0=999, operating_point=point)
+            for e in range(args.episodes):
+                direct.extend(run_direct(weights, 1, args.chunks, seed0=e, operating_point=point))
+                served.extend(run_server(ws, preset, 1, args.chunks, seed0=e, operating_point=point))
 
     serve_during(args, weights, work)
-    dtype = server_dtype(args)
-    base, through = summarize(direct, args.warmup_chunks), summarize(served, args.warmup_chunks)
-    result = {"preset": preset.name, "device": args.device, "dtype": dtype, "direct": base, "server": through,
-              "overhead": {k: through[k]["median_ms"] / base[k]["median_ms"] - 1 for k in ("act", "chunk")}}
-    print(f"\n{'':10}{'direct':>14}{'server':>14}{'ratio':>10}")
-    for key in ("act", "observe", "chunk"):
-        d, s = base[key]["median_ms"], through[key]["median_ms"]
-        print(f"{key + ' ms':10}{d:14.2f}{s:14.2f}{s / d:10.3f}")
-    print(f"\nserver overhead per chunk: {100 * result['overhead']['chunk']:+.1f}% "
-          f"(act alone {100 * result['overhead']['act']:+.1f}%; target <= 10%), "
-          f"medians of {base['chunks']} chunks each")
+    result = {"preset": preset.name, "device": args.device, "dtype": server_dtype(args), "fp8": args.fp8,
+              "rows": [overhead_row(point, *timings[point], args.warmup_chunks) for point in points]}
+    for row in result["rows"]:
+        print(f"\n{row['operating_point']}\n{'':10}{'direct':>14}{'server':>14}{'ratio':>10}")
+        for key in ("act", "observe", "chunk"):
+            d, s = row["direct"][key]["median_ms"], row["server"][key]["median_ms"]
+            print(f"{key + ' ms':10}{d:14.2f}{s:14.2f}{s / d:10.3f}")
+        print(f"server overhead per chunk: {100 * row['overhead']['chunk']:+.1f}% "
+              f"(act alone {100 * row['overhead']['act']:+.1f}%; target <= 10%), "
+              f"medians of {row['direct']['chunks']} chunks each")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
+
+
+def overhead_row(point: str, direct: list[dict], served: list[dict], warmup_chunks: int) -> dict:
+    base, through = summarize(direct, warmup_chunks), summarize(served, warmup_chunks)
+    return {"operating_point": point, "direct": base, "server": through,
+            "overhead": {k: through[k]["median_ms"] / base[k]["median_ms"] - 1 for k in ("act", "chunk")}}
 
 
 if __name__ == "__main__":
