@@ -11,6 +11,11 @@ suits it and resume there:
     python bench/policy_aloha.py eval --variants sync async grounded v3a10 v2a4          [GPU]
     python bench/policy_aloha.py report   # bench/results/policy_aloha.{md,json}, loss plot, videos
 
+On the lab's GPU nodes a call carries 64 MiB and a warm node is not promised between calls, so data and
+training go in two self-contained calls: `data` then `pack-data --dest $OUT` (what training reads, in
+15 MiB parts: 22 MB for 160 demos a task), and `unpack-data --source <those files>` before `train`,
+carried with the training wheels. `pack` / `unpack` bring the trained checkpoint back the same way.
+
 An evaluation variant serves one checkpoint (`vaops serve`), runs `--eval-workers` evaluation
 shards against it at once (`vaops eval --shard i/n`: one sim per process) and merges them:
 `sync` (the released sampling: video 25 / action 50 steps), `async` (the next chunk computed while
@@ -520,6 +525,43 @@ def pack(a: argparse.Namespace) -> None:
     print(f"packed {ckpt} into {dest}")
 
 
+# What `train` reads from a work folder: the latents and their dataset (not its videos), the encoders' record.
+TRAINING_INPUTS = ("encoded", "base_stats.json", "base.json", "timings.json", "reports")
+DATA_PARTS = "data.tgz.part-"
+
+
+def pack_data(a: argparse.Namespace) -> None:
+    """`--dest`: the training inputs as a gzipped tar in SHARD_BYTES parts (a call returns files of at most
+    16 MiB); the encoded dataset's videos stay behind (training reads the latents)."""
+    import tarfile
+
+    w, dest = a.work, Path(a.dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    whole = dest / "data.tgz"
+    with tarfile.open(whole, "w:gz", compresslevel=1) as tar:  # bf16 latents barely compress
+        for part in TRAINING_INPUTS:
+            if (w / part).exists():
+                tar.add(w / part, arcname=part, filter=lambda i: None if i.name.startswith("encoded/videos") else i)
+    with open(whole, "rb") as f:
+        for k, chunk in enumerate(iter(lambda: f.read(SHARD_BYTES), b"")):
+            (dest / f"{DATA_PARTS}{k:03d}").write_bytes(chunk)
+    whole.unlink()
+    print(f"packed the training inputs of {w} into {dest}/{DATA_PARTS}*")
+
+
+def unpack_data(a: argparse.Namespace) -> None:
+    """Rebuild a work folder's training inputs from `pack-data`'s parts (`--source`)."""
+    import io
+    import tarfile
+
+    parts = sorted(Path(a.source).glob(f"{DATA_PARTS}*"))
+    if not parts:
+        raise SystemExit(f"{a.source}: no {DATA_PARTS}* files (made by `pack-data`)")
+    with tarfile.open(fileobj=io.BytesIO(b"".join(p.read_bytes() for p in parts)), mode="r:gz") as tar:
+        tar.extractall(a.work, filter="data")
+    print(f"unpacked {len(parts)} part(s) into {a.work}")
+
+
 def _stored_dtype(folder: Path):
     import torch
     from safetensors import safe_open
@@ -559,9 +601,10 @@ def unpack(a: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("step", choices=["demos", "data", "train", "eval", "report", "pack", "unpack"])
-    p.add_argument("--dest", default=os.environ.get("OUT", "."), help="pack: folder to write")
-    p.add_argument("--source", help="unpack: folder of pack's files")
+    p.add_argument("step", choices=["demos", "data", "pack-data", "unpack-data", "train", "eval", "report", "pack",
+                                    "unpack"])
+    p.add_argument("--dest", default=os.environ.get("OUT", "."), help="pack, pack-data: folder to write")
+    p.add_argument("--source", help="unpack, unpack-data: folder of pack's or pack-data's files")
     p.add_argument("--work", type=Path, default=ROOT / "outputs" / "policy_aloha")
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
@@ -584,8 +627,8 @@ def main(argv: list[str] | None = None) -> int:
     a.on_gpu = a.device.startswith("cuda")
     os.environ.setdefault("MUJOCO_GL", "egl")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    steps = {"demos": demos, "data": data, "train": train, "eval": evaluate, "report": report, "pack": pack,
-             "unpack": unpack}
+    steps = {"demos": demos, "data": data, "pack-data": pack_data, "unpack-data": unpack_data, "train": train,
+             "eval": evaluate, "report": report, "pack": pack, "unpack": unpack}
     steps[a.step](a)
     return 0
 
