@@ -3,13 +3,15 @@ process, same inputs: the server's overhead (msgpack, websocket, session lookup,
 
 Both sides run the upstream loop: `act` (one chunk) then `observe` (the executed chunk's
 keyframes and actions), episode by episode in alternation (direct, served, direct, ...) so that
-a busy machine slows both alike; the direct chunks form the baseline. Random weights; the text
+a busy machine slows both alike; the direct chunks form the baseline. The direct policy is made and
+warmed up as the server's first session is, and kept across episodes. Random weights; the text
 encoder, used only at `reset`, is shrunk to one layer so that building the random `robotwin`
 weights takes seconds. The client runs as a thread of the server's process, so its share of the
 interpreter lock counts against the server: a separate robot process sees a little less overhead.
 
     python bench/serve.py                                    # tiny preset, CPU
     python bench/serve.py --preset robotwin --device cuda    # 5.09 B transformer in bf16, one GPU
+    python bench/serve.py --preset robotwin --device cuda --operating-points paper,released
 """
 
 from __future__ import annotations
