@@ -26,6 +26,7 @@ import torch
 from grpc import aio
 from kserve import ModelServer
 from kserve.constants.constants import FASTAPI_APP_IMPORT_STRING
+from kserve.errors import InvalidInput
 from fastapi.responses import PlainTextResponse
 from kserve.model_server import app as kserve_app  # the FastAPI app kserve's REST server serves
 from kserve.protocol.dataplane import DataPlane
@@ -43,7 +44,7 @@ from vaops.models.policy import PolicyWeights
 
 from .config import ServeConfig
 from .episode import EpisodeService
-from .kserve_model import CapacityExhausted, PolicyModel, ProtocolError, rest_error_handler
+from .kserve_model import CapacityExhausted, PolicyModel, ProtocolError, invalid_input_handler, rest_error_handler
 from .sessions import SessionManager
 from .websocket import EpisodeSocket
 
@@ -205,6 +206,17 @@ class BoundGRPCServer(GRPCServer):
         await self._server.wait_for_termination()
 
 
+class PolicyRESTServer(RESTServer):
+    """kserve's REST server with the policy's error answers. kserve adds its own handlers when the server
+    starts, so ours go in after them: ProtocolError's status and headers (429 with Retry-After, 409),
+    and bad input as one WARNING line rather than kserve's ERROR with a traceback."""
+
+    def _add_exception_handlers(self, app) -> None:
+        super()._add_exception_handlers(app)
+        app.add_exception_handler(ProtocolError, rest_error_handler)
+        app.add_exception_handler(InvalidInput, invalid_input_handler)
+
+
 class PolicyServer(ModelServer):
     def __init__(self, config: ServeConfig):
         super().__init__(http_port=config.http_port, grpc_port=config.grpc_port, workers=1,
@@ -216,7 +228,7 @@ class PolicyServer(ModelServer):
         cfg = self.config
         self._register_and_check_atleast_one_model_is_ready(models)
         model = models[0]
-        self._rest_server = RESTServer(FASTAPI_APP_IMPORT_STRING, self.dataplane, self.model_repository_extension,
+        self._rest_server = PolicyRESTServer(FASTAPI_APP_IMPORT_STRING, self.dataplane, self.model_repository_extension,
                                        cfg.http_port, workers=1, event_loop="asyncio")
         self._rest_server.config.host = cfg.host
         self._rest_server.config.ws_max_size = cfg.max_request_bytes
@@ -224,7 +236,6 @@ class PolicyServer(ModelServer):
         open_paths = frozenset({"/", "/healthz", "/metrics", "/v2/health/live", "/v2/health/ready",
                                 f"/v2/models/{cfg.name}/ready", f"/v1/models/{cfg.name}"})
         kserve_app.add_middleware(GuardMiddleware, token=cfg.token, max_bytes=cfg.max_request_bytes, open_paths=open_paths)
-        kserve_app.add_exception_handler(ProtocolError, rest_error_handler)
         kserve_app.add_api_route("/healthz", healthz, methods=["GET"])
         limits = UnpackLimits(max_bytes=cfg.max_request_bytes)
         kserve_app.add_api_websocket_route("/", EpisodeSocket(cfg.name, model.episodes, limits))

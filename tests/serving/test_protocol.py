@@ -283,3 +283,19 @@ def test_the_evaluation_client_asks_for_an_operating_point_the_server_offers(ser
                                                       r"\['fast', 'paper', 'released'\]\)"):
             client.reset(PROMPT, seed=45, operating_point="turbo")
     np.testing.assert_array_equal(got, direct_episode(tiny_weights, PROMPT, 45, 1, 145, operating_point="fast")[0])
+
+
+def test_a_bad_rest_request_is_one_line_in_the_server_log(server):
+    """A client's mistake is not a server error: kserve's own handler logged each 400 at ERROR with its
+    traceback (220 kB of them in a 2,000-chunk soak), which alerting on ERROR lines would page for."""
+    before = server.log.stat().st_size
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        unknown = infer(http, "close", "never-opened-either")
+        garbled = http.post(f"/v2/models/{MODEL}/infer", content=b"{not json",
+                            headers={"content-type": "application/json"})
+    assert unknown.status_code == 400 and "unknown session 'never-opened-either'" in unknown.json()["error"]
+    assert 400 <= garbled.status_code < 500, garbled.text  # FastAPI's 422 for a body that is not JSON
+    text = server.log.read_bytes()[before:].decode()
+    assert "Traceback" not in text and " ERROR " not in text, text
+    lines = [line for line in text.splitlines() if "unknown session 'never-opened-either'" in line]
+    assert lines == [f"bad request: {unknown.json()['error']}"], text  # one line, a warning (vaops' log format)
