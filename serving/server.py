@@ -155,11 +155,15 @@ class GuardInterceptor(aio.ServerInterceptor):
 
 
 class PolicyExceptionInterceptor(ExceptionToStatusInterceptor):
-    """kserve's mapping of exceptions to gRPC status, plus the retry hint of a full session table."""
+    """kserve's mapping of exceptions to gRPC status, plus the retry hint of a full session table and bad input
+    logged as one warning line."""
 
     async def handle_exception(self, ex, request_or_iterator, context, method_name):
         if isinstance(ex, CapacityExhausted):
             await context.abort(ex.status_code, ex.details, trailing_metadata=(("retry-after", str(ex.retry_after_s)),))
+        if isinstance(ex, InvalidInput):  # the client's mistake: one line, not kserve's ERROR with a traceback
+            log.warning("bad request: %s", ex)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, ex.reason)
         await super().handle_exception(ex, request_or_iterator, context, method_name)
 
 

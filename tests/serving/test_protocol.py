@@ -285,9 +285,9 @@ def test_the_evaluation_client_asks_for_an_operating_point_the_server_offers(ser
     np.testing.assert_array_equal(got, direct_episode(tiny_weights, PROMPT, 45, 1, 145, operating_point="fast")[0])
 
 
-def test_a_bad_rest_request_is_one_line_in_the_server_log(server):
-    """A client's mistake is not a server error: kserve's own handler logged each 400 at ERROR with its
-    traceback (220 kB of them in a 2,000-chunk soak), which alerting on ERROR lines would page for."""
+def test_bad_input_is_one_line_in_the_server_log(server):
+    """A client's mistake is not a server error: kserve's own handlers logged each 400 / INVALID_ARGUMENT at
+    ERROR with its traceback (220 kB of them in a 2,000-chunk soak), which alerting on ERROR lines would page for."""
     before = server.log.stat().st_size
     with httpx.Client(base_url=server.url, timeout=60) as http:
         unknown = infer(http, "close", "never-opened-either")
@@ -295,7 +295,16 @@ def test_a_bad_rest_request_is_one_line_in_the_server_log(server):
                             headers={"content-type": "application/json"})
     assert unknown.status_code == 400 and "unknown session 'never-opened-either'" in unknown.json()["error"]
     assert 400 <= garbled.status_code < 500, garbled.text  # FastAPI's 422 for a body that is not JSON
+    with grpc.insecure_channel(server.grpc_url) as channel:
+        stub = grpc_predict_v2_pb2_grpc.GRPCInferenceServiceStub(channel)
+        message = pb.ModelInferRequest(model_name=MODEL, parameters={
+            "op": pb.InferParameter(string_param="close"), "session_id": pb.InferParameter(string_param="nor-this")})
+        with pytest.raises(grpc.RpcError) as err:
+            stub.ModelInfer(message)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "unknown session 'nor-this'" in err.value.details()
     text = server.log.read_bytes()[before:].decode()
     assert "Traceback" not in text and " ERROR " not in text, text
     lines = [line for line in text.splitlines() if "unknown session 'never-opened-either'" in line]
     assert lines == [f"bad request: {unknown.json()['error']}"], text  # one line, a warning (vaops' log format)
+    assert [line for line in text.splitlines() if "unknown session 'nor-this'" in line] == [
+        f"bad request: {err.value.details()}"], text
