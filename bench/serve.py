@@ -40,6 +40,7 @@ from vaops.models.config import get_preset
 from vaops.serving.config import ServeConfig
 from vaops.models.msgpack_numpy import packb, unpackb
 from vaops.serving.server import DTYPES, model_from_weights, serve
+from vaops.serving.sessions import pooled_policy
 
 PROMPT = "stack the red block on the blue block"
 
@@ -61,16 +62,6 @@ def episode_frames(preset, seed: int, chunks: int) -> tuple[dict, list[list[dict
     per_latent = preset.frames_per_latent
     keyframes = [[frame() for _ in range((preset.frame_chunk_size - (k == 0)) * per_latent)] for k in range(chunks)]
     return first, keyframes
-
-
-def direct_policy(weights):
-    """The direct side's policy, made as the server makes its first session's (serving/sessions.py): one
-    policy kept across episodes, warmed up on a GPU (graphs captured, blocks compiled) before timing."""
-    policy = weights.new_policy()
-    policy.reset("", seed=0)
-    if weights.on_gpu:
-        policy.warm_up()
-    return policy
 
 
 def run_direct(policy, episodes: int, chunks: int, seed0: int, operating_point: str | None = None) -> list[dict]:
@@ -210,7 +201,7 @@ def main() -> None:
         preset.operating_point(point)  # an unknown name fails here, before the server starts
     timings: dict[str, tuple[list[dict], list[dict]]] = {p: ([], []) for p in points}
 
-    policy = direct_policy(weights)
+    policy = pooled_policy(weights, warm_up=weights.on_gpu)  # as the server's first session, kept across episodes
 
     def work(ws: str) -> None:
         for point in points:

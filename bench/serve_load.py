@@ -198,8 +198,6 @@ def soak_lines(rounds: list[dict]) -> list[str]:
     return lines
 
 
-
-
 def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q)) if values else float("nan")
 

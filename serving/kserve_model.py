@@ -77,10 +77,15 @@ async def rest_error_handler(_, exc: ProtocolError) -> JSONResponse:
     return JSONResponse(status_code=exc.http_status, content={"error": exc.details}, headers=exc.headers)
 
 
-async def invalid_input_handler(_, exc: InvalidInput) -> JSONResponse:
-    """kserve's 400 for bad input, logged as one WARNING line: kserve's own handler logs each at ERROR with
+def log_bad_input(exc: InvalidInput) -> None:
+    """Bad input as one WARNING line, on REST and gRPC alike: kserve's own handlers log each at ERROR with
     its traceback, though the client erred and the server is fine."""
     log.warning("bad request: %s", exc)
+
+
+async def invalid_input_handler(_, exc: InvalidInput) -> JSONResponse:
+    """kserve's 400 for bad input (`log_bad_input`)."""
+    log_bad_input(exc)
     return JSONResponse(status_code=400, content={"error": str(exc)})
 
 

@@ -44,7 +44,8 @@ from vaops.models.policy import PolicyWeights
 
 from .config import ServeConfig
 from .episode import EpisodeService
-from .kserve_model import CapacityExhausted, PolicyModel, ProtocolError, invalid_input_handler, rest_error_handler
+from .kserve_model import (CapacityExhausted, PolicyModel, ProtocolError, invalid_input_handler, log_bad_input,
+                           rest_error_handler)
 from .sessions import SessionManager
 from .websocket import EpisodeSocket
 
@@ -161,8 +162,8 @@ class PolicyExceptionInterceptor(ExceptionToStatusInterceptor):
     async def handle_exception(self, ex, request_or_iterator, context, method_name):
         if isinstance(ex, CapacityExhausted):
             await context.abort(ex.status_code, ex.details, trailing_metadata=(("retry-after", str(ex.retry_after_s)),))
-        if isinstance(ex, InvalidInput):  # the client's mistake: one line, not kserve's ERROR with a traceback
-            log.warning("bad request: %s", ex)
+        if isinstance(ex, InvalidInput):
+            log_bad_input(ex)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, ex.reason)
         await super().handle_exception(ex, request_or_iterator, context, method_name)
 

@@ -81,6 +81,16 @@ def cache_bytes(policy: Policy) -> int:
     return 0 if cache is None else cache.nbytes()
 
 
+def pooled_policy(weights: PolicyWeights, warm_up: bool) -> Policy:
+    """A policy as the server pools it before any client asks: reset once, which allocates its cache (so
+    its size is known), and with `warm_up` (on a GPU) every shape of an episode run once, its graphs captured."""
+    policy = weights.new_policy()
+    policy.reset("", seed=0)
+    if warm_up:
+        policy.warm_up()
+    return policy
+
+
 class SessionManager:
     def __init__(self, weights: PolicyWeights, max_sessions: int, max_cache_bytes: int | None,
                  idle_timeout_s: float, clock: Callable[[], float] = time.monotonic, warm_up: bool = False,
@@ -88,10 +98,7 @@ class SessionManager:
         self.weights = weights
         self.idle_timeout_s = idle_timeout_s
         self.clock = clock
-        probe = weights.new_policy()
-        probe.reset("", seed=0)  # allocates the cache, so its size is known before any client asks
-        if warm_up:  # the first session gets this policy, its graphs captured
-            probe.warm_up()
+        probe = pooled_policy(weights, warm_up)  # the first session gets this policy
         self.bytes_per_session = cache_bytes(probe)
         self.capacity = max_sessions
         if max_cache_bytes is not None:
@@ -103,9 +110,7 @@ class SessionManager:
         self._pool: list[Policy] = [probe]
         if warm_up:  # more policies, each with its own cache and graphs; popped first (the pool's end)
             for _ in range(min(warm_sessions, self.capacity) - 1):
-                policy = weights.new_policy()
-                policy.warm_up()
-                self._pool.append(policy)
+                self._pool.append(pooled_policy(weights, warm_up))
         self._sessions: dict[str, Session] = {}
         self._closed: OrderedDict[str, None] = OrderedDict()
 
