@@ -19,7 +19,9 @@ chunks for a fixed number of chunks.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 import os
 import platform
 import statistics
@@ -31,6 +33,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 MODES: dict[str, bool | str] = {"sync": False, "naive": True, "grounded": "grounded"}  # -> the reset's async_execution
+# --precisions: one server per precision, each seed run in every (mode, precision) before the next
+PRECISIONS: dict[str, list[str]] = {"float32": [], "bfloat16": ["--dtype", "bfloat16"],
+                                    "fp8": ["--dtype", "bfloat16", "--fp8"]}
 
 
 def main() -> int:
@@ -44,6 +49,9 @@ def main() -> int:
     parser.add_argument("--fps", type=int, default=10)
     parser.add_argument("--no-real-time", action="store_true", help="execute as fast as the sim steps")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    parser.add_argument("--precisions", nargs="+", default=["float32"], choices=list(PRECISIONS),
+                        help="the servers' weights (fp8: bf16 weights, FP8 block products; on a CPU oneDNN's); "
+                             "with more than one, a variant is 'MODE PRECISION'")
     parser.add_argument("--operating-point", help="the server's named sampling settings (released, paper, fast); "
                         "default: the model's own")
     parser.add_argument("--torch-threads", type=int, default=1,
@@ -63,26 +71,33 @@ def main() -> int:
     from vaops.components.evaluate.episode import run_episode
     from vaops.components.evaluate.local_server import LocalPolicyServer
 
-    log = Path(args.out.with_suffix(".server.log") if args.out else "/tmp/async_modes.server.log")
+    base = args.out if args.out else Path("/tmp/async_modes")
     if args.out:
         args.out.with_suffix(".episodes.jsonl").unlink(missing_ok=True)
+    variants = [(m if len(args.precisions) == 1 else f"{m} {p}", m, p) for p in args.precisions for m in args.modes]
     started = time.perf_counter()
     load_before = os.getloadavg()
     rows: list[dict] = []
-    with LocalPolicyServer(args.checkpoint, log, torch_threads=args.torch_threads) as server, \
-            PolicyClient(ClientConfig(url=server.url, request_timeout_s=600)) as client:
-        client.connect()
-        size = camera_size(client.metadata)
+    with contextlib.ExitStack() as stack:
+        clients = {}
+        for p in args.precisions:
+            log = base.with_suffix(".server.log" if len(args.precisions) == 1 else f".{p}.server.log")
+            server = stack.enter_context(LocalPolicyServer(args.checkpoint, log, torch_threads=args.torch_threads,
+                                                           serve_args=PRECISIONS[p]))
+            clients[p] = stack.enter_context(PolicyClient(ClientConfig(url=server.url, request_timeout_s=600)))
+            clients[p].connect()
+        size = camera_size(clients[args.precisions[0]].metadata)
         server_ready_s = time.perf_counter() - started
         for seed in range(args.first_seed, args.first_seed + args.max_seeds):
             if time.perf_counter() - started > args.budget_s:
                 break
-            for mode in args.modes:
+            for label, mode, precision in variants:
                 env = AlohaEpisode(args.task, seed, args.max_steps, args.fps, size)
-                out = run_episode(client, env, seed=seed, async_execution=MODES[mode],
+                out = run_episode(clients[precision], env, seed=seed, async_execution=MODES[mode],
                                   operating_point=args.operating_point,
                                   control_period_s=0.0 if args.no_real_time else env.control_period_s)
-                row = {"seed": seed, "mode": mode, "status": out.status, "success": out.success,
+                row = {"seed": seed, "mode": label, "precision": precision, "status": out.status,
+                       "success": out.success,
                        "progress": out.progress, "steps": out.steps, "chunks": out.chunks, "wall_s": out.wall_s,
                        "idle_s": out.idle_s, "execution_s": out.execution_s, "chunk_latency_s": out.chunk_latency_s,
                        "observe_latency_s": out.observe_latency_s, "error": out.error}
@@ -90,8 +105,9 @@ def main() -> int:
                 if args.out:  # kept as it goes: a run cut short still has its episodes
                     with args.out.with_suffix(".episodes.jsonl").open("a") as f:
                         f.write(json.dumps(row) + "\n")
-                print(f"seed {seed} {mode:8} {out.status:7} steps {out.steps:3} chunks {out.chunks} "
+                print(f"seed {seed} {label:14} {out.status:7} steps {out.steps:3} chunks {out.chunks} "
                       f"wall {out.wall_s:6.1f} s", flush=True)
+    labels = [label for label, _, _ in variants]
     result = {
         "what": "closed-loop success and task time per asynchronous-execution mode, same seeds",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -105,13 +121,15 @@ def main() -> int:
         "task": args.task, "max_steps": args.max_steps, "fps": args.fps, "real_time": not args.no_real_time,
         "operating_point": args.operating_point or "released",
         "server_ready_s": server_ready_s, "total_s": time.perf_counter() - started,
-        "modes": {m: summarize([r for r in rows if r["mode"] == m]) for m in args.modes},
+        "precisions": args.precisions,
+        "modes": {m: summarize([r for r in rows if r["mode"] == m]) for m in labels},
         "episodes": rows,
     }
     complete = sorted({r["seed"] for r in rows if all(any(q["seed"] == r["seed"] and q["mode"] == m for q in rows)
-                                                       for m in args.modes)})
+                                                       for m in labels)})
     result["seeds"] = complete
-    result["all_succeeded"] = both_succeeded(rows, args.modes, complete)
+    result["all_succeeded"] = both_succeeded(rows, labels, complete)
+    result["paired"] = paired(rows, labels, complete)
     text = markdown(result)
     print(text)
     if args.out:
@@ -252,12 +270,26 @@ def both_succeeded(rows: list[dict], modes: list[str], seeds: list[int]) -> dict
                              for m, v in per.items()}}
 
 
+def paired(rows: list[dict], labels: list[str], seeds: list[int]) -> dict:
+    """Every variant against the first on the same seeds: the seeds only one of the two solved, and the
+    exact two-sided McNemar p (a binomial test on those discordant seeds)."""
+    ok = {(r["seed"], r["mode"]): r["success"] for r in rows}
+    out = {}
+    for other in labels[1:]:
+        a_only = sum(ok[s, labels[0]] and not ok[s, other] for s in seeds)
+        b_only = sum(ok[s, other] and not ok[s, labels[0]] for s in seeds)
+        n, k = a_only + b_only, min(a_only, b_only)
+        p = min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n) if n else 1.0
+        out[f"{other} vs {labels[0]}"] = {"first_only": a_only, "other_only": b_only, "mcnemar_exact_p": p}
+    return out
+
+
 def markdown(result: dict) -> str:
     modes = result["modes"]
     pct = lambda x: "–" if x is None else f"{100 * x:.0f}%"  # noqa: E731
     num = lambda x, f="{:.1f}": "–" if x is None else f.format(x)  # noqa: E731
     lines = [
-        "# Sync, naive async and grounded async in closed loop (CPU)", "",
+        "# " + ", ".join(modes) + " in closed loop on the same seeds (CPU)", "",
         f"{result['date']}, commit {result['commit']}: {result['task']} with `{result['checkpoint']}`, "
         f"seeds {result['seeds'][0] if result['seeds'] else '-'}-{result['seeds'][-1] if result['seeds'] else '-'} "
         f"({len(result['seeds'])} per mode, each seed run in every mode before the next), at most "
@@ -277,6 +309,11 @@ def markdown(result: dict) -> str:
                      f"| {num(s['wall_s_mean'])} | {num(s['idle_per_chunk_median_s'], '{:.2f}')} "
                      f"| {pct(s['idle_fraction'])} |")
     both = result["all_succeeded"]
+    first = next(iter(modes))
+    for pair, d in result.get("paired", {}).items():
+        other = pair.split(" vs ")[0]
+        lines += ["", f"Paired by seed, {pair}: {d['first_only']} seeds only {first} solved, {d['other_only']} only "
+                      f"{other} (exact McNemar p = {d['mcnemar_exact_p']:.3g})."]
     lines += ["", f"Seeds every mode solved ({len(both['seeds'])}): "
               + ", ".join(f"{m} {num(both[m]['wall_s_mean'])} s / {num(both[m]['steps_mean'])} steps"
                           for m in modes) + " (mean wall time / actions).", "",

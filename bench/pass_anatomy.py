@@ -11,6 +11,11 @@ weights, full KV cache of 9,792 entries):
 3. Whole passes of the served engine (compiled blocks, CUDA graphs, fused q/k/v), bf16 and FP8 weights:
    one video pass (CFG batch), one action step (conditional only), one action cache pass (CFG batch).
 4. A profile of one chunk at the paper's operating point on the graphed engine, kernels grouped.
+6. Batched passes (`--robots`): the passes of R robots as one batch whose KV caches are one tensor (one
+   attention call over every robot's rows), against one robot's, to size what batched serving can gain.
+5. A timeline of chunks at the paper's operating point: per pass, the GPU time (CUDA events around it),
+   the host time to issue it, and the GPU's idle time between passes (where the host, not the GPU, sets
+   the pace).
 
     python bench/pass_anatomy.py --out bench/results/pass_anatomy_h200.json
 """
@@ -188,6 +193,30 @@ KERNEL_GROUPS = [("attention", r"flash|fmha|sdpa|attention"),
                  ("other", r".")]
 
 
+def kernel_groups(prof, top: int = 30) -> dict:
+    """A torch.profiler run's CUDA kernels, grouped (KERNEL_GROUPS) and the `top` slowest printed."""
+    groups: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    kernels: list[tuple[str, float, int]] = []
+    for evt in prof.key_averages():
+        us = float(getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0.0) or 0.0)
+        if evt.device_type.name != "CUDA" or us <= 0:
+            continue
+        kernels.append((evt.key, us, evt.count))
+        for group, pattern in KERNEL_GROUPS:
+            if re.search(pattern, evt.key, re.IGNORECASE):
+                groups[group][0] += us
+                groups[group][1] += evt.count
+                break
+    kernels.sort(key=lambda r: -r[1])
+    for name, us, n in kernels[:top]:
+        print(f"{us / 1e3:8.2f} ms {n:6d}x  {name[:110]}")
+    total = sum(us for _, us, _ in kernels)
+    print(f"kernel time {total / 1e3:.1f} ms; " + ", ".join(f"{g} {v[0] / 1e3:.1f} ms ({v[1]} calls)"
+                                                          for g, v in groups.items()))
+    return {"kernel_ms": total / 1e3, "groups": {g: {"ms": v[0] / 1e3, "calls": v[1]} for g, v in groups.items()},
+            "top_kernels": [{"name": n, "ms": us / 1e3, "calls": c} for n, us, c in kernels[:40]]}
+
+
 def profile_paper_chunk(engine: InferenceEngine, preset, seed: int) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
@@ -203,27 +232,125 @@ def profile_paper_chunk(engine: InferenceEngine, preset, seed: int) -> dict:
         engine.act(generator=gen).actions.cpu()
         engine.observe(*obs)
         torch.cuda.synchronize()
-    groups: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
-    kernels: list[tuple[str, float, int]] = []
-    for evt in prof.key_averages():
-        us = float(getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0.0) or 0.0)
-        if evt.device_type.name != "CUDA" or us <= 0:
-            continue
-        kernels.append((evt.key, us, evt.count))
-        for group, pattern in KERNEL_GROUPS:
-            if re.search(pattern, evt.key, re.IGNORECASE):
-                groups[group][0] += us
-                groups[group][1] += evt.count
-                break
-    kernels.sort(key=lambda r: -r[1])
-    for name, us, n in kernels[:30]:
-        print(f"{us / 1e3:8.2f} ms {n:6d}x  {name[:110]}")
-    total = sum(us for _, us, _ in kernels)
-    print(f"kernel time {total / 1e3:.1f} ms; " + ", ".join(f"{g} {v[0] / 1e3:.1f} ms ({v[1]} calls)"
-                                                          for g, v in groups.items()))
     engine.set_sampling(preset.sampling)
-    return {"kernel_ms": total / 1e3, "groups": {g: {"ms": v[0] / 1e3, "calls": v[1]} for g, v in groups.items()},
-            "top_kernels": [{"name": n, "ms": us / 1e3, "calls": c} for n, us, c in kernels[:40]]}
+    return kernel_groups(prof)
+
+
+def chunk_timeline(engine: InferenceEngine, preset, seed: int, chunks: int = 4) -> dict:
+    """Per pass of `chunks` paper-point chunks (after two unmeasured ones): GPU ms between CUDA events
+    recorded around it, host ms to issue it, and GPU idle ms before it (since the previous pass ended,
+    or since the chunk began)."""
+    import time
+
+    engine.set_sampling(preset.operating_point("paper"))
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    forward = engine._forward
+    records: list[dict] = []
+
+    def timed(kind, x, t, keep, predicted, cond_only):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        host = time.perf_counter()
+        start.record()
+        out = forward(kind, x, t, keep, predicted, cond_only)
+        end.record()
+        records.append({"kind": kind, "rows": 1 if cond_only else engine.batch, "keep": keep,
+                        "host_ms": (time.perf_counter() - host) * 1e3, "start": start, "end": end})
+        return out
+
+    def chunk() -> None:
+        obs = observation(engine, gen)
+        engine.act(generator=gen).actions.cpu()
+        engine.observe(*obs)
+
+    for _ in range(2):
+        chunk()
+    engine._forward = timed  # type: ignore[method-assign]
+    out: dict = {"chunks": []}
+    try:
+        for _ in range(chunks):
+            records.clear()
+            torch.cuda.synchronize()
+            begin, finish = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            wall = time.perf_counter()
+            begin.record()
+            chunk()
+            finish.record()
+            torch.cuda.synchronize()
+            wall_ms = (time.perf_counter() - wall) * 1e3
+            prev = begin
+            passes = []
+            for r in records:
+                passes.append({"kind": r["kind"], "rows": r["rows"], "keep": r["keep"],
+                               "gpu_ms": r["start"].elapsed_time(r["end"]), "host_ms": r["host_ms"],
+                               "idle_before_ms": prev.elapsed_time(r["start"])})
+                prev = r["end"]
+            gpu = sum(p["gpu_ms"] for p in passes)
+            out["chunks"].append({"wall_ms": wall_ms, "gpu_span_ms": begin.elapsed_time(finish),
+                                  "passes_gpu_ms": gpu, "idle_ms": sum(p["idle_before_ms"] for p in passes),
+                                  "tail_ms": prev.elapsed_time(finish), "passes": passes})
+            print(f"chunk: wall {wall_ms:.1f} ms, GPU span {begin.elapsed_time(finish):.1f}, passes {gpu:.1f}, "
+                  f"idle between {out['chunks'][-1]['idle_ms']:.1f}, after the last {prev.elapsed_time(finish):.1f}",
+                  flush=True)
+            for p in passes:
+                print(f"  {p['kind']:6s} x{p['rows']} keep={p['keep']!s:5s} gpu {p['gpu_ms']:6.2f} ms  "
+                      f"host {p['host_ms']:6.2f} ms  idle before {p['idle_before_ms']:5.2f} ms", flush=True)
+    finally:
+        del engine._forward
+        engine.set_sampling(preset.sampling)
+    return out
+
+
+def batched_passes(model, preset, robots: list[int], text_len: int, seed: int, profile: bool = False) -> list[dict]:
+    """GPU ms of a video pass (CFG rows of R robots) and of an action step (one row per robot) on a full
+    cache whose rows are the robots' (one tensor, so one attention call reads them all); `profile`: and
+    one call's kernels, grouped."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    m = model.config
+    prompt = torch.randn(1, text_len, m.text_dim, generator=gen, device="cuda")
+    rows_out = []
+    for r in robots:
+        row: dict = {"robots": r}
+        for kind, rows in (("video", 2 * r), ("action", r)):
+            engine = InferenceEngine(model, EngineConfig.from_preset(preset), backend="cudnn", cuda_graphs=False)
+            engine.batch = rows
+            engine.reset(prompt, prompt)
+            with torch.no_grad():
+                engine.text = model.text_context(prompt.expand(rows, -1, -1))
+            for _ in range(preset.sampling.attn_window // 2 + 1):  # eager prefill to the full ring
+                engine.observe(*observation(engine, gen))
+            assert engine.live_cache.full
+            engine.cuda_graphs = True
+            c = engine.config
+            x = (torch.randn(1, m.in_channels, c.frame_chunk_size, c.latent_height, c.latent_width, device="cuda")
+                 if kind == "video" else
+                 torch.randn(1, m.action_dim, c.frame_chunk_size, c.action_per_frame, 1, device="cuda"))
+            t = torch.full((1, c.frame_chunk_size), 500.0, device="cuda")
+            with torch.no_grad():
+                for _ in range(3):
+                    engine._forward(kind, x, t, keep=False, predicted=False, cond_only=False)
+                torch.cuda.synchronize()
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(20):
+                    engine._forward(kind, x, t, keep=False, predicted=False, cond_only=False)
+                end.record()
+                torch.cuda.synchronize()
+                ms = start.elapsed_time(end) / 20
+                if profile:
+                    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+                    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+                        engine._forward(kind, x, t, keep=False, predicted=False, cond_only=False)
+                        torch.cuda.synchronize()
+                    print(f"{r} robots, {kind} pass, one call's kernels:")
+                    row[f"{kind}_profile"] = kernel_groups(prof, top=14)
+            row[f"{kind}_ms"] = ms
+            row[f"{kind}_ms_per_robot"] = ms / r
+            print(f"{r} robots, {kind} pass ({rows} rows): {ms:.2f} ms, {ms / r:.2f} ms a robot", flush=True)
+            del engine
+            torch.cuda.empty_cache()
+        rows_out.append(row)
+    return rows_out
 
 
 def main() -> None:
@@ -231,7 +358,9 @@ def main() -> None:
     p.add_argument("--preset", default="robotwin")
     p.add_argument("--text-len", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--skip", default="", help="comma-separated parts to skip: gemm, attention, passes, profile")
+    p.add_argument("--skip", default="", help="comma-separated parts to skip: gemm, attention, passes, profile, timeline")
+    p.add_argument("--precisions", default="bf16,fp8", help="the engines of parts 3-6")
+    p.add_argument("--robots", default="", help="part 6: comma-separated robot counts, e.g. 1,2,4,8")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     skip = set(filter(None, args.skip.split(",")))
@@ -253,14 +382,22 @@ def main() -> None:
     if "attention" not in skip:
         results["attention"] = attentions(cfg, capacity)
         save()
-    if "passes" not in skip or "profile" not in skip:
+    if not {"passes", "profile", "timeline"} <= skip:
         passes = {}
-        for fp8 in (False, True):
+        for fp8 in [p == "fp8" for p in args.precisions.split(",")]:
             engine, passes["fp8" if fp8 else "bf16"] = engine_passes(preset, fp8, args.text_len, args.seed)
             results["passes_ms"] = passes
             save()
             if "profile" not in skip:
                 results[f"profile_paper_{'fp8' if fp8 else 'bf16'}"] = profile_paper_chunk(engine, preset, args.seed)
+                save()
+            if args.robots:
+                results[f"batched_{'fp8' if fp8 else 'bf16'}"] = batched_passes(
+                    engine.model, preset, [int(r) for r in args.robots.split(",")], args.text_len, args.seed,
+                    profile="profile" not in skip)
+                save()
+            if "timeline" not in skip:
+                results[f"timeline_paper_{'fp8' if fp8 else 'bf16'}"] = chunk_timeline(engine, preset, args.seed)
                 save()
             del engine
             torch.cuda.empty_cache()

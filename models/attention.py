@@ -59,11 +59,18 @@ class RotaryEmbedding:
             return 1.0 / (theta ** (torch.arange(0, dim, 2, device="cpu")[: dim // 2].double() / dim))
 
         self.bases = (base(f_dim), base(hw_dim), base(hw_dim))
+        # Per device, copied once: a copy from pageable host memory waits for the device's queue, which
+        # stalled every chunk twice on a GPU (at its first video and first action pass, about 3 ms a chunk
+        # at the paper's operating point on an H200: bench/results/pass_timeline_h200.md).
+        self._on: dict[torch.device, tuple[torch.Tensor, ...]] = {}
 
     def __call__(self, grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """grid [..., 3, L] -> (cos, sin), each [..., L, head_dim/2] fp32."""
+        bases = self._on.get(grid.device)
+        if bases is None:
+            bases = self._on[grid.device] = tuple(b.to(grid.device) for b in self.bases)
         angles = torch.cat(
-            [grid[..., i, :].double().unsqueeze(-1) * b.to(grid.device) for i, b in enumerate(self.bases)],
+            [grid[..., i, :].double().unsqueeze(-1) * b for i, b in enumerate(bases)],
             dim=-1,
         ).float()
         return angles.cos(), angles.sin()

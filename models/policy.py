@@ -66,10 +66,14 @@ class PolicyWeights:
             self.transformer.compile_blocks()
 
     def use_fp8(self) -> int:
-        """Run the block GEMMs in FP8 (models/fp8.py; Hopper GPUs): before the first policy is made, as
-        its captured graphs hold the weights' addresses. Returns the Linears swapped."""
+        """Run the block GEMMs in FP8 (models/fp8.py): before the first policy is made, as its captured
+        graphs hold the weights' addresses. Returns the Linears swapped. On a CPU, oneDNN runs the same FP8
+        products, slower than bf16 (2.8x a chunk of the small policy, 2 cores): FP8's numbers for accuracy
+        studies and tests, not its speed."""
+        if self.transformer.dtype != torch.bfloat16:
+            raise ValueError(f"fp8 needs the transformer in bfloat16, it is {self.transformer.dtype}")
         if not self.on_gpu:
-            raise ValueError("fp8 needs the transformer on a CUDA GPU (compute capability 8.9 or later)")
+            return quantize_blocks_fp8(self.transformer)
         major, minor = torch.cuda.get_device_capability(self.transformer.patch_embedding_mlp.weight.device)
         if (major, minor) < (8, 9):
             raise ValueError(f"fp8 needs a GPU of compute capability 8.9 or later, this one is {major}.{minor}")

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 
 
@@ -39,8 +40,9 @@ def claim_port(port: int) -> int:
 
 class LocalPolicyServer:
     def __init__(self, model: str | os.PathLike, log: Path, device: str = "cpu", torch_threads: int | None = None,
-                 startup_timeout_s: float = 300.0, port: int | None = None):
-        """Start serving `model` (a checkpoint folder or models:/name@alias) on `port` (None: a free one)."""
+                 startup_timeout_s: float = 300.0, port: int | None = None, serve_args: Sequence[str] = ()):
+        """Start serving `model` (a checkpoint folder or models:/name@alias) on `port` (None: a free one);
+        `serve_args`: more `vaops serve` flags (e.g. --dtype bfloat16 --fp8)."""
         self.port = free_port() if port is None else claim_port(port)
         self.url = f"ws://127.0.0.1:{self.port}"
         self.log = Path(log)
@@ -49,6 +51,7 @@ class LocalPolicyServer:
                "--http-port", str(self.port), "--no-grpc", "--device", device]
         if torch_threads:
             cmd += ["--torch-threads", str(torch_threads)]
+        cmd += list(serve_args)
         self.log.parent.mkdir(parents=True, exist_ok=True)
         self._out = open(self.log, "wb")
         self.proc = subprocess.Popen(cmd, stdout=self._out, stderr=subprocess.STDOUT,

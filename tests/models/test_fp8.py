@@ -40,3 +40,28 @@ def test_quantize_blocks_swaps_every_block_linear():
     assert quantize_blocks_fp8(model) == 10 * len(model.blocks)
     assert isinstance(model.blocks[0].ffn.net[2], FP8Linear)
     assert isinstance(model.proj_out, torch.nn.Linear)
+
+
+def test_fp8_policy_runs_on_a_cpu_close_to_bf16():
+    """`vaops serve --fp8` on a CPU (oneDNN's FP8 products): a chunk from the same seed stays within a
+    few percent of the bf16 policy's, and is not the bf16 chunk itself (the FP8 path really ran)."""
+    import numpy as np
+    import pytest
+
+    from vaops.models.checkpoint import build_random_weights
+
+    preset = get_preset("tiny")
+    cams = {c.key: np.random.default_rng(0).integers(0, 255, (c.height, c.width, 3), dtype=np.uint8)
+            for c in preset.cameras}
+    chunks = {}
+    for fp8 in (False, True):
+        weights = build_random_weights(preset, seed=0, dtype=torch.bfloat16)
+        if fp8:
+            assert weights.use_fp8() == 10 * len(weights.transformer.blocks)
+        policy = weights.new_policy()
+        policy.reset("transfer the cube", seed=3)
+        chunks[fp8] = torch.as_tensor(policy.act(cams).actions).float()
+    rel = ((chunks[True] - chunks[False]).norm() / chunks[False].norm()).item()
+    assert 0 < rel < 0.05
+    with pytest.raises(ValueError, match="fp8 needs the transformer in bfloat16"):
+        build_random_weights(preset, seed=0).use_fp8()
