@@ -13,6 +13,9 @@ weights, full KV cache of 9,792 entries):
 4. A profile of one chunk at the paper's operating point on the graphed engine, kernels grouped.
 6. Batched passes (`--robots`): the passes of R robots as one batch whose KV caches are one tensor (one
    attention call over every robot's rows), against one robot's, to size what batched serving can gain.
+7. An observation's encoding (`--observe`): one observe's keyframes (robotwin: 8 frames x 3 cameras)
+   through the served ObservationEncoder, split into the host's preprocessing and the VAE's encode, in
+   fp32 (as served), with cuDNN's algorithm search, and in bf16; the latents' distance from fp32's.
 5. A timeline of chunks at the paper's operating point: per pass, the GPU time (CUDA events around it),
    the host time to issue it, and the GPU's idle time between passes (where the host, not the GPU, sets
    the pace).
@@ -353,6 +356,54 @@ def batched_passes(model, preset, robots: list[int], text_len: int, seed: int, p
     return rows_out
 
 
+def observe_encoding(preset, seed: int, repeats: int = 10) -> list[dict]:
+    """ms per observe's encode (median of `repeats`) per VAE setting, and its latents against fp32's."""
+    import time
+
+    import numpy as np
+
+    from vaops.models.observation import ObservationEncoder, frames_to_video
+    from vaops.models.vae import build_vae
+
+    rng = np.random.default_rng(seed)
+    first = {c.key: rng.integers(0, 255, (1, c.height, c.width, 3), dtype=np.uint8) for c in preset.cameras}
+    frames = preset.frame_chunk_size * preset.frames_per_latent
+    keyframes = {c.key: rng.integers(0, 255, (frames, c.height, c.width, 3), dtype=np.uint8) for c in preset.cameras}
+    rows, reference = [], None
+    for label, dtype, benchmark in (("fp32 (served)", torch.float32, False), ("fp32, cudnn.benchmark", torch.float32, True),
+                                    ("bf16", torch.bfloat16, False), ("bf16, cudnn.benchmark", torch.bfloat16, True)):
+        torch.backends.cudnn.benchmark = benchmark
+        vae = build_vae(preset.vae, seed=seed).to("cuda", dtype)
+        encoder = ObservationEncoder(vae, preset)
+        times, host, latents = [], [], None
+        for i in range(repeats + 2):
+            encoder.reset()
+            encoder.encode(first)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            latents = encoder.encode(keyframes)
+            torch.cuda.synchronize()
+            times.append((time.perf_counter() - t0) * 1e3)
+            t0 = time.perf_counter()
+            for c in preset.cameras:
+                frames_to_video(keyframes[c.key], c.height, c.width)
+            host.append((time.perf_counter() - t0) * 1e3)
+        assert latents is not None
+        latents = latents.float()
+        if reference is None:
+            reference = latents
+        rel = float((latents - reference).norm() / reference.norm())
+        row = {"setting": label, "encode_ms": sorted(times[2:])[repeats // 2], "host_preprocess_ms": sorted(host[2:])[repeats // 2],
+               "latents_rel_l2_vs_fp32": rel}
+        print(f"observe encode, {label}: {row['encode_ms']:.1f} ms (host preprocessing {row['host_preprocess_ms']:.1f} ms), "
+              f"latents vs fp32 {rel:.2e}", flush=True)
+        rows.append(row)
+        del vae, encoder
+        torch.cuda.empty_cache()
+    torch.backends.cudnn.benchmark = False
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="robotwin")
@@ -360,6 +411,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip", default="", help="comma-separated parts to skip: gemm, attention, passes, profile, timeline")
     p.add_argument("--precisions", default="bf16,fp8", help="the engines of parts 3-6")
+    p.add_argument("--observe", action="store_true", help="part 7: an observation's encoding")
     p.add_argument("--robots", default="", help="part 6: comma-separated robot counts, e.g. 1,2,4,8")
     p.add_argument("--out", default=None)
     args = p.parse_args()
@@ -381,6 +433,9 @@ def main() -> None:
     capacity = (preset.sampling.attn_window // 2) * preset.frame_chunk_size * (preset.action_per_frame + h * w // (ph * pw))
     if "attention" not in skip:
         results["attention"] = attentions(cfg, capacity)
+        save()
+    if args.observe:
+        results["observe_encoding"] = observe_encoding(preset, args.seed)
         save()
     if not {"passes", "profile", "timeline"} <= skip:
         passes = {}
