@@ -306,8 +306,8 @@ def main() -> None:
     began = time.perf_counter()
     weights = random_weights(args)
     name = weights.preset.name
-    result: dict = {"preset": name, "device": args.device, "dtype": server_dtype(args), "load": [], "realtime": [],
-                    "skipped": []}
+    result: dict = {"preset": name, "device": args.device, "dtype": server_dtype(args), "fp8": args.fp8, "load": [],
+                    "realtime": [], "skipped": []}
     ctx = multiprocessing.get_context("spawn")
     if "agreement" in phases and args.agreement_robots > 1:
         result["agreement"] = agreement(weights, args.agreement_robots, 3, points[-1])
@@ -378,17 +378,21 @@ def main() -> None:
 def report(result: dict, args: argparse.Namespace, quiet: bool = False) -> None:
     """The tables (printed unless quiet) and, with --out-dir, the JSON and Markdown files: written after
     every phase too, so a run cut short keeps what it measured."""
-    lines = [f"# Many robots on one server ({result['preset']}, {result['device']}, {result['dtype']})", "",
+    weights = result["dtype"] + (", FP8 block GEMMs" if result.get("fp8") else "")
+    lines = [f"# Many robots on one server ({result['preset']}, {result['device']}, {weights})", "",
              "Command: `python bench/serve_load.py " + " ".join(a for a in __import__("sys").argv[1:]) + "`", "",
-             "| operating point | robots | batched | act p50 s | act p99 s | observe p50 s | chunks/s | x 1 robot |",
-             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+             "| operating point | robots | batched | act p50 s | act p99 s | observe p50 s | chunks/s | x 1 robot "
+             "| GPU GiB |",
+             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for row in result["load"]:
-        one = next((r for r in result["load"] if r["operating_point"] == row["operating_point"] and r["robots"] == 1
-                    and r["batching"]), None)
+        # against one robot at the same point: run alone, that robot's chunks are never batched
+        one = next((r for r in result["load"] if r["operating_point"] == row["operating_point"] and r["robots"] == 1),
+                   None)
         speedup = row["chunks_per_s"] / one["chunks_per_s"] if one else float("nan")
+        memory = "-" if row.get("gpu_gib") is None else f"{row['gpu_gib']:.1f}"
         lines.append(f"| {row['operating_point']} | {row['robots']} | {'yes' if row['batching'] else 'no'} | "
                      f"{row['act_p50_s']:.3f} | {row['act_p99_s']:.3f} | {row['observe_p50_s']:.3f} | "
-                     f"{row['chunks_per_s']:.2f} | {speedup:.2f}x |")
+                     f"{row['chunks_per_s']:.2f} | {speedup:.2f}x | {memory} |")
     if result["realtime"]:
         lines += ["", f"Real time: asynchronous execution at {args.control_hz:g} Hz (robot idle from the end of a "
                   "chunk's last action to the next chunk in hand).", "",
