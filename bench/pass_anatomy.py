@@ -239,6 +239,13 @@ def profile_paper_chunk(engine: InferenceEngine, preset, seed: int) -> dict:
     return kernel_groups(prof)
 
 
+class _Forgetful(dict):
+    """A RotaryEmbedding device cache that keeps nothing: every call copies the table from the host."""
+
+    def __setitem__(self, key, value) -> None:
+        pass
+
+
 def chunk_timeline(engine: InferenceEngine, preset, seed: int, chunks: int = 4) -> dict:
     """Per pass of `chunks` paper-point chunks (after two unmeasured ones): GPU ms between CUDA events
     recorded around it, host ms to issue it, and GPU idle ms before it (since the previous pass ended,
@@ -425,6 +432,9 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip", default="", help="comma-separated parts to skip: gemm, attention, passes, profile, timeline")
     p.add_argument("--precisions", default="bf16,fp8", help="the engines of parts 3-6")
+    p.add_argument("--rope-copies", action="store_true",
+                   help="part 5 again with the rotary table copied from host memory at every call (as before "
+                        "2026-12-01), in the same process")
     p.add_argument("--observe", action="store_true", help="part 7: an observation's encoding")
     p.add_argument("--robots", default="", help="part 6: comma-separated robot counts, e.g. 1,2,4,8")
     p.add_argument("--out", default=None)
@@ -468,6 +478,15 @@ def main() -> None:
             if "timeline" not in skip:
                 results[f"timeline_paper_{'fp8' if fp8 else 'bf16'}"] = chunk_timeline(engine, preset, args.seed)
                 save()
+                if args.rope_copies:  # the same chunks with the rotary table copied from the host at each call
+                    rope = engine.model.rope
+                    kept, rope._on = rope._on, _Forgetful()
+                    try:
+                        results[f"timeline_paper_{'fp8' if fp8 else 'bf16'}_rope_copies"] = chunk_timeline(
+                            engine, preset, args.seed)
+                    finally:
+                        rope._on = kept
+                    save()
             del engine
             torch.cuda.empty_cache()
 
