@@ -60,8 +60,8 @@ class RotaryEmbedding:
 
         self.bases = (base(f_dim), base(hw_dim), base(hw_dim))
         # Per device, copied once: a copy from pageable host memory waits for the device's queue, which
-        # stalled every chunk twice on a GPU (at its first video and first action pass, about 3 ms a chunk
-        # at the paper's operating point on an H200: bench/results/pass_timeline_h200.md).
+        # stalled the host 47 ms at each chunk's first action pass on a GPU, and the GPU then waited for it
+        # (0.7 ms a chunk at the paper's operating point on an H200: bench/results/pass_timeline_h200.md).
         self._on: dict[torch.device, tuple[torch.Tensor, ...]] = {}
 
     def __call__(self, grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
