@@ -155,6 +155,24 @@ def split_kv_one_call(q, k, v, splits: int) -> torch.Tensor:
 
 
 @torch.no_grad()
+@torch.no_grad()
+def forward_ms(engine: InferenceEngine, kind: str, x: torch.Tensor, t: torch.Tensor, cond_only: bool,
+               calls: int = 20) -> float:
+    """GPU ms of one temporary pass (captured first, then `calls` replays back to back), under no_grad as
+    the engine's act runs. Part 3 ran without it until 2026-12-01: its action step measured 10.2 ms, the
+    same step 5.0 ms inside a chunk (bench/results/pass_timeline_h200.md), so the host set the pace."""
+    for _ in range(3):  # capture, then steady replays
+        engine._forward(kind, x, t, keep=False, predicted=False, cond_only=cond_only)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(calls):
+        engine._forward(kind, x, t, keep=False, predicted=False, cond_only=cond_only)
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / calls
+
+
 def engine_passes(preset, fp8: bool, text_len: int, seed: int) -> tuple[InferenceEngine, dict]:
     model = build_transformer(preset.transformer, seed=seed, device="cuda", dtype=torch.bfloat16)
     model.fuse_qkv_projections()
@@ -174,16 +192,7 @@ def engine_passes(preset, fp8: bool, text_len: int, seed: int) -> tuple[Inferenc
     for label, kind, x, cond_only in (("video pass, CFG batch", "video", video, False),
                                       ("action step, conditional only", "action", actions, True),
                                       ("action cache pass, CFG batch", "action", actions, False)):
-        for _ in range(3):  # capture, then steady replays
-            engine._forward(kind, x, t, keep=False, predicted=False, cond_only=cond_only)
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(20):
-            engine._forward(kind, x, t, keep=False, predicted=False, cond_only=cond_only)
-        end.record()
-        torch.cuda.synchronize()
-        out[label] = start.elapsed_time(end) / 20
+        out[label] = forward_ms(engine, kind, x, t, cond_only)
         print(f"{'fp8' if fp8 else 'bf16'} {label}: {out[label]:.2f} ms", flush=True)
     return engine, out
 
@@ -335,17 +344,8 @@ def batched_passes(model, preset, robots: list[int], text_len: int, seed: int, p
                  if kind == "video" else
                  torch.randn(1, m.action_dim, c.frame_chunk_size, c.action_per_frame, 1, device="cuda"))
             t = torch.full((1, c.frame_chunk_size), 500.0, device="cuda")
+            ms = forward_ms(engine, kind, x, t, cond_only=False)
             with torch.no_grad():
-                for _ in range(3):
-                    engine._forward(kind, x, t, keep=False, predicted=False, cond_only=False)
-                torch.cuda.synchronize()
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                for _ in range(20):
-                    engine._forward(kind, x, t, keep=False, predicted=False, cond_only=False)
-                end.record()
-                torch.cuda.synchronize()
-                ms = start.elapsed_time(end) / 20
                 if profile:
                     from torch.profiler import ProfilerActivity, profile as torch_profile
 
