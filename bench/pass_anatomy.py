@@ -376,7 +376,8 @@ def observe_encoding(preset, seed: int, repeats: int = 10) -> list[dict]:
     first = {c.key: rng.integers(0, 255, (1, c.height, c.width, 3), dtype=np.uint8) for c in preset.cameras}
     frames = preset.frame_chunk_size * preset.frames_per_latent
     keyframes = {c.key: rng.integers(0, 255, (frames, c.height, c.width, 3), dtype=np.uint8) for c in preset.cameras}
-    rows, reference = [], None
+    rows: list[dict] = []
+    reference: torch.Tensor | None = None
     for label, dtype, layout in (("fp32 (served)", torch.float32, torch.contiguous_format),
                                  ("fp32, channels_last_3d", torch.float32, torch.channels_last_3d),
                                  ("bf16", torch.bfloat16, torch.contiguous_format),

@@ -1,5 +1,8 @@
 """`vaops serve --fp8` on a CPU: the same FP8 block products through oneDNN (for FP8's numbers), with a warning that it is slow."""
-import logging, torch
+import logging
+
+import torch
+
 from vaops.models.checkpoint import build_random_weights
 from vaops.models.config import get_preset
 from vaops.models.fp8 import FP8Linear
