@@ -68,8 +68,8 @@ class PolicyWeights:
     def use_fp8(self) -> int:
         """Run the block GEMMs in FP8 (models/fp8.py): before the first policy is made, as its captured
         graphs hold the weights' addresses. Returns the Linears swapped. On a CPU, oneDNN runs the same FP8
-        products, slower than bf16 (2.8x a chunk of the small policy, 2 cores): FP8's numbers for accuracy
-        studies and tests, not its speed."""
+        products, slower than bf16 (the small policy's act took 3.1x bf16's on 2 cores:
+        bench/results/fp8_closed_loop_cpu.md): FP8's numbers for accuracy studies and tests, not its speed."""
         if self.transformer.dtype != torch.bfloat16:
             raise ValueError(f"fp8 needs the transformer in bfloat16, it is {self.transformer.dtype}")
         if not self.on_gpu:

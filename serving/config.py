@@ -26,7 +26,7 @@ class ServeConfig:
     # moves 2.3% from fp32 (bf16: 1.1%).
     fp8: bool = field(default=False, metadata={
         "help": "run the transformer blocks' matrix products in FP8 (with --dtype bfloat16; a GPU of compute "
-                "capability 8.9+, or a CPU for FP8's numbers at 2.8x bf16's time; changes the numbers)"})
+                "capability 8.9+, or a CPU for FP8's numbers, slower there than bf16; changes the numbers)"})
     max_sessions: int = 8
     max_cache_gb: float | None = field(default=None, metadata={
         "help": "memory budget for all sessions' KV caches (further bounds --max-sessions); unset: max_sessions"})

@@ -279,7 +279,7 @@ def model_from_weights(cfg: ServeConfig, weights: PolicyWeights) -> PolicyModel:
         log.info("FP8 block GEMMs: %d Linears quantised", weights.use_fp8())
         if not weights.on_gpu:
             log.warning("FP8 on a CPU runs oneDNN's FP8 products: FP8's numbers, slower than bfloat16 "
-                        "(2.8x a chunk of the small policy on 2 cores)")
+                        "(PolicyWeights.use_fp8)")
     max_cache = None if cfg.max_cache_gb is None else int(cfg.max_cache_gb * 2**30)
     batch = cfg.max_batch
     if batch > 1:  # before the first policy is made: every session's engine joins the batcher
