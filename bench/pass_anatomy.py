@@ -7,7 +7,9 @@ weights, full KV cache of 9,792 entries):
    action cache pass under CFG, 480 for a video pass under CFG): bf16 `F.linear` against FP8
    `_scaled_mm` with unit scales (models/fp8.py applies the token and channel scales to its result), the
    whole FP8Linear compiled, and `_scaled_mm` given the row-wise scales and bias (what models/fp8.py ran before). Timed as CUDA graphs of 20 calls.
-2. Attention over the full cache at the same query counts, per kernel PyTorch offers.
+2. Attention over the full cache at the same query counts, per kernel PyTorch offers, and NVIDIA's
+   cudnn-frontend SDPA op when that package is installed (`.whl-attn`, bench/device_wheels.sh):
+       source bench/device_env.sh $PWD/.whl-attn && python bench/pass_anatomy.py --skip gemm,passes,profile,timeline
 3. Whole passes of the served engine (compiled blocks, CUDA graphs, fused q/k/v), bf16 and FP8 weights:
    one video pass (CFG batch), one action step (conditional only), one action cache pass (CFG batch).
 4. A profile of one chunk at the paper's operating point on the graphed engine, kernels grouped.
@@ -120,6 +122,17 @@ def attentions(cfg, keys: int) -> list[dict]:
             except RuntimeError as e:
                 row[f"{label}_us"] = None
                 print(f"  {label}: {str(e).splitlines()[0][:120]}")
+        frontend = cudnn_frontend_sdpa()
+        if frontend is not None:  # the cuDNN frontend's own SDPA op (newer engines than torch's vendored one)
+            scale = dim ** -0.5
+            try:
+                row["cudnn frontend sdpa_fwd_us"] = graph_time_us(lambda: frontend(q, k, v, scale, return_lse=False))
+                ref32 = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+                out = frontend(q, k, v, scale, return_lse=False)[0]
+                row["cudnn frontend: max abs err vs fp32"] = (out.float() - ref32).abs().max().item()
+            except Exception as e:  # noqa: BLE001 (a third-party op: record why it did not run)
+                row["cudnn frontend sdpa_fwd_us"] = None
+                print(f"  cudnn frontend: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
         for splits in (2, 3, 4, 6):
             try:
                 row[f"cudnn split-KV x{splits}, one call_us"] = graph_time_us(lambda: split_kv_one_call(q, k, v, splits))
@@ -140,6 +153,18 @@ def attentions(cfg, keys: int) -> list[dict]:
         rows.append(row)
         print(name, {k_: (round(v_, 1) if isinstance(v_, float) else v_) for k_, v_ in row.items()}, flush=True)
     return rows
+
+
+def cudnn_frontend_sdpa():
+    """`torch.ops.cudnn.sdpa_fwd` of NVIDIA's cudnn-frontend Python package when it is installed (PyPI
+    `nvidia-cudnn-frontend`, 11.6 MB for cp312: carry it to the node), else None. Its router picks among
+    cuDNN's engines and its own open kernels per shape; torch's SDPA uses the frontend vendored in torch."""
+    try:
+        import cudnn.sdpa.fwd.torch_op  # noqa: F401  (registers torch.ops.cudnn.sdpa_fwd)
+    except Exception as e:  # noqa: BLE001 (absent, or built for another CUDA)
+        print(f"  cudnn frontend not available: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}")
+        return None
+    return torch.ops.cudnn.sdpa_fwd
 
 
 def split_kv_one_call(q, k, v, splits: int) -> torch.Tensor:
