@@ -1,16 +1,18 @@
 # Source on a bare GPU node of the lab's device tool (torch there, nothing else of the project's):
 # unpacks the carried EGL loaders (.gl/*.deb) for headless MuJoCo, installs the carried wheels of
 # the folder given (bench/device_wheels.sh builds them), and puts the project's packages on the path.
-#   source bench/device_env.sh .whl-gpu
+#   source bench/device_env.sh .whl-gpu            (or several folders: .whl-gpu .whl-attn)
 for f in .gl/*.deb; do dpkg -x "$f" /; done
 ldconfig
-# A node kept warm between calls keeps /tmp/site: install once per wheel folder.
-stamp=/tmp/site/.installed-$(basename "$1")
-if [ ! -f "$stamp" ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$1"/*.whl \
-    || return 1
-  touch "$stamp"
-fi
+# A node kept warm between calls keeps /tmp/site: install once per wheel folder (one or more folders).
+for wheels in "$@"; do
+  stamp=/tmp/site/.installed-$(basename "$wheels")
+  if [ ! -f "$stamp" ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+      "$wheels"/*.whl || return 1
+    touch "$stamp"
+  fi
+done
 mkdir -p /tmp/site/vaops
 for d in models components pipelines serving; do ln -sfn "$PWD/$d" "/tmp/site/vaops/$d"; done
 export PYTHONPATH=/tmp/site MUJOCO_GL=egl HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1

@@ -9,7 +9,8 @@ weights, full KV cache of 9,792 entries):
    whole FP8Linear compiled, and `_scaled_mm` given the row-wise scales and bias (what models/fp8.py ran before). Timed as CUDA graphs of 20 calls.
 2. Attention over the full cache at the same query counts, per kernel PyTorch offers, and NVIDIA's
    cudnn-frontend SDPA op when that package is installed (`.whl-attn`, bench/device_wheels.sh):
-       source bench/device_env.sh $PWD/.whl-attn && python bench/pass_anatomy.py --skip gemm,passes,profile,timeline
+       source bench/device_env.sh $PWD/.whl-gpu $PWD/.whl-attn && cd bench && \
+           python pass_anatomy.py --skip gemm,passes,profile,timeline
 3. Whole passes of the served engine (compiled blocks, CUDA graphs, fused q/k/v), bf16 and FP8 weights:
    one video pass (CFG batch), one action step (conditional only), one action cache pass (CFG batch).
 4. A profile of one chunk at the paper's operating point on the graphed engine, kernels grouped.
