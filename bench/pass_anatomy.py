@@ -1,12 +1,13 @@
 """Where a served denoising pass spends its time, and what FP8 and other attention kernels change (one GPU).
 
-Four measurements, each beside its own baseline in the same process (robotwin preset, 5.09 B, random
-weights, full KV cache of 9,792 entries):
+Seven measurements, each beside its own baseline in the same process (robotwin preset, 5.09 B, random
+weights, full KV cache of 9,792 entries); `--skip` leaves parts out, parts 6 and 7 run when asked for:
 
 1. GEMMs: each block Linear's shape at the token counts of the passes (32 action queries, 64 for the
    action cache pass under CFG, 480 for a video pass under CFG): bf16 `F.linear` against FP8
    `_scaled_mm` with unit scales (models/fp8.py applies the token and channel scales to its result), the
-   whole FP8Linear compiled, and `_scaled_mm` given the row-wise scales and bias (what models/fp8.py ran before). Timed as CUDA graphs of 20 calls.
+   whole FP8Linear compiled, and `_scaled_mm` given the row-wise scales and bias (what models/fp8.py ran
+   before). Timed as CUDA graphs of 20 calls.
 2. Attention over the full cache at the same query counts, per kernel PyTorch offers, and NVIDIA's
    cudnn-frontend SDPA op when that package is installed (`.whl-attn`, bench/device_wheels.sh):
        source bench/device_env.sh $PWD/.whl-gpu $PWD/.whl-attn && cd bench && \
@@ -14,14 +15,14 @@ weights, full KV cache of 9,792 entries):
 3. Whole passes of the served engine (compiled blocks, CUDA graphs, fused q/k/v), bf16 and FP8 weights:
    one video pass (CFG batch), one action step (conditional only), one action cache pass (CFG batch).
 4. A profile of one chunk at the paper's operating point on the graphed engine, kernels grouped.
+5. A timeline of chunks at the paper's operating point: per pass, the GPU time (CUDA events around it),
+   the host time to issue it, and the GPU's idle time between passes (where the host, not the GPU, sets
+   the pace); `--rope-copies` runs it again with the rotary table copied from the host at every call.
 6. Batched passes (`--robots`): the passes of R robots as one batch whose KV caches are one tensor (one
    attention call over every robot's rows), against one robot's, to size what batched serving can gain.
 7. An observation's encoding (`--observe`): one observe's keyframes (robotwin: 8 frames x 3 cameras)
    through the served ObservationEncoder, split into the host's preprocessing and the VAE's encode, in
    fp32 and bf16, in PyTorch's default and in the channels-last 3D layout; the latents' distance from fp32's.
-5. A timeline of chunks at the paper's operating point: per pass, the GPU time (CUDA events around it),
-   the host time to issue it, and the GPU's idle time between passes (where the host, not the GPU, sets
-   the pace).
 
     python bench/pass_anatomy.py --out bench/results/pass_anatomy_h200.json
 """
