@@ -4,6 +4,8 @@ Rows, all measured in this run on the same random clip, ratios against the first
   whole-clip fp32   `vae.encode(clip).latent_dist.mean` in one call (the baseline)
   streaming fp32    the encode stage's `VideoEncoder`: the causal cache, `--chunk` latent frames per call
   streaming bf16    the same in bfloat16 (CUDA only; the stage's GPU preset)
+  streaming fp32, PyTorch's conv choice   (CPU only) without models/vae.py's OneDNNConv3d: a batch-1
+                    3D convolution takes PyTorch's slow path below its size threshold
 Every row includes the model's camera resize and latent normalisation; on CUDA the peak memory
 of each row is printed too (streaming bounds it by the chunk, not the clip).
 
@@ -25,6 +27,7 @@ import torch
 
 from vaops.models.config import get_preset
 from vaops.models.observation import VideoEncoder, frames_to_video
+import vaops.models.vae as vae_module
 from vaops.models.vae import build_vae, latent_stats, normalize_latents
 
 
@@ -85,6 +88,15 @@ def main() -> None:
     if cuda:
         stream16 = VideoEncoder(build_vae(preset.vae, seed=0).to(device=device, dtype=torch.bfloat16), args.chunk)
         variants.append(("streaming bf16", lambda: stream16(clip, camera)))
+    else:
+        def pytorch_convs() -> torch.Tensor:
+            vae_module.ONEDNN_CPU_CONV3D = False
+            try:
+                return stream32(clip, camera)
+            finally:
+                vae_module.ONEDNN_CPU_CONV3D = True
+
+        variants.append(("streaming fp32, PyTorch's conv choice", pytorch_convs))
 
     print(f"encode bench: preset {preset.name} VAE (z {preset.vae.z_dim}, base {preset.vae.base_dim}), "
           f"{frames} frames of {camera.height}x{camera.width}, chunk {args.chunk}, {device}, "
@@ -93,11 +105,11 @@ def main() -> None:
         seconds, peak = measure(fn, args.repeats, device)
         rows.append({"name": name, "seconds": seconds, "frames_per_second": frames / seconds, "peak_gib": peak})
     baseline = rows[0]["frames_per_second"]
-    print(f"{'variant':<18}{'frames/s':>12}{'x baseline':>12}{'peak GiB':>10}")
+    print(f"{'variant':<40}{'frames/s':>12}{'x baseline':>12}{'peak GiB':>10}")
     for r in rows:
         r["ratio"] = r["frames_per_second"] / baseline
         peak_text = f"{r['peak_gib']:>10.2f}" if cuda else f"{'-':>10}"
-        print(f"{r['name']:<18}{r['frames_per_second']:>12.1f}{r['ratio']:>12.2f}{peak_text}")
+        print(f"{r['name']:<40}{r['frames_per_second']:>12.1f}{r['ratio']:>12.2f}{peak_text}")
     if args.json:
         print(json.dumps(rows, indent=2))
 

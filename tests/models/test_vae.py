@@ -219,3 +219,25 @@ def test_load_misshapen_tensors(saved, tmp_path):
     (folder / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="encoder.conv_in"):
         load_vae(folder)
+
+
+def test_a_cpu_encode_and_decode_of_one_sample_run_onednn_convolutions(vae, clip, monkeypatch):
+    """PyTorch sends these batch-1 3D convolutions to its slow path (vaops.models.vae.OneDNNConv3d says
+    why); the VAE's streaming encode and its decode call oneDNN for them instead, with the same numbers."""
+    import vaops.models.vae as vae_module
+
+    calls = []
+    onednn = torch.mkldnn_convolution
+    monkeypatch.setattr(torch, "mkldnn_convolution", lambda *a: calls.append(a[0].shape) or onednn(*a))
+    one = clip[:1]
+    results = {}
+    for on in (False, True):
+        monkeypatch.setattr(vae_module, "ONEDNN_CPU_CONV3D", on)
+        calls.clear()
+        stream = StreamingEncoder(vae)
+        mu = torch.cat([stream.encode(one[:, :, :5]), stream.encode(one[:, :, 5:9])], dim=2)
+        results[on] = mu, decode(vae, normalize_latents(mu, *latent_stats(vae))), len(calls)
+    (mu_off, video_off, n_off), (mu_on, video_on, n_on) = results[False], results[True]
+    assert n_off == 0 and n_on > 20  # every causal convolution of the encoder and the decoder
+    assert torch.allclose(mu_on, mu_off, rtol=1e-4, atol=1e-5)
+    assert torch.allclose(video_on, video_off, rtol=1e-4, atol=1e-5)
