@@ -138,7 +138,7 @@ def gate_note(cfg: DemoConfig) -> str:
     ev = evaluation(cfg)
     return (f"The gate is the pipeline's own: the post-trained policy becomes the champion only if it solves at "
             f"least {cfg.threshold:.0%} of its {ev.episodes} held-out {' and '.join(ev.tasks)} episodes (seeds "
-            f"10000 on, never trained on; about 25 s each on 2 CPU cores, 50 s when it fails). It starts from "
+            f"10000 on, never trained on; about 9 s each on 2 CPU cores, 19 s when it fails). It starts from "
             f"{cfg.base_checkpoint} and post-trains {cfg.train_steps} steps at lr "
             f"{cfg.train_config.get('lr', 'the recipe')} on the {cfg.episodes} demonstrations recorded here.")
 
