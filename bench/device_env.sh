@@ -1,7 +1,7 @@
 # Source on a bare GPU node of the lab's device tool (torch there, nothing else of the project's):
 # unpacks the carried EGL loaders (.gl/*.deb) for headless MuJoCo, installs the carried wheels of
 # the folder given (bench/device_wheels.sh builds them), and puts the project's packages on the path.
-#   source bench/device_env.sh .whl-gpu            (or several folders: .whl-gpu .whl-attn)
+#   source bench/device_env.sh .whl-gpu            (or several folders: .whl-rgpu .whl-attn)
 for f in .gl/*.deb; do dpkg -x "$f" /; done
 ldconfig
 # A node kept warm between calls keeps /tmp/site: install once per wheel folder (one or more folders).

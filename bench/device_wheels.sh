@@ -8,8 +8,9 @@
 #              carry a dataset's latents beside it; a later call on the warm node adds .whl-gpu
 #   .whl-rdata, .whl-rgpu  .whl-data and .whl-gpu without the sim (49 MB, 36 MB): bench/production_path.py,
 #              its data steps in one call, training and serving in the next ones on the warm node
-#   .whl-attn  NVIDIA's cudnn-frontend Python package alone (12 MB, not a project dependency): the SDPA op
-#              bench/pass_anatomy.py's attention part tries beside torch's kernels
+#   .whl-attn  NVIDIA's cudnn-frontend Python package and what its SDPA op loads (cuda-bindings, tvm-ffi;
+#              23 MB, not project dependencies): bench/pass_anatomy.py's attention part tries that op beside
+#              torch's kernels; carry it with .whl-rgpu (58 MB together)
 # dm_control ships 55 MB of locomotion and dog assets the ALOHA scenes never load: they are cut from
 # its wheel. The versions are this venv's (constraints.txt resolves them), so both sides agree.
 # The shipped policy (checkpoints/small-aloha, 44.5 MB) is tracked, so it travels with every call and
@@ -70,5 +71,5 @@ for pair in .whl-data:.whl-rdata .whl-gpu:.whl-rgpu; do
     case $(basename "$f") in mujoco-*|dm_*|pyopengl-*|glfw-*|gym_aloha-*|gymnasium-*|farama_*) ;; *) cp "$f" "$dst/" ;; esac
   done
 done
-rm -rf .whl-attn && mkdir .whl-attn && fetch .whl-attn nvidia-cudnn-frontend
+rm -rf .whl-attn && mkdir .whl-attn && fetch .whl-attn nvidia-cudnn-frontend cuda-bindings cuda-pathfinder apache-tvm-ffi
 du -sh .whl-data .whl-gpu .whl-train .whl-rdata .whl-rgpu .whl-attn

@@ -10,7 +10,7 @@ weights, full KV cache of 9,792 entries); `--skip` leaves parts out, parts 6 and
    before). Timed as CUDA graphs of 20 calls.
 2. Attention over the full cache at the same query counts, per kernel PyTorch offers, and NVIDIA's
    cudnn-frontend SDPA op when that package is installed (`.whl-attn`, bench/device_wheels.sh):
-       source bench/device_env.sh $PWD/.whl-gpu $PWD/.whl-attn && cd bench && \
+       source bench/device_env.sh $PWD/.whl-rgpu $PWD/.whl-attn && cd bench && \
            python pass_anatomy.py --skip gemm,passes,profile,timeline
 3. Whole passes of the served engine (compiled blocks, CUDA graphs, fused q/k/v), bf16 and FP8 weights:
    one video pass (CFG batch), one action step (conditional only), one action cache pass (CFG batch).
