@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import time
 from collections import defaultdict
 from collections.abc import Callable
 
@@ -286,8 +287,6 @@ def chunk_timeline(engine: InferenceEngine, preset, seed: int, chunks: int = 4) 
     """Per pass of `chunks` paper-point chunks (after two unmeasured ones): GPU ms between CUDA events
     recorded around it, host ms to issue it, and GPU idle ms before it (since the previous pass ended,
     or since the chunk began)."""
-    import time
-
     engine.set_sampling(preset.operating_point("paper"))
     gen = torch.Generator(device="cuda").manual_seed(seed)
     forward = engine._forward
@@ -391,9 +390,8 @@ def batched_passes(model, preset, robots: list[int], text_len: int, seed: int, p
 
 
 def observe_encoding(preset, seed: int, repeats: int = 10) -> list[dict]:
-    """ms per observe's encode (median of `repeats`) per VAE setting, and its latents against fp32's."""
-    import time
-
+    """ms per observe's encode (median of `repeats`) per VAE setting, and its latents against fp32's; the
+    first setting's (the served encode's) kernels, grouped."""
     import numpy as np
 
     from vaops.models.observation import ObservationEncoder, frames_to_video
@@ -429,14 +427,6 @@ def observe_encoding(preset, seed: int, repeats: int = 10) -> list[dict]:
                 frames_to_video(keyframes[c.key], c.height, c.width)
             host.append((time.perf_counter() - t0) * 1e3)
         assert latents is not None
-        if not rows:  # where the served encode's time goes
-            from torch.profiler import ProfilerActivity, profile as torch_profile
-
-            with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
-                encoder.encode(keyframes)
-                torch.cuda.synchronize()
-            print("observe encode, fp32: one call's kernels")
-            profile = kernel_groups(prof, top=12)
         latents = latents.float()
         if reference is None:
             reference = latents
@@ -445,8 +435,14 @@ def observe_encoding(preset, seed: int, repeats: int = 10) -> list[dict]:
                "latents_rel_l2_vs_fp32": rel}
         print(f"observe encode, {label}: {row['encode_ms']:.1f} ms (host preprocessing {row['host_preprocess_ms']:.1f} ms), "
               f"latents vs fp32 {rel:.2e}", flush=True)
-        if len(rows) == 0:
-            row["profile"] = profile
+        if not rows:  # where the served encode's time goes
+            from torch.profiler import ProfilerActivity, profile as torch_profile
+
+            with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+                encoder.encode(keyframes)
+                torch.cuda.synchronize()
+            print("observe encode, fp32: one call's kernels")
+            row["profile"] = kernel_groups(prof, top=12)
         rows.append(row)
         del vae, encoder
         torch.cuda.empty_cache()
