@@ -127,7 +127,7 @@ def served_operating_points(engine: InferenceEngine, preset, precision: str, arg
     device = engine.device
     warm_s = warm_up(engine, args.text_len, args.seed)
     graphs = len(engine._graphs)
-    print(f"\n{precision}: warm-up (compilation, graph capture, each shape once): {warm_s:.1f} s, {graphs} graphs")
+    print(f"\n{precision}, {engine.backend} attention: warm-up (compilation, graph capture, each shape once): {warm_s:.1f} s, {graphs} graphs")
     rows = operating_points(engine, preset, args.operating_points, args.text_len, args.seed)
     for row in rows:  # the graphs after the episodes: the same number when the warm-up captured them all
         row.update(precision=precision, warm_up_s=warm_s, graphs_after_warm_up=graphs,
@@ -162,20 +162,24 @@ def forwards_per_chunk(engine: InferenceEngine) -> int:
     return len(engine.video_schedule.sigmas) + 1 + len(engine.action_schedule.sigmas) + 1 + 2
 
 
-def accuracy_vs_fp32(preset, device, seed: int, text_len: int, fp8: bool) -> dict:
+def accuracy_vs_fp32(preset, device, seed: int, text_len: int, fp8: bool, backends: list[str] | None = None) -> dict:
     """One chunk from the same noise in bf16 (and FP8 weights) and fp32: how far the outputs drift.
-    The fp32 chunk runs the plain eager path; the others the fast path the server runs on a GPU."""
+    The fp32 chunk runs the plain eager path; the others the fast path the server runs on a GPU, with each
+    of `backends` (the first without a suffix in the keys)."""
     outs = {}
-    variants = [("fp32", torch.float32), ("bf16", torch.bfloat16)] + ([("fp8", torch.bfloat16)] if fp8 else [])
     fast = device.type == "cuda"
-    for name, dtype in variants:
+    backends = (backends or ["cudnn"]) if fast else ["sdpa"]
+    variants = [("fp32", torch.float32, "sdpa")] + [
+        (f"{name}{'' if i == 0 else ' ' + b}", dtype, b) for name, dtype in
+        [("bf16", torch.bfloat16)] + ([("fp8", torch.bfloat16)] if fp8 else []) for i, b in enumerate(backends)]
+    for name, dtype, backend in variants:
         model = build_transformer(preset.transformer, seed=seed, device=device, dtype=dtype)
         if fast and name != "fp32":
             model.fuse_qkv_projections()
-            if name == "fp8":
+            if name.startswith("fp8"):
                 quantize_blocks_fp8(model)
             model.compile_blocks()
-        engine = InferenceEngine(model, EngineConfig.from_preset(preset), backend="cudnn" if fast else "sdpa",
+        engine = InferenceEngine(model, EngineConfig.from_preset(preset), backend=backend,
                                  cuda_graphs=fast and name != "fp32")
         gen = torch.Generator(device=device).manual_seed(seed + 1)
         prompt, negative, first = random_episode_inputs(engine, text_len, gen)
@@ -248,8 +252,9 @@ def main() -> None:
     p.add_argument("--skip-headline", action="store_true", help="no --chunks run of the released settings")
     p.add_argument("--operating-points", type=int, default=0, metavar="N",
                    help="after a warm-up, N chunks at each operating point (0: none)")
-    p.add_argument("--backend", default="cudnn", choices=["sdpa", "cudnn", "flash"],
-                   help="attention kernel of the headline run")
+    p.add_argument("--backend", default="cudnn",
+                   help="attention backend (models/attention.py): of the headline run; comma-separated, the "
+                        "--operating-points runs and the accuracy rows run each in turn on the same weights")
     p.add_argument("--precisions", default="bf16", help="served weights of the --operating-points runs, in order: "
                    "bf16, and fp8 (the same weights with FP8 block GEMMs, models/fp8.py)")
     p.add_argument("--profile", action="store_true", help="print the top GPU kernels of one steady chunk")
@@ -313,7 +318,8 @@ def main() -> None:
         torch.cuda.reset_peak_memory_stats(device)
         model.fuse_qkv_projections()
         model.compile_blocks()
-    engine = InferenceEngine(model, config, backend=args.backend, cuda_graphs=True)
+    backends = args.backend.split(",")
+    engine = InferenceEngine(model, config, backend=backends[0], cuda_graphs=True)
     if not args.skip_headline:
         headline(results, engine, weight_bytes, args)
     if args.operating_points:
@@ -324,13 +330,20 @@ def main() -> None:
                 quantize_blocks_fp8(model)
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(device)
-                engine = InferenceEngine(model, config, backend=args.backend, cuda_graphs=True)
-            results["operating_points"] += served_operating_points(engine, preset, precision, args)
+                engine = InferenceEngine(model, config, backend=backends[0], cuda_graphs=True)
+            for i, backend in enumerate(backends):  # each attention backend on the same weights, in turn
+                if i:
+                    del engine
+                    torch.cuda.empty_cache()
+                    engine = InferenceEngine(model, config, backend=backend, cuda_graphs=True)
+                op_rows = served_operating_points(engine, preset, precision, args)
+                results["operating_points"] += [dict(row, backend=backend) for row in op_rows]
     del engine, model
     if device.type == "cuda":
         torch.cuda.empty_cache()
     if not args.skip_accuracy:
-        acc = accuracy_vs_fp32(preset, device, args.seed, args.text_len, fp8=device.type == "cuda")
+        acc = accuracy_vs_fp32(preset, device, args.seed, args.text_len, fp8=device.type == "cuda",
+                               backends=backends)
         results["accuracy_vs_fp32"] = acc
         for name, a in acc.items():
             print(f"{name} vs fp32, one chunk from the same noise: video rel L2 {a['video_rel_l2']:.4f}, "

@@ -8,7 +8,7 @@ weights, full KV cache of 9,792 entries); `--skip` leaves parts out, parts 6 and
    `_scaled_mm` with unit scales (models/fp8.py applies the token and channel scales to its result), the
    whole FP8Linear compiled, and `_scaled_mm` given the row-wise scales and bias (what models/fp8.py ran
    before). Timed as CUDA graphs of 20 calls.
-2. Attention over the full cache at the same query counts, per kernel PyTorch offers, and NVIDIA's
+2. Attention over the full cache (2b, `splitkv`: models/split_kv.py's Triton kernel beside the engine's) at the same query counts, per kernel PyTorch offers, and NVIDIA's
    cudnn-frontend SDPA op when that package is installed (`.whl-attn`, bench/device_wheels.sh):
        source bench/device_env.sh $PWD/.whl-rgpu $PWD/.whl-attn && cd bench && \
            python pass_anatomy.py --skip gemm,passes,profile,timeline
@@ -155,6 +155,77 @@ def attentions(cfg, keys: int) -> list[dict]:
         row["flop_us_at_989TF"] = 4 * b * lq * keys * heads * dim / 989e6
         rows.append(row)
         print(name, {k_: (round(v_, 1) if isinstance(v_, float) else v_) for k_, v_ in row.items()}, flush=True)
+    return rows
+
+
+def split_kv_configs(b: int, lq: int) -> list[dict]:
+    """The Triton split-KV launch settings tried per shape (models/split_kv.py)."""
+    if lq >= 128:
+        return [dict(block_m=bm, splits=s, block_n=bn, num_warps=w, num_stages=st)
+                for bm in (64, 128) for s in (1, 2, 3, 4) for bn in (64, 128) for w in (4, 8) for st in (2, 3)
+                if not (bm == 128 and bn == 128 and st == 3)]
+    return [dict(splits=s, block_n=bn, num_warps=w, num_stages=st)
+            for s in (6, 11, 16, 22, 32, 44) for bn in (32, 64, 128) for w in (4, 8) for st in (2, 3)]
+
+
+def split_kv_rows(cfg, keys: int) -> list[dict]:
+    """Part 2b: models/split_kv.py's Triton kernel against the kernel the engine calls now, per shape,
+    bf16 and with FP8 keys and values (one scale per key and head), unmasked and under the ring's
+    live-slot mask (a 32-slot hole, as at an observation)."""
+    from vaops.models.split_kv import quantize_kv, split_kv_attention
+
+    heads, dim = cfg.num_attention_heads, cfg.attention_head_dim
+    shapes = {"video pass (CFG batch 2 x 240)": (2, 240), "action step (1 x 32)": (1, 32),
+              "action cache pass (2 x 32)": (2, 32)}
+    rows = []
+    for name, (b, lq) in shapes.items():
+        q = torch.randn(b, lq, heads, dim, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(b, keys, heads, dim, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn(b, keys, heads, dim, device="cuda", dtype=torch.bfloat16)
+        (k8, ks), (v8, vs) = quantize_kv(k), quantize_kv(v)
+        valid = torch.ones(keys, dtype=torch.bool, device="cuda")
+        valid[keys // 3: keys // 3 + 32] = False
+        for masked in (False, True):
+            mask = valid if masked else None
+            ref = F.scaled_dot_product_attention(q.transpose(1, 2).float(), k.transpose(1, 2).float(),
+                                                 v.transpose(1, 2).float(),
+                                                 attn_mask=None if mask is None else mask.view(1, 1, 1, -1))
+            ref = ref.transpose(1, 2)
+            engine_kernel = "cudnn" if (masked or lq >= 128) else "flash"
+            row: dict = {"attention": name + (" under the live-slot mask" if masked else ""), "batch": b,
+                         "queries": lq, "keys": keys, "engine kernel": engine_kernel}
+            backend = SDPBackend.CUDNN_ATTENTION if engine_kernel == "cudnn" else SDPBackend.FLASH_ATTENTION
+            qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            am = None if mask is None else mask.view(1, 1, 1, -1)
+            with sdpa_kernel([backend]):
+                row["engine_us"] = graph_time_us(lambda: F.scaled_dot_product_attention(qt, kt, vt, attn_mask=am))
+                row["engine: max abs err vs fp32"] = (
+                    F.scaled_dot_product_attention(qt, kt, vt, attn_mask=am).transpose(1, 2).float() - ref).abs().max().item()
+            for label, kv in {"triton bf16": (k, v, None, None), "triton fp8 kv": (k8, v8, ks, vs)}.items():
+                best = None
+                for c in split_kv_configs(b, lq):
+                    try:
+                        us = graph_time_us(lambda: split_kv_attention(q, kv[0], kv[1], mask, kv[2], kv[3], **c),
+                                           calls=10, replays=5)
+                    except Exception as e:  # noqa: BLE001 (a launch setting the GPU cannot hold: skip it)
+                        print(f"  {label} {c}: {type(e).__name__}: {str(e).splitlines()[0][:100]}")
+                        continue
+                    if best is None or us < best[0]:
+                        best = (us, c)
+                if best is None:
+                    continue
+                c = best[1]
+                row[f"{label}_us"] = graph_time_us(lambda: split_kv_attention(q, kv[0], kv[1], mask, kv[2], kv[3], **c))
+                row[f"{label} config"] = c
+                row[f"{label}: max abs err vs fp32"] = (
+                    split_kv_attention(q, kv[0], kv[1], mask, kv[2], kv[3], **c).float() - ref).abs().max().item()
+                if not masked:
+                    row[f"{label} default config_us"] = graph_time_us(
+                        lambda: split_kv_attention(q, kv[0], kv[1], None, kv[2], kv[3]))
+            row["kv_read_us_at_4.2TB/s (bf16)"] = 2 * b * keys * heads * dim * 2 / 4.2e6
+            rows.append(row)
+            print(row["attention"], {k_: (round(v_, 4) if isinstance(v_, float) else v_) for k_, v_ in row.items()
+                                     if k_ != "attention"}, flush=True)
     return rows
 
 
@@ -454,7 +525,7 @@ def main() -> None:
     p.add_argument("--preset", default="robotwin")
     p.add_argument("--text-len", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--skip", default="", help="comma-separated parts to skip: gemm, attention, passes, profile, timeline")
+    p.add_argument("--skip", default="", help="comma-separated parts to skip: gemm, attention, splitkv, passes, profile, timeline")
     p.add_argument("--precisions", default="bf16,fp8", help="the engines of parts 3-6")
     p.add_argument("--rope-copies", action="store_true",
                    help="part 5 again with the rotary table copied from host memory at every call (as before "
@@ -481,6 +552,9 @@ def main() -> None:
     capacity = (preset.sampling.attn_window // 2) * preset.frame_chunk_size * (preset.action_per_frame + h * w // (ph * pw))
     if "attention" not in skip:
         results["attention"] = attentions(cfg, capacity)
+        save()
+    if "splitkv" not in skip:
+        results["split_kv"] = split_kv_rows(cfg, capacity)
         save()
     if args.observe:
         results["observe_encoding"] = observe_encoding(preset, args.seed)

@@ -42,14 +42,14 @@ class PolicyWeights:
     """Everything loaded once and shared by every episode: the networks and the preset.
 
     On a GPU the transformer runs its fast path (bench/chunk_latency.py measures each part): fused
-    q/k/v projections, compiled block regions, cuDNN attention and CUDA graphs of the denoising steps.
+    q/k/v projections, compiled block regions, cuDNN and split-KV attention and CUDA graphs of the denoising steps.
     """
 
     preset: Preset
     transformer: LingBotVATransformer
     vae: torch.nn.Module
     text_encoder: TextEncoder
-    backend: str | None = None  # default: "cudnn" on GPU, "sdpa" on CPU
+    backend: str | None = None  # default: "splitkv" on GPU (cuDNN, Triton split-KV for few queries), "sdpa" on CPU
     # Several robots' chunks due together run as one batch (models/batch.py); None: each alone.
     batcher: ChunkBatcher | None = None
 
@@ -60,7 +60,7 @@ class PolicyWeights:
     def __post_init__(self) -> None:
         on_gpu = self.on_gpu
         if self.backend is None:
-            self.backend = "cudnn" if on_gpu else "sdpa"
+            self.backend = "splitkv" if on_gpu else "sdpa"
         if on_gpu:
             self.transformer.fuse_qkv_projections()
             self.transformer.compile_blocks()

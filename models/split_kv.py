@@ -1,0 +1,153 @@
+"""Split-KV attention over a long KV cache (Triton; GPU inference).
+
+The served passes attend a few new queries (32 action tokens; 2 x 240 video tokens under CFG) to a
+cache of up to 9,792 keys. The key axis is split across thread blocks, each block computes its slice's
+softmax-weighted values and log-sum-exp, and a second kernel merges the slices:
+- an action step (1 x 32 queries) is bound by reading the cache (120 MB a layer at the robotwin
+  preset), which takes the whole GPU only when the keys are spread over every SM;
+- the keys may carry a validity vector (the ring's live-slot mask: one flag a key, not a dense mask),
+  which the mask-free flash kernel cannot take and cuDNN's masked path reads at about 1.6x the
+  unmasked cost;
+- the keys and values may be FP8 (e4m3) with one float32 scale per key and head (`quantize_kv`), which
+  halves what an action step reads.
+
+Layout as the cache stores it: q [B, M, H, D], k/v [B, N, H, D]; output [B, M, H, D] in q's dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+
+
+@triton.jit
+def _partial(Q, K, V, KS, VS, VALID, Out, Lse,
+             sqb, sqm, sqh, skb, skn, skh, svb, svn, svh, ssb, ssn,
+             sob, soh, sos, som, slb, slh, sls,
+             M, N, H, keys_per_split, qk_scale,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+             SCALED: tl.constexpr, MASKED: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    split = tl.program_id(2)
+    b = bh // H
+    h = bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :], mask=offs_m[:, None] < M, other=0.0)
+    start = split * keys_per_split
+    end = tl.minimum(start + keys_per_split, N)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        keep = offs_n < end
+        k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :], mask=keep[:, None], other=0.0)
+        v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :], mask=keep[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k.to(q.dtype)))
+        if SCALED:
+            s = s * tl.load(KS + b * ssb + offs_n * ssn + h, mask=keep, other=0.0)[None, :]
+        if MASKED:
+            keep = keep & (tl.load(VALID + offs_n, mask=keep, other=0) != 0)
+        s = tl.where(keep[None, :], s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no live key yet
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if SCALED:
+            p = p * tl.load(VS + b * ssb + offs_n * ssn + h, mask=keep, other=0.0)[None, :]
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
+        m_i = m_new
+    live = l_i > 0
+    out = acc / tl.where(live, l_i, 1.0)[:, None]
+    lse = tl.where(live, m_i + tl.log2(tl.where(live, l_i, 1.0)), float("-inf"))
+    row = offs_m < M
+    tl.store(Out + b * sob + h * soh + split * sos + offs_m[:, None] * som + offs_d[None, :], out, mask=row[:, None])
+    tl.store(Lse + b * slb + h * slh + split * sls + offs_m, lse, mask=row)
+
+
+@triton.jit
+def _merge(Part, Lse, OUT, S, sob, soh, sos, som, slb, slh, sls, sub, sum_, suh, M, H,
+           D: tl.constexpr, BLOCK_S: tl.constexpr):
+    bh = tl.program_id(0)
+    m = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, D)
+    lse = tl.load(Lse + b * slb + h * slh + offs_s * sls + m, mask=offs_s < S, other=float("-inf"))
+    w = tl.exp2(lse - tl.max(lse, 0))
+    o = tl.load(Part + b * sob + h * soh + offs_s[:, None] * sos + m * som + offs_d[None, :],
+                mask=offs_s[:, None] < S, other=0.0)
+    out = tl.sum(o * w[:, None], 0) / tl.sum(w, 0)
+    tl.store(OUT + b * sub + m * sum_ + h * suh + offs_d, out.to(OUT.dtype.element_ty))
+
+
+def default_splits(blocks: int, keys: int, sms: int, block_n: int) -> int:
+    """Key slices so that a batch row's thread blocks cover the GPU about twice, each slice at least 4 key
+    blocks long (shorter ones spend more on the merge than they save). H200, 24 heads x 32 queries over
+    9,792 keys: 11 slices was the fastest of 6-44 for one and for two batch rows
+    (bench/results/pass_anatomy_splitkv_h200.json)."""
+    return max(1, min(math.ceil(2 * sms / blocks), keys // (4 * block_n)))
+
+
+def split_kv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None = None,
+                       k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
+                       splits: int | None = None, block_m: int | None = None, block_n: int = 64,
+                       num_warps: int = 4, num_stages: int = 3) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D)) v over the keys with `valid` set (all keys when None).
+
+    q [B, M, H, D]; k/v [B, N, H, D] (bf16/fp16/fp32, or FP8 with `k_scale`/`v_scale` [B, N, H] float32);
+    valid: [N] bool. The last dimension of each must be contiguous.
+    """
+    b, m, h, d = q.shape
+    n = k.shape[1]
+    if d & (d - 1) or d < 16:
+        raise ValueError(f"split-KV attention needs a power-of-two head dim >= 16, got {d}")
+    scaled = k_scale is not None
+    if scaled != (v_scale is not None) or scaled != (k.dtype == FP8):
+        raise ValueError("FP8 keys and values need both scales (and scales need FP8 keys and values)")
+    block_m = block_m or max(16, min(64, triton.next_power_of_2(m)))
+    m_blocks = triton.cdiv(m, block_m)
+    if splits is None:
+        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 132
+        splits = default_splits(m_blocks * h, n, sms, block_n)
+    keys_per_split = triton.cdiv(triton.cdiv(n, splits), block_n) * block_n
+    splits = triton.cdiv(n, keys_per_split)
+    o = torch.empty(b, h, splits, m, d, device=q.device, dtype=torch.float32)
+    lse = torch.empty(b, h, splits, m, device=q.device, dtype=torch.float32)
+    out = torch.empty_like(q)
+    ks = lse if k_scale is None else k_scale  # unused pointers when not scaled
+    vs = lse if v_scale is None else v_scale
+    mask = valid.view(torch.uint8) if valid is not None else lse
+    ss = (ks.stride(0), ks.stride(1)) if scaled else (0, 0)
+    if scaled and (ks.stride(2) != 1 or ks.stride() != vs.stride()):
+        raise ValueError("k_scale and v_scale need one layout, heads contiguous")
+    _partial[(m_blocks, b * h, splits)](
+        q, k, v, ks, vs, mask, o, lse,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), *ss,
+        o.stride(0), o.stride(1), o.stride(2), o.stride(3), lse.stride(0), lse.stride(1), lse.stride(2),
+        m, n, h, keys_per_split, d ** -0.5 * math.log2(math.e),
+        BLOCK_M=block_m, BLOCK_N=block_n, D=d, SCALED=scaled, MASKED=valid is not None,
+        num_warps=num_warps, num_stages=num_stages)
+    _merge[(b * h, m)](
+        o, lse, out, splits, o.stride(0), o.stride(1), o.stride(2), o.stride(3),
+        lse.stride(0), lse.stride(1), lse.stride(2), out.stride(0), out.stride(1), out.stride(2), m, h,
+        D=d, BLOCK_S=max(2, triton.next_power_of_2(splits)))
+    return out
+
+
+def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[..., H, D] -> FP8 e4m3 values and one float32 scale per [..., H] (the absolute maximum of each
+    key's head maps to 448, e4m3's largest)."""
+    scale = x.float().abs().amax(-1).clamp_min(1e-12) / FP8_MAX
+    return (x.float() / scale.unsqueeze(-1)).to(FP8), scale

@@ -1,0 +1,98 @@
+"""The Triton split-KV attention kernel (models/split_kv.py), run by Triton's interpreter on the CPU: the same
+kernel source the GPU compiles, checked against PyTorch's attention. The interpreter is chosen when Triton is
+imported, so the kernel runs in a child process started with TRITON_INTERPRET=1."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton")
+
+CHECKS = r"""
+import json
+import torch
+import torch.nn.functional as F
+from vaops.models.split_kv import quantize_kv, split_kv_attention
+
+
+def reference(q, k, v, valid=None):
+    mask = None if valid is None else valid.view(1, 1, 1, -1)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2).float(), k.transpose(1, 2).float(),
+                                         v.transpose(1, 2).float(), attn_mask=mask)
+    return out.transpose(1, 2)
+
+
+def qkv(b=2, m=20, h=3, d=32, n=300, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, x, h, d, generator=g).to(dtype) for x in (m, n, n)]
+
+
+def err(a, b):
+    return (a.float() - b.float()).abs().max().item()
+
+
+r = {}
+q, k, v = qkv()
+for splits in (1, 3, 5):
+    out = split_kv_attention(q, k, v, splits=splits, block_n=32)
+    r[f"splits {splits}"] = err(out, reference(q, k, v))
+    r["shape and dtype kept"] = out.shape == q.shape and out.dtype == q.dtype
+q, k, v = qkv(b=1, m=32, n=256)
+valid = torch.ones(256, dtype=torch.bool)
+valid[64:128] = False  # one of the four slices holds no live key at all
+valid[200:203] = False
+out = split_kv_attention(q, k, v, valid, splits=4, block_n=32)
+r["masked"] = err(out, reference(q, k, v, valid))
+r["masked vs unmasked"] = err(out, reference(q, k, v))
+q, k, v = qkv(dtype=torch.float16)
+(k8, ks), (v8, vs) = quantize_kv(k), quantize_kv(v)
+r["fp8 layout"] = k8.dtype == torch.float8_e4m3fn and tuple(ks.shape) == tuple(k.shape[:3])
+r["fp8"] = err(split_kv_attention(q, k8, v8, k_scale=ks, v_scale=vs, splits=3, block_n=32), reference(q, k, v))
+for name, call in {"fp8 without scales": lambda: split_kv_attention(q, k8, v8),
+                   "odd head dim": lambda: split_kv_attention(*qkv(d=24))}.items():
+    try:
+        call()
+        r[name] = "accepted"
+    except ValueError as e:
+        r[name] = str(e)
+print(json.dumps(r))
+"""
+
+
+@pytest.fixture(scope="module")
+def interpreted() -> dict:
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    done = subprocess.run([sys.executable, "-c", CHECKS], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_split_kv_matches_attention_for_any_number_of_key_slices(interpreted):
+    assert interpreted["shape and dtype kept"]
+    for splits in (1, 3, 5):
+        assert interpreted[f"splits {splits}"] < 2e-6
+
+
+def test_split_kv_reads_only_the_keys_flagged_valid_even_a_whole_empty_slice(interpreted):
+    assert interpreted["masked"] < 2e-6
+    assert interpreted["masked vs unmasked"] > 1e-2  # the mask changes the answer
+
+
+def test_split_kv_with_fp8_keys_and_values_stays_close(interpreted):
+    assert interpreted["fp8 layout"]
+    assert 1e-4 < interpreted["fp8"] < 0.05  # e4m3 keeps 3 mantissa bits: close, not exact
+
+
+def test_split_kv_refuses_fp8_without_scales_and_odd_head_dims(interpreted):
+    assert "scales" in interpreted["fp8 without scales"]
+    assert "power-of-two head dim" in interpreted["odd head dim"]
+
+
+def test_default_slices_cover_the_gpu_about_twice_and_stay_long_enough():
+    from vaops.models.split_kv import default_splits
+
+    assert default_splits(blocks=24, keys=9792, sms=132, block_n=64) == 11  # an action step on an H200
+    assert default_splits(blocks=24, keys=300, sms=132, block_n=64) == 1  # too few keys to split
