@@ -24,6 +24,7 @@ import dataclasses
 import json
 import statistics
 import time
+from collections import defaultdict
 from typing import Any
 
 import torch
@@ -100,24 +101,72 @@ def warm_up(engine: InferenceEngine, text_len: int, seed: int) -> float:
     return time.perf_counter() - t0
 
 
-def operating_points(engine: InferenceEngine, preset, chunks: int, text_len: int, seed: int) -> list[dict]:
+# H200 dense peaks (NVIDIA's datasheet, without sparsity): bf16 and FP8 tensor-core TFLOPS.
+PEAK_TFLOPS = {"bf16": 989.0, "fp8": 1979.0}
+
+
+def chunk_passes(engine: InferenceEngine) -> list[tuple[str, int, int]]:
+    """(part, batch rows, tokens a row) of each denoising pass of a steady synchronous chunk at the engine's
+    sampling settings, as `act` and `observe` run them: each schedule step (CFG rows only where guided),
+    each schedule's final pass on both rows (a synchronous episode skips the actions'), the observation's
+    video and action passes on both rows."""
+    c, cfg = engine.config, engine.model.config
+    video = c.frame_chunk_size * c.latent_height * c.latent_width // (cfg.patch_size[1] * cfg.patch_size[2])
+    actions = c.frame_chunk_size * c.action_per_frame
+    s, both = c.sampling, engine.batch
+    steps = [("video passes", 2 if s.guidance_scale > 1 else 1, video)] * len(engine.video_schedule.timesteps)
+    steps.append(("video passes", both, video))
+    steps += [("action passes", 2 if s.action_guidance_scale > 1 else 1, actions)] * len(engine.action_schedule.timesteps)
+    return steps + [("observation", both, video), ("observation", both, actions)]
+
+
+def chunk_floor(engine: InferenceEngine, text_len: int, precision: str, bandwidth: float) -> dict:
+    """The least time a steady synchronous chunk (`chunk_passes`) can take on this GPU: per pass, the block
+    GEMMs at the tensor-core peak or at the weight read (whichever is longer), plus self-attention over
+    the full cache and cross-attention over the text at the bf16 peak or at the cache read. Elementwise
+    kernels, norms and launch gaps count as zero, so a measured chunk can only be slower.
+    `bandwidth`: bytes per second."""
+    cfg = engine.model.config
+    d, layers = cfg.inner_dim, cfg.num_layers
+    block_weights = layers * (6 * d * d + 2 * d * cfg.ffn_dim)  # q, k, v, out, cross q, cross out; the FFN
+    weight_bytes = block_weights * (1 if precision == "fp8" else 2)
+    keys = cache_of(engine).capacity
+    parts: dict[str, float] = defaultdict(float)
+    for part, rows, tokens in chunk_passes(engine):
+        gemm = max(2 * rows * tokens * block_weights / (PEAK_TFLOPS[precision] * 1e12), weight_bytes / bandwidth)
+        attend = max(4 * rows * tokens * (keys + text_len) * d * layers / (PEAK_TFLOPS["bf16"] * 1e12),
+                     rows * keys * 2 * d * 2 * layers / bandwidth)
+        parts[part] += gemm + attend
+    return {"floor_s": sum(parts.values()), **{f"{k}_floor_s": v for k, v in parts.items()},
+            "peak_tflops": PEAK_TFLOPS[precision], "bandwidth_tb_s": bandwidth / 1e12}
+
+
+def operating_points(engine: InferenceEngine, preset, chunks: int, text_len: int, seed: int,
+                     precision: str = "bf16") -> list[dict]:
     """An episode of `chunks` chunks at each of the preset's operating points, one warmed-up engine."""
     fill_after = preset.sampling.attn_window // 2 + 1  # chunks until the ring is full (main's prefill)
     rows = []
+    bandwidth = copy_bandwidth(engine.device)
     for name, point in preset.operating_point_settings().items():
         engine.set_sampling(point)
         times = run_chunks(engine, chunks, 0, text_len, seed)
+        floor = chunk_floor(engine, text_len, precision, bandwidth) if bandwidth == bandwidth else {}
         filling, full = times[1:fill_after], times[fill_after:]
         rows.append({"operating_point": name, "video_steps": point.video_steps, "video_stop": point.video_stop,
                      "action_steps": point.action_steps, "first_chunk_s": times[0],
                      "filling_median_s": statistics.median(filling) if filling else None,
                      "full_median_s": statistics.median(full) if full else None,
-                     "cache_full_at_end": cache_of(engine).full, "chunks": chunks})
+                     "cache_full_at_end": cache_of(engine).full, "chunks": chunks, **floor})
         base = rows[0]["full_median_s"]  # the first point (released), same engine and run
         rows[-1]["full_speedup_vs_first"] = base / rows[-1]["full_median_s"] if base and rows[-1]["full_median_s"] else None
         print(f"{name}: first chunk {times[0]:.3f} s, filling median "
               f"{rows[-1]['filling_median_s'] or float('nan'):.3f} s, full median {rows[-1]['full_median_s'] or float('nan'):.3f} s"
               f" ({rows[-1]['full_speedup_vs_first'] or float('nan'):.2f}x the first point's)")
+        if floor and rows[-1]["full_median_s"]:
+            print(f"  floor {floor['floor_s']:.3f} s ({precision} GEMMs at {floor['peak_tflops']:.0f} TFLOPS, attention at "
+                  f"{PEAK_TFLOPS['bf16']:.0f}, reads at {floor['bandwidth_tb_s']:.2f} TB/s; video passes "
+                  f"{floor['video passes_floor_s']:.3f}, action passes {floor['action passes_floor_s']:.3f}, observation "
+                  f"{floor['observation_floor_s']:.3f}): measured / floor = {rows[-1]['full_median_s'] / floor['floor_s']:.2f}")
     engine.set_sampling(preset.sampling)
     return rows
 
@@ -128,7 +177,7 @@ def served_operating_points(engine: InferenceEngine, preset, precision: str, arg
     warm_s = warm_up(engine, args.text_len, args.seed)
     graphs = len(engine._graphs)
     print(f"\n{precision}, {engine.backend} attention: warm-up (compilation, graph capture, each shape once): {warm_s:.1f} s, {graphs} graphs")
-    rows = operating_points(engine, preset, args.operating_points, args.text_len, args.seed)
+    rows = operating_points(engine, preset, args.operating_points, args.text_len, args.seed, precision)
     for row in rows:  # the graphs after the episodes: the same number when the warm-up captured them all
         row.update(precision=precision, warm_up_s=warm_s, graphs_after_warm_up=graphs,
                    graphs_after_episodes=len(engine._graphs))
@@ -252,7 +301,7 @@ def main() -> None:
     p.add_argument("--skip-headline", action="store_true", help="no --chunks run of the released settings")
     p.add_argument("--operating-points", type=int, default=0, metavar="N",
                    help="after a warm-up, N chunks at each operating point (0: none)")
-    p.add_argument("--backend", default="cudnn",
+    p.add_argument("--backend", default="splitkv",
                    help="attention backend (models/attention.py): of the headline run; comma-separated, the "
                         "--operating-points runs and the accuracy rows run each in turn on the same weights")
     p.add_argument("--precisions", default="bf16", help="served weights of the --operating-points runs, in order: "
@@ -279,7 +328,8 @@ def main() -> None:
         ("+ cuDNN attention (flash for the 32 action queries over the full cache)",
          dict(cuda_graphs=True, backend="cudnn")),
         ("+ one GEMM for q, k and v", dict(cuda_graphs=True, backend="cudnn", fuse_qkv=True)),
-        ("+ FP8 block weights (opt-in, changes numbers)", dict(cuda_graphs=True, backend="cudnn", fp8=True)),
+        ("+ Triton split-KV for fewer than 128 queries and masked reads", dict(cuda_graphs=True, backend="splitkv")),
+        ("+ FP8 block weights (opt-in, changes numbers)", dict(cuda_graphs=True, backend="splitkv", fp8=True)),
     ]
     if args.levers:
         levers = [levers[int(i)] for i in args.levers.split(",")]

@@ -278,7 +278,7 @@ def engine_passes(preset, fp8: bool, text_len: int, seed: int) -> tuple[Inferenc
     if fp8:
         quantize_blocks_fp8(model)
     model.compile_blocks()
-    engine = InferenceEngine(model, EngineConfig.from_preset(preset), backend="cudnn", cuda_graphs=True)
+    engine = InferenceEngine(model, EngineConfig.from_preset(preset), backend="splitkv", cuda_graphs=True)
     prefill = preset.sampling.attn_window // 2 + 1
     run_chunks(engine, 1, prefill, text_len, seed)
     cache = engine.live_cache

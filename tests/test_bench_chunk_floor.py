@@ -1,0 +1,76 @@
+"""bench/chunk_latency.py's floor of a chunk: it counts the denoising passes a steady synchronous chunk runs
+(rows and tokens of each) as the engine runs them, at every operating point, and its arithmetic orders
+the points and precisions as the hardware would."""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+from chunk_latency import chunk_floor, chunk_passes, observation, run_chunks  # noqa: E402
+
+from vaops.models.config import get_preset  # noqa: E402
+from vaops.models.engine import EngineConfig, InferenceEngine  # noqa: E402
+from vaops.models.transformer import build_transformer  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def engine() -> InferenceEngine:
+    preset = get_preset("tiny")
+    model = build_transformer(preset.transformer, seed=0, device="cpu", dtype=torch.float32)
+    return InferenceEngine(model, EngineConfig.from_preset(preset))
+
+
+def recorded_passes(engine: InferenceEngine) -> Counter:
+    """(rows, tokens) of every pass one synchronous act + observe runs, once the cache is full."""
+    passes: Counter = Counter()
+    forward = engine._forward
+
+    def counting(kind, x, t, keep, predicted, cond_only):
+        _, f, h, w = engine._pass(kind, x)
+        passes[(1 if cond_only else engine.batch, f * h * w)] += 1
+        return forward(kind, x, t, keep, predicted, cond_only)
+
+    gen = torch.Generator().manual_seed(1)
+    obs = observation(engine, gen)
+    engine._forward = counting  # type: ignore[method-assign]
+    try:
+        engine.act(generator=gen)
+        engine.observe(*obs)
+    finally:
+        del engine._forward
+    return passes
+
+
+@pytest.mark.parametrize("point", ["released", "paper", "fast"])
+def test_the_floor_counts_the_passes_a_chunk_runs(engine, point):
+    preset = get_preset("tiny")
+    engine.set_sampling(preset.operating_point(point))
+    run_chunks(engine, 1, preset.sampling.attn_window // 2 + 1, text_len=8, seed=0)  # a full cache
+    assert engine.cache is not None and engine.cache.full
+    assert recorded_passes(engine) == Counter((rows, tokens) for _, rows, tokens in chunk_passes(engine))
+
+
+def test_the_floor_grows_with_the_passes_and_shrinks_with_fp8(engine):
+    preset = get_preset("tiny")
+    floors, passes = {}, {}
+    for point in ("released", "paper", "fast"):
+        engine.set_sampling(preset.operating_point(point))
+        run_chunks(engine, 1, preset.sampling.attn_window // 2 + 1, text_len=8, seed=0)
+        passes[point] = len(chunk_passes(engine))
+        for precision in ("bf16", "fp8"):
+            f = chunk_floor(engine, text_len=8, precision=precision, bandwidth=4.2e12)
+            parts = f["video passes_floor_s"] + f["action passes_floor_s"] + f["observation_floor_s"]
+            assert f["floor_s"] == pytest.approx(parts)
+            floors[point, precision] = f["floor_s"]
+        # The tiny model's passes are bound by reading its weights: FP8 reads them in half the bytes.
+        assert floors[point, "fp8"] < floors[point, "bf16"]
+    by_passes = sorted(passes, key=passes.get)
+    assert len(set(passes.values())) == 3
+    assert [floors[p, "bf16"] for p in by_passes] == sorted(floors[p, "bf16"] for p in by_passes)
