@@ -23,6 +23,7 @@ weights, full KV cache of 9,792 entries); `--skip` leaves parts out, parts 6 and
 7. An observation's encoding (`--observe`): one observe's keyframes (robotwin: 8 frames x 3 cameras)
    through the served ObservationEncoder, split into the host's preprocessing and the VAE's encode, in
    fp32 and bf16, in PyTorch's default and in the channels-last 3D layout; the latents' distance from fp32's.
+   With `--robots`, also R robots' encodes as one batch (per robot).
 
     python bench/pass_anatomy.py --out bench/results/pass_anatomy_h200.json
 """
@@ -520,6 +521,39 @@ def observe_encoding(preset, seed: int, repeats: int = 10) -> list[dict]:
     return rows
 
 
+def batched_encoding(preset, seed: int, robots: list[int], repeats: int = 6) -> list[dict]:
+    """ms per robot of an observe's VAE encode when R robots' observations are encoded as one batch (each
+    camera group's stream with R times the batch rows), fp32 as served: what batching the encodes of
+    robots whose observations arrive together could save."""
+    from vaops.models.observation import _camera_groups
+    from vaops.models.vae import StreamingEncoder, build_vae
+
+    vae = build_vae(preset.vae, seed=seed).to("cuda")
+    frames = preset.frame_chunk_size * preset.frames_per_latent
+    rows = []
+    for r in robots:
+        times = []
+        streams = []
+        for cams in _camera_groups(preset):
+            c = cams[0]
+            stream = StreamingEncoder(vae)
+            stream.encode(torch.rand(r * len(cams), 3, 1, c.height, c.width, device="cuda") * 2 - 1)
+            streams.append((stream, torch.rand(r * len(cams), 3, frames, c.height, c.width, device="cuda") * 2 - 1))
+        for _ in range(repeats + 1):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for stream, clip in streams:
+                stream.encode(clip)
+            torch.cuda.synchronize()
+            times.append((time.perf_counter() - t0) * 1e3)
+        ms = sorted(times[1:])[repeats // 2]
+        rows.append({"robots": r, "encode_ms": ms, "encode_ms_per_robot": ms / r})
+        print(f"observe encode, {r} robots as one batch: {ms:.1f} ms, {ms / r:.1f} ms a robot", flush=True)
+    del vae
+    torch.cuda.empty_cache()
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="robotwin")
@@ -559,6 +593,9 @@ def main() -> None:
     if args.observe:
         results["observe_encoding"] = observe_encoding(preset, args.seed)
         save()
+        if args.robots:
+            results["observe_encoding_batched"] = batched_encoding(preset, args.seed, [int(r) for r in args.robots.split(",")])
+            save()
     if not {"passes", "profile", "timeline"} <= skip:
         passes = {}
         for fp8 in [p == "fp8" for p in args.precisions.split(",")]:
