@@ -14,6 +14,7 @@ the KV cache). The kernel is picked at run time, so the released
 from __future__ import annotations
 
 import functools
+import warnings
 from dataclasses import dataclass
 from typing import Literal
 
@@ -255,6 +256,18 @@ def _flash_func():
     return flash_attn_func
 
 
+@functools.cache
+def _split_kv_runs_on(device: torch.device) -> bool:
+    """Triton is installed (PyTorch's CUDA wheels bring it) and the GPU is one it compiles the kernel for
+    (compute capability 8.0+, bf16 tensor cores); otherwise `splitkv` reads as `cudnn` does."""
+    try:
+        from . import split_kv  # noqa: F401  (imports triton)
+    except ImportError as e:
+        warnings.warn(f"attention backend 'splitkv': {e}; few-query reads use PyTorch's kernels", stacklevel=3)
+        return False
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
 def _key_flags(mask, keys: int) -> bool:
     """No mask, or one flag a key (the KV cache's live slots, [1, 1, 1, keys]): what split-KV takes."""
     return mask is None or (isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and mask.numel() == keys
@@ -275,7 +288,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None,
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if backend == "flex":
         out = _flex()(qt, kt, vt, block_mask=mask)
-    elif backend == "splitkv" and q.is_cuda and q.shape[1] < CUDNN_MIN_QUERIES and _key_flags(mask, k.shape[1]):
+    elif (backend == "splitkv" and q.is_cuda and q.shape[1] < CUDNN_MIN_QUERIES and _key_flags(mask, k.shape[1])
+          and _split_kv_runs_on(q.device)):
         from .split_kv import split_kv_attention
 
         return split_kv_attention(q, k, v, None if mask is None else mask.reshape(-1))

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 pytest.importorskip("triton")
 
@@ -96,3 +97,13 @@ def test_default_slices_cover_the_gpu_about_twice_and_stay_long_enough():
 
     assert default_splits(blocks=24, keys=9792, sms=132, block_n=64) == 11  # an action step on an H200
     assert default_splits(blocks=24, keys=300, sms=132, block_n=64) == 1  # too few keys to split
+
+
+def test_only_key_validity_masks_go_to_split_kv():
+    from vaops.models.attention import _key_flags
+
+    assert _key_flags(None, 300)
+    assert _key_flags(torch.ones(1, 1, 1, 300, dtype=torch.bool), 300)  # the ring's live slots
+    assert not _key_flags(torch.ones(1, 1, 32, 300, dtype=torch.bool), 300)  # one row a query: dense
+    assert not _key_flags(torch.ones(2, 1, 1, 300, dtype=torch.bool), 300)  # one row a robot
+    assert not _key_flags(torch.zeros(1, 1, 1, 300), 300)  # an additive bias
