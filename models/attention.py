@@ -1,14 +1,16 @@
 """Positions, masks and attention kernels.
 
-Five backends compute the same function: `sdpa` (PyTorch scaled_dot_product_attention with a
-dense boolean mask; CPU and GPU), `cudnn` (the same call preferring cuDNN's Hopper kernels on
-GPU, PyTorch's flash kernel for fewer than 128 queries without a mask), `splitkv` (the served GPU
-default: `cudnn`, except that fewer than 128 queries over keys with at most a key-validity mask run
-models/split_kv.py's Triton kernel: an action step's read 41 -> 38 us a layer, an observation's masked
-one 210 -> 72 us, bench/results/pass_anatomy_splitkv_h200.json), `flex` (flex_attention with a block mask; the GPU training path, where the teacher-forced
-mask is mostly empty) and `flash` (flash-attn, from the `gpu` extra; no mask, for inference over
-the KV cache). The kernel is picked at run time, so the released
-`attn_mode` config field needs no edit.
+Five backends compute the same function:
+- `sdpa`: PyTorch scaled_dot_product_attention with a dense boolean mask (CPU and GPU);
+- `cudnn`: the same call preferring cuDNN's Hopper kernels on a GPU, PyTorch's flash kernel for fewer
+  than 128 queries without a mask;
+- `splitkv` (the served GPU default): `cudnn`, except that fewer than 128 queries over keys with at most a
+  key-validity mask run models/split_kv.py's Triton kernel (H200, per layer: an action step 41 -> 38 us,
+  the observation's masked action read 210 -> 72 us; bench/results/split_kv_h200.md);
+- `flex`: flex_attention with a block mask (the GPU training path, where the teacher-forced mask is
+  mostly empty);
+- `flash`: flash-attn, from the `gpu` extra (no mask, for inference over the KV cache).
+The kernel is picked at run time, so the released `attn_mode` config field needs no edit.
 """
 
 from __future__ import annotations
