@@ -52,6 +52,27 @@ q, k, v = qkv(dtype=torch.float16)
 (k8, ks), (v8, vs) = quantize_kv(k), quantize_kv(v)
 r["fp8 layout"] = k8.dtype == torch.float8_e4m3fn and tuple(ks.shape) == tuple(k.shape[:3])
 r["fp8"] = err(split_kv_attention(q, k8, v8, k_scale=ks, v_scale=vs, splits=3, block_n=32), reference(q, k, v))
+# The engine's masked read: a KV cache evicted and not full, read whole under its live-slot flags (the view
+# of one layer of the 5-D ring, [1, 1, 1, N] reshaped), against the live entries alone.
+from vaops.models.kv_cache import KVCache
+
+cache = KVCache(num_layers=2, batch=2, capacity=96, heads=3, head_dim=32, dtype=torch.float32, device="cpu")
+g = torch.Generator().manual_seed(2)
+for length, keep, predicted in ((70, True, False), (40, True, True), (0, None, None), (20, True, False)):
+    if keep is None:
+        cache.drop_predicted()
+        continue
+    w = cache.begin(length, keep=keep, predicted=predicted)
+    for layer in range(2):
+        cache.write(layer, w, torch.randn(2, length, 3, 32, generator=g), torch.randn(2, length, 3, 32, generator=g))
+    cache.end(w)
+w = cache.begin(8, keep=False)  # 84 of 96 slots live, the 14 oldest evicted
+new_k, new_v = torch.randn(1, 8, 3, 32, generator=g), torch.randn(1, 8, 3, 32, generator=g)
+keys, values, mask = cache.write(1, w, new_k, new_v, batch=slice(0, 1), static=True)
+r["cache masked"] = mask is not None and 0 < cache.head and not cache.full
+q = torch.randn(1, 8, 3, 32, generator=g)
+live_k, live_v = cache.live(1, slice(0, 1))
+r["cache read"] = err(split_kv_attention(q, keys, values, mask.reshape(-1), block_n=32), reference(q, live_k, live_v))
 for name, call in {"fp8 without scales": lambda: split_kv_attention(q, k8, v8),
                    "odd head dim": lambda: split_kv_attention(*qkv(d=24))}.items():
     try:
@@ -80,6 +101,11 @@ def test_split_kv_matches_attention_for_any_number_of_key_slices(interpreted):
 def test_split_kv_reads_only_the_keys_flagged_valid_even_a_whole_empty_slice(interpreted):
     assert interpreted["masked"] < 2e-6
     assert interpreted["masked vs unmasked"] > 1e-2  # the mask changes the answer
+
+
+def test_split_kv_reads_the_kv_cache_under_its_live_slot_flags_as_the_live_entries(interpreted):
+    assert interpreted["cache masked"]  # evicted and not full: the state the masked read serves
+    assert interpreted["cache read"] < 2e-6
 
 
 def test_split_kv_with_fp8_keys_and_values_stays_close(interpreted):
