@@ -6,10 +6,12 @@ softmax-weighted values and log-sum-exp, and a second kernel merges the slices:
 - an action step (1 x 32 queries) is bound by reading the cache (120 MB a layer at the robotwin
   preset), which takes the whole GPU only when the keys are spread over every SM;
 - the keys may carry a validity vector (the ring's live-slot mask: one flag a key, not a dense mask),
-  which the mask-free flash kernel cannot take and cuDNN's masked path reads at about 1.6x the
-  unmasked cost;
-- the keys and values may be FP8 (e4m3) with one float32 scale per key and head (`quantize_kv`), which
-  halves what an action step reads.
+  which the mask-free flash kernel cannot take and cuDNN's masked path reads 32 queries at 5x the
+  unmasked cost (H200: 212 against 41 us a layer; this kernel 43 us);
+- the keys and values may be FP8 (e4m3) with one float32 scale per key and head (`quantize_kv`). That
+  halves the bytes read but measured slower on an H200 (42.6 against 37.6 us for an action step: the
+  conversion costs more than the read saves), so the served cache stays bf16; bench/pass_anatomy.py keeps
+  the comparison (bench/results/split_kv_h200.md).
 
 Layout as the cache stores it: q [B, M, H, D], k/v [B, N, H, D]; output [B, M, H, D] in q's dtype.
 """
