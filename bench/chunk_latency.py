@@ -14,7 +14,9 @@ the others in the same process; ratios are against the first row.
 `--operating-points N`: one served engine (compiled, CUDA graphs, fused q/k/v), warmed up as the server
 does before it reports ready (Policy.warm_up: the first chunks, every filling level of the cache at one
 denoising step, a chunk on the full cache), then an episode of N chunks at each operating point of the
-preset (released, paper, fast): the first chunk, the median while the cache fills and once it is full.
+preset (released, paper, fast): the first chunk, the median while the cache fills and once it is full,
+the floor of a steady chunk (`chunk_floor`) and, unless `--skip-accuracy`, the distance of an episode's
+first chunk at that point from the eager fp32 path's on the same noise.
 """
 
 from __future__ import annotations
@@ -212,15 +214,17 @@ def forwards_per_chunk(engine: InferenceEngine) -> int:
 
 
 def accuracy_vs_fp32(preset, device, seed: int, text_len: int, fp8: bool, backends: list[str] | None = None) -> dict:
-    """One chunk from the same noise in bf16 (and FP8 weights) and fp32: how far the outputs drift.
-    The fp32 chunk runs the plain eager path; the others the fast path the server runs on a GPU, with each
-    of `backends` (the first without a suffix in the keys)."""
-    outs = {}
+    """An episode's first chunk from the same noise at each operating point, in bf16 (and FP8 weights) and
+    fp32: how far the outputs drift. The fp32 chunk runs the plain eager path; the others the fast path
+    the server runs on a GPU, with each of `backends` (the first without a suffix in the keys).
+    Returns {variant: {operating point: distances}}."""
+    outs: dict[str, dict] = {}
     fast = device.type == "cuda"
-    backends = (backends or ["cudnn"]) if fast else ["sdpa"]
+    backends = (backends or ["splitkv"]) if fast else ["sdpa"]
     variants = [("fp32", torch.float32, "sdpa")] + [
         (f"{name}{'' if i == 0 else ' ' + b}", dtype, b) for name, dtype in
         [("bf16", torch.bfloat16)] + ([("fp8", torch.bfloat16)] if fp8 else []) for i, b in enumerate(backends)]
+    points = preset.operating_point_settings()
     for name, dtype, backend in variants:
         model = build_transformer(preset.transformer, seed=seed, device=device, dtype=dtype)
         if fast and name != "fp32":
@@ -230,10 +234,13 @@ def accuracy_vs_fp32(preset, device, seed: int, text_len: int, fp8: bool, backen
             model.compile_blocks()
         engine = InferenceEngine(model, EngineConfig.from_preset(preset), backend=backend,
                                  cuda_graphs=fast and name != "fp32")
-        gen = torch.Generator(device=device).manual_seed(seed + 1)
-        prompt, negative, first = random_episode_inputs(engine, text_len, gen)
-        engine.reset(prompt, negative)
-        outs[name] = engine.act(first_latent=first, generator=gen)
+        outs[name] = {}
+        for point_name, point in points.items():
+            engine.set_sampling(point)
+            gen = torch.Generator(device=device).manual_seed(seed + 1)
+            prompt, negative, first = random_episode_inputs(engine, text_len, gen)
+            engine.reset(prompt, negative)
+            outs[name][point_name] = engine.act(first_latent=first, generator=gen)
         del model, engine
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -241,11 +248,12 @@ def accuracy_vs_fp32(preset, device, seed: int, text_len: int, fp8: bool, backen
     def rel(a, b):
         return ((a - b).norm() / b.norm()).item()
 
-    ref = outs["fp32"]
-    return {name: {"video_rel_l2": rel(out.video[:, :, 1:], ref.video[:, :, 1:]),
-                   "actions_rel_l2": rel(out.actions, ref.actions),
-                   "actions_max_abs": (out.actions - ref.actions).abs().max().item()}
-            for name, out in outs.items() if name != "fp32"}
+    ref = outs.pop("fp32")
+    return {name: {p: {"video_rel_l2": rel(out.video[:, :, 1:], ref[p].video[:, :, 1:]),
+                       "actions_rel_l2": rel(out.actions, ref[p].actions),
+                       "actions_max_abs": (out.actions - ref[p].actions).abs().max().item()}
+                   for p, out in by_point.items()}
+            for name, by_point in outs.items()}
 
 
 def profile_chunk(model, config, prefill: int, args) -> None:
@@ -395,9 +403,14 @@ def main() -> None:
         acc = accuracy_vs_fp32(preset, device, args.seed, args.text_len, fp8=device.type == "cuda",
                                backends=backends)
         results["accuracy_vs_fp32"] = acc
-        for name, a in acc.items():
-            print(f"{name} vs fp32, one chunk from the same noise: video rel L2 {a['video_rel_l2']:.4f}, "
-                  f"actions rel L2 {a['actions_rel_l2']:.4f}, actions max abs {a['actions_max_abs']:.4f}")
+        for name, by_point in acc.items():
+            for point, a in by_point.items():
+                print(f"{name} vs fp32 at {point}, an episode's first chunk from the same noise: video rel L2 "
+                      f"{a['video_rel_l2']:.4f}, actions rel L2 {a['actions_rel_l2']:.4f}, actions max abs "
+                      f"{a['actions_max_abs']:.4f}")
+        for row in results.get("operating_points", []):  # each timed row with its own accuracy
+            variant = row["precision"] + ("" if row["backend"] == backends[0] else " " + row["backend"])
+            row["accuracy_vs_fp32"] = acc.get(variant, {}).get(row["operating_point"])
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=2)
