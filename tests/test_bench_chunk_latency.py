@@ -1,6 +1,6 @@
 """bench/chunk_latency.py's floor of a chunk: it counts the denoising passes a steady synchronous chunk runs
 (rows and tokens of each) as the engine runs them, at every operating point, and its arithmetic orders
-the points and precisions as the hardware would."""
+the points and precisions as the hardware would. Its accuracy rows: one per operating point."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
-from chunk_latency import chunk_floor, chunk_passes, observation, run_chunks  # noqa: E402
+from chunk_latency import accuracy_vs_fp32, chunk_floor, chunk_passes, observation, run_chunks  # noqa: E402
 
 from vaops.models.config import get_preset  # noqa: E402
 from vaops.models.engine import EngineConfig, InferenceEngine  # noqa: E402
@@ -74,3 +74,11 @@ def test_the_floor_grows_with_the_passes_and_shrinks_with_fp8(engine):
     by_passes = sorted(passes, key=passes.get)
     assert len(set(passes.values())) == 3
     assert [floors[p, "bf16"] for p in by_passes] == sorted(floors[p, "bf16"] for p in by_passes)
+
+
+def test_accuracy_rows_cover_every_operating_point_and_differ_from_fp32_a_little():
+    preset = get_preset("tiny")
+    acc = accuracy_vs_fp32(preset, torch.device("cpu"), seed=0, text_len=8, fp8=False)
+    assert set(acc) == {"bf16"} and set(acc["bf16"]) == set(preset.operating_point_settings())
+    for point, a in acc["bf16"].items():
+        assert 0 < a["actions_rel_l2"] < 0.05 and 0 < a["video_rel_l2"] < 0.05, point  # bf16 rounding only
