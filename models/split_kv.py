@@ -101,10 +101,28 @@ def default_splits(blocks: int, keys: int, sms: int, block_n: int) -> int:
     return max(1, min(math.ceil(2 * sms / blocks), keys // (4 * block_n)))
 
 
+def fitting_stages(shared_memory: int, block_m: int, block_n: int, d: int, q_bytes: int, kv_bytes: int,
+                   wanted: int = 3) -> int:
+    """Software-pipelining stages (buffered key and value tiles) that fit `shared_memory` bytes a block,
+    with the query tile, the probabilities' tile and 16 KB for Triton's own layout conversions. H200
+    (227 KB a block): the 3 measured fastest; an RTX 3090 or 4090 (99 KB): 2."""
+    for stages in range(wanted, 1, -1):
+        need = stages * block_n * d * 2 * kv_bytes + block_m * d * q_bytes + block_m * block_n * 2 + 16 * 1024
+        if need <= shared_memory:
+            return stages
+    return 1
+
+
+def _shared_memory(device: torch.device) -> int:
+    """Bytes of shared memory a thread block may use: the SM's, less the 1 KB CUDA reserves a block."""
+    sm = getattr(torch.cuda.get_device_properties(device), "shared_memory_per_multiprocessor", 0)
+    return sm - 1024 if sm else 99 * 1024
+
+
 def split_kv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None = None,
                        k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
                        splits: int | None = None, block_m: int | None = None, block_n: int = 64,
-                       num_warps: int = 4, num_stages: int = 3) -> torch.Tensor:
+                       num_warps: int = 4, num_stages: int | None = None) -> torch.Tensor:
     """softmax(q k^T / sqrt(D)) v over the keys with `valid` set (all keys when None).
 
     q [B, M, H, D]; k/v [B, N, H, D] (bf16/fp16/fp32, or FP8 with `k_scale`/`v_scale` [B, N, H] float32);
@@ -122,6 +140,9 @@ def split_kv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid:
     if splits is None:
         sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 132
         splits = default_splits(m_blocks * h, n, sms, block_n)
+    if num_stages is None:
+        num_stages = fitting_stages(_shared_memory(q.device) if q.is_cuda else 227 * 1024, block_m, block_n, d,
+                                    q.element_size(), k.element_size())
     keys_per_split = triton.cdiv(triton.cdiv(n, splits), block_n) * block_n
     splits = triton.cdiv(n, keys_per_split)
     o = torch.empty(b, h, splits, m, d, device=q.device, dtype=torch.float32)
@@ -133,14 +154,16 @@ def split_kv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid:
     ss = (ks.stride(0), ks.stride(1)) if scaled else (0, 0)
     if scaled and (ks.stride(2) != 1 or ks.stride() != vs.stride()):
         raise ValueError("k_scale and v_scale need one layout, heads contiguous")
-    _partial[(m_blocks, b * h, splits)](
-        q, k, v, ks, vs, mask, o, lse,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), *ss,
-        o.stride(0), o.stride(1), o.stride(2), o.stride(3), lse.stride(0), lse.stride(1), lse.stride(2),
-        m, n, h, keys_per_split, d ** -0.5 * math.log2(math.e),
-        BLOCK_M=block_m, BLOCK_N=block_n, D=d, SCALED=scaled, MASKED=valid is not None,
-        num_warps=num_warps, num_stages=num_stages)
+    args = (q, k, v, ks, vs, mask, o, lse,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), *ss,
+            o.stride(0), o.stride(1), o.stride(2), o.stride(3), lse.stride(0), lse.stride(1), lse.stride(2),
+            m, n, h, keys_per_split, d ** -0.5 * math.log2(math.e))
+    meta = dict(BLOCK_M=block_m, BLOCK_N=block_n, D=d, SCALED=scaled, MASKED=valid is not None, num_warps=num_warps)
+    try:
+        _partial[(m_blocks, b * h, splits)](*args, **meta, num_stages=num_stages)
+    except triton.runtime.errors.OutOfResources:  # a GPU with less shared memory than estimated: no pipelining
+        _partial[(m_blocks, b * h, splits)](*args, **meta, num_stages=1)
     _merge[(b * h, m)](
         o, lse, out, splits, o.stride(0), o.stride(1), o.stride(2), o.stride(3),
         lse.stride(0), lse.stride(1), lse.stride(2), out.stride(0), out.stride(1), out.stride(2), m, h,

@@ -133,3 +133,12 @@ def test_only_key_validity_masks_go_to_split_kv():
     assert not _key_flags(torch.ones(1, 1, 32, 300, dtype=torch.bool), 300)  # one row a query: dense
     assert not _key_flags(torch.ones(2, 1, 1, 300, dtype=torch.bool), 300)  # one row a robot
     assert not _key_flags(torch.zeros(1, 1, 1, 300), 300)  # an additive bias
+
+
+def test_pipelining_stages_fit_the_gpus_shared_memory():
+    from vaops.models.split_kv import fitting_stages
+
+    action_step = dict(block_m=32, block_n=64, d=128, q_bytes=2, kv_bytes=2)
+    assert fitting_stages(227 * 1024, **action_step) == 3  # H100 / H200: the measured fastest
+    assert fitting_stages(163 * 1024, **action_step) == 3  # A100
+    assert fitting_stages(99 * 1024, **action_step) == 2  # RTX 3090 / 4090: three stages would not fit
