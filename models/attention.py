@@ -4,9 +4,9 @@ Five backends compute the same function:
 - `sdpa`: PyTorch scaled_dot_product_attention with a dense boolean mask (CPU and GPU);
 - `cudnn`: the same call preferring cuDNN's Hopper kernels on a GPU, PyTorch's flash kernel for fewer
   than 128 queries without a mask;
-- `splitkv` (the served GPU default): `cudnn`, except that fewer than 128 queries over keys with at most a
-  key-validity mask run models/split_kv.py's Triton kernel (H200, per layer: an action step 41 -> 38 us,
-  the observation's masked action read 210 -> 72 us; bench/results/split_kv_h200.md);
+- `splitkv` (the served GPU default): `cudnn`, except that fewer than 128 bf16 or fp16 queries over keys
+  with at most a key-validity mask run models/split_kv.py's Triton kernel (H200, per layer: an action
+  step 41 -> 38 us, the observation's masked action read 210 -> 72 us; bench/results/split_kv_h200.md);
 - `flex`: flex_attention with a block mask (the GPU training path, where the teacher-forced mask is
   mostly empty);
 - `flash`: flash-attn, from the `gpu` extra (no mask, for inference over the KV cache).
@@ -290,8 +290,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None,
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if backend == "flex":
         out = _flex()(qt, kt, vt, block_mask=mask)
-    elif (backend == "splitkv" and q.is_cuda and q.shape[1] < CUDNN_MIN_QUERIES and _key_flags(mask, k.shape[1])
-          and _split_kv_runs_on(q.device)):
+    elif (backend == "splitkv" and q.is_cuda and q.element_size() == 2 and q.shape[1] < CUDNN_MIN_QUERIES
+          and _key_flags(mask, k.shape[1]) and _split_kv_runs_on(q.device)):  # fp32 keeps PyTorch's exact path
         from .split_kv import split_kv_attention
 
         return split_kv_attention(q, k, v, None if mask is None else mask.reshape(-1))
