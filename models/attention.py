@@ -259,15 +259,16 @@ def _flash_func():
 
 
 @functools.cache
-def _split_kv_runs_on(device: torch.device) -> bool:
-    """Triton is installed (PyTorch's CUDA wheels bring it) and the GPU is one it compiles the kernel for
-    (compute capability 8.0+, bf16 tensor cores); otherwise `splitkv` reads as `cudnn` does."""
+def _split_kv_kernel(device: torch.device):
+    """models/split_kv.py's kernel where Triton is installed (PyTorch's CUDA wheels bring it) and the GPU is
+    one it compiles the kernel for (compute capability 8.0+, bf16 tensor cores); otherwise None, and
+    `splitkv` reads as `cudnn` does."""
     try:
-        from . import split_kv  # noqa: F401  (imports triton)
+        from .split_kv import split_kv_attention  # imports triton
     except ImportError as e:
         warnings.warn(f"attention backend 'splitkv': {e}; few-query reads use PyTorch's kernels", stacklevel=3)
-        return False
-    return torch.cuda.get_device_capability(device) >= (8, 0)
+        return None
+    return split_kv_attention if torch.cuda.get_device_capability(device) >= (8, 0) else None
 
 
 def _key_flags(mask, keys: int) -> bool:
@@ -291,10 +292,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None,
     if backend == "flex":
         out = _flex()(qt, kt, vt, block_mask=mask)
     elif (backend == "splitkv" and q.is_cuda and q.element_size() == 2 and q.shape[1] < CUDNN_MIN_QUERIES
-          and _key_flags(mask, k.shape[1]) and _split_kv_runs_on(q.device)):  # fp32 keeps PyTorch's exact path
-        from .split_kv import split_kv_attention
-
-        return split_kv_attention(q, k, v, None if mask is None else mask.reshape(-1))
+          and _key_flags(mask, k.shape[1])  # fp32 keeps PyTorch's exact path
+          and (split_kv := _split_kv_kernel(q.device)) is not None):
+        return split_kv(q, k, v, None if mask is None else mask.reshape(-1))
     elif backend in ("cudnn", "splitkv") and q.is_cuda:
         short = mask is None and q.shape[1] < CUDNN_MIN_QUERIES
         with sdpa_kernel(_FLASH_FIRST if short else _CUDNN_FIRST, set_priority=True):

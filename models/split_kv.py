@@ -113,9 +113,9 @@ def fitting_stages(shared_memory: int, block_m: int, block_n: int, d: int, q_byt
     return 1
 
 
-def _shared_memory(device: torch.device) -> int:
+def _shared_memory(props) -> int:
     """Bytes of shared memory a thread block may use: the SM's, less the 1 KB CUDA reserves a block."""
-    sm = getattr(torch.cuda.get_device_properties(device), "shared_memory_per_multiprocessor", 0)
+    sm = getattr(props, "shared_memory_per_multiprocessor", 0)
     return sm - 1024 if sm else 99 * 1024
 
 
@@ -137,11 +137,11 @@ def split_kv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid:
         raise ValueError("FP8 keys and values need both scales (and scales need FP8 keys and values)")
     block_m = block_m or max(16, min(64, triton.next_power_of_2(m)))
     m_blocks = triton.cdiv(m, block_m)
+    props = torch.cuda.get_device_properties(q.device) if q.is_cuda else None  # None: Triton's interpreter
     if splits is None:
-        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 132
-        splits = default_splits(m_blocks * h, n, sms, block_n)
+        splits = default_splits(m_blocks * h, n, props.multi_processor_count if props else 132, block_n)
     if num_stages is None:
-        num_stages = fitting_stages(_shared_memory(q.device) if q.is_cuda else 227 * 1024, block_m, block_n, d,
+        num_stages = fitting_stages(_shared_memory(props) if props else 227 * 1024, block_m, block_n, d,
                                     q.element_size(), k.element_size())
     keys_per_split = triton.cdiv(triton.cdiv(n, splits), block_n) * block_n
     splits = triton.cdiv(n, keys_per_split)
