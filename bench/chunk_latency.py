@@ -208,11 +208,6 @@ def copy_bandwidth(device: torch.device) -> float:
     return 2 * a.numel() * 10 / (time.perf_counter() - t0)
 
 
-def forwards_per_chunk(engine: InferenceEngine) -> int:
-    """Denoising passes (each schedule's steps and its cache pass) plus the observation's two."""
-    return len(engine.video_schedule.sigmas) + 1 + len(engine.action_schedule.sigmas) + 1 + 2
-
-
 def accuracy_vs_fp32(preset, device, seed: int, text_len: int, fp8: bool, backends: list[str] | None = None) -> dict:
     """An episode's first chunk from the same noise at each operating point, in bf16 (and FP8 weights) and
     fp32: how far the outputs drift. The fp32 chunk runs the plain eager path; the others the fast path
@@ -278,7 +273,8 @@ def headline(results: dict, engine: InferenceEngine, weight_bytes: int, args) ->
     times = run_chunks(engine, args.chunks, 0, args.text_len, args.seed)
     med = steady_median(times)
     bw = copy_bandwidth(device)
-    floor = forwards_per_chunk(engine) * weight_bytes / bw if bw == bw else float("nan")
+    forwards = len(chunk_passes(engine))
+    floor = forwards * weight_bytes / bw if bw == bw else float("nan")
     results.update({
         "chunks": args.chunks, "cache_full_at_end": cache_of(engine).full,
         "median_steady_half_s": med, "act_plus_observe_times_s": times,
@@ -288,7 +284,7 @@ def headline(results: dict, engine: InferenceEngine, weight_bytes: int, args) ->
     })
     print(f"\n{args.chunks} chunks, cache full at the end: {cache_of(engine).full}")
     print(f"act + observe per chunk, median of the steady half: {med:.3f} s (target <= 0.5 s)")
-    print(f"weight-read floor: {forwards_per_chunk(engine)} forwards x {weight_bytes / 1e9:.2f} GB at "
+    print(f"weight-read floor: {forwards} forwards x {weight_bytes / 1e9:.2f} GB at "
           f"{bw / 1e12:.2f} TB/s = {floor:.3f} s; measured / floor = {med / floor:.2f}")
     if device.type == "cuda":
         print(f"peak memory {results['peak_memory_gib']:.1f} GiB (KV cache {results['cache_gib']:.1f} GiB)")
