@@ -188,16 +188,14 @@ def split_kv_rows(cfg, keys: int) -> list[dict]:
         valid[keys // 3: keys // 3 + 32] = False
         for masked in (False, True):
             mask = valid if masked else None
+            am = None if mask is None else mask.view(1, 1, 1, -1)  # as the engine passes it to attention
             ref = F.scaled_dot_product_attention(q.transpose(1, 2).float(), k.transpose(1, 2).float(),
-                                                 v.transpose(1, 2).float(),
-                                                 attn_mask=None if mask is None else mask.view(1, 1, 1, -1))
-            ref = ref.transpose(1, 2)
+                                                 v.transpose(1, 2).float(), attn_mask=am).transpose(1, 2)
             engine_kernel = "cudnn" if (masked or lq >= 128) else "flash"
             row: dict = {"attention": name + (" under the live-slot mask" if masked else ""), "batch": b,
                          "queries": lq, "keys": keys, "engine kernel": engine_kernel}
             backend = SDPBackend.CUDNN_ATTENTION if engine_kernel == "cudnn" else SDPBackend.FLASH_ATTENTION
             qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-            am = None if mask is None else mask.view(1, 1, 1, -1)
             with sdpa_kernel([backend]):
                 row["engine_us"] = graph_time_us(lambda: F.scaled_dot_product_attention(qt, kt, vt, attn_mask=am))
                 row["engine: max abs err vs fp32"] = (
