@@ -16,12 +16,14 @@ does before it reports ready (Policy.warm_up: the first chunks, every filling le
 denoising step, a chunk on the full cache), then an episode of N chunks at each operating point of the
 preset (released, paper, fast): the first chunk, the median while the cache fills and once it is full,
 the floor of a steady chunk (`chunk_floor`) and, unless `--skip-accuracy`, the distance of an episode's
-first chunk at that point from the eager fp32 path's on the same noise.
+first chunk at that point from the eager fp32 path's on the same noise. `--baselines` repeats those runs with
+changes to the served path switched off (`BASELINES`), on the same weights in the same process.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import statistics
@@ -31,10 +33,11 @@ from typing import Any
 
 import torch
 
+import vaops.models.fp8 as fp8_module
 from vaops.models.config import get_preset
 from vaops.models.engine import EngineConfig, InferenceEngine
 from vaops.models.fp8 import quantize_blocks_fp8
-from vaops.models.kv_cache import KVCache
+from vaops.models.kv_cache import CachedSelfAttention, KVCache
 from vaops.models.transformer import build_transformer
 
 
@@ -188,6 +191,33 @@ def served_operating_points(engine: InferenceEngine, preset, precision: str, arg
     return rows
 
 
+# Changes to the served path that `--baselines` switches off, for a baseline measured in the same run.
+BASELINES = {
+    "kv-copies": "each layer's new keys and values stored by two copies after the compiled attn_in region "
+                 "(before 2026-12-01), not by the region's rotary kernel",
+    "inductor-gelu": "the FP8 FFN's epilogue, GELU and quantisation as inductor fuses them (before 2026-12-01), "
+                     "not models/fp8_gelu.py's kernel",
+}
+
+
+@contextlib.contextmanager
+def baseline(names: str):
+    """The served path with the '+'-joined BASELINES switched off ('' for none); engines made inside it
+    compile and capture their own graphs."""
+    parts = set(filter(None, names.split("+")))
+    if parts - BASELINES.keys():
+        raise SystemExit(f"--baselines: unknown {sorted(parts - BASELINES.keys())}; known: {sorted(BASELINES)}")
+    kept = CachedSelfAttention.destination, fp8_module.FUSED_GELU_MIN_ROWS
+    try:
+        if "kv-copies" in parts:
+            CachedSelfAttention.destination = lambda self, layer: None  # type: ignore[method-assign,assignment,return-value]
+        if "inductor-gelu" in parts:
+            fp8_module.FUSED_GELU_MIN_ROWS = 1 << 62
+        yield
+    finally:
+        CachedSelfAttention.destination, fp8_module.FUSED_GELU_MIN_ROWS = kept  # type: ignore[method-assign]
+
+
 def steady_median(times: list[float]) -> float:
     return statistics.median(times[len(times) // 2:])
 
@@ -310,6 +340,8 @@ def main() -> None:
                         "--operating-points runs and the accuracy rows run each in turn on the same weights")
     p.add_argument("--precisions", default="bf16", help="served weights of the --operating-points runs, in order: "
                    "bf16, and fp8 (the same weights with FP8 block GEMMs, models/fp8.py)")
+    p.add_argument("--baselines", default="", help="comma-separated; each a '+'-joined set of BASELINES to switch "
+                   "off, e.g. kv-copies+inductor-gelu: the --operating-points runs again without them")
     p.add_argument("--profile", action="store_true", help="print the top GPU kernels of one steady chunk")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args()
@@ -386,12 +418,16 @@ def main() -> None:
                 torch.cuda.reset_peak_memory_stats(device)
                 engine = InferenceEngine(model, config, backend=backends[0], cuda_graphs=True)
             for i, backend in enumerate(backends):  # each attention backend on the same weights, in turn
-                if i:
-                    del engine
-                    torch.cuda.empty_cache()
-                    engine = InferenceEngine(model, config, backend=backend, cuda_graphs=True)
-                op_rows = served_operating_points(engine, preset, precision, args)
-                results["operating_points"] += [dict(row, backend=backend) for row in op_rows]
+                for j, off in enumerate([""] + [b for b in args.baselines.split(",") if b]):
+                    with baseline(off):
+                        if i or j:
+                            del engine
+                            torch.cuda.empty_cache()
+                            engine = InferenceEngine(model, config, backend=backend, cuda_graphs=True)
+                        if off:
+                            print(f"\nbaseline: {off} switched off")
+                        op_rows = served_operating_points(engine, preset, precision, args)
+                    results["operating_points"] += [dict(row, backend=backend, baseline=off or None) for row in op_rows]
     del engine, model
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -406,7 +442,8 @@ def main() -> None:
                       f"{a['actions_max_abs']:.4f}")
         for row in results.get("operating_points", []):  # each timed row with its own accuracy
             variant = row["precision"] + ("" if row["backend"] == backends[0] else " " + row["backend"])
-            row["accuracy_vs_fp32"] = acc.get(variant, {}).get(row["operating_point"])
+            if not row["baseline"]:  # accuracy is measured on the served path only
+                row["accuracy_vs_fp32"] = acc.get(variant, {}).get(row["operating_point"])
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=2)

@@ -12,6 +12,9 @@ weights, full KV cache of 9,792 entries); `--skip` leaves parts out, parts 6 and
    cudnn-frontend SDPA op when that package is installed (`.whl-attn`, bench/device_wheels.sh):
        source bench/device_env.sh $PWD/.whl-rgpu $PWD/.whl-attn && cd bench && \
            python pass_anatomy.py --skip gemm,passes,profile,timeline
+2c. The FP8 FFN's middle (`ffn`): the up projection's epilogue, GELU and quantisation as inductor fuses them
+   against models/fp8_gelu.py's kernel, alone and inside the compiled FP8FeedForward, at the same row
+   counts; how many FP8 codes differ between the two.
 3. Whole passes of the served engine (compiled blocks, CUDA graphs, fused q/k/v), bf16 and FP8 weights:
    one video pass (CFG batch), one action step (conditional only), one action cache pass (CFG batch).
 4. A profile of one chunk at the paper's operating point on the graphed engine, kernels grouped.
@@ -103,6 +106,46 @@ def gemms(cfg) -> list[dict]:
             rows.append({"gemm": name, "k": k, "n": n, "tokens": m, **{f"{v}_us": us for v, us in t.items()},
                          "bf16_tflops": flop / t["bf16"] / 1e6, "weight_read_us_at_4.2TB/s": k * n * 2 / 4.2e6})
             print(f"{name:38s} M={m:4d}  " + "  ".join(f"{v} {us:7.1f}" for v, us in t.items()), flush=True)
+    return rows
+
+
+def ffn_middle(cfg) -> list[dict]:
+    """Part 2c (see the module's docstring)."""
+    import vaops.models.fp8 as fp8_module
+    from diffusers.models.attention import FeedForward
+
+    from vaops.models.fp8 import FP8FeedForward
+    from vaops.models.fp8_gelu import gelu_quantize_rows
+
+    d, n = cfg.inner_dim, cfg.ffn_dim
+    ffn = FeedForward(d, inner_dim=n, activation_fn="gelu-approximate").to("cuda", torch.bfloat16)
+    ffn.net[0].proj, ffn.net[2] = FP8Linear(ffn.net[0].proj), FP8Linear(ffn.net[2])
+    up = ffn.net[0].proj
+    ffn = torch.compile(FP8FeedForward(ffn), dynamic=False)
+    inductor = torch.compile(lambda p, s: quantize_rows(F.gelu(up.epilogue(p, s), approximate="tanh")), dynamic=False)
+    rows = []
+    for m in TOKENS.values():
+        x = torch.randn(m, d, device="cuda", dtype=torch.bfloat16)
+        xq, xs = quantize_rows(x)
+        product = up.unit_product(xq)
+        (rq, rs), (q, s) = inductor(product, xs), gelu_quantize_rows(product, xs, up.weight_scale, up.bias)
+        ref = rq.float() * rs
+        t = {"inductor": graph_time_us(lambda: inductor(product, xs)),
+             "triton kernel": graph_time_us(lambda: gelu_quantize_rows(product, xs, up.weight_scale, up.bias))}
+        kept = fp8_module.FUSED_GELU_MIN_ROWS
+        try:
+            for name, rows_from in (("FFN, inductor's middle", 1 << 62), ("FFN, the kernel's middle", 1)):
+                fp8_module.FUSED_GELU_MIN_ROWS = rows_from  # the compiled FFN recompiles on the change
+                t[name] = graph_time_us(lambda: ffn(x))
+        finally:
+            fp8_module.FUSED_GELU_MIN_ROWS = kept
+        rows.append({"rows": m, "columns": n, **{f"{k}_us": v for k, v in t.items()},
+                     "read_write_us_at_4.2TB/s": m * n * 3 / 4.2e6,
+                     "codes_differing": (q.float() != rq.float()).float().mean().item(),
+                     "scale_max_rel": ((s - rs).abs() / rs).max().item(),
+                     "max_error_in_fp8_steps": ((q.float() * s - ref).abs() / (ref.abs() / 8 + rs * 2 ** -9)).max().item()})
+        print(f"FFN middle M={m:4d}  " + "  ".join(f"{k} {v:7.1f}" for k, v in t.items())
+              + f"  codes differing {rows[-1]['codes_differing']:.2e}", flush=True)
     return rows
 
 
@@ -557,7 +600,8 @@ def main() -> None:
     p.add_argument("--preset", default="robotwin")
     p.add_argument("--text-len", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--skip", default="", help="comma-separated parts to skip: gemm, attention, splitkv, passes, profile, timeline")
+    p.add_argument("--skip", default="", help="comma-separated parts to skip: gemm, ffn, attention, splitkv, passes, "
+                                              "profile, timeline")
     p.add_argument("--precisions", default="bf16,fp8", help="the engines of parts 3-6")
     p.add_argument("--rope-copies", action="store_true",
                    help="part 5 again with the rotary table copied from host memory at every call (as before "
@@ -578,6 +622,9 @@ def main() -> None:
 
     if "gemm" not in skip:
         results["gemms"] = gemms(cfg)
+        save()
+    if "ffn" not in skip:
+        results["ffn_middle"] = ffn_middle(cfg)
         save()
     _, ph, pw = cfg.patch_size
     h, w = preset.latent_hw

@@ -311,5 +311,9 @@ class MaskedSelfAttention:
     mask: object = None
     backend: str = "sdpa"  # one of Backend
 
-    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def destination(self, layer: int) -> None:
+        return None
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None) -> torch.Tensor:
+        assert k is not None and v is not None, "a masked self-attention takes its keys with the call"
         return attention(q, k, v, self.mask, self.backend)

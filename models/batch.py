@@ -61,7 +61,11 @@ class StackedSelfAttention:
 
     parts: list[tuple[int, CachedSelfAttention]]  # (rows, attention over that episode's cache)
 
-    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def destination(self, layer: int) -> None:
+        return None  # the rows go to several caches: stored by each part's call
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None) -> torch.Tensor:
+        assert k is not None and v is not None, "a stacked self-attention takes its keys with the call"
         rows = [n for n, _ in self.parts]
         return torch.cat([attn(layer, qi, ki, vi) for (_, attn), qi, ki, vi
                           in zip(self.parts, q.split(rows), k.split(rows), v.split(rows))])

@@ -15,8 +15,12 @@ the numbers: bench/chunk_latency.py measures how far from the fp32 path, beside 
 
 from __future__ import annotations
 
+import functools
+import warnings
+
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)
@@ -38,19 +42,67 @@ class FP8Linear(nn.Module):
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float())
         self.register_buffer("one", torch.ones((), device=weight.device))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xq, x_scale = quantize_rows(x.reshape(-1, self.in_features))
-        out = torch._scaled_mm(xq, self.weight.t(), scale_a=self.one, scale_b=self.one, out_dtype=torch.bfloat16)
-        out = out.float() * (x_scale * self.weight_scale)
+    def unit_product(self, xq: torch.Tensor) -> torch.Tensor:
+        """FP8 rows [M, in] times the FP8 weight, unit scales: [M, out] bf16."""
+        return torch._scaled_mm(xq, self.weight.t(), scale_a=self.one, scale_b=self.one, out_dtype=torch.bfloat16)
+
+    def epilogue(self, product: torch.Tensor, x_scale: torch.Tensor) -> torch.Tensor:
+        """The token and channel scales and the bias, applied to `unit_product`'s result."""
+        out = product.float() * (x_scale * self.weight_scale)
         if self.bias is not None:
             out = out + self.bias
-        return out.to(torch.bfloat16).view(*x.shape[:-1], self.out_features)
+        return out.to(torch.bfloat16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xq, x_scale = quantize_rows(x.reshape(-1, self.in_features))
+        return self.epilogue(self.unit_product(xq), x_scale).view(*x.shape[:-1], self.out_features)
+
+
+# Rows from which the FFN's GELU and quantisation run models/fp8_gelu.py's kernel: the video passes (480
+# rows under CFG). An action pass's 32-64 rows would leave most of the GPU's 132 SMs without a row.
+FUSED_GELU_MIN_ROWS = 128
+
+
+@functools.cache
+def _gelu_quantize(device: torch.device):
+    """models/fp8_gelu.py's operator where Triton is installed, else None (the eager formula)."""
+    try:
+        from .fp8_gelu import gelu_quantize_rows
+    except ImportError as e:
+        warnings.warn(f"FP8 FFN: {e}; its GELU and quantisation run as inductor fuses them", stacklevel=3)
+        return None
+    return gelu_quantize_rows
+
+
+class FP8FeedForward(nn.Module):
+    """A diffusers FeedForward with tanh GELU whose two Linears are FP8Linear: between them, the up
+    projection's epilogue, the GELU and the down projection's quantisation run as one kernel on a GPU
+    (models/fp8_gelu.py). Same submodules and state-dict keys as the FeedForward it wraps."""
+
+    def __init__(self, ffn: nn.Module):
+        super().__init__()
+        if getattr(ffn.net[0], "approximate", None) != "tanh":
+            raise ValueError(f"FP8FeedForward: expects a tanh-GELU FeedForward, got {ffn.net[0]}")
+        self.net = ffn.net  # [GELU(proj), Dropout, Linear]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        up, down = self.net[0].proj, self.net[2]
+        xq, x_scale = quantize_rows(x.reshape(-1, up.in_features))
+        product = up.unit_product(xq)
+        if (x.is_cuda and product.shape[0] >= FUSED_GELU_MIN_ROWS and up.bias is not None
+                and (fused := _gelu_quantize(x.device)) is not None):
+            hq, h_scale = fused(product, x_scale, up.weight_scale, up.bias)
+        else:
+            hq, h_scale = quantize_rows(F.gelu(up.epilogue(product, x_scale), approximate="tanh"))
+        return down.epilogue(down.unit_product(hq), h_scale).view(*x.shape[:-1], down.out_features)
 
 
 def quantize_blocks_fp8(model: nn.Module) -> int:
-    """Swap every Linear inside `model.blocks` for an FP8Linear; returns how many were swapped."""
+    """Swap every Linear inside `model.blocks` for an FP8Linear (and each FFN for an FP8FeedForward);
+    returns how many Linears were swapped."""
     swapped = 0
     for block in model.blocks:
+        block.ffn = FP8FeedForward(block.ffn)
         for name, module in list(block.named_modules()):
             for child_name, child in list(module.named_children()):
                 if isinstance(child, nn.Linear):

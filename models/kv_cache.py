@@ -139,21 +139,31 @@ class KVCache:
             return k[:, h:end], v[:, h:end]
         return torch.cat([k[:, h:], k[:, :t]], dim=1), torch.cat([v[:, h:], v[:, :t]], dim=1)
 
-    def write(self, layer: int, w: PendingWrite, k: torch.Tensor, v: torch.Tensor, batch: slice = slice(None),
-              static: bool = False, ring: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Store this layer's new keys/values; return every live entry's keys/values and a mask.
+    def destination(self, layer: int, w: PendingWrite, batch: slice = slice(None)
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Where this layer's new keys/values go: (keys, values, slots) for `k[:, slots] = new`.
+        A batch subset (the conditional half under CFG) may only make temporary writes."""
+        if w.keep and batch != slice(None):
+            raise ValueError("a kept cache write must cover the whole batch")
+        return self.k[layer, batch], self.v[layer, batch], w.slots
+
+    def store(self, layer: int, w: PendingWrite, k: torch.Tensor, v: torch.Tensor,
+              batch: slice = slice(None)) -> None:
+        """Store this layer's new keys/values (`destination` for writers that store them themselves)."""
+        keys, values, slots = self.destination(layer, w, batch)
+        keys.index_copy_(1, slots, k)
+        values.index_copy_(1, slots, v)
+
+    def read(self, layer: int, batch: slice = slice(None), static: bool = False,
+             ring: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Every live entry's keys/values and a mask, the new entries stored.
 
         static: read at fixed addresses for captured graphs (see `static_extent`): a prefix of the
         ring with no mask, or the whole ring with the live-slot mask; otherwise the live entries alone
         and no mask. ring (with static): the first `ring_extent()` slots, under the live-slot mask
         unless the ring is full, so that one graph serves many filling levels (batched steps:
         models/batch.py; the pass's `begin(..., ring=True)` keeps the mask current).
-        A batch subset (the conditional half under CFG) may only make temporary writes.
         """
-        if w.keep and batch != slice(None):
-            raise ValueError("a kept cache write must cover the whole batch")
-        self.k[layer, batch].index_copy_(1, w.slots, k)
-        self.v[layer, batch].index_copy_(1, w.slots, v)
         if not static:
             return *self.live(layer, batch), None
         if ring:
@@ -164,6 +174,12 @@ class KVCache:
         if n is None:
             return self.k[layer, batch], self.v[layer, batch], self.valid.view(1, 1, 1, -1)
         return self.k[layer, batch, :n], self.v[layer, batch, :n], None
+
+    def write(self, layer: int, w: PendingWrite, k: torch.Tensor, v: torch.Tensor, batch: slice = slice(None),
+              static: bool = False, ring: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """`store`, then `read`."""
+        self.store(layer, w, k, v, batch)
+        return self.read(layer, batch, static, ring)
 
 
 @dataclass
@@ -177,6 +193,15 @@ class CachedSelfAttention:
     static: bool = False
     ring: bool = False
 
-    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        keys, values, mask = self.cache.write(layer, self.pending, k, v, self.batch, self.static, self.ring)
+    def destination(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Where the block's compiled attn_in region stores this layer's new keys/values itself: in the
+        kernel that applies the rotary, not in two copies after it (H200: 960 copies of about 4 us a
+        chunk at the paper's point)."""
+        return self.cache.destination(layer, self.pending, self.batch)
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None) -> torch.Tensor:
+        """k, v: the new keys/values, or None where the caller stored them at `destination`."""
+        if k is not None and v is not None:
+            self.cache.store(layer, self.pending, k, v, self.batch)
+        keys, values, mask = self.cache.read(layer, self.batch, self.static, self.ring)
         return attention(q, keys, values, mask, self.backend)

@@ -37,7 +37,12 @@ WEIGHTS_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 class SelfAttentionFn(Protocol):
     """How a block's self-attention finds its keys: a teacher-forced mask or a KV cache."""
 
-    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor: ...
+    def destination(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(keys, values, slots): the block stores its new keys/values there itself (`keys[:, slots] = k`)
+        and calls with k = v = None; None: they come with the call."""
+        ...
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None) -> torch.Tensor: ...
 
 
 class TimeTextEmbedding(nn.Module):
@@ -144,7 +149,7 @@ class TransformerBlock(nn.Module):
         """x [B, L, D]; mod [B, G, 6, D]: the modulation of G equal groups of consecutive tokens
         (one per frame at inference, one per token in the teacher-forced sequence)."""
         e = (self.scale_shift_table + mod.float()).unsqueeze(2).unbind(3)  # 6 x [B, G, 1, D]
-        q, k, v = regions.attn_in(self, x, e[0], e[1], *rope)
+        q, k, v = regions.attn_in(self, x, e[0], e[1], *rope, self_attention.destination(layer))
         x, q = regions.attn_out(self, x, self_attention(layer, q, k, v), e[2])
         cross = text.attend(layer, q, "sdpa" if backend == "flex" else backend)
         return regions.ffn_out(self, x, cross, e[3], e[4], e[5])
@@ -154,12 +159,19 @@ def _grouped(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x.unflatten(1, (groups, -1))
 
 
-def _block_attn_in(block: TransformerBlock, x, shift, scale, cos, sin):
-    """norm1 -> modulate -> q, k (QK RMSNorm, rotary), v."""
+def _block_attn_in(block: TransformerBlock, x, shift, scale, cos, sin, destination=None):
+    """norm1 -> modulate -> q, k (QK RMSNorm, rotary), v. With a destination (keys, values, slots), k and v
+    are stored there (compiled, in the rotary's kernel) and returned as None."""
     g = shift.shape[1]
     h = (_grouped(block.norm1(x.float()), g) * (1 + scale) + shift).flatten(1, 2).type_as(x)
     q, k, v = block.attn1.project_qkv(h)
-    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    if destination is None:
+        return q, k, v
+    keys, values, slots = destination
+    keys[:, slots] = k
+    values[:, slots] = v
+    return q, None, None
 
 
 def _block_attn_out(block: TransformerBlock, x, attn, gate):

@@ -89,9 +89,9 @@ def episode(engine, t, chunks, reads=None):
     from fixed noise; `reads` collects each static read's extent per chunk."""
     gen = torch.Generator().manual_seed(1)
     engine.reset(t["infer.in.prompt_emb"], t["infer.in.negative_emb"])
-    write = engine.cache.write
+    read = engine.cache.read
     if reads is not None:
-        engine.cache.write = lambda *a, **k: reads[-1].add(engine.cache.static_extent()) or write(*a, **k)
+        engine.cache.read = lambda *a, **k: reads[-1].add(engine.cache.static_extent()) or read(*a, **k)
     out = []
     for c in range(chunks):
         if reads is not None:
@@ -101,7 +101,7 @@ def episode(engine, t, chunks, reads=None):
                            action_noise=an)
         out.append(chunk)
         engine.observe(chunk.video + 0.1 * vn, chunk.actions)
-    engine.cache.write = write
+    engine.cache.read = read
     return out
 
 
@@ -223,3 +223,40 @@ def test_policy_warm_up_leaves_nothing_to_capture_in_the_first_episode(counted):
         policy.observe([blank] * frames, ahead.actions)
     assert policy.engine.cache.head > 0 and policy.engine.grounded is not None
     assert len(policy.engine._graphs) == captured
+
+
+def test_compiled_block_stores_its_keys_and_values_in_the_cache_itself():
+    """The served path: the compiled attn_in region (inductor, here on the CPU) writes the new keys and
+    values into this layer's ring slots at CachedSelfAttention.destination, in place, across the wrap
+    of the ring and for the conditional half alone, as the eager region's returned k, v stored by copy."""
+    from vaops.models.kv_cache import CachedSelfAttention
+    from vaops.models.transformer import BlockRegions, _block_attn_in
+
+    cfg = get_preset("tiny").transformer
+    block = build_transformer(cfg, seed=0).blocks[1]
+    heads = cfg.num_attention_heads
+    dim, head_dim = cfg.inner_dim, cfg.attention_head_dim
+    g = torch.Generator().manual_seed(0)
+    x, shift, scale = (torch.randn(1, 6, dim, generator=g), torch.randn(1, 1, 1, dim, generator=g),
+                       torch.randn(1, 1, 1, dim, generator=g))
+    cos, sin = torch.randn(6, head_dim // 2, generator=g), torch.randn(6, head_dim // 2, generator=g)
+    caches = [KVCache(3, 2, 16, heads, head_dim, torch.float32, "cpu") for _ in range(2)]
+    compiled = BlockRegions.compiled().attn_in
+    for cache in caches:
+        cache.begin(13, keep=True)  # the next write wraps: slots 13, 14, 15, 0, 1, 2
+    for i, cache in enumerate(caches):
+        pending = cache.begin(6, keep=False)
+        attn = CachedSelfAttention(cache, pending, batch=slice(0, 1))
+        if i == 0:  # eager, returned and stored by copy
+            q0, k, v = _block_attn_in(block, x, shift, scale, cos, sin)
+            cache.store(1, pending, k, v, slice(0, 1))
+        else:
+            q1, k1, v1 = compiled(block, x, shift, scale, cos, sin, attn.destination(1))
+    assert k1 is None and v1 is None and pending.slots.tolist() == [13, 14, 15, 0, 1, 2]
+    torch.testing.assert_close(q1, q0, rtol=1e-5, atol=1e-5)
+    for a, b in ((caches[0].k, caches[1].k), (caches[0].v, caches[1].v)):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+        assert b[1, 0, [13, 14, 15, 0, 1, 2]].abs().amin() > 0 and b[1, 1].abs().max() == 0  # written there only
+        assert b[[0, 2]].abs().max() == 0
+    with pytest.raises(ValueError, match="kept cache write must cover the whole batch"):
+        CachedSelfAttention(caches[0], caches[0].begin(2, keep=True), batch=slice(0, 1)).destination(0)
