@@ -19,8 +19,9 @@ import triton
 import triton.language as tl
 
 FP8 = torch.float8_e4m3fn
-FP8_MAX = 448.0
-SQRT_2_OVER_PI = 0.7978845608028654
+# Globals a kernel reads must be constexpr.
+FP8_MAX = tl.constexpr(448.0)
+SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
 
 
 @triton.jit
