@@ -207,15 +207,15 @@ def baseline(names: str):
     parts = set(filter(None, names.split("+")))
     if parts - BASELINES.keys():
         raise SystemExit(f"--baselines: unknown {sorted(parts - BASELINES.keys())}; known: {sorted(BASELINES)}")
-    kept = CachedSelfAttention.destination, fp8_module.FUSED_GELU_MIN_ROWS
+    kept = CachedSelfAttention.destination, fp8_module.FUSED_GELU
     try:
         if "kv-copies" in parts:
             CachedSelfAttention.destination = lambda self, layer: None  # type: ignore[method-assign,assignment,return-value]
         if "inductor-gelu" in parts:
-            fp8_module.FUSED_GELU_MIN_ROWS = 1 << 62
+            fp8_module.FUSED_GELU = False
         yield
     finally:
-        CachedSelfAttention.destination, fp8_module.FUSED_GELU_MIN_ROWS = kept  # type: ignore[method-assign]
+        CachedSelfAttention.destination, fp8_module.FUSED_GELU = kept  # type: ignore[method-assign]
 
 
 def steady_median(times: list[float]) -> float:

@@ -115,7 +115,7 @@ def ffn_middle(cfg) -> list[dict]:
     from diffusers.models.attention import FeedForward
 
     from vaops.models.fp8 import FP8FeedForward
-    from vaops.models.fp8_gelu import gelu_quantize_rows
+    from vaops.models.fp8_gelu import gelu_quantize_rows, launch
 
     d, n = cfg.inner_dim, cfg.ffn_dim
     ffn = FeedForward(d, inner_dim=n, activation_fn="gelu-approximate").to("cuda", torch.bfloat16)
@@ -132,13 +132,16 @@ def ffn_middle(cfg) -> list[dict]:
         ref = rq.float() * rs
         t = {"inductor": graph_time_us(lambda: inductor(product, xs)),
              "triton kernel": graph_time_us(lambda: gelu_quantize_rows(product, xs, up.weight_scale, up.bias))}
-        kept = fp8_module.FUSED_GELU_MIN_ROWS
+        for warps in (4, 8, 32):  # the kernel's launch (16 warps) against other widths
+            t[f"triton kernel, {warps} warps"] = graph_time_us(
+                lambda: launch(product, xs, up.weight_scale, up.bias, num_warps=warps))  # noqa: B023
+        kept = fp8_module.FUSED_GELU
         try:
-            for name, rows_from in (("FFN, inductor's middle", 1 << 62), ("FFN, the kernel's middle", 1)):
-                fp8_module.FUSED_GELU_MIN_ROWS = rows_from  # the compiled FFN recompiles on the change
-                t[name] = graph_time_us(lambda: ffn(x))
+            for name, fused in (("FFN, inductor's middle", False), ("FFN, the kernel's middle", True)):
+                fp8_module.FUSED_GELU = fused  # the compiled FFN recompiles on the change
+                t[name] = graph_time_us(lambda: ffn(x))  # noqa: B023
         finally:
-            fp8_module.FUSED_GELU_MIN_ROWS = kept
+            fp8_module.FUSED_GELU = kept
         rows.append({"rows": m, "columns": n, **{f"{k}_us": v for k, v in t.items()},
                      "read_write_us_at_4.2TB/s": m * n * 3 / 4.2e6,
                      "codes_differing": (q.float() != rq.float()).float().mean().item(),

@@ -58,9 +58,9 @@ class FP8Linear(nn.Module):
         return self.epilogue(self.unit_product(xq), x_scale).view(*x.shape[:-1], self.out_features)
 
 
-# Rows from which the FFN's GELU and quantisation run models/fp8_gelu.py's kernel: the video passes (480
-# rows under CFG). An action pass's 32-64 rows would leave most of the GPU's 132 SMs without a row.
-FUSED_GELU_MIN_ROWS = 128
+# The FFN's middle as models/fp8_gelu.py's kernel on a GPU: on an H200, 16.5 against inductor's 26.9 us for
+# a video pass's 480 rows, 5.7 against 7.6 us for an action step's 32 (pass_anatomy_ffn_h200.json).
+FUSED_GELU = True
 
 
 @functools.cache
@@ -89,8 +89,7 @@ class FP8FeedForward(nn.Module):
         up, down = self.net[0].proj, self.net[2]
         xq, x_scale = quantize_rows(x.reshape(-1, up.in_features))
         product = up.unit_product(xq)
-        if (x.is_cuda and product.shape[0] >= FUSED_GELU_MIN_ROWS and up.bias is not None
-                and (fused := _gelu_quantize(x.device)) is not None):
+        if FUSED_GELU and x.is_cuda and up.bias is not None and (fused := _gelu_quantize(x.device)) is not None:
             hq, h_scale = fused(product, x_scale, up.weight_scale, up.bias)
         else:
             hq, h_scale = quantize_rows(F.gelu(up.epilogue(product, x_scale), approximate="tanh"))

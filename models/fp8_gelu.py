@@ -40,7 +40,7 @@ def _gelu_quantize(Raw, XS, WS, Bias, Out, Scale, N, stride_raw, stride_out, BLO
 
 
 def launch(raw: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor, kernel=_gelu_quantize,
-           out_dtype: torch.dtype = FP8) -> tuple[torch.Tensor, torch.Tensor]:
+           out_dtype: torch.dtype = FP8, num_warps: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     """raw [M, N] bf16 (the unit-scale FP8 product), x_scale [M, 1], w_scale [1, N], bias [N] fp32
     -> (FP8 [M, N], fp32 scales [M, 1]): quantize_rows(gelu_tanh(bf16(raw * x_scale * w_scale + bias))).
     out_dtype float32: the values before their rounding to FP8 (Triton's CPU interpreter rounds to FP8
@@ -51,9 +51,9 @@ def launch(raw: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor, bias
                          f"w_scale {tuple(w_scale.shape)}, bias {tuple(bias.shape)} do not fit together")
     out = torch.empty((m, n), dtype=out_dtype, device=raw.device)
     scale = torch.empty((m, 1), dtype=torch.float32, device=raw.device)
-    # 14,336 columns in 16 warps: 28 live values a thread per array, no spills.
+    # 14,336 columns in 16 warps: 32 values a thread per array, no spills.
     kernel[(m,)](raw, x_scale, w_scale, bias, out, scale, n, raw.stride(0), out.stride(0),
-                 BLOCK=triton.next_power_of_2(n), num_warps=16)
+                 BLOCK=triton.next_power_of_2(n), num_warps=num_warps)
     return out, scale
 
 

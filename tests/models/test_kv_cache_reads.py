@@ -237,8 +237,7 @@ def test_compiled_block_stores_its_keys_and_values_in_the_cache_itself():
     heads = cfg.num_attention_heads
     dim, head_dim = cfg.inner_dim, cfg.attention_head_dim
     g = torch.Generator().manual_seed(0)
-    x, shift, scale = (torch.randn(1, 6, dim, generator=g), torch.randn(1, 1, 1, dim, generator=g),
-                       torch.randn(1, 1, 1, dim, generator=g))
+    x, mod = torch.randn(1, 6, dim, generator=g), torch.randn(1, 1, 6, dim, generator=g)
     cos, sin = torch.randn(6, head_dim // 2, generator=g), torch.randn(6, head_dim // 2, generator=g)
     caches = [KVCache(3, 2, 16, heads, head_dim, torch.float32, "cpu") for _ in range(2)]
     compiled = BlockRegions.compiled().attn_in
@@ -248,10 +247,10 @@ def test_compiled_block_stores_its_keys_and_values_in_the_cache_itself():
         pending = cache.begin(6, keep=False)
         attn = CachedSelfAttention(cache, pending, batch=slice(0, 1))
         if i == 0:  # eager, returned and stored by copy
-            q0, k, v = _block_attn_in(block, x, shift, scale, cos, sin)
+            q0, k, v = _block_attn_in(block, x, mod, cos, sin)
             cache.store(1, pending, k, v, slice(0, 1))
         else:
-            q1, k1, v1 = compiled(block, x, shift, scale, cos, sin, attn.destination(1))
+            q1, k1, v1 = compiled(block, x, mod, cos, sin, attn.destination(1))
     assert k1 is None and v1 is None and pending.slots.tolist() == [13, 14, 15, 0, 1, 2]
     torch.testing.assert_close(q1, q0, rtol=1e-5, atol=1e-5)
     for a, b in ((caches[0].k, caches[1].k), (caches[0].v, caches[1].v)):
