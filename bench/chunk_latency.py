@@ -197,6 +197,8 @@ BASELINES = {
                  "(before 2026-12-01), not by the region's rotary kernel",
     "inductor-gelu": "the FP8 FFN's epilogue, GELU and quantisation as inductor fuses them (before 2026-12-01), "
                      "not models/fp8_gelu.py's kernel",
+    "masked-reads": "the observation after an eviction read under the live-slot mask (before 2026-12-01), not "
+                    "as the packed prefix (KVCache._pack)",
 }
 
 
@@ -207,15 +209,17 @@ def baseline(names: str):
     parts = set(filter(None, names.split("+")))
     if parts - BASELINES.keys():
         raise SystemExit(f"--baselines: unknown {sorted(parts - BASELINES.keys())}; known: {sorted(BASELINES)}")
-    kept = CachedSelfAttention.destination, fp8_module.FUSED_GELU
+    kept = CachedSelfAttention.destination, fp8_module.FUSED_GELU, KVCache._pack
     try:
         if "kv-copies" in parts:
             CachedSelfAttention.destination = lambda self, layer: None  # type: ignore[method-assign,assignment,return-value]
         if "inductor-gelu" in parts:
             fp8_module.FUSED_GELU = False
+        if "masked-reads" in parts:
+            KVCache._pack = lambda self, w: None  # type: ignore[method-assign]
         yield
     finally:
-        CachedSelfAttention.destination, fp8_module.FUSED_GELU = kept  # type: ignore[method-assign]
+        CachedSelfAttention.destination, fp8_module.FUSED_GELU, KVCache._pack = kept  # type: ignore[method-assign]
 
 
 def steady_median(times: list[float]) -> float:

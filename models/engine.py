@@ -21,10 +21,11 @@ from .flow_matching import Schedule
 from .kv_cache import CachedSelfAttention, KVCache
 from .transformer import LingBotVATransformer, TextContext
 
-# Captured graphs per engine. An episode at the robotwin preset captures 110: while the ring fills,
+# Captured graphs per engine. An episode at the robotwin preset captures 109: while the ring fills,
 # 36 video levels (CFG batch of two) and 35 action levels, each for the steps' batch of one and the
-# cache pass's two (106); 3 on the full ring; 1 masked observation pass after an eviction. Grounded
-# asynchronous execution's forward-dynamics passes add 70 (2 a filling level). The 110 take 0.57 GiB
+# cache pass's two (106); 3 on the full ring. The observation pass after an eviction reads the packed
+# ring (KVCache._pack) as the last filling level's observation does, with its graph. Grounded
+# asynchronous execution's forward-dynamics passes add 71 (2 a filling level, 1 masked). 110 took 0.57 GiB
 # on one H200 (their inputs, outputs and shared pool; the KV cache is 7.2 GB). Observations
 # of other lengths add shapes: past this bound a new shape runs eagerly, with the same reads, so graph
 # memory stays bounded.
@@ -397,8 +398,8 @@ class InferenceEngine:
     @torch.no_grad()
     def warm_up_cache_levels(self, grounded: bool = False) -> int:
         """Warm-up: from an observed chunk, act and observe (zeros) until the ring has evicted, so each
-        read of an episode runs once: every filling level, the full ring and the masked observation pass
-        after an eviction. On a GPU their graphs are captured here rather than in the first episode's
+        read of an episode runs once: every filling level, the full ring and the observation pass after an
+        eviction. On a GPU their graphs are captured here rather than in the first episode's
         chunks (robotwin preset: up to 36 chunks, 3 graphs each while filling; 20 s on one H200 with
         the blocks uncompiled). `grounded` (after an episode's first act): the same levels through
         grounded asynchronous execution (act_ahead(grounded=True), then the executing chunk's

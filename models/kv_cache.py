@@ -11,9 +11,13 @@ before the observed chunk is written in their place.
 Static reads (the ones CUDA graphs capture) keep fixed addresses and need no mask in the two states
 an episode spends its chunks in: until the ring first evicts, the live entries are its first `tail`
 slots, read as that prefix (one graph per prefix length); once it is full, as it always is in steady
-state, the whole ring. Any other state (entries dropped after an eviction: the observation pass of a
-steady-state chunk) reads the whole ring under the live-slot mask, which costs more than the full
-read (H200, 9,792 keys: 205-217 us masked against 134 us unmasked and 72 us for half the keys).
+state, the whole ring. Entries dropped after an eviction leave a run of free slots (the observation pass
+of a steady-state chunk: the action steps' temporary writes evicted the oldest 32 entries). A pass that
+begins in that state first packs the ring (`_pack`): the live entries among its last f slots (f free) are
+copied into the free slots before them, so the live entries are again a prefix (one copy a chunk, all
+layers at once, instead of a masked read in each layer: H200, 9,792 keys, 205-217 us a layer masked
+against 134 us unmasked). Where the pass's own new entries would land in those last slots, it reads the
+whole ring under the live-slot mask instead.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ class KVCache:
         self.head = 0  # absolute positions; ring slot = position % capacity
         self.tail = 0
         self.predicted_from: int | None = None
+        self._packed: tuple[int, int] | None = None  # (head, tail) when `_pack` made the live entries a prefix
 
     @classmethod
     def for_window(cls, num_layers: int, batch: int, attn_window: int, video_tokens_per_chunk: int,
@@ -72,6 +77,7 @@ class KVCache:
     def clear(self) -> None:
         self.head = self.tail = 0
         self.predicted_from = None
+        self._packed = None
 
     def static_extent(self) -> int | None:
         """What a static read returns: the ring's first n slots for n = this value (the whole ring when
@@ -79,7 +85,9 @@ class KVCache:
         the live-slot mask. Captured graphs are keyed by it, as it fixes the read's shape."""
         if self.full:
             return self.capacity
-        return self.tail if self.head == 0 else None
+        if self.head == 0:
+            return self.tail
+        return len(self) if self._packed == (self.head, self.tail) else None
 
     def ring_extent(self) -> int:
         """What a ring read covers (see `write`): the live prefix rounded up to a quarter of the ring
@@ -110,10 +118,36 @@ class KVCache:
                                 out=None if slots_out is None else slots_out[:length])
         write = PendingWrite(self.tail, length, keep, slots)
         self.tail += length
+        self._packed = None  # a pack holds for the pass that made it: later writes may reuse its free slots
+        if self.static_extent() is None and not ring:
+            self._pack(write)
         # Only masked reads use it: two kernels saved per pass otherwise.
         if self.static_extent() is None or (ring and not self.full):
             self._update_valid()
         return write
+
+    def _pack(self, w: PendingWrite) -> None:
+        """Make the live entries the ring's first len(self) slots: copy the live ones among the last f slots
+        (f = the free slots) into the free slots before them; the originals stay where they are, so the
+        ring's order and eviction are untouched, and the copies sit in free slots that later writes reuse.
+        Both sets are runs of consecutive slots (mod capacity), so the copy's indices are made on the
+        device from two numbers. Skipped (the read stays masked) where `w`'s new entries land among the
+        last f slots: they are written during the pass, after the copy."""
+        cap, n = self.capacity, len(self)
+        free = cap - n
+        t = self.tail % cap  # the free slots: t, t + 1, ... (mod cap)
+        back = [s for s in range(n, cap) if (s - t) % cap >= free]  # live, to be copied
+        front = [(t + j) % cap for j in range(free) if (t + j) % cap < n]  # free, to receive them
+        if any((s - w.start) % cap < w.length for s in back):
+            return
+        if back:
+            assert back == list(range(back[0], back[0] + len(back))) and front == [(front[0] + j) % cap for j in range(len(back))]
+            k = len(back)
+            src = self._positions[:k] + back[0]
+            dst = torch.remainder(self._positions[:k] + front[0], cap)
+            self.k[:, :, dst] = self.k[:, :, src]
+            self.v[:, :, dst] = self.v[:, :, src]
+        self._packed = (self.head, self.tail)
 
     def _update_valid(self) -> None:
         """Mark the live slots in `valid` (at its fixed address): the masked read's mask."""

@@ -72,7 +72,46 @@ def test_static_reads_match_the_compact_read_in_every_state():
     cache.drop_predicted()
     k, _, mask = write(2)  # evicted and not full: the masked ring
     assert cache.head > 0 and k.shape[1] == 10 and mask is not None and mask.sum() == len(cache)
-    assert seen == [4, 7, 10, 7, 10, None]
+    assert seen == [4, 7, 10, 7, 10, None]  # the last write's own entries land in the ring's last free-count slots
+
+
+def test_packed_reads_match_the_compact_read_in_random_episodes(monkeypatch):
+    """Evicted and not full: the pass first packs the live entries into a prefix (models/kv_cache.py
+    `_pack`), copying those among the last slots into free ones, or, where its own new entries would land
+    there, reads under the mask. Random writes, releases and drops over a ring of 12: every read
+    attends as the live entries alone, and packing ran with copies, without (the free run was already
+    last) and gave way to the mask."""
+    g = torch.Generator().manual_seed(0)
+    cache = KVCache(num_layers=2, batch=2, capacity=12, heads=2, head_dim=4, dtype=torch.float32, device="cpu")
+    q = torch.randn(2, 3, 2, 4, generator=g)
+    copies, kinds = [], set()
+    pack = KVCache._pack
+
+    def counted_pack(self, w):
+        before = self.k.clone()
+        pack(self, w)
+        copies.append(not torch.equal(before, self.k))
+
+    monkeypatch.setattr(KVCache, "_pack", counted_pack)
+    for step in range(300):
+        r = torch.rand((), generator=g).item()
+        if r < 0.2:
+            cache.drop_predicted()
+            continue
+        length = int(torch.randint(1, 6, (), generator=g))
+        keep, predicted = r < 0.7, r < 0.45
+        copies.clear()
+        w = cache.begin(length, keep=keep, predicted=predicted)
+        for layer in range(2):
+            k, v = torch.randn(2, length, 2, 4, generator=g), torch.randn(2, length, 2, 4, generator=g)
+            static = cache.write(layer, w, k, v, static=True)
+            torch.testing.assert_close(attend(q, static), attend(q, cache.read(layer)), atol=1e-6, rtol=0)
+        extent = cache.static_extent()
+        if cache.head > 0 and not cache.full:
+            kinds.add("masked" if extent is None else "packed, copied" if copies[0] else "packed, in place")
+            assert extent in (None, len(cache)) and (extent is None) == (static[2] is not None)
+        cache.end(w)
+    assert kinds == {"masked", "packed, copied", "packed, in place"}
 
 
 # ----- an episode -----
@@ -112,8 +151,8 @@ def windowed(cases, window):
 
 def test_static_read_episode_equals_the_compact_read_episode(golden, model):  # noqa: F811
     """Through the filling phase (prefix reads: the very views the compact read returns, so equal to
-    the bit), past the point where the ring is full and into eviction (full reads, and the masked read
-    of each observation after an eviction, within float tolerance)."""
+    the bit), past the point where the ring is full and into eviction (full reads, and each observation
+    after an eviction read as the packed prefix of the ring's live entries, within float tolerance)."""
     cases, t = golden
     cfg = windowed(cases, 8)  # a ring of 4 chunks: filled by chunk 3, evicting from chunk 4
     reads = []
@@ -122,8 +161,8 @@ def test_static_read_episode_equals_the_compact_read_episode(golden, model):  # 
     capacity = 4 * 20  # 4 chunks of 12 video + 8 action tokens
     for c in range(4):  # filling: prefixes, the last action read being the full ring
         assert None not in reads[c] and reads[c] <= set(range(1, capacity + 1)), (c, reads[c])
-    assert capacity in reads[3] and reads[4] == {capacity, None}
-    masked_from = 4  # chunk 4's observation is the first masked read
+    assert capacity in reads[3] and all(reads[c] == {capacity, capacity - 8} for c in range(4, 7))
+    masked_from = 4  # chunk 4's observation is the first packed read (8 action entries evicted)
     for c, (s, e) in enumerate(zip(static, compact)):
         for name in ("video", "actions"):
             diff = (getattr(s, name) - getattr(e, name)).abs().max().item()
@@ -135,16 +174,17 @@ def test_static_read_episode_equals_the_compact_read_episode(golden, model):  # 
 
 def test_graphs_per_episode_and_their_bound(golden, model, counted, monkeypatch):  # noqa: F811
     """3 per level while the ring of C chunks fills (video at CFG batch 2; actions at batch 1 for the
-    steps and 2 for the cache pass), less the last action level, which is the full ring: 3C + 2 with
-    the full ring's 3 and the masked observation's 1. Past MAX_GRAPHS new shapes run eagerly."""
+    steps and 2 for the cache pass), less the last action level, which is the full ring: 3C + 1 with
+    the full ring's 3. The observation after an eviction reads the packed prefix as the last filling
+    level's observation does, with its graph. Past MAX_GRAPHS new shapes run eagerly."""
     cases, t = golden
     cfg = windowed(cases, 8)
     engine = graphed(InferenceEngine(model, cfg, cuda_graphs=True))
     first = episode(engine, t, 7)
-    assert len(engine._graphs) == 3 * 4 + 2
-    assert sum(1 for key in engine._graphs if key[3] is None) == 1  # the masked observation pass
+    assert len(engine._graphs) == 3 * 4 + 1
+    assert all(key[3] is not None for key in engine._graphs)  # no masked read
     again = episode(engine, t, 7)  # a second episode reuses them all
-    assert len(engine._graphs) == 3 * 4 + 2
+    assert len(engine._graphs) == 3 * 4 + 1
     for a, b in zip(first, again):
         assert torch.equal(a.actions, b.actions) and torch.equal(a.video, b.video)
 
@@ -157,7 +197,7 @@ def test_graphs_per_episode_and_their_bound(golden, model, counted, monkeypatch)
 
 def test_warm_up_runs_every_level_of_the_robotwin_ring(counted):
     """The robotwin layout (24x20 latents, 240 video + 32 action tokens a chunk, window 72: a ring of
-    36 chunks, 9,792 slots) on a one-layer model: the warm-up's pass over the levels captures the 110
+    36 chunks, 9,792 slots) on a one-layer model: the warm-up's pass over the levels captures the 109
     graphs of an episode, and an episode after it (filling, full, evicting) captures none."""
     preset = get_preset("robotwin")
     tiny = TransformerConfig(num_layers=1, num_attention_heads=1, attention_head_dim=24, ffn_dim=32, text_dim=16,
@@ -174,19 +214,21 @@ def test_warm_up_runs_every_level_of_the_robotwin_ring(counted):
 
     start()
     assert engine.cache.capacity == 9792
-    assert engine.warm_up_cache_levels() == 36  # chunks 1-36; the 36th evicts, its observation is masked
-    assert len(engine._graphs) == 110
+    assert engine.warm_up_cache_levels() == 36  # chunks 1-36; the 36th evicts, its observation reads packed
+    assert len(engine._graphs) == 109
     assert engine.config.sampling.video_steps == 2  # the session's settings are back
     start()
     for _ in range(37):  # the 36th evicts, the 37th runs on the evicted ring
         chunk = engine.act()
         engine.observe(chunk.video, chunk.actions)
-    assert engine.cache.head > 0 and len(engine._graphs) == 110
+    assert engine.cache.head > 0 and len(engine._graphs) == 109
     # Grounded asynchronous execution adds the forward-dynamics passes' own levels, well within MAX_GRAPHS.
     engine.reset(torch.randn(1, 5, tiny.text_dim), torch.randn(1, 5, tiny.text_dim))
     engine.act(first_latent=first)
     assert engine.warm_up_cache_levels(grounded=True) == 36
-    assert len(engine._graphs) == 180 <= engine_module.MAX_GRAPHS  # 70 more: 2 a filling level
+    # 71 more: 2 a filling level, and a read under the mask after the eviction (its new entries land among
+    # the ring's last free-count slots, so it cannot be packed)
+    assert len(engine._graphs) == 180 <= engine_module.MAX_GRAPHS
     engine.reset(torch.randn(1, 5, tiny.text_dim), torch.randn(1, 5, tiny.text_dim))
     engine.act(first_latent=first)
     for _ in range(4):  # an episode's first grounded levels (the tiny policy's test runs one through eviction)
