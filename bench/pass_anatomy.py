@@ -215,24 +215,29 @@ def split_kv_configs(b: int, lq: int) -> list[dict]:
             for s in (6, 11, 16, 22, 32, 44) for bn in (32, 64, 128) for w in (4, 8) for st in (2, 3)]
 
 
-def split_kv_rows(cfg, keys: int) -> list[dict]:
-    """Part 2b: models/split_kv.py's Triton kernel against the kernel the engine calls now, per shape,
-    bf16 and with FP8 keys and values (one scale per key and head), unmasked and under the ring's
-    live-slot mask (a 32-slot hole, as at an observation)."""
+def split_kv_rows(cfg, keys: int, text_len: int, parts: str = "cache,text") -> list[dict]:
+    """Part 2b: models/split_kv.py's Triton kernel against the kernel the engine calls now, per shape:
+    over the cache, bf16 and with FP8 keys and values (one scale per key and head), unmasked and under the
+    ring's live-slot mask (a 32-slot hole); over the prompt (the cross-attention's `text_len` keys), bf16."""
     from vaops.models.split_kv import quantize_kv, split_kv_attention
 
     heads, dim = cfg.num_attention_heads, cfg.attention_head_dim
-    shapes = {"video pass (CFG batch 2 x 240)": (2, 240), "action step (1 x 32)": (1, 32),
-              "action cache pass (2 x 32)": (2, 32)}
+    shapes = {}
+    if "cache" in parts:
+        shapes.update({"video pass (CFG batch 2 x 240)": (2, 240, keys), "action step (1 x 32)": (1, 32, keys),
+                       "action cache pass (2 x 32)": (2, 32, keys)})
+    if "text" in parts:
+        shapes.update({"prompt, video pass (2 x 240)": (2, 240, text_len), "prompt, action step (1 x 32)": (1, 32, text_len)})
     rows = []
-    for name, (b, lq) in shapes.items():
+    for name, (b, lq, keys) in shapes.items():
+        text = name.startswith("prompt")
         q = torch.randn(b, lq, heads, dim, device="cuda", dtype=torch.bfloat16)
         k = torch.randn(b, keys, heads, dim, device="cuda", dtype=torch.bfloat16)
         v = torch.randn(b, keys, heads, dim, device="cuda", dtype=torch.bfloat16)
         (k8, ks), (v8, vs) = quantize_kv(k), quantize_kv(v)
         valid = torch.ones(keys, dtype=torch.bool, device="cuda")
         valid[keys // 3: keys // 3 + 32] = False
-        for masked in (False, True):
+        for masked in (False,) if text else (False, True):
             mask = valid if masked else None
             am = None if mask is None else mask.view(1, 1, 1, -1)  # as the engine passes it to attention
             ref = F.scaled_dot_product_attention(q.transpose(1, 2).float(), k.transpose(1, 2).float(),
@@ -246,7 +251,8 @@ def split_kv_rows(cfg, keys: int) -> list[dict]:
                 row["engine_us"] = graph_time_us(lambda: F.scaled_dot_product_attention(qt, kt, vt, attn_mask=am))
                 row["engine: max abs err vs fp32"] = (
                     F.scaled_dot_product_attention(qt, kt, vt, attn_mask=am).transpose(1, 2).float() - ref).abs().max().item()
-            for label, kv in {"triton bf16": (k, v, None, None), "triton fp8 kv": (k8, v8, ks, vs)}.items():
+            variants = {"triton bf16": (k, v, None, None), "triton fp8 kv": (k8, v8, ks, vs)}
+            for label, kv in list(variants.items())[:1 if text else 2]:
                 best = None
                 for c in split_kv_configs(b, lq):
                     try:
@@ -609,6 +615,7 @@ def main() -> None:
     p.add_argument("--rope-copies", action="store_true",
                    help="part 5 again with the rotary table copied from host memory at every call (as before "
                         "2026-12-01), in the same process")
+    p.add_argument("--splitkv-shapes", default="cache,text", help="part 2b: reads over the cache, the prompt, or both")
     p.add_argument("--observe", action="store_true", help="part 7: an observation's encoding")
     p.add_argument("--robots", default="", help="part 6: comma-separated robot counts, e.g. 1,2,4,8")
     p.add_argument("--out", default=None)
@@ -636,7 +643,7 @@ def main() -> None:
         results["attention"] = attentions(cfg, capacity)
         save()
     if "splitkv" not in skip:
-        results["split_kv"] = split_kv_rows(cfg, capacity)
+        results["split_kv"] = split_kv_rows(cfg, capacity, args.text_len, args.splitkv_shapes)
         save()
     if args.observe:
         results["observe_encoding"] = observe_encoding(preset, args.seed)
