@@ -219,13 +219,16 @@ def split_kv_rows(cfg, keys: int, text_len: int, parts: str = "cache,text") -> l
     """Part 2b: models/split_kv.py's Triton kernel against the kernel the engine calls now, per shape:
     over the cache, bf16 and with FP8 keys and values (one scale per key and head), unmasked and under the
     ring's live-slot mask (a 32-slot hole); over the prompt (the cross-attention's `text_len` keys), bf16."""
-    from vaops.models.split_kv import quantize_kv, split_kv_attention
+    from vaops.models.fp8 import quantize_kv
+    from vaops.models.split_kv import split_kv_attention
 
     heads, dim = cfg.num_attention_heads, cfg.attention_head_dim
     shapes = {}
     if "cache" in parts:
         shapes.update({"video pass (CFG batch 2 x 240)": (2, 240, keys), "action step (1 x 32)": (1, 32, keys),
                        "action cache pass (2 x 32)": (2, 32, keys)})
+    elif "action" in parts:
+        shapes["action step (1 x 32)"] = (1, 32, keys)
     if "text" in parts:
         shapes.update({"prompt, video pass (2 x 240)": (2, 240, text_len), "prompt, action step (1 x 32)": (1, 32, text_len)})
     rows = []
@@ -235,6 +238,8 @@ def split_kv_rows(cfg, keys: int, text_len: int, parts: str = "cache,text") -> l
         k = torch.randn(b, keys, heads, dim, device="cuda", dtype=torch.bfloat16)
         v = torch.randn(b, keys, heads, dim, device="cuda", dtype=torch.bfloat16)
         (k8, ks), (v8, vs) = quantize_kv(k), quantize_kv(v)
+        # the KV cache's FP8 copy keeps its scales keys-contiguous ([B, H, N]), passed as [B, N, H] views
+        ks_t, vs_t = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (ks, vs))
         valid = torch.ones(keys, dtype=torch.bool, device="cuda")
         valid[keys // 3: keys // 3 + 32] = False
         for masked in (False,) if text else (False, True):
@@ -251,8 +256,9 @@ def split_kv_rows(cfg, keys: int, text_len: int, parts: str = "cache,text") -> l
                 row["engine_us"] = graph_time_us(lambda: F.scaled_dot_product_attention(qt, kt, vt, attn_mask=am))
                 row["engine: max abs err vs fp32"] = (
                     F.scaled_dot_product_attention(qt, kt, vt, attn_mask=am).transpose(1, 2).float() - ref).abs().max().item()
-            variants = {"triton bf16": (k, v, None, None), "triton fp8 kv": (k8, v8, ks, vs)}
-            for label, kv in list(variants.items())[:1 if text else 2]:
+            variants = {"triton bf16": (k, v, None, None), "triton fp8 kv": (k8, v8, ks, vs),
+                        "triton fp8 kv, keys-contiguous scales": (k8, v8, ks_t, vs_t)}
+            for label, kv in list(variants.items())[:1 if text else 3]:
                 best = None
                 for c in split_kv_configs(b, lq):
                     try:
@@ -615,7 +621,8 @@ def main() -> None:
     p.add_argument("--rope-copies", action="store_true",
                    help="part 5 again with the rotary table copied from host memory at every call (as before "
                         "2026-12-01), in the same process")
-    p.add_argument("--splitkv-shapes", default="cache,text", help="part 2b: reads over the cache, the prompt, or both")
+    p.add_argument("--splitkv-shapes", default="cache,text",
+                   help="part 2b: reads over the cache (or only the action step's: action), the prompt, or both")
     p.add_argument("--observe", action="store_true", help="part 7: an observation's encoding")
     p.add_argument("--robots", default="", help="part 6: comma-separated robot counts, e.g. 1,2,4,8")
     p.add_argument("--out", default=None)

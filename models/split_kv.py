@@ -8,10 +8,10 @@ softmax-weighted values and log-sum-exp, and a second kernel merges the slices:
 - the keys may carry a validity vector (the ring's live-slot mask: one flag a key, not a dense mask),
   which the mask-free flash kernel cannot take and cuDNN's masked path reads 32 queries at 5x the
   unmasked cost (H200: 212 against 41 us a layer; this kernel 43 us);
-- the keys and values may be FP8 (e4m3) with one float32 scale per key and head (`quantize_kv`). That
-  halves the bytes read but measured slower on an H200 (42.6 against 37.6 us for an action step: the
-  conversion costs more than the read saves), so the served cache stays bf16; bench/pass_anatomy.py keeps
-  the comparison (bench/results/split_kv_h200.md).
+- the keys and values may be FP8 (e4m3) with one float32 scale per key and head (models/fp8.py
+  `quantize_kv`), which halves the bytes read. With the scales laid out heads-contiguous (as quantize_kv
+  returns them) each key's scale is a separate 32-byte read, and this measured slower on an H200 (42.6
+  against 37.6 us for an action step); the KV cache's FP8 copy keeps them keys-contiguous ([B, H, N]).
 
 Layout as the cache stores it: q [B, M, H, D], k/v [B, N, H, D]; output [B, M, H, D] in q's dtype.
 """
@@ -24,13 +24,12 @@ import torch
 import triton
 import triton.language as tl
 
-FP8 = torch.float8_e4m3fn
-FP8_MAX = 448.0
+from .fp8 import FP8
 
 
 @triton.jit
 def _partial(Q, K, V, KS, VS, VALID, Out, Lse,
-             sqb, sqm, sqh, skb, skn, skh, svb, svn, svh, ssb, ssn,
+             sqb, sqm, sqh, skb, skn, skh, svb, svn, svh, ssb, ssh, ssn,
              sob, soh, sos, som, slb, slh, sls,
              M, N, H, keys_per_split, qk_scale,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
@@ -55,7 +54,7 @@ def _partial(Q, K, V, KS, VS, VALID, Out, Lse,
         v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :], mask=keep[:, None], other=0.0)
         s = tl.dot(q, tl.trans(k.to(q.dtype)))
         if SCALED:
-            s = s * tl.load(KS + b * ssb + offs_n * ssn + h, mask=keep, other=0.0)[None, :]
+            s = s * tl.load(KS + b * ssb + h * ssh + offs_n * ssn, mask=keep, other=0.0)[None, :]
         if MASKED:
             keep = keep & (tl.load(VALID + offs_n, mask=keep, other=0) != 0)
         s = tl.where(keep[None, :], s * qk_scale, float("-inf"))
@@ -65,7 +64,7 @@ def _partial(Q, K, V, KS, VS, VALID, Out, Lse,
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         if SCALED:
-            p = p * tl.load(VS + b * ssb + offs_n * ssn + h, mask=keep, other=0.0)[None, :]
+            p = p * tl.load(VS + b * ssb + h * ssh + offs_n * ssn, mask=keep, other=0.0)[None, :]
         acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
         m_i = m_new
     live = l_i > 0
@@ -125,8 +124,9 @@ def split_kv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid:
                        num_warps: int = 4, num_stages: int | None = None) -> torch.Tensor:
     """softmax(q k^T / sqrt(D)) v over the keys with `valid` set (all keys when None).
 
-    q [B, M, H, D]; k/v [B, N, H, D] (bf16/fp16/fp32, or FP8 with `k_scale`/`v_scale` [B, N, H] float32);
-    valid: [N] bool. The last dimension of each must be contiguous.
+    q [B, M, H, D]; k/v [B, N, H, D] (bf16/fp16/fp32, or FP8 with `k_scale`/`v_scale` [B, N, H] float32,
+    any strides, the same for both: keys-contiguous reads fastest); valid: [N] bool. The last dimension of
+    q, k and v must be contiguous.
     """
     b, m, h, d = q.shape
     n = k.shape[1]
@@ -151,9 +151,10 @@ def split_kv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid:
     ks = lse if k_scale is None else k_scale  # unused pointers when not scaled
     vs = lse if v_scale is None else v_scale
     mask = valid.view(torch.uint8) if valid is not None else lse
-    ss = (ks.stride(0), ks.stride(1)) if scaled else (0, 0)
-    if scaled and (ks.stride(2) != 1 or ks.stride() != vs.stride()):
-        raise ValueError("k_scale and v_scale need one layout, heads contiguous")
+    ss = (ks.stride(0), ks.stride(2), ks.stride(1)) if scaled else (0, 0, 0)
+    if scaled and (tuple(ks.shape) != (b, n, h) or ks.shape != vs.shape or ks.stride() != vs.stride()):
+        raise ValueError(f"k_scale and v_scale need shape {(b, n, h)} and one layout, got {tuple(ks.shape)} "
+                         f"and {tuple(vs.shape)}")
     args = (q, k, v, ks, vs, mask, o, lse,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), *ss,
@@ -169,10 +170,3 @@ def split_kv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid:
         lse.stride(0), lse.stride(1), lse.stride(2), out.stride(0), out.stride(1), out.stride(2), m, h,
         D=d, BLOCK_S=max(2, triton.next_power_of_2(splits)))
     return out
-
-
-def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[..., H, D] -> FP8 e4m3 values and one float32 scale per [..., H] (the absolute maximum of each
-    key's head maps to 448, e4m3's largest)."""
-    scale = x.float().abs().amax(-1).clamp_min(1e-12) / FP8_MAX
-    return (x.float() / scale.unsqueeze(-1)).to(FP8), scale

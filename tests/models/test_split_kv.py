@@ -16,7 +16,8 @@ CHECKS = r"""
 import json
 import torch
 import torch.nn.functional as F
-from vaops.models.split_kv import quantize_kv, split_kv_attention
+from vaops.models.fp8 import quantize_kv
+from vaops.models.split_kv import split_kv_attention
 
 
 def reference(q, k, v, valid=None):
@@ -52,6 +53,10 @@ q, k, v = qkv(dtype=torch.float16)
 (k8, ks), (v8, vs) = quantize_kv(k), quantize_kv(v)
 r["fp8 layout"] = k8.dtype == torch.float8_e4m3fn and tuple(ks.shape) == tuple(k.shape[:3])
 r["fp8"] = err(split_kv_attention(q, k8, v8, k_scale=ks, v_scale=vs, splits=3, block_n=32), reference(q, k, v))
+# The KV cache's layout: scales stored keys-contiguous ([B, H, N]) and passed as a [B, N, H] view.
+ks_t, vs_t = ks.transpose(1, 2).contiguous().transpose(1, 2), vs.transpose(1, 2).contiguous().transpose(1, 2)
+r["fp8 keys-contiguous scales"] = err(split_kv_attention(q, k8, v8, k_scale=ks_t, v_scale=vs_t, splits=3, block_n=32),
+                                      split_kv_attention(q, k8, v8, k_scale=ks, v_scale=vs, splits=3, block_n=32))
 # The engine's masked read: a KV cache evicted and not full, read whole under its live-slot flags (the view
 # of one layer of the 5-D ring, [1, 1, 1, N] reshaped), against the live entries alone.
 from vaops.models.kv_cache import KVCache
@@ -111,6 +116,7 @@ def test_split_kv_reads_the_kv_cache_under_its_live_slot_flags_as_the_live_entri
 def test_split_kv_with_fp8_keys_and_values_stays_close(interpreted):
     assert interpreted["fp8 layout"]
     assert 1e-4 < interpreted["fp8"] < 0.05  # e4m3 keeps 3 mantissa bits: close, not exact
+    assert interpreted["fp8 keys-contiguous scales"] == 0  # the cache's scale layout reads the same
 
 
 def test_split_kv_refuses_fp8_without_scales_and_odd_head_dims(interpreted):
