@@ -34,7 +34,6 @@ from typing import Any
 import torch
 
 import vaops.models.fp8 as fp8_module
-import vaops.models.kv_cache as kv_cache_module
 from vaops.models.config import get_preset
 from vaops.models.engine import EngineConfig, InferenceEngine
 from vaops.models.fp8 import quantize_blocks_fp8
@@ -200,7 +199,6 @@ BASELINES = {
                      "not models/fp8_gelu.py's kernel",
     "masked-reads": "the observation after an eviction read under the live-slot mask (before 2026-12-01), not "
                     "as the packed prefix (KVCache._pack)",
-    "bf16-action-reads": "FP8 models' action passes read the bf16 cache (before 2026-12-01), not its FP8 copy",
 }
 
 
@@ -211,7 +209,7 @@ def baseline(names: str):
     parts = set(filter(None, names.split("+")))
     if parts - BASELINES.keys():
         raise SystemExit(f"--baselines: unknown {sorted(parts - BASELINES.keys())}; known: {sorted(BASELINES)}")
-    kept = CachedSelfAttention.destination, fp8_module.FUSED_GELU, KVCache._pack, kv_cache_module.FP8_READS
+    kept = CachedSelfAttention.destination, fp8_module.FUSED_GELU, KVCache._pack
     try:
         if "kv-copies" in parts:
             CachedSelfAttention.destination = lambda self, layer: None  # type: ignore[method-assign,assignment,return-value]
@@ -219,12 +217,9 @@ def baseline(names: str):
             fp8_module.FUSED_GELU = False
         if "masked-reads" in parts:
             KVCache._pack = lambda self, w: None  # type: ignore[method-assign]
-        if "bf16-action-reads" in parts:
-            kv_cache_module.FP8_READS = False
         yield
     finally:
-        (CachedSelfAttention.destination, fp8_module.FUSED_GELU, KVCache._pack,  # type: ignore[method-assign]
-         kv_cache_module.FP8_READS) = kept
+        CachedSelfAttention.destination, fp8_module.FUSED_GELU, KVCache._pack = kept  # type: ignore[method-assign]
 
 
 def steady_median(times: list[float]) -> float:

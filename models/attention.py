@@ -277,19 +277,6 @@ def _key_flags(mask, keys: int) -> bool:
                             and mask.shape[-1] == keys)
 
 
-def split_kv_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_scale: torch.Tensor, v_scale: torch.Tensor,
-                 mask=None) -> torch.Tensor | None:
-    """The `splitkv` read of FP8 keys and values (the KV cache's FP8 copy, models/kv_cache.py), or None where
-    it does not apply: 128 queries or more (cuDNN reads the bf16 entries), a mask other than key flags, no
-    Triton or a GPU before sm80."""
-    if not (q.is_cuda and q.shape[1] < CUDNN_MIN_QUERIES and _key_flags(mask, k.shape[1])):
-        return None
-    split_kv = _split_kv_kernel(q.device)
-    if split_kv is None:
-        return None
-    return split_kv(q, k, v, None if mask is None else mask.reshape(-1), k_scale, v_scale)
-
-
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None,
               backend: str = "sdpa") -> torch.Tensor:
     """q: [B, Lq, H, D], k/v: [B, Lk, H, D] -> [B, Lq, H, D]; backend: one of `Backend` (a str: it comes

@@ -18,8 +18,6 @@ from .attention import grid_ids
 from .config import Preset, SamplingConfig, check_operating_point
 from .cuda_graphs import CapturedCall
 from .flow_matching import Schedule
-from . import kv_cache
-from .fp8 import uses_fp8
 from .kv_cache import CachedSelfAttention, KVCache
 from .transformer import LingBotVATransformer, TextContext
 
@@ -131,12 +129,9 @@ class InferenceEngine:
             text = torch.cat([prompt_emb, negative_emb.to(prompt_emb)], dim=0)
         cfg = self.model.config
         if self.cache is None:
-            # FP8 models read the cache's FP8 copy in their action passes (models/kv_cache.py).
-            fp8_reads = (kv_cache.FP8_READS and self.backend == "splitkv" and self.device.type == "cuda"
-                         and uses_fp8(self.model))
             self.cache = KVCache.for_window(cfg.num_layers, self.batch, self.config.sampling.attn_window,
                                             self.video_tokens, self.action_tokens, cfg.num_attention_heads,
-                                            cfg.attention_head_dim, self.dtype, self.device, fp8_reads)
+                                            cfg.attention_head_dim, self.dtype, self.device)
         self.cache.clear()
         with torch.no_grad():
             text = self.model.text_context(text.to(self.device))

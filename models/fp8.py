@@ -34,14 +34,9 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """[..., H, D] -> FP8 e4m3 values and one float32 scale per [..., H] (the absolute maximum of each
-    key's head maps to 448, e4m3's largest): the KV cache's FP8 copy (models/kv_cache.py)."""
+    key's head maps to 448, e4m3's largest): the keys and values models/split_kv.py takes in FP8."""
     scale = x.float().abs().amax(-1).clamp_min(1e-12) / FP8_MAX
     return (x.float() / scale.unsqueeze(-1)).to(FP8), scale
-
-
-def uses_fp8(model: nn.Module) -> bool:
-    """Whether `quantize_blocks_fp8` swapped the model's block Linears."""
-    return any(isinstance(m, FP8Linear) for m in model.modules())
 
 
 class FP8Linear(nn.Module):

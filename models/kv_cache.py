@@ -18,26 +18,17 @@ copied into the free slots before them, so the live entries are again a prefix (
 layers at once, instead of a masked read in each layer: H200, 9,792 keys, 205-217 us a layer masked
 against 134 us unmasked). Where the pass's own new entries would land in those last slots, it reads the
 whole ring under the live-slot mask instead.
-
-With `fp8_reads` the cache also keeps an FP8 copy of every entry (e4m3, one scale a key and head, the
-scales keys-contiguous), written where the entry is; reads of fewer than 128 queries (action passes: bound
-by reading the cache) take the copy, half the bytes, through models/split_kv.py. Video passes keep the bf16
-entries (cuDNN, compute bound). Only for FP8 models on a GPU: it changes the numbers as FP8 GEMMs do.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
 import torch
 
-from .attention import attention, split_kv_fp8
-from .fp8 import FP8, quantize_kv
+from .attention import attention
 
 RING_QUARTERS = 4
-# Whether engines of FP8 models on a GPU with the `splitkv` backend keep the FP8 copy (InferenceEngine.reset).
-FP8_READS = True
 
 
 @dataclass
@@ -50,18 +41,12 @@ class PendingWrite:
 
 class KVCache:
     def __init__(self, num_layers: int, batch: int, capacity: int, heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str, fp8_reads: bool = False):
+                 dtype: torch.dtype, device: torch.device | str):
         self.capacity = capacity
         shape = (num_layers, batch, capacity, heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.device = self.k.device
-        # The FP8 copy: values [L, B, C, H, D] and scales [L, B, H, C] (keys contiguous: one read a tile).
-        self.fp8: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-        if fp8_reads:
-            scales = (num_layers, batch, heads, capacity)
-            self.fp8 = (torch.zeros(shape, dtype=FP8, device=device), torch.zeros(shape, dtype=FP8, device=device),
-                        torch.ones(scales, device=device), torch.ones(scales, device=device))
         self._positions = torch.arange(capacity, device=self.device)
         # Which ring slots hold live entries, at a fixed address for captured graphs; kept current
         # whenever a static read needs it (static_extent() is None).
@@ -74,10 +59,10 @@ class KVCache:
     @classmethod
     def for_window(cls, num_layers: int, batch: int, attn_window: int, video_tokens_per_chunk: int,
                    action_tokens_per_chunk: int, heads: int, head_dim: int, dtype: torch.dtype,
-                   device: torch.device | str, fp8_reads: bool = False) -> "KVCache":
+                   device: torch.device | str) -> "KVCache":
         """Room for window//2 chunks of video and action tokens, as the reference sizes it."""
         capacity = (attn_window // 2) * (video_tokens_per_chunk + action_tokens_per_chunk)
-        return cls(num_layers, batch, capacity, heads, head_dim, dtype, device, fp8_reads)
+        return cls(num_layers, batch, capacity, heads, head_dim, dtype, device)
 
     def __len__(self) -> int:
         return self.tail - self.head
@@ -87,7 +72,7 @@ class KVCache:
         return len(self) == self.capacity
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.k, self.v, *(self.fp8 or ())))
+        return self.k.numel() * self.k.element_size() * 2
 
     def clear(self) -> None:
         self.head = self.tail = 0
@@ -156,18 +141,12 @@ class KVCache:
         if any((s - w.start) % cap < w.length for s in back):
             return
         if back:
-            assert back == list(range(back[0], back[0] + len(back)))
-            assert front == [(front[0] + j) % cap for j in range(len(back))]
+            assert back == list(range(back[0], back[0] + len(back))) and front == [(front[0] + j) % cap for j in range(len(back))]
             k = len(back)
             src = self._positions[:k] + back[0]
             dst = torch.remainder(self._positions[:k] + front[0], cap)
-            k8, v8, ks, vs = self.fp8 or (None,) * 4
-            for buf in (self.k, self.v, k8, v8):  # [L, B, C, H, D]
-                if buf is not None:
-                    buf[:, :, dst] = buf[:, :, src]
-            for buf in (ks, vs):  # the FP8 copy's scales, [L, B, H, C]
-                if buf is not None:
-                    buf[:, :, :, dst] = buf[:, :, :, src]
+            self.k[:, :, dst] = self.k[:, :, src]
+            self.v[:, :, dst] = self.v[:, :, src]
         self._packed = (self.head, self.tail)
 
     def _update_valid(self) -> None:
@@ -194,18 +173,20 @@ class KVCache:
             return k[:, h:end], v[:, h:end]
         return torch.cat([k[:, h:], k[:, :t]], dim=1), torch.cat([v[:, h:], v[:, :t]], dim=1)
 
-    def destination(self, layer: int, w: PendingWrite, batch: slice = slice(None)) -> "Destination":
-        """Where this layer's new keys/values go (see `Destination`). A batch subset (the conditional half
-        under CFG) may only make temporary writes."""
+    def destination(self, layer: int, w: PendingWrite, batch: slice = slice(None)
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Where this layer's new keys/values go: (keys, values, slots) for `k[:, slots] = new`.
+        A batch subset (the conditional half under CFG) may only make temporary writes."""
         if w.keep and batch != slice(None):
             raise ValueError("a kept cache write must cover the whole batch")
-        fp8 = None if self.fp8 is None else tuple(t[layer, batch] for t in self.fp8)
-        return Destination(self.k[layer, batch], self.v[layer, batch], w.slots, fp8)
+        return self.k[layer, batch], self.v[layer, batch], w.slots
 
     def store(self, layer: int, w: PendingWrite, k: torch.Tensor, v: torch.Tensor,
               batch: slice = slice(None)) -> None:
         """Store this layer's new keys/values (`destination` for writers that store them themselves)."""
-        self.destination(layer, w, batch).store(k, v)
+        keys, values, slots = self.destination(layer, w, batch)
+        keys.index_copy_(1, slots, k)
+        values.index_copy_(1, slots, v)
 
     def read(self, layer: int, batch: slice = slice(None), static: bool = False,
              ring: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -228,43 +209,11 @@ class KVCache:
             return self.k[layer, batch], self.v[layer, batch], self.valid.view(1, 1, 1, -1)
         return self.k[layer, batch, :n], self.v[layer, batch, :n], None
 
-    def read_fp8(self, layer: int, batch: slice = slice(None), static: bool = False, ring: bool = False
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """The FP8 copy of `read`'s entries, in the same slots: keys, values [B, N, H, D] and their scales
-        [B, N, H] (a keys-contiguous view); None without the copy, or for the compact (non-static) read."""
-        if self.fp8 is None or not static:
-            return None
-        n = self.ring_extent() if ring else self.static_extent() or self.capacity
-        k8, v8, ks, vs = (t[layer, batch] for t in self.fp8)
-        return k8[:, :n], v8[:, :n], ks[:, :, :n].transpose(1, 2), vs[:, :, :n].transpose(1, 2)
-
     def write(self, layer: int, w: PendingWrite, k: torch.Tensor, v: torch.Tensor, batch: slice = slice(None),
               static: bool = False, ring: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """`store`, then `read`."""
         self.store(layer, w, k, v, batch)
         return self.read(layer, batch, static, ring)
-
-
-class Destination(NamedTuple):
-    """One layer's ring slots for a pass's new entries: the bf16 keys/values, the slots, and the FP8
-    copy (keys, values, their scales [B, H, C]) when the cache keeps one. A tuple, which a compiled
-    region takes as its tensors (no guard on the object)."""
-
-    keys: torch.Tensor  # [B, C, H, D]
-    values: torch.Tensor
-    slots: torch.Tensor  # [L] ring slots
-    fp8: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-
-    def store(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        """k, v [B, L, H, D]. Index assignments, so that inside a compiled region inductor writes them from
-        the kernel that computes them (models/transformer.py `_block_attn_in`)."""
-        self.keys[:, self.slots] = k
-        self.values[:, self.slots] = v
-        if self.fp8 is not None:
-            for x, values, scales in ((k, self.fp8[0], self.fp8[2]), (v, self.fp8[1], self.fp8[3])):
-                q8, scale = quantize_kv(x)
-                values[:, self.slots] = q8
-                scales[:, :, self.slots] = scale.transpose(1, 2)
 
 
 @dataclass
@@ -278,7 +227,7 @@ class CachedSelfAttention:
     static: bool = False
     ring: bool = False
 
-    def destination(self, layer: int) -> Destination:
+    def destination(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Where the block's compiled attn_in region stores this layer's new keys/values itself: in the
         kernel that applies the rotary, not in two copies after it (H200: 960 copies of about 4 us a
         chunk at the paper's point)."""
@@ -289,8 +238,4 @@ class CachedSelfAttention:
         if k is not None and v is not None:
             self.cache.store(layer, self.pending, k, v, self.batch)
         keys, values, mask = self.cache.read(layer, self.batch, self.static, self.ring)
-        if self.backend == "splitkv" and (fp8 := self.cache.read_fp8(layer, self.batch, self.static, self.ring)):
-            out = split_kv_fp8(q, *fp8, mask)
-            if out is not None:
-                return out
         return attention(q, keys, values, mask, self.backend)

@@ -9,9 +9,10 @@ softmax-weighted values and log-sum-exp, and a second kernel merges the slices:
   which the mask-free flash kernel cannot take and cuDNN's masked path reads 32 queries at 5x the
   unmasked cost (H200: 212 against 41 us a layer; this kernel 43 us);
 - the keys and values may be FP8 (e4m3) with one float32 scale per key and head (models/fp8.py
-  `quantize_kv`), which halves the bytes read. With the scales laid out heads-contiguous (as quantize_kv
-  returns them) each key's scale is a separate 32-byte read, and this measured slower on an H200 (42.6
-  against 37.6 us for an action step); the KV cache's FP8 copy keeps them keys-contiguous ([B, H, N]).
+  `quantize_kv`), which halves the bytes read but measured slower on an H200, with the scales
+  heads-contiguous or keys-contiguous alike (42.7 and 42.9 against 37.5 us for an action step): the
+  conversion costs more than the read saves. A KV cache keeping an FP8 copy for the action passes made
+  whole chunks slower (bench/results/chunk_latency_fp8_kv_h200.json), so the served cache stays bf16.
 
 Layout as the cache stores it: q [B, M, H, D], k/v [B, N, H, D]; output [B, M, H, D] in q's dtype.
 """

@@ -13,7 +13,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Callable, Protocol
 
 import torch
 import torch.nn as nn
@@ -37,9 +37,9 @@ WEIGHTS_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 class SelfAttentionFn(Protocol):
     """How a block's self-attention finds its keys: a teacher-forced mask or a KV cache."""
 
-    def destination(self, layer: int) -> Any:
-        """An object whose `store(k, v)` keeps the new keys/values (models/kv_cache.py Destination): the
-        block calls it itself, then this with k = v = None; None: they come with the call."""
+    def destination(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(keys, values, slots): the block stores its new keys/values there itself (`keys[:, slots] = k`)
+        and calls with k = v = None; None: they come with the call."""
         ...
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None) -> torch.Tensor: ...
@@ -175,7 +175,9 @@ def _block_attn_in(block: TransformerBlock, x, mod, cos, sin, destination=None):
     q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
     if destination is None:
         return q, k, v
-    destination.store(k, v)
+    keys, values, slots = destination
+    keys[:, slots] = k
+    values[:, slots] = v
     return q, None, None
 
 
