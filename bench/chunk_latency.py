@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 import vaops.models.fp8 as fp8_module
+import vaops.models.transformer as transformer_module
 from vaops.models.config import get_preset
 from vaops.models.engine import EngineConfig, InferenceEngine
 from vaops.models.fp8 import quantize_blocks_fp8
@@ -191,7 +192,7 @@ def served_operating_points(engine: InferenceEngine, preset, precision: str, arg
     return rows
 
 
-# Changes to the served path that `--baselines` switches off, for a baseline measured in the same run.
+# Changes to the served path that `--baselines` switches off (or, `fast-accum`, on), measured in the same run.
 BASELINES = {
     "kv-copies": "each layer's new keys and values stored by two copies after the compiled attn_in region "
                  "(before 2026-12-01), not by the region's rotary kernel",
@@ -199,6 +200,9 @@ BASELINES = {
                      "not models/fp8_gelu.py's kernel",
     "masked-reads": "the observation after an eviction read under the live-slot mask (before 2026-12-01), not "
                     "as the packed prefix (KVCache._pack)",
+    "split-regions": "inference's compiled regions cut at each block's end too (before 2026-12-01), not only at "
+                     "the attention calls (LingBotVATransformer._chain)",
+    "fast-accum": "FP8 GEMMs with cuBLASLt's fast accumulation (not served: models/fp8.py FAST_ACCUM)",
 }
 
 
@@ -209,7 +213,8 @@ def baseline(names: str):
     parts = set(filter(None, names.split("+")))
     if parts - BASELINES.keys():
         raise SystemExit(f"--baselines: unknown {sorted(parts - BASELINES.keys())}; known: {sorted(BASELINES)}")
-    kept = CachedSelfAttention.destination, fp8_module.FUSED_GELU, KVCache._pack
+    kept = (CachedSelfAttention.destination, fp8_module.FUSED_GELU, KVCache._pack, transformer_module.CHAIN_REGIONS,
+            fp8_module.FAST_ACCUM)
     try:
         if "kv-copies" in parts:
             CachedSelfAttention.destination = lambda self, layer: None  # type: ignore[method-assign,assignment,return-value]
@@ -217,9 +222,14 @@ def baseline(names: str):
             fp8_module.FUSED_GELU = False
         if "masked-reads" in parts:
             KVCache._pack = lambda self, w: None  # type: ignore[method-assign]
+        if "split-regions" in parts:
+            transformer_module.CHAIN_REGIONS = False
+        if "fast-accum" in parts:
+            fp8_module.FAST_ACCUM = True
         yield
     finally:
-        CachedSelfAttention.destination, fp8_module.FUSED_GELU, KVCache._pack = kept  # type: ignore[method-assign]
+        (CachedSelfAttention.destination, fp8_module.FUSED_GELU, KVCache._pack,  # type: ignore[method-assign]
+         transformer_module.CHAIN_REGIONS, fp8_module.FAST_ACCUM) = kept
 
 
 def steady_median(times: list[float]) -> float:
@@ -444,10 +454,19 @@ def main() -> None:
                 print(f"{name} vs fp32 at {point}, an episode's first chunk from the same noise: video rel L2 "
                       f"{a['video_rel_l2']:.4f}, actions rel L2 {a['actions_rel_l2']:.4f}, actions max abs "
                       f"{a['actions_max_abs']:.4f}")
+        by_baseline = {None: acc}
+        for off in [b for b in args.baselines.split(",") if "fast-accum" in b]:  # changes the numbers: measured
+            with baseline(off):
+                by_baseline[off] = accuracy_vs_fp32(preset, device, args.seed, args.text_len, fp8=True,
+                                                    backends=backends[:1])
+            for point, a in by_baseline[off].get("fp8", {}).items():
+                print(f"fp8 with {off} vs fp32 at {point}: video rel L2 {a['video_rel_l2']:.4f}, actions rel L2 "
+                      f"{a['actions_rel_l2']:.4f}")
+        results["accuracy_vs_fp32_baselines"] = {k: v for k, v in by_baseline.items() if k}
         for row in results.get("operating_points", []):  # each timed row with its own accuracy
             variant = row["precision"] + ("" if row["backend"] == backends[0] else " " + row["backend"])
-            if not row["baseline"]:  # accuracy is measured on the served path only
-                row["accuracy_vs_fp32"] = acc.get(variant, {}).get(row["operating_point"])
+            if row["baseline"] in by_baseline:  # measured on the served path and where numbers change
+                row["accuracy_vs_fp32"] = by_baseline[row["baseline"]].get(variant, {}).get(row["operating_point"])
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=2)

@@ -26,6 +26,11 @@ FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)
 
 
+# cuBLASLt's fast FP8 accumulation (no periodic promotion to fp32): bench/chunk_latency.py's `fast-accum`
+# measures it; off, as its accuracy cost was not worth it (see that bench's results).
+FAST_ACCUM = False
+
+
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] -> (FP8 values, fp32 scales [M, 1]) with x ~ values * scales."""
     scale = x.detach().abs().amax(dim=1, keepdim=True).float().clamp_min(1e-12) / FP8_MAX
@@ -51,7 +56,8 @@ class FP8Linear(nn.Module):
 
     def unit_product(self, xq: torch.Tensor) -> torch.Tensor:
         """FP8 rows [M, in] times the FP8 weight, unit scales: [M, out] bf16."""
-        return torch._scaled_mm(xq, self.weight.t(), scale_a=self.one, scale_b=self.one, out_dtype=torch.bfloat16)
+        return torch._scaled_mm(xq, self.weight.t(), scale_a=self.one, scale_b=self.one, out_dtype=torch.bfloat16,
+                                use_fast_accum=FAST_ACCUM)
 
     def epilogue(self, product: torch.Tensor, x_scale: torch.Tensor) -> torch.Tensor:
         """The token and channel scales and the bias, applied to `unit_product`'s result."""

@@ -38,6 +38,28 @@ def _forward(model, seed=0):
         return model.forward_train(video, video, t, t * 0, actions, actions, t, t * 0, text, MaskedSelfAttention(mask))
 
 
+def test_inference_chain_of_regions_is_the_block_by_block_forward(monkeypatch):
+    """Inference cuts the compiled regions at the attention calls only (block i's FFN and block i+1's
+    attention input as one); the same operations in the same order give the same numbers as the
+    block-by-block forward training runs, and with gradients enabled the blocks run one by one."""
+    import vaops.models.transformer as transformer_module
+
+    model = build_transformer(get_preset("tiny").transformer, seed=0)
+    chained = _forward(model)
+    monkeypatch.setattr(transformer_module, "CHAIN_REGIONS", False)
+    assert all(torch.equal(a, b) for a, b in zip(chained, _forward(model)))
+    monkeypatch.setattr(transformer_module, "CHAIN_REGIONS", True)
+    calls = []
+    monkeypatch.setattr(transformer_module.LingBotVATransformer, "_chain", lambda *a: calls.append(a))
+    g = torch.Generator().manual_seed(0)
+    cfg = model.config
+    video, t = torch.randn(1, cfg.in_channels, 2, 4, 4, generator=g), torch.full((1, 2), 500.0)
+    actions, text = torch.randn(1, cfg.action_dim, 2, 3, 1, generator=g), torch.randn(1, 8, cfg.text_dim, generator=g)
+    model.forward_train(video, video, t, t * 0, actions, actions, t, t * 0, text,
+                        MaskedSelfAttention(teacher_forced_mask(2, 4, 2, 3, 1, 4)))
+    assert not calls  # gradients enabled: block by block
+
+
 def test_checkpoint_round_trip(tmp_path):
     model = build_transformer(get_preset("tiny").transformer, seed=3)
     save_transformer(model, tmp_path / "transformer")
