@@ -192,7 +192,7 @@ def served_operating_points(engine: InferenceEngine, preset, precision: str, arg
     return rows
 
 
-# Changes to the served path that `--baselines` switches off (or, `fast-accum`, on), measured in the same run.
+# Changes to the served path that `--baselines` switches off, measured in the same run.
 BASELINES = {
     "kv-copies": "each layer's new keys and values stored by two copies after the compiled attn_in region "
                  "(before 2026-12-01), not by the region's rotary kernel",
@@ -202,7 +202,8 @@ BASELINES = {
                     "as the packed prefix (KVCache._pack)",
     "split-regions": "inference's compiled regions cut at each block's end too (before 2026-12-01), not only at "
                      "the attention calls (LingBotVATransformer._chain)",
-    "fast-accum": "FP8 GEMMs with cuBLASLt's fast accumulation (not served: models/fp8.py FAST_ACCUM)",
+    "fast-accum": "FP8 GEMMs accumulating with periodic promotion to fp32 (before 2026-12-01), not cuBLASLt's "
+                  "fast accumulation (models/fp8.py FAST_ACCUM)",
 }
 
 
@@ -225,7 +226,7 @@ def baseline(names: str):
         if "split-regions" in parts:
             transformer_module.CHAIN_REGIONS = False
         if "fast-accum" in parts:
-            fp8_module.FAST_ACCUM = True
+            fp8_module.FAST_ACCUM = False
         yield
     finally:
         (CachedSelfAttention.destination, fp8_module.FUSED_GELU, KVCache._pack,  # type: ignore[method-assign]
