@@ -11,6 +11,10 @@ Inside the compiled block regions (models/transformer.py) the token scales' redu
 the result fuse into the kernels around the GEMM, so per-token and per-channel accuracy costs no extra
 kernel (one scale per whole tensor needs a grid-wide reduction: two more kernels per GEMM). It changes
 the numbers: bench/chunk_latency.py measures how far from the fp32 path, beside the bf16 path.
+
+Each block's FFN becomes an FP8FeedForward: on a GPU the up projection's scaling, the tanh GELU and the
+down projection's quantisation run as one Triton kernel (models/fp8_gelu.py), not as inductor's fusion of
+them, which read each row twice (bench/results/chunk_latency_served_h200.md).
 """
 
 from __future__ import annotations

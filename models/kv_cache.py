@@ -141,7 +141,8 @@ class KVCache:
         if any((s - w.start) % cap < w.length for s in back):
             return
         if back:
-            assert back == list(range(back[0], back[0] + len(back))) and front == [(front[0] + j) % cap for j in range(len(back))]
+            assert back == list(range(back[0], back[0] + len(back)))
+            assert front == [(front[0] + j) % cap for j in range(len(back))]
             k = len(back)
             src = self._positions[:k] + back[0]
             dst = torch.remainder(self._positions[:k] + front[0], cap)
