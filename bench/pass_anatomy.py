@@ -13,8 +13,8 @@ weights, full KV cache of 9,792 entries); `--skip` leaves parts out, parts 6 and
        source bench/device_env.sh $PWD/.whl-rgpu $PWD/.whl-attn && cd bench && \
            python pass_anatomy.py --skip gemm,passes,profile,timeline
 2c. The FP8 FFN's middle (`ffn`): the up projection's epilogue, GELU and quantisation as inductor fuses them
-   against models/fp8_gelu.py's kernel, alone and inside the compiled FP8FeedForward, at the same row
-   counts; how many FP8 codes differ between the two.
+   against models/fp8_gelu.py's kernel (and its looped candidate), alone and inside the compiled
+   FP8FeedForward, at the same row counts; how many FP8 codes differ between them.
 3. Whole passes of the served engine (compiled blocks, CUDA graphs, fused q/k/v), bf16 and FP8 weights:
    one video pass (CFG batch), one action step (conditional only), one action cache pass (CFG batch).
 4. A profile of one chunk at the paper's operating point on the graphed engine, kernels grouped.
@@ -115,7 +115,7 @@ def ffn_middle(cfg) -> list[dict]:
     from diffusers.models.attention import FeedForward
 
     from vaops.models.fp8 import FP8FeedForward
-    from vaops.models.fp8_gelu import gelu_quantize_rows, launch
+    from vaops.models.fp8_gelu import _gelu_quantize_looped, gelu_quantize_rows, launch
 
     d, n = cfg.inner_dim, cfg.ffn_dim
     ffn = FeedForward(d, inner_dim=n, activation_fn="gelu-approximate").to("cuda", torch.bfloat16)
@@ -135,6 +135,14 @@ def ffn_middle(cfg) -> list[dict]:
         for warps in (4, 8, 32):  # the kernel's launch (16 warps) against other widths
             t[f"triton kernel, {warps} warps"] = graph_time_us(
                 lambda: launch(product, xs, up.weight_scale, up.bias, num_warps=warps))  # noqa: B023
+        looped_differ = 0.0
+        for block, warps in ((1024, 4), (2048, 4), (2048, 8), (4096, 8)):  # the looped candidate
+            def looped():
+                return launch(product, xs, up.weight_scale, up.bias, kernel=_gelu_quantize_looped,  # noqa: B023
+                              num_warps=warps, block=block)  # noqa: B023
+            t[f"looped kernel, {block} columns, {warps} warps"] = graph_time_us(looped)
+            lq, ls = looped()
+            looped_differ = max(looped_differ, (lq.float() != q.float()).float().mean().item(), (ls != s).float().mean().item())
         kept = fp8_module.FUSED_GELU
         try:
             for name, fused in (("FFN, inductor's middle", False), ("FFN, the kernel's middle", True)):
@@ -146,7 +154,8 @@ def ffn_middle(cfg) -> list[dict]:
                      "read_write_us_at_4.2TB/s": m * n * 3 / 4.2e6,
                      "codes_differing": (q.float() != rq.float()).float().mean().item(),
                      "scale_max_rel": ((s - rs).abs() / rs).max().item(),
-                     "max_error_in_fp8_steps": ((q.float() * s - ref).abs() / (ref.abs() / 8 + rs * 2 ** -9)).max().item()})
+                     "max_error_in_fp8_steps": ((q.float() * s - ref).abs() / (ref.abs() / 8 + rs * 2 ** -9)).max().item(),
+                     "looped_vs_kernel_differing": looped_differ})
         print(f"FFN middle M={m:4d}  " + "  ".join(f"{k} {v:7.1f}" for k, v in t.items())
               + f"  codes differing {rows[-1]['codes_differing']:.2e}", flush=True)
     return rows

@@ -24,6 +24,18 @@ FP8_MAX = tl.constexpr(448.0)
 SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
 
 
+# bf16(gelu_tanh(bf16(raw * xs * ws + bias))) of one row's columns `cols`, in fp32: `_gelu_quantize`'s steps
+# (kept inline there, as measured on the GPU) for the looped candidate.
+@triton.jit
+def _gelu_chunk(Raw, WS, Bias, xs, row, cols, keep, stride_raw):
+    raw = tl.load(Raw + row * stride_raw + cols, mask=keep, other=0.0).to(tl.float32)
+    scale = xs * tl.load(WS + cols, mask=keep, other=0.0)
+    y = (raw * scale + tl.load(Bias + cols, mask=keep, other=0.0)).to(tl.bfloat16).to(tl.float32)
+    u = SQRT_2_OVER_PI * (y + 0.044715 * y * y * y)
+    return (0.5 * y * (2.0 - 2.0 / (tl.exp(2.0 * u) + 1.0))).to(tl.bfloat16).to(tl.float32)
+
+
+# One program a row, the whole row in registers (BLOCK >= N): read once.
 @triton.jit
 def _gelu_quantize(Raw, XS, WS, Bias, Out, Scale, N, stride_raw, stride_out, BLOCK: tl.constexpr):
     row = tl.program_id(0)
@@ -39,12 +51,33 @@ def _gelu_quantize(Raw, XS, WS, Bias, Out, Scale, N, stride_raw, stride_out, BLO
     tl.store(Scale + row, row_scale)
 
 
+# One program a row in BLOCK-column pieces, twice (the maximum, then the quantisation: the second read from
+# L2): fewer registers a thread, so more programs an SM. A candidate that bench/pass_anatomy.py part 2c
+# measures against `_gelu_quantize` (not yet run on a GPU); not served until it measures faster.
+@triton.jit
+def _gelu_quantize_looped(Raw, XS, WS, Bias, Out, Scale, N, stride_raw, stride_out, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    xs = tl.load(XS + row)
+    peak = tl.zeros([BLOCK], tl.float32)
+    for c0 in range(0, N, BLOCK):
+        cols = c0 + tl.arange(0, BLOCK)
+        keep = cols < N
+        peak = tl.maximum(peak, tl.where(keep, tl.abs(_gelu_chunk(Raw, WS, Bias, xs, row, cols, keep, stride_raw)), 0.0))
+    row_scale = tl.maximum(tl.max(peak, axis=0), 1e-12) / FP8_MAX
+    for c0 in range(0, N, BLOCK):
+        cols = c0 + tl.arange(0, BLOCK)
+        keep = cols < N
+        h = _gelu_chunk(Raw, WS, Bias, xs, row, cols, keep, stride_raw)
+        tl.store(Out + row * stride_out + cols, (h / row_scale).to(Out.dtype.element_ty), mask=keep)
+    tl.store(Scale + row, row_scale)
+
+
 def launch(raw: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor, kernel=_gelu_quantize,
-           out_dtype: torch.dtype = FP8, num_warps: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+           out_dtype: torch.dtype = FP8, num_warps: int = 16, block: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """raw [M, N] bf16 (the unit-scale FP8 product), x_scale [M, 1], w_scale [1, N], bias [N] fp32
     -> (FP8 [M, N], fp32 scales [M, 1]): quantize_rows(gelu_tanh(bf16(raw * x_scale * w_scale + bias))).
     out_dtype float32: the values before their rounding to FP8 (Triton's CPU interpreter rounds to FP8
-    wrongly, e.g. 127.7 to 64: its tests read these)."""
+    wrongly, e.g. 127.7 to 64: its tests read these). block: the looped kernel's piece (default: the row)."""
     m, n = raw.shape
     if raw.stride(1) != 1 or w_scale.stride(-1) != 1 or x_scale.numel() != m or w_scale.numel() != n or bias.numel() != n:
         raise ValueError(f"gelu_quantize_rows: raw {tuple(raw.shape)} (unit column stride), x_scale {tuple(x_scale.shape)}, "
@@ -53,7 +86,7 @@ def launch(raw: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor, bias
     scale = torch.empty((m, 1), dtype=torch.float32, device=raw.device)
     # 14,336 columns in 16 warps: 32 values a thread per array, no spills.
     kernel[(m,)](raw, x_scale, w_scale, bias, out, scale, n, raw.stride(0), out.stride(0),
-                 BLOCK=triton.next_power_of_2(n), num_warps=num_warps)
+                 BLOCK=block or triton.next_power_of_2(n), num_warps=num_warps)
     return out, scale
 
 
