@@ -90,7 +90,7 @@ class KVCache:
         return len(self) if self._packed == (self.head, self.tail) else None
 
     def ring_extent(self) -> int:
-        """What a ring read covers (see `write`): the live prefix rounded up to a quarter of the ring
+        """What a ring read covers (see `read`): the live prefix rounded up to a quarter of the ring
         while nothing has been evicted, else the whole ring. Four extents instead of one per filling
         level keep a batch's graphs few (models/batch.py) without reading the empty ring early on."""
         if self.full or self.head > 0:
@@ -103,7 +103,7 @@ class KVCache:
         """Reserve `length` entries at the end, evicting the oldest entries if full.
 
         `slots_out` (optional) receives the ring slots, for callers that need them at a fixed address;
-        `ring`: the pass reads the ring (`write(..., ring=True)`), so the live-slot mask is kept current.
+        `ring`: the pass reads the ring (`read(..., ring=True)`), so the live-slot mask is kept current.
         """
         if length > self.capacity:
             raise ValueError(f"write of {length} tokens exceeds the cache capacity {self.capacity}")
@@ -209,12 +209,6 @@ class KVCache:
         if n is None:
             return self.k[layer, batch], self.v[layer, batch], self.valid.view(1, 1, 1, -1)
         return self.k[layer, batch, :n], self.v[layer, batch, :n], None
-
-    def write(self, layer: int, w: PendingWrite, k: torch.Tensor, v: torch.Tensor, batch: slice = slice(None),
-              static: bool = False, ring: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """`store`, then `read`."""
-        self.store(layer, w, k, v, batch)
-        return self.read(layer, batch, static, ring)
 
 
 @dataclass

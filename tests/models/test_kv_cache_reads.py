@@ -53,8 +53,8 @@ def test_static_reads_match_the_compact_read_in_every_state():
     def write(length, keep=True, predicted=False):
         w = cache.begin(length, keep=keep, predicted=predicted)
         k, v = torch.randn(2, length, 2, 4), torch.randn(2, length, 2, 4)
-        static = cache.write(0, w, k, v, static=True)
-        compact = cache.write(0, w, k, v, static=False)
+        cache.store(0, w, k, v)
+        static, compact = cache.read(0, static=True), cache.read(0)
         seen.append(cache.static_extent())
         torch.testing.assert_close(attend(q, static), attend(q, compact), atol=1e-6, rtol=0)
         cache.end(w)
@@ -104,7 +104,8 @@ def test_packed_reads_match_the_compact_read_in_random_episodes(monkeypatch):
         w = cache.begin(length, keep=keep, predicted=predicted)
         for layer in range(2):
             k, v = torch.randn(2, length, 2, 4, generator=g), torch.randn(2, length, 2, 4, generator=g)
-            static = cache.write(layer, w, k, v, static=True)
+            cache.store(layer, w, k, v)
+            static = cache.read(layer, static=True)
             torch.testing.assert_close(attend(q, static), attend(q, cache.read(layer)), atol=1e-6, rtol=0)
         extent = cache.static_extent()
         if cache.head > 0 and not cache.full:

@@ -69,11 +69,12 @@ for length, keep, predicted in ((70, True, False), (40, True, True), (0, None, N
         continue
     w = cache.begin(length, keep=keep, predicted=predicted)
     for layer in range(2):
-        cache.write(layer, w, torch.randn(2, length, 3, 32, generator=g), torch.randn(2, length, 3, 32, generator=g))
+        cache.store(layer, w, torch.randn(2, length, 3, 32, generator=g), torch.randn(2, length, 3, 32, generator=g))
     cache.end(w)
 w = cache.begin(8, keep=False)  # 84 of 96 slots live, the 14 oldest evicted
 new_k, new_v = torch.randn(1, 8, 3, 32, generator=g), torch.randn(1, 8, 3, 32, generator=g)
-keys, values, mask = cache.write(1, w, new_k, new_v, batch=slice(0, 1), static=True)
+cache.store(1, w, new_k, new_v, batch=slice(0, 1))
+keys, values, mask = cache.read(1, batch=slice(0, 1), static=True)
 r["cache masked"] = mask is not None and 0 < cache.head and not cache.full
 q = torch.randn(1, 8, 3, 32, generator=g)
 live_k, live_v = cache.live(1, slice(0, 1))
