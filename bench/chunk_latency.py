@@ -207,13 +207,19 @@ BASELINES = {
 }
 
 
+def baseline_parts(names: str) -> set[str]:
+    """The BASELINES named in '+'-joined `names` ('' for none); ValueError names any unknown one."""
+    parts = set(filter(None, names.split("+")))
+    if parts - BASELINES.keys():
+        raise ValueError(f"unknown {sorted(parts - BASELINES.keys())}; known: {sorted(BASELINES)}")
+    return parts
+
+
 @contextlib.contextmanager
 def baseline(names: str):
     """The served path with the '+'-joined BASELINES switched off ('' for none); engines made inside it
     compile and capture their own graphs."""
-    parts = set(filter(None, names.split("+")))
-    if parts - BASELINES.keys():
-        raise SystemExit(f"--baselines: unknown {sorted(parts - BASELINES.keys())}; known: {sorted(BASELINES)}")
+    parts = baseline_parts(names)
     kept = (CachedSelfAttention.destination, fp8_module.FUSED_GELU, KVCache._pack, transformer_module.CHAIN_REGIONS,
             fp8_module.FAST_ACCUM)
     try:
@@ -360,6 +366,12 @@ def main() -> None:
     p.add_argument("--profile", action="store_true", help="print the top GPU kernels of one steady chunk")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args()
+    baselines = [b for b in args.baselines.split(",") if b]
+    for b in baselines:
+        try:
+            baseline_parts(b)
+        except ValueError as e:
+            p.error(f"--baselines {b}: {e}")
 
     device = torch.device(args.device)
     preset = get_preset(args.preset)
@@ -433,7 +445,7 @@ def main() -> None:
                 torch.cuda.reset_peak_memory_stats(device)
                 engine = InferenceEngine(model, config, backend=backends[0], cuda_graphs=True)
             for i, backend in enumerate(backends):  # each attention backend on the same weights, in turn
-                for j, off in enumerate([""] + [b for b in args.baselines.split(",") if b]):
+                for j, off in enumerate([""] + baselines):
                     with baseline(off):
                         if i or j:
                             del engine
@@ -456,7 +468,7 @@ def main() -> None:
                       f"{a['video_rel_l2']:.4f}, actions rel L2 {a['actions_rel_l2']:.4f}, actions max abs "
                       f"{a['actions_max_abs']:.4f}")
         by_baseline = {None: acc}
-        for off in [b for b in args.baselines.split(",") if "fast-accum" in b]:  # changes the numbers: measured
+        for off in [b for b in baselines if "fast-accum" in b]:  # changes the numbers: measured
             with baseline(off):
                 by_baseline[off] = accuracy_vs_fp32(preset, device, args.seed, args.text_len, fp8=True,
                                                     backends=backends[:1])

@@ -82,7 +82,7 @@ FUSED_GELU = True
 
 
 @functools.cache
-def _gelu_quantize(device: torch.device):
+def _fused_gelu_op():
     """models/fp8_gelu.py's operator where Triton is installed, else None (the eager formula)."""
     try:
         from .fp8_gelu import gelu_quantize_rows
@@ -107,7 +107,7 @@ class FP8FeedForward(nn.Module):
         up, down = self.net[0].proj, self.net[2]
         xq, x_scale = quantize_rows(x.reshape(-1, up.in_features))
         product = up.unit_product(xq)
-        if FUSED_GELU and x.is_cuda and up.bias is not None and (fused := _gelu_quantize(x.device)) is not None:
+        if FUSED_GELU and x.is_cuda and up.bias is not None and (fused := _fused_gelu_op()) is not None:
             hq, h_scale = fused(product, x_scale, up.weight_scale, up.bias)
         else:
             hq, h_scale = quantize_rows(F.gelu(up.epilogue(product, x_scale), approximate="tanh"))

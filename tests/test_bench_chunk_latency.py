@@ -13,7 +13,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
-from chunk_latency import accuracy_vs_fp32, chunk_floor, chunk_passes, observation, run_chunks  # noqa: E402
+from chunk_latency import (accuracy_vs_fp32, baseline, baseline_parts, chunk_floor, chunk_passes,  # noqa: E402
+                           observation, run_chunks)
 
 from vaops.models.config import get_preset  # noqa: E402
 from vaops.models.engine import EngineConfig, InferenceEngine  # noqa: E402
@@ -82,3 +83,23 @@ def test_accuracy_rows_cover_every_operating_point_and_differ_from_fp32_a_little
     assert set(acc) == {"bf16"} and set(acc["bf16"]) == set(preset.operating_point_settings())
     for point, a in acc["bf16"].items():
         assert 0 < a["actions_rel_l2"] < 0.05 and 0 < a["video_rel_l2"] < 0.05, point  # bf16 rounding only
+
+
+def test_baselines_switch_the_served_path_back_and_restore_it():
+    """`--baselines` names: unknown ones are refused by name; inside the context each change is switched
+    off, and everything is as before after it, even when the body raises."""
+    import vaops.models.fp8 as fp8
+    import vaops.models.transformer as transformer
+    from vaops.models.kv_cache import CachedSelfAttention
+
+    assert baseline_parts("kv-copies+fast-accum") == {"kv-copies", "fast-accum"} and baseline_parts("") == set()
+    with pytest.raises(ValueError, match=r"unknown \['nope'\]"):
+        baseline_parts("nope+kv-copies")
+    destination = CachedSelfAttention.destination
+    with pytest.raises(RuntimeError):
+        with baseline("kv-copies+inductor-gelu+split-regions+fast-accum"):
+            assert CachedSelfAttention.destination is not destination
+            assert not (fp8.FUSED_GELU or transformer.CHAIN_REGIONS or fp8.FAST_ACCUM)
+            raise RuntimeError
+    assert CachedSelfAttention.destination is destination
+    assert fp8.FUSED_GELU and transformer.CHAIN_REGIONS and fp8.FAST_ACCUM
