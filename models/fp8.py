@@ -20,6 +20,7 @@ them, which read each row twice (bench/results/chunk_latency_served_h200.md).
 from __future__ import annotations
 
 import functools
+import importlib
 import warnings
 
 import torch
@@ -34,6 +35,11 @@ FP8_MAX = float(torch.finfo(FP8).max)
 # (bench/results/chunk_latency_chain_h200.json): 0.528 -> 0.519 s a chunk at the released settings, 0.106 ->
 # 0.104 s at the paper's point, with the same distance from fp32 (actions rel L2 0.0057 -> 0.0059).
 FAST_ACCUM = True
+
+# Products of at most 64 rows (action passes: 32 tokens, 64 under CFG) in models/fp8_skinny.py's kernel on a
+# GPU, not cuBLASLt's: they are bound by reading the weight, which cuBLASLt does at 1.7-3.0 of 4.8 TB/s there.
+SKINNY = True
+SKINNY_ROWS = 64
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,7 +66,11 @@ class FP8Linear(nn.Module):
         self.register_buffer("one", torch.ones((), device=weight.device))
 
     def unit_product(self, xq: torch.Tensor) -> torch.Tensor:
-        """FP8 rows [M, in] times the FP8 weight, unit scales: [M, out] bf16."""
+        """FP8 rows [M, in] times the FP8 weight, unit scales: [M, out] bf16. At most SKINNY_ROWS rows on a
+        GPU: models/fp8_skinny.py's kernel."""
+        if (SKINNY and xq.is_cuda and xq.shape[0] <= SKINNY_ROWS and (skinny := _kernels("fp8_skinny"))
+                and skinny.fits(xq.shape[0], self.out_features, self.in_features)):
+            return skinny.fp8_skinny_mm(xq, self.weight)
         return torch._scaled_mm(xq, self.weight.t(), scale_a=self.one, scale_b=self.one, out_dtype=torch.bfloat16,
                                 use_fast_accum=FAST_ACCUM)
 
@@ -82,14 +92,13 @@ FUSED_GELU = True
 
 
 @functools.cache
-def _fused_gelu_op():
-    """models/fp8_gelu.py's operator where Triton is installed, else None (the eager formula)."""
+def _kernels(module: str):
+    """models/`module`.py (Triton kernels) where Triton is installed, else None: the callers' PyTorch path."""
     try:
-        from .fp8_gelu import gelu_quantize_rows
+        return importlib.import_module(f"{__package__}.{module}")
     except ImportError as e:
-        warnings.warn(f"FP8 FFN: {e}; its GELU and quantisation run as inductor fuses them", stacklevel=3)
+        warnings.warn(f"FP8: {e}; models/{module}.py's kernels run as PyTorch's operators instead", stacklevel=3)
         return None
-    return gelu_quantize_rows
 
 
 class FP8FeedForward(nn.Module):
@@ -107,8 +116,8 @@ class FP8FeedForward(nn.Module):
         up, down = self.net[0].proj, self.net[2]
         xq, x_scale = quantize_rows(x.reshape(-1, up.in_features))
         product = up.unit_product(xq)
-        if FUSED_GELU and x.is_cuda and up.bias is not None and (fused := _fused_gelu_op()) is not None:
-            hq, h_scale = fused(product, x_scale, up.weight_scale, up.bias)
+        if FUSED_GELU and x.is_cuda and up.bias is not None and (kernels := _kernels("fp8_gelu")):
+            hq, h_scale = kernels.gelu_quantize_rows(product, x_scale, up.weight_scale, up.bias)
         else:
             hq, h_scale = quantize_rows(F.gelu(up.epilogue(product, x_scale), approximate="tanh"))
         return down.epilogue(down.unit_product(hq), h_scale).view(*x.shape[:-1], down.out_features)
