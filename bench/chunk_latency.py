@@ -204,8 +204,6 @@ BASELINES = {
                      "the attention calls (LingBotVATransformer._chain)",
     "fast-accum": "FP8 GEMMs accumulating with periodic promotion to fp32 (before 2026-12-01), not cuBLASLt's "
                   "fast accumulation (models/fp8.py FAST_ACCUM)",
-    "cublas-skinny": "FP8 products of at most 64 rows (action passes) in cuBLASLt (before 2026-12-01), not "
-                     "models/fp8_skinny.py's kernel (models/fp8.py SKINNY)",
 }
 
 
@@ -223,7 +221,7 @@ def baseline(names: str):
     compile and capture their own graphs."""
     parts = baseline_parts(names)
     kept = (CachedSelfAttention.destination, fp8_module.FUSED_GELU, KVCache._pack, transformer_module.CHAIN_REGIONS,
-            fp8_module.FAST_ACCUM, fp8_module.SKINNY)
+            fp8_module.FAST_ACCUM)
     try:
         if "kv-copies" in parts:
             CachedSelfAttention.destination = lambda self, layer: None  # type: ignore[method-assign,assignment,return-value]
@@ -235,12 +233,10 @@ def baseline(names: str):
             transformer_module.CHAIN_REGIONS = False
         if "fast-accum" in parts:
             fp8_module.FAST_ACCUM = False
-        if "cublas-skinny" in parts:
-            fp8_module.SKINNY = False
         yield
     finally:
         (CachedSelfAttention.destination, fp8_module.FUSED_GELU, KVCache._pack,  # type: ignore[method-assign]
-         transformer_module.CHAIN_REGIONS, fp8_module.FAST_ACCUM, fp8_module.SKINNY) = kept
+         transformer_module.CHAIN_REGIONS, fp8_module.FAST_ACCUM) = kept
 
 
 def steady_median(times: list[float]) -> float:

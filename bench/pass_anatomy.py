@@ -13,11 +13,8 @@ weights, full KV cache of 9,792 entries); `--skip` leaves parts out, parts 6 and
        source bench/device_env.sh $PWD/.whl-rgpu $PWD/.whl-attn && cd bench && \
            python pass_anatomy.py --skip gemm,passes,profile,timeline
 2c. The FP8 FFN's middle (`ffn`): the up projection's epilogue, GELU and quantisation as inductor fuses them
-   against models/fp8_gelu.py's kernel (and its looped candidate), alone and inside the compiled
+   against models/fp8_gelu.py's kernel, alone and inside the compiled
    FP8FeedForward, at the same row counts; how many FP8 codes differ between them.
-2d. FP8 products of few tokens (`skinny`): cuBLASLt's `_scaled_mm` against models/fp8_skinny.py's kernel at
-   its default launch and over a sweep of tiles, split-K, warps and stages, at each block Linear's shape and
-   the three token counts; the kernel's distance from cuBLASLt's product.
 3. Whole passes of the served engine (compiled blocks, CUDA graphs, fused q/k/v), bf16 and FP8 weights:
    one video pass (CFG batch), one action step (conditional only), one action cache pass (CFG batch).
 4. A profile of one chunk at the paper's operating point on the graphed engine, kernels grouped.
@@ -37,7 +34,6 @@ weights, full KV cache of 9,792 entries); `--skip` leaves parts out, parts 6 and
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import re
 import time
@@ -118,7 +114,7 @@ def ffn_middle(cfg) -> list[dict]:
     from diffusers.models.attention import FeedForward
 
     from vaops.models.fp8 import FP8FeedForward
-    from vaops.models.fp8_gelu import _gelu_quantize_looped, gelu_quantize_rows, launch
+    from vaops.models.fp8_gelu import gelu_quantize_rows, launch
 
     d, n = cfg.inner_dim, cfg.ffn_dim
     ffn = FeedForward(d, inner_dim=n, activation_fn="gelu-approximate").to("cuda", torch.bfloat16)
@@ -138,14 +134,6 @@ def ffn_middle(cfg) -> list[dict]:
         for warps in (4, 8, 32):  # the kernel's launch (16 warps) against other widths
             t[f"triton kernel, {warps} warps"] = graph_time_us(
                 lambda: launch(product, xs, up.weight_scale, up.bias, num_warps=warps))  # noqa: B023
-        looped_differ = 0.0
-        for block, warps in ((1024, 4), (2048, 4), (2048, 8), (4096, 8)):  # the looped candidate
-            def looped():
-                return launch(product, xs, up.weight_scale, up.bias, kernel=_gelu_quantize_looped,  # noqa: B023
-                              num_warps=warps, block=block)  # noqa: B023
-            t[f"looped kernel, {block} columns, {warps} warps"] = graph_time_us(looped)
-            lq, ls = looped()
-            looped_differ = max(looped_differ, (lq.float() != q.float()).float().mean().item(), (ls != s).float().mean().item())
         for name, off in (("FFN, inductor's middle", "inductor-gelu"), ("FFN, the kernel's middle", "")):
             with baseline(off):  # the compiled FFN recompiles on the change
                 t[name] = graph_time_us(lambda: ffn(x))  # noqa: B023
@@ -153,69 +141,9 @@ def ffn_middle(cfg) -> list[dict]:
                      "read_write_us_at_4.2TB/s": m * n * 3 / 4.2e6,
                      "codes_differing": (q.float() != rq.float()).float().mean().item(),
                      "scale_max_rel": ((s - rs).abs() / rs).max().item(),
-                     "max_error_in_fp8_steps": ((q.float() * s - ref).abs() / (ref.abs() / 8 + rs * 2 ** -9)).max().item(),
-                     "looped_vs_kernel_differing": looped_differ})
+                     "max_error_in_fp8_steps": ((q.float() * s - ref).abs() / (ref.abs() / 8 + rs * 2 ** -9)).max().item()})
         print(f"FFN middle M={m:4d}  " + "  ".join(f"{k} {v:7.1f}" for k, v in t.items())
               + f"  codes differing {rows[-1]['codes_differing']:.2e}", flush=True)
-    return rows
-
-
-def skinny_configs(m: int, k: int):
-    """Part 2d's launch settings: tiles x split-K (each slice at least one tile long), then warps and stages."""
-    from vaops.models.fp8_skinny import Launch
-
-    for block_n in (32, 64, 128):
-        for block_k in (128, 256):
-            for splits in (1, 2, 3, 4, 6, 8, 12):
-                if k // splits >= block_k and (splits == 1 or m <= 64):
-                    yield Launch(block_n, block_k, splits)
-    for warps, stages in ((4, 3), (4, 5), (4, 6), (8, 4)):
-        yield Launch(64, 128, 0, warps, stages)  # splits 0: the default's split-K with these settings
-
-
-def skinny_gemms(cfg) -> list[dict]:
-    """Part 2d (see the module's docstring)."""
-    from vaops.models.fp8_skinny import default_launch, fp8_skinny_mm, skinny_launch
-
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    rows = []
-    for name, (k, n) in gemm_shapes(cfg).items():
-        linear = FP8Linear(torch.nn.Linear(k, n, device="cuda", dtype=torch.bfloat16))
-        compiled = torch.compile(linear, dynamic=False)  # as the compiled blocks run it
-        w, one = linear.weight, linear.one
-        for m in TOKENS.values():
-            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            xq, _ = quantize_rows(x)
-            ref = torch._scaled_mm(xq, w.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16, use_fast_accum=True)
-            default = default_launch(m, n, k, sms)
-            t = {"cublaslt": graph_time_us(lambda: torch._scaled_mm(xq, w.t(), scale_a=one, scale_b=one,  # noqa: B023
-                                                                    out_dtype=torch.bfloat16, use_fast_accum=True)),
-                 "kernel (default launch)": graph_time_us(lambda: fp8_skinny_mm(xq, w))}  # noqa: B023
-            err = ((fp8_skinny_mm(xq, w).float() - ref.float()).norm() / ref.float().norm()).item()
-            served = compiled(x)
-            t["FP8Linear compiled, served"] = graph_time_us(lambda: compiled(x))  # noqa: B023
-            with baseline("cublas-skinny"):  # recompiles on the change
-                cublas = compiled(x)
-                t["FP8Linear compiled, cuBLASLt"] = graph_time_us(lambda: compiled(x))  # noqa: B023
-            linear_err = ((served.float() - cublas.float()).norm() / cublas.float().norm()).item()
-            sweep = []
-            for launch in skinny_configs(m, k):
-                if launch.splits == 0:
-                    launch = dataclasses.replace(launch, splits=default.splits)
-                try:
-                    us = graph_time_us(lambda: skinny_launch(xq, w, launch))  # noqa: B023
-                except Exception as e:  # noqa: BLE001 (a launch setting the GPU cannot hold: skip it)
-                    print(f"  skinny {launch}: {type(e).__name__}", flush=True)
-                    continue
-                sweep.append({**dataclasses.asdict(launch), "us": us})
-            best = min(sweep, key=lambda r: r["us"])
-            rows.append({"gemm": name, "k": k, "n": n, "tokens": m, **{f"{v}_us": us for v, us in t.items()},
-                         "default_launch": dataclasses.asdict(default), "best_launch": best,
-                         "rel_l2_vs_cublaslt": err, "fp8linear_rel_l2_vs_cublaslt": linear_err, "weight_read_us_at_4.8TB/s": k * n / 4.8e6, "sweep": sweep})
-            print(f"skinny {name:38s} M={m:4d}  cuBLASLt {t['cublaslt']:7.2f}  kernel {t['kernel (default launch)']:7.2f} "
-                  f"({default})  best {best['us']:7.2f} ({best})  floor {k * n / 4.8e6:5.2f}  rel {err:.1e}  "
-                  f"FP8Linear {t['FP8Linear compiled, cuBLASLt']:7.2f} -> {t['FP8Linear compiled, served']:7.2f} "
-                  f"rel {linear_err:.1e}", flush=True)
     return rows
 
 
@@ -682,7 +610,7 @@ def main() -> None:
     p.add_argument("--preset", default="robotwin")
     p.add_argument("--text-len", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--skip", default="", help="comma-separated parts to skip: gemm, ffn, skinny, attention, splitkv, passes, "
+    p.add_argument("--skip", default="", help="comma-separated parts to skip: gemm, ffn, attention, splitkv, passes, "
                                               "profile, timeline")
     p.add_argument("--precisions", default="bf16,fp8", help="the engines of parts 3-6")
     p.add_argument("--rope-copies", action="store_true",
@@ -713,9 +641,6 @@ def main() -> None:
     _, ph, pw = cfg.patch_size
     h, w = preset.latent_hw
     capacity = (preset.sampling.attn_window // 2) * preset.frame_chunk_size * (preset.action_per_frame + h * w // (ph * pw))
-    if "skinny" not in skip:
-        results["skinny_gemms"] = skinny_gemms(cfg)
-        save()
     if "attention" not in skip:
         results["attention"] = attentions(cfg, capacity)
         save()

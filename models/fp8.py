@@ -36,11 +36,6 @@ FP8_MAX = float(torch.finfo(FP8).max)
 # 0.104 s at the paper's point, with the same distance from fp32 (actions rel L2 0.0057 -> 0.0059).
 FAST_ACCUM = True
 
-# Products of at most 64 rows (action passes: 32 tokens, 64 under CFG) in models/fp8_skinny.py's kernel on a
-# GPU, not cuBLASLt's: they are bound by reading the weight, which cuBLASLt does at 1.7-3.0 of 4.8 TB/s there.
-SKINNY = True
-SKINNY_ROWS = 64
-
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] -> (FP8 values, fp32 scales [M, 1]) with x ~ values * scales."""
@@ -66,11 +61,9 @@ class FP8Linear(nn.Module):
         self.register_buffer("one", torch.ones((), device=weight.device))
 
     def unit_product(self, xq: torch.Tensor) -> torch.Tensor:
-        """FP8 rows [M, in] times the FP8 weight, unit scales: [M, out] bf16. At most SKINNY_ROWS rows on a
-        GPU: models/fp8_skinny.py's kernel."""
-        if (SKINNY and xq.is_cuda and xq.shape[0] <= SKINNY_ROWS and (skinny := _kernels("fp8_skinny"))
-                and skinny.fits(xq.shape[0], self.out_features, self.in_features)):
-            return skinny.fp8_skinny_mm(xq, self.weight)
+        """FP8 rows [M, in] times the FP8 weight, unit scales: [M, out] bf16. For the action passes' 32-64 rows
+        a Triton kernel (weight channels as the tile's rows, split-K) measured no faster than cuBLASLt's
+        with the weights read from DRAM (bench/results/pass_anatomy_skinny_h200.json)."""
         return torch._scaled_mm(xq, self.weight.t(), scale_a=self.one, scale_b=self.one, out_dtype=torch.bfloat16,
                                 use_fast_accum=FAST_ACCUM)
 

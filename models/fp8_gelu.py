@@ -5,7 +5,9 @@ Inductor fuses the same three steps into one reduction kernel too, but a looped 
 the up projection's product twice (once for the row's absolute maximum, once to quantise it), recomputing
 the epilogue and the GELU, and on an H200 it took 28.5 us for a video pass's 480 x 14,336 products
 (bench/results/pass_anatomy_h200.md), about 3x the time to read and write them. Here one program holds a
-whole row in registers: read once, written once.
+whole row in registers: read once, written once. A looped variant (the row in pieces of 1,024-4,096
+columns, read twice, fewer registers a thread) was slower at every row count on an H200: 21.1 against 16.5
+us at 480 rows, 8.1 against 5.7 at 32 (bench/results/pass_anatomy_ffn_looped_h200.json).
 
 Numbers follow the eager path step by step (models/fp8.py): the epilogue rounds to bf16, the GELU is
 computed in fp32 from that and rounded to bf16, then quantised with one scale a row; tanh is written with
@@ -24,17 +26,6 @@ FP8_MAX = tl.constexpr(448.0)
 SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
 
 
-# bf16(gelu_tanh(bf16(raw * xs * ws + bias))) of one row's columns `cols`, in fp32: `_gelu_quantize`'s steps
-# (kept inline there, as measured on the GPU) for the looped candidate.
-@triton.jit
-def _gelu_chunk(Raw, WS, Bias, xs, row, cols, keep, stride_raw):
-    raw = tl.load(Raw + row * stride_raw + cols, mask=keep, other=0.0).to(tl.float32)
-    scale = xs * tl.load(WS + cols, mask=keep, other=0.0)
-    y = (raw * scale + tl.load(Bias + cols, mask=keep, other=0.0)).to(tl.bfloat16).to(tl.float32)
-    u = SQRT_2_OVER_PI * (y + 0.044715 * y * y * y)
-    return (0.5 * y * (2.0 - 2.0 / (tl.exp(2.0 * u) + 1.0))).to(tl.bfloat16).to(tl.float32)
-
-
 # One program a row, the whole row in registers (BLOCK >= N): read once.
 @triton.jit
 def _gelu_quantize(Raw, XS, WS, Bias, Out, Scale, N, stride_raw, stride_out, BLOCK: tl.constexpr):
@@ -51,33 +42,12 @@ def _gelu_quantize(Raw, XS, WS, Bias, Out, Scale, N, stride_raw, stride_out, BLO
     tl.store(Scale + row, row_scale)
 
 
-# One program a row in BLOCK-column pieces, twice (the maximum, then the quantisation: the second read from
-# L2): fewer registers a thread, so more programs an SM. A candidate that bench/pass_anatomy.py part 2c
-# measures against `_gelu_quantize` (not yet run on a GPU); not served until it measures faster.
-@triton.jit
-def _gelu_quantize_looped(Raw, XS, WS, Bias, Out, Scale, N, stride_raw, stride_out, BLOCK: tl.constexpr):
-    row = tl.program_id(0)
-    xs = tl.load(XS + row)
-    peak = tl.zeros([BLOCK], tl.float32)
-    for c0 in range(0, N, BLOCK):
-        cols = c0 + tl.arange(0, BLOCK)
-        keep = cols < N
-        peak = tl.maximum(peak, tl.where(keep, tl.abs(_gelu_chunk(Raw, WS, Bias, xs, row, cols, keep, stride_raw)), 0.0))
-    row_scale = tl.maximum(tl.max(peak, axis=0), 1e-12) / FP8_MAX
-    for c0 in range(0, N, BLOCK):
-        cols = c0 + tl.arange(0, BLOCK)
-        keep = cols < N
-        h = _gelu_chunk(Raw, WS, Bias, xs, row, cols, keep, stride_raw)
-        tl.store(Out + row * stride_out + cols, (h / row_scale).to(Out.dtype.element_ty), mask=keep)
-    tl.store(Scale + row, row_scale)
-
-
 def launch(raw: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor, kernel=_gelu_quantize,
-           out_dtype: torch.dtype = FP8, num_warps: int = 16, block: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+           out_dtype: torch.dtype = FP8, num_warps: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     """raw [M, N] bf16 (the unit-scale FP8 product), x_scale [M, 1], w_scale [1, N], bias [N] fp32
     -> (FP8 [M, N], fp32 scales [M, 1]): quantize_rows(gelu_tanh(bf16(raw * x_scale * w_scale + bias))).
     out_dtype float32: the values before their rounding to FP8 (Triton's CPU interpreter rounds to FP8
-    wrongly, e.g. 127.7 to 64: its tests read these). block: the looped kernel's piece (default: the row)."""
+    wrongly, e.g. 127.7 to 64: its tests read these)."""
     m, n = raw.shape
     if raw.stride(1) != 1 or w_scale.stride(-1) != 1 or x_scale.numel() != m or w_scale.numel() != n or bias.numel() != n:
         raise ValueError(f"gelu_quantize_rows: raw {tuple(raw.shape)} (unit column stride), x_scale {tuple(x_scale.shape)}, "
@@ -86,7 +56,7 @@ def launch(raw: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor, bias
     scale = torch.empty((m, 1), dtype=torch.float32, device=raw.device)
     # 14,336 columns in 16 warps: 32 values a thread per array, no spills.
     kernel[(m,)](raw, x_scale, w_scale, bias, out, scale, n, raw.stride(0), out.stride(0),
-                 BLOCK=block or triton.next_power_of_2(n), num_warps=num_warps)
+                 BLOCK=triton.next_power_of_2(n), num_warps=num_warps)
     return out, scale
 
 
