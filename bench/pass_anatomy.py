@@ -15,9 +15,13 @@ weights, full KV cache of 9,792 entries); `--skip` leaves parts out, parts 6 and
 2c. The FP8 FFN's middle (`ffn`): the up projection's epilogue, GELU and quantisation as inductor fuses them
    against models/fp8_gelu.py's kernel, alone and inside the compiled
    FP8FeedForward, at the same row counts; how many FP8 codes differ between them.
+2e. A video pass's self-attention with the keys cut into slices (`videosplit`): cuDNN as the engine calls it
+   against models/attention.py's `cudnn_key_split` at 2-8 slices, over the full cache and half of it.
 3. Whole passes of the served engine (compiled blocks, CUDA graphs, fused q/k/v), bf16 and FP8 weights:
    one video pass (CFG batch), one action step (conditional only), one action cache pass (CFG batch).
-4. A profile of one chunk at the paper's operating point on the graphed engine, kernels grouped.
+4. A profile of one chunk at the paper's operating point on the graphed engine, kernels grouped; 4b
+   (`--profile-sites REGEX`): the Python call sites that launch the kernels matching REGEX, from the same
+   chunk run without graphs.
 5. A timeline of chunks at the paper's operating point: per pass, the GPU time (CUDA events around it),
    the host time to issue it, and the GPU's idle time between passes (where the host, not the GPU, sets
    the pace); `--rope-copies` runs it again with the rotary table copied from the host at every call.
@@ -281,6 +285,39 @@ def split_kv_rows(cfg, keys: int, text_len: int, parts: str = "cache,text") -> l
     return rows
 
 
+def video_key_split(cfg, capacity: int) -> list[dict]:
+    """Part 2e: a video pass's self-attention (2 x 240 queries) in cuDNN as the engine calls it, against
+    models/attention.py's `cudnn_key_split` (the keys in S slices as batch entries, merged by log-sum-exp),
+    over the full cache and over half of it; the slices' cuDNN call alone; error against fp32."""
+    from vaops.models.attention import cudnn_key_split
+
+    heads, dim = cfg.num_attention_heads, cfg.attention_head_dim
+    rows = []
+    for keys in (capacity, capacity // 2):
+        q = torch.randn(2, 240, heads, dim, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(2, keys, heads, dim, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn(2, keys, heads, dim, device="cuda", dtype=torch.bfloat16)
+        qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        ref = F.scaled_dot_product_attention(qt.float(), kt.float(), vt.float()).transpose(1, 2)
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            row: dict = {"keys": keys, "cudnn_us": graph_time_us(lambda: F.scaled_dot_product_attention(qt, kt, vt)),
+                         "cudnn max abs err vs fp32": (F.scaled_dot_product_attention(qt, kt, vt).transpose(1, 2).float()
+                                                       - ref).abs().max().item()}
+        for splits in (2, 3, 4, 6, 8):
+            if keys % splits:
+                continue
+            row[f"{splits} slices_us"] = graph_time_us(lambda: cudnn_key_split(q, k, v, splits))  # noqa: B023
+            sliced = [x.unflatten(1, (splits, keys // splits)).permute(0, 1, 3, 2, 4).flatten(0, 1) for x in (k, v)]
+            qs = qt.unsqueeze(1).expand(2, splits, heads, 240, dim).flatten(0, 1)
+            row[f"{splits} slices, cuDNN call alone_us"] = graph_time_us(
+                lambda: torch.ops.aten._scaled_dot_product_cudnn_attention(qs, *sliced, None, True))  # noqa: B023
+            row[f"{splits} slices max abs err vs fp32"] = (cudnn_key_split(q, k, v, splits).float() - ref).abs().max().item()
+        row["bf16 tflops at cudnn"] = 4 * 2 * 240 * keys * heads * dim / row["cudnn_us"] / 1e6
+        rows.append(row)
+        print("video key split", {k_: round(v_, 4) for k_, v_ in row.items()}, flush=True)
+    return rows
+
+
 def cudnn_frontend_sdpa():
     """`torch.ops.cudnn.sdpa_fwd` of NVIDIA's cudnn-frontend Python package when it is installed (PyPI
     `nvidia-cudnn-frontend`, 11.6 MB for cp312: carry it to the node), else None. Its router picks among
@@ -397,6 +434,44 @@ def profile_paper_chunk(engine: InferenceEngine, preset, seed: int) -> dict:
         torch.cuda.synchronize()
     engine.set_sampling(preset.sampling)
     return kernel_groups(prof)
+
+
+def kernel_sites(engine: InferenceEngine, preset, seed: int, pattern: str) -> list[dict]:
+    """Part 4b (`--profile-sites REGEX`): where the kernels matching `pattern` are launched from, for one
+    chunk at the paper's point run without CUDA graphs (the same static reads and compiled regions; a graph's
+    replay hides its launches' Python stacks): count, kernel, launching op and innermost vaops frames."""
+    from torch.profiler import ProfilerActivity, profile
+
+    engine.set_sampling(preset.operating_point("paper"))
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    engine.cuda_graphs = False
+    try:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True) as prof:
+            obs = observation(engine, gen)
+            engine.act(generator=gen).actions.cpu()
+            engine.observe(*obs)
+            torch.cuda.synchronize()
+    finally:
+        engine.cuda_graphs = True
+        engine.set_sampling(preset.sampling)
+    sites: dict[tuple[str, str, str], list[float]] = defaultdict(lambda: [0, 0.0])
+    for evt in prof.events():
+        kernels = [k for k in getattr(evt, "kernels", []) if re.search(pattern, k.name)]
+        if evt.device_type.name != "CPU" or not kernels:
+            continue
+        frames, up = [], evt
+        while up is not None and not frames:
+            frames = [f for f in (up.stack or []) if "vaops" in f or "/models/" in f or "/bench/" in f][:4]
+            up = up.cpu_parent
+        for k in kernels:
+            site = sites[(k.name[:90], evt.name, " <- ".join(frames) or "(no python frame)")]
+            site[0] += 1
+            site[1] += k.duration / 1e3
+    rows = [{"kernel": k, "op": op, "frames": f, "calls": c, "ms": ms} for (k, op, f), (c, ms) in sites.items()]
+    rows.sort(key=lambda r: -r["ms"])
+    for r in rows[:40]:
+        print(f"sites {r['ms']:7.2f} ms {r['calls']:5d}x {r['kernel'][:60]}  [{r['op']}]  {r['frames']}", flush=True)
+    return rows[:150]
 
 
 class _Forgetful(dict):
@@ -610,7 +685,7 @@ def main() -> None:
     p.add_argument("--preset", default="robotwin")
     p.add_argument("--text-len", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--skip", default="", help="comma-separated parts to skip: gemm, ffn, attention, splitkv, passes, "
+    p.add_argument("--skip", default="", help="comma-separated parts to skip: gemm, ffn, attention, videosplit, splitkv, passes, "
                                               "profile, timeline")
     p.add_argument("--precisions", default="bf16,fp8", help="the engines of parts 3-6")
     p.add_argument("--rope-copies", action="store_true",
@@ -618,6 +693,8 @@ def main() -> None:
                         "2026-12-01), in the same process")
     p.add_argument("--splitkv-shapes", default="cache,text",
                    help="part 2b: reads over the cache (or only the action step's: action), the prompt, or both")
+    p.add_argument("--profile-sites", default="", metavar="REGEX",
+                   help="part 4b: where the kernels matching REGEX are launched from (one ungraphed paper chunk)")
     p.add_argument("--observe", action="store_true", help="part 7: an observation's encoding")
     p.add_argument("--robots", default="", help="part 6: comma-separated robot counts, e.g. 1,2,4,8")
     p.add_argument("--out", default=None)
@@ -644,6 +721,9 @@ def main() -> None:
     if "attention" not in skip:
         results["attention"] = attentions(cfg, capacity)
         save()
+    if "videosplit" not in skip:
+        results["video_key_split"] = video_key_split(cfg, capacity)
+        save()
     if "splitkv" not in skip:
         results["split_kv"] = split_kv_rows(cfg, capacity, args.text_len, args.splitkv_shapes)
         save()
@@ -661,6 +741,10 @@ def main() -> None:
             save()
             if "profile" not in skip:
                 results[f"profile_paper_{'fp8' if fp8 else 'bf16'}"] = profile_paper_chunk(engine, preset, args.seed)
+                save()
+            if args.profile_sites:
+                results[f"kernel_sites_paper_{'fp8' if fp8 else 'bf16'}"] = kernel_sites(
+                    engine, preset, args.seed, args.profile_sites)
                 save()
             if args.robots:
                 results[f"batched_{'fp8' if fp8 else 'bf16'}"] = batched_passes(
