@@ -20,7 +20,6 @@ them, which read each row twice (bench/results/chunk_latency_served_h200.md).
 from __future__ import annotations
 
 import functools
-import importlib
 import warnings
 
 import torch
@@ -85,13 +84,15 @@ FUSED_GELU = True
 
 
 @functools.cache
-def _kernels(module: str):
-    """models/`module`.py (Triton kernels) where Triton is installed, else None: the callers' PyTorch path."""
+def _fused_gelu_op():
+    """models/fp8_gelu.py's operator where Triton is installed, else None (the eager formula). An import
+    statement, not importlib: dynamo traces this inside the compiled regions."""
     try:
-        return importlib.import_module(f"{__package__}.{module}")
+        from .fp8_gelu import gelu_quantize_rows
     except ImportError as e:
-        warnings.warn(f"FP8: {e}; models/{module}.py's kernels run as PyTorch's operators instead", stacklevel=3)
+        warnings.warn(f"FP8 FFN: {e}; its GELU and quantisation run as inductor fuses them", stacklevel=3)
         return None
+    return gelu_quantize_rows
 
 
 class FP8FeedForward(nn.Module):
@@ -109,8 +110,8 @@ class FP8FeedForward(nn.Module):
         up, down = self.net[0].proj, self.net[2]
         xq, x_scale = quantize_rows(x.reshape(-1, up.in_features))
         product = up.unit_product(xq)
-        if FUSED_GELU and x.is_cuda and up.bias is not None and (kernels := _kernels("fp8_gelu")):
-            hq, h_scale = kernels.gelu_quantize_rows(product, x_scale, up.weight_scale, up.bias)
+        if FUSED_GELU and x.is_cuda and up.bias is not None and (fused := _fused_gelu_op()) is not None:
+            hq, h_scale = fused(product, x_scale, up.weight_scale, up.bias)
         else:
             hq, h_scale = quantize_rows(F.gelu(up.epilogue(product, x_scale), approximate="tanh"))
         return down.epilogue(down.unit_product(hq), h_scale).view(*x.shape[:-1], down.out_features)
