@@ -15,8 +15,6 @@ weights, full KV cache of 9,792 entries); `--skip` leaves parts out, parts 6 and
 2c. The FP8 FFN's middle (`ffn`): the up projection's epilogue, GELU and quantisation as inductor fuses them
    against models/fp8_gelu.py's kernel, alone and inside the compiled
    FP8FeedForward, at the same row counts; how many FP8 codes differ between them.
-2e. A video pass's self-attention with the keys cut into slices (`videosplit`): cuDNN as the engine calls it
-   against models/attention.py's `cudnn_key_split` at 2-8 slices, over the full cache and half of it.
 3. Whole passes of the served engine (compiled blocks, CUDA graphs, fused q/k/v), bf16 and FP8 weights:
    one video pass (CFG batch), one action step (conditional only), one action cache pass (CFG batch).
 4. A profile of one chunk at the paper's operating point on the graphed engine, kernels grouped; 4b
@@ -285,39 +283,6 @@ def split_kv_rows(cfg, keys: int, text_len: int, parts: str = "cache,text") -> l
     return rows
 
 
-def video_key_split(cfg, capacity: int) -> list[dict]:
-    """Part 2e: a video pass's self-attention (2 x 240 queries) in cuDNN as the engine calls it, against
-    models/attention.py's `cudnn_key_split` (the keys in S slices as batch entries, merged by log-sum-exp),
-    over the full cache and over half of it; the slices' cuDNN call alone; error against fp32."""
-    from vaops.models.attention import cudnn_key_split
-
-    heads, dim = cfg.num_attention_heads, cfg.attention_head_dim
-    rows = []
-    for keys in (capacity, capacity // 2):
-        q = torch.randn(2, 240, heads, dim, device="cuda", dtype=torch.bfloat16)
-        k = torch.randn(2, keys, heads, dim, device="cuda", dtype=torch.bfloat16)
-        v = torch.randn(2, keys, heads, dim, device="cuda", dtype=torch.bfloat16)
-        qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        ref = F.scaled_dot_product_attention(qt.float(), kt.float(), vt.float()).transpose(1, 2)
-        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
-            row: dict = {"keys": keys, "cudnn_us": graph_time_us(lambda: F.scaled_dot_product_attention(qt, kt, vt)),
-                         "cudnn max abs err vs fp32": (F.scaled_dot_product_attention(qt, kt, vt).transpose(1, 2).float()
-                                                       - ref).abs().max().item()}
-        for splits in (2, 3, 4, 6, 8):
-            if keys % splits:
-                continue
-            row[f"{splits} slices_us"] = graph_time_us(lambda: cudnn_key_split(q, k, v, splits))  # noqa: B023
-            sliced = [x.unflatten(1, (splits, keys // splits)).permute(0, 1, 3, 2, 4).flatten(0, 1) for x in (k, v)]
-            qs = qt.unsqueeze(1).expand(2, splits, heads, 240, dim).flatten(0, 1)
-            row[f"{splits} slices, cuDNN call alone_us"] = graph_time_us(
-                lambda: torch.ops.aten._scaled_dot_product_cudnn_attention(qs, *sliced, None, True))  # noqa: B023
-            row[f"{splits} slices max abs err vs fp32"] = (cudnn_key_split(q, k, v, splits).float() - ref).abs().max().item()
-        row["bf16 tflops at cudnn"] = 4 * 2 * 240 * keys * heads * dim / row["cudnn_us"] / 1e6
-        rows.append(row)
-        print("video key split", {k_: round(v_, 4) for k_, v_ in row.items()}, flush=True)
-    return rows
-
-
 def cudnn_frontend_sdpa():
     """`torch.ops.cudnn.sdpa_fwd` of NVIDIA's cudnn-frontend Python package when it is installed (PyPI
     `nvidia-cudnn-frontend`, 11.6 MB for cp312: carry it to the node), else None. Its router picks among
@@ -342,7 +307,6 @@ def split_kv_one_call(q, k, v, splits: int) -> torch.Tensor:
     return (out.unflatten(0, (b, splits)).float() * w).sum(1).to(q.dtype)
 
 
-@torch.no_grad()
 @torch.no_grad()
 def forward_ms(engine: InferenceEngine, kind: str, x: torch.Tensor, t: torch.Tensor, cond_only: bool,
                calls: int = 20) -> float:
@@ -685,7 +649,7 @@ def main() -> None:
     p.add_argument("--preset", default="robotwin")
     p.add_argument("--text-len", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--skip", default="", help="comma-separated parts to skip: gemm, ffn, attention, videosplit, splitkv, passes, "
+    p.add_argument("--skip", default="", help="comma-separated parts to skip: gemm, ffn, attention, splitkv, passes, "
                                               "profile, timeline")
     p.add_argument("--precisions", default="bf16,fp8", help="the engines of parts 3-6")
     p.add_argument("--rope-copies", action="store_true",
@@ -720,9 +684,6 @@ def main() -> None:
     capacity = (preset.sampling.attn_window // 2) * preset.frame_chunk_size * (preset.action_per_frame + h * w // (ph * pw))
     if "attention" not in skip:
         results["attention"] = attentions(cfg, capacity)
-        save()
-    if "videosplit" not in skip:
-        results["video_key_split"] = video_key_split(cfg, capacity)
         save()
     if "splitkv" not in skip:
         results["split_kv"] = split_kv_rows(cfg, capacity, args.text_len, args.splitkv_shapes)

@@ -277,33 +277,6 @@ def _key_flags(mask, keys: int) -> bool:
                             and mask.shape[-1] == keys)
 
 
-def _merge_key_slices(out: torch.Tensor, lse: torch.Tensor, batch: int) -> torch.Tensor:
-    """Attention over key slices -> over all the keys: out [B*S, H, M, D] and log-sum-exp [B*S, H, M] of S
-    slices (batch-major) -> [B, H, M, D] in out's dtype, each slice weighted by its softmax mass."""
-    o = out.unflatten(0, (batch, -1)).float()
-    w = torch.softmax(lse.reshape(o.shape[:-1]).float(), dim=1)
-    return (o * w.unsqueeze(-1)).sum(1).to(out.dtype)
-
-
-_merge_compiled = torch.compile(_merge_key_slices, dynamic=False)
-
-
-def cudnn_key_split(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, splits: int) -> torch.Tensor:
-    """cuDNN's attention with the keys cut into `splits` equal slices, each slice a batch entry of its own,
-    merged by log-sum-exp: q [B, M, H, D], k/v [B, N, H, D] (N a multiple of `splits`) -> [B, M, H, D].
-    More thread blocks than cuDNN's one per 64 queries and head, which a video pass's 2 x 240 queries x 24
-    heads leave at 1.45 waves of an H200's 132 SMs."""
-    b, m, h, d = q.shape
-    n = k.shape[1]
-
-    def sliced(x: torch.Tensor) -> torch.Tensor:  # [B, N, H, D] -> [B*S, H, N/S, D], a view
-        return x.unflatten(1, (splits, n // splits)).permute(0, 1, 3, 2, 4).flatten(0, 1)
-
-    qs = q.transpose(1, 2).unsqueeze(1).expand(b, splits, h, m, d).flatten(0, 1)
-    out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(qs, sliced(k), sliced(v), None, True)[:2]
-    return _merge_compiled(out, lse, b).transpose(1, 2)
-
-
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None,
               backend: str = "sdpa") -> torch.Tensor:
     """q: [B, Lq, H, D], k/v: [B, Lk, H, D] -> [B, Lq, H, D]; backend: one of `Backend` (a str: it comes
