@@ -204,8 +204,6 @@ BASELINES = {
                      "the attention calls (LingBotVATransformer._chain)",
     "fast-accum": "FP8 GEMMs accumulating with periodic promotion to fp32 (before 2026-12-01), not cuBLASLt's "
                   "fast accumulation (models/fp8.py FAST_ACCUM)",
-    "merge-kernel": "split-KV key slices merged by a second kernel (before 2026-12-01), not by the last slice to "
-                    "finish (models/split_kv.py FUSED_MERGE)",
 }
 
 
@@ -222,9 +220,8 @@ def baseline(names: str):
     """The served path with the '+'-joined BASELINES switched off ('' for none); engines made inside it
     compile and capture their own graphs."""
     parts = baseline_parts(names)
-    split_kv_module = _split_kv_module()
     kept = (CachedSelfAttention.destination, fp8_module.FUSED_GELU, KVCache._pack, transformer_module.CHAIN_REGIONS,
-            fp8_module.FAST_ACCUM, split_kv_module.FUSED_MERGE)
+            fp8_module.FAST_ACCUM)
     try:
         if "kv-copies" in parts:
             CachedSelfAttention.destination = lambda self, layer: None  # type: ignore[method-assign,assignment,return-value]
@@ -236,21 +233,10 @@ def baseline(names: str):
             transformer_module.CHAIN_REGIONS = False
         if "fast-accum" in parts:
             fp8_module.FAST_ACCUM = False
-        if "merge-kernel" in parts:
-            split_kv_module.FUSED_MERGE = False
         yield
     finally:
         (CachedSelfAttention.destination, fp8_module.FUSED_GELU, KVCache._pack,  # type: ignore[method-assign]
-         transformer_module.CHAIN_REGIONS, fp8_module.FAST_ACCUM, split_kv_module.FUSED_MERGE) = kept
-
-
-def _split_kv_module():
-    """models/split_kv.py, or a stand-in holding its switch where Triton is not installed."""
-    try:
-        import vaops.models.split_kv as module
-    except ImportError:
-        return argparse.Namespace(FUSED_MERGE=True)
-    return module
+         transformer_module.CHAIN_REGIONS, fp8_module.FAST_ACCUM) = kept
 
 
 def steady_median(times: list[float]) -> float:

@@ -276,9 +276,6 @@ def split_kv_rows(cfg, keys: int, text_len: int, parts: str = "cache,text") -> l
                 if not masked:
                     row[f"{label} default config_us"] = graph_time_us(
                         lambda: split_kv_attention(q, kv[0], kv[1], None, kv[2], kv[3]))
-                    with baseline("merge-kernel"):  # the slices merged by a second kernel (before 2026-12-01)
-                        row[f"{label} default config, merge kernel_us"] = graph_time_us(
-                            lambda: split_kv_attention(q, kv[0], kv[1], None, kv[2], kv[3]))
             row["kv_read_us_at_4.2TB/s (bf16)"] = 2 * b * keys * heads * dim * 2 / 4.2e6
             rows.append(row)
             print(row["attention"], {k_: (round(v_, 4) if isinstance(v_, float) else v_) for k_, v_ in row.items()

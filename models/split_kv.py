@@ -2,8 +2,7 @@
 
 The served passes attend a few new queries (32 action tokens; 2 x 240 video tokens under CFG) to a
 cache of up to 9,792 keys. The key axis is split across thread blocks, each block computes its slice's
-softmax-weighted values and log-sum-exp, and the last block of each query block to finish merges the
-slices (a ticket counter; before 2026-12-01, a second kernel launched after them):
+softmax-weighted values and log-sum-exp, and a second kernel merges the slices:
 - an action step (1 x 32 queries) is bound by reading the cache (120 MB a layer at the robotwin
   preset), which takes the whole GPU only when the keys are spread over every SM;
 - the keys may carry a validity vector (the ring's live-slot mask: one flag a key, not a dense mask),
@@ -30,12 +29,12 @@ from .fp8 import FP8
 
 
 @triton.jit
-def _partial(Q, K, V, KS, VS, VALID, Out, Lse, Final, Tickets,
+def _partial(Q, K, V, KS, VS, VALID, Out, Lse,
              sqb, sqm, sqh, skb, skn, skh, svb, svn, svh, ssb, ssh, ssn,
-             sob, soh, sos, som, slb, slh, sls, sub, sum_, suh,
-             M, N, H, S, keys_per_split, qk_scale,
+             sob, soh, sos, som, slb, slh, sls,
+             M, N, H, keys_per_split, qk_scale,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
-             SCALED: tl.constexpr, MASKED: tl.constexpr, MERGE: tl.constexpr):
+             SCALED: tl.constexpr, MASKED: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     split = tl.program_id(2)
@@ -75,36 +74,6 @@ def _partial(Q, K, V, KS, VS, VALID, Out, Lse, Final, Tickets,
     row = offs_m < M
     tl.store(Out + b * sob + h * soh + split * sos + offs_m[:, None] * som + offs_d[None, :], out, mask=row[:, None])
     tl.store(Lse + b * slb + h * slh + split * sls + offs_m, lse, mask=row)
-    if MERGE:
-        # The last slice of this query block to finish merges them all: its ticket, taken after every
-        # thread's stores (barrier, then an acquire-release atomic), is S - 1. It resets the counter for the
-        # next call.
-        tl.debug_barrier()
-        ticket = Tickets + bh * tl.num_programs(0) + pid_m
-        if tl.atomic_add(ticket, 1, sem="acq_rel") == S - 1:
-            _merge_block(Out + b * sob + h * soh, Lse + b * slb + h * slh, Final + b * sub + h * suh,
-                         offs_m, row, offs_d, S, sos, som, sls, sum_, BLOCK_M, D)
-            tl.atomic_xchg(ticket, 0)
-
-
-@triton.jit
-def _merge_block(Part, Lse, Final, offs_m, row, offs_d, S, sos, som, sls, sum_,
-                 BLOCK_M: tl.constexpr, D: tl.constexpr):
-    """Rows `offs_m` of one batch row and head: the slices' outputs weighted by their log-sum-exp (as
-    `_merge`). Loads bypass L1 (.cg): the other slices' programs wrote them on other SMs."""
-    peak = tl.load(Lse + offs_m, mask=row, other=float("-inf"), cache_modifier=".cg")
-    for split in range(1, S):
-        peak = tl.maximum(peak, tl.load(Lse + split * sls + offs_m, mask=row, other=float("-inf"), cache_modifier=".cg"))
-    acc = tl.zeros([BLOCK_M, D], tl.float32)
-    total = tl.zeros([BLOCK_M], tl.float32)
-    for split in range(0, S):
-        w = tl.exp2(tl.load(Lse + split * sls + offs_m, mask=row, other=float("-inf"), cache_modifier=".cg") - peak)
-        o = tl.load(Part + split * sos + offs_m[:, None] * som + offs_d[None, :], mask=row[:, None], other=0.0,
-                    cache_modifier=".cg")
-        acc += o * w[:, None]
-        total += w
-    out = acc / total[:, None]
-    tl.store(Final + offs_m[:, None] * sum_ + offs_d[None, :], out.to(Final.dtype.element_ty), mask=row[:, None])
 
 
 @triton.jit
@@ -150,22 +119,6 @@ def _shared_memory(props) -> int:
     return sm - 1024 if sm else 99 * 1024
 
 
-# The slices merged by the last of them to finish, in `_partial` (a ticket counter per query block), not by
-# a second kernel (`_merge`) launched after them.
-FUSED_MERGE = True
-_TICKETS = 1 << 16  # counters per device: batch rows x heads x query blocks of one call
-_tickets: dict[torch.device, torch.Tensor] = {}
-
-
-def _ticket_counters(device: torch.device) -> torch.Tensor | None:
-    """This device's ticket counters, zero between calls (each call's last slices reset theirs); None while
-    a CUDA graph is being captured before they exist (their allocation and zeroing must not be captured)."""
-    counters = _tickets.get(device)
-    if counters is None and not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-        counters = _tickets[device] = torch.zeros(_TICKETS, dtype=torch.int32, device=device)
-    return counters
-
-
 def split_kv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None = None,
                        k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
                        splits: int | None = None, block_m: int | None = None, block_n: int = 64,
@@ -203,22 +156,18 @@ def split_kv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid:
     if scaled and (tuple(ks.shape) != (b, n, h) or ks.shape != vs.shape or ks.stride() != vs.stride()):
         raise ValueError(f"k_scale and v_scale need shape {(b, n, h)} and one layout, got {tuple(ks.shape)} "
                          f"and {tuple(vs.shape)}")
-    tickets = _ticket_counters(q.device) if FUSED_MERGE and m_blocks * b * h <= _TICKETS else None
-    args = (q, k, v, ks, vs, mask, o, lse, out, lse if tickets is None else tickets,
+    args = (q, k, v, ks, vs, mask, o, lse,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), *ss,
             o.stride(0), o.stride(1), o.stride(2), o.stride(3), lse.stride(0), lse.stride(1), lse.stride(2),
-            out.stride(0), out.stride(1), out.stride(2),
-            m, n, h, splits, keys_per_split, d ** -0.5 * math.log2(math.e))
-    meta = dict(BLOCK_M=block_m, BLOCK_N=block_n, D=d, SCALED=scaled, MASKED=valid is not None,
-                MERGE=tickets is not None, num_warps=num_warps)
+            m, n, h, keys_per_split, d ** -0.5 * math.log2(math.e))
+    meta = dict(BLOCK_M=block_m, BLOCK_N=block_n, D=d, SCALED=scaled, MASKED=valid is not None, num_warps=num_warps)
     try:
         _partial[(m_blocks, b * h, splits)](*args, **meta, num_stages=num_stages)
     except triton.runtime.errors.OutOfResources:  # a GPU with less shared memory than estimated: no pipelining
         _partial[(m_blocks, b * h, splits)](*args, **meta, num_stages=1)
-    if tickets is None:
-        _merge[(b * h, m)](
-            o, lse, out, splits, o.stride(0), o.stride(1), o.stride(2), o.stride(3),
-            lse.stride(0), lse.stride(1), lse.stride(2), out.stride(0), out.stride(1), out.stride(2), m, h,
-            D=d, BLOCK_S=max(2, triton.next_power_of_2(splits)))
+    _merge[(b * h, m)](
+        o, lse, out, splits, o.stride(0), o.stride(1), o.stride(2), o.stride(3),
+        lse.stride(0), lse.stride(1), lse.stride(2), out.stride(0), out.stride(1), out.stride(2), m, h,
+        D=d, BLOCK_S=max(2, triton.next_power_of_2(splits)))
     return out

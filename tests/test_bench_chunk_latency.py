@@ -89,7 +89,6 @@ def test_baselines_switch_the_served_path_back_and_restore_it():
     """`--baselines` names: unknown ones are refused by name; inside the context each change is switched
     off, and everything is as before after it, even when the body raises."""
     import vaops.models.fp8 as fp8
-    import vaops.models.split_kv as split_kv
     import vaops.models.transformer as transformer
     from vaops.models.kv_cache import CachedSelfAttention
 
@@ -98,9 +97,9 @@ def test_baselines_switch_the_served_path_back_and_restore_it():
         baseline_parts("nope+kv-copies")
     destination = CachedSelfAttention.destination
     with pytest.raises(RuntimeError):
-        with baseline("kv-copies+inductor-gelu+split-regions+fast-accum+merge-kernel"):
+        with baseline("kv-copies+inductor-gelu+split-regions+fast-accum"):
             assert CachedSelfAttention.destination is not destination
-            assert not (fp8.FUSED_GELU or transformer.CHAIN_REGIONS or fp8.FAST_ACCUM or split_kv.FUSED_MERGE)
+            assert not (fp8.FUSED_GELU or transformer.CHAIN_REGIONS or fp8.FAST_ACCUM)
             raise RuntimeError
     assert CachedSelfAttention.destination is destination
-    assert fp8.FUSED_GELU and transformer.CHAIN_REGIONS and fp8.FAST_ACCUM and split_kv.FUSED_MERGE
+    assert fp8.FUSED_GELU and transformer.CHAIN_REGIONS and fp8.FAST_ACCUM
