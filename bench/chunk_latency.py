@@ -204,17 +204,7 @@ BASELINES = {
                      "the attention calls (LingBotVATransformer._chain)",
     "fast-accum": "FP8 GEMMs accumulating with periodic promotion to fp32 (before 2026-12-01), not cuBLASLt's "
                   "fast accumulation (models/fp8.py FAST_ACCUM)",
-    "no-pdl": "the compiled regions' kernels launched without Programmatic Dependent Launch (before 2026-12-01; "
-              "models/transformer.py PDL)",
 }
-
-
-def _recompile_regions(pdl: bool) -> None:
-    """Compile the block regions afresh (models made after this call), with or without PDL: a compile option,
-    so dynamo's cached frames are dropped too."""
-    transformer_module.PDL = pdl
-    transformer_module.BlockRegions.compiled.cache_clear()
-    torch._dynamo.reset()
 
 
 def baseline_parts(names: str) -> set[str]:
@@ -231,7 +221,7 @@ def baseline(names: str):
     compile and capture their own graphs."""
     parts = baseline_parts(names)
     kept = (CachedSelfAttention.destination, fp8_module.FUSED_GELU, KVCache._pack, transformer_module.CHAIN_REGIONS,
-            fp8_module.FAST_ACCUM, transformer_module.PDL)
+            fp8_module.FAST_ACCUM)
     try:
         if "kv-copies" in parts:
             CachedSelfAttention.destination = lambda self, layer: None  # type: ignore[method-assign,assignment,return-value]
@@ -243,14 +233,10 @@ def baseline(names: str):
             transformer_module.CHAIN_REGIONS = False
         if "fast-accum" in parts:
             fp8_module.FAST_ACCUM = False
-        if "no-pdl" in parts:
-            _recompile_regions(pdl=False)
         yield
     finally:
         (CachedSelfAttention.destination, fp8_module.FUSED_GELU, KVCache._pack,  # type: ignore[method-assign]
-         transformer_module.CHAIN_REGIONS, fp8_module.FAST_ACCUM, pdl) = kept
-        if "no-pdl" in parts:
-            _recompile_regions(pdl)
+         transformer_module.CHAIN_REGIONS, fp8_module.FAST_ACCUM) = kept
 
 
 def steady_median(times: list[float]) -> float:

@@ -212,11 +212,6 @@ def _block_ffn_out_attn_in(block: TransformerBlock, next_block: TransformerBlock
 # Inference runs the blocks as a chain of regions from one attention call to the next (see `trunk`).
 CHAIN_REGIONS = True
 
-# The compiled regions' Triton kernels use Programmatic Dependent Launch (Hopper and later; ignored before):
-# each may start while the kernel before it drains, waiting in the kernel for its inputs, which hides the
-# launch gap between consecutive kernels of a CUDA graph (a paper-point chunk runs about 10,000 kernels).
-PDL = True
-
 
 @dataclass(frozen=True)
 class BlockRegions:
@@ -231,10 +226,8 @@ class BlockRegions:
     @classmethod
     @functools.cache
     def compiled(cls) -> "BlockRegions":
-        options = {"triton.enable_pdl": True} if PDL and hasattr(torch._inductor.config.triton, "enable_pdl") else {}
-
         def c(fn):
-            return torch.compile(fn, dynamic=False, fullgraph=True, options=options)
+            return torch.compile(fn, dynamic=False, fullgraph=True)
 
         return cls(c(_block_attn_in), c(_block_attn_out), c(_block_ffn_out), c(_block_ffn_out_attn_in))
 

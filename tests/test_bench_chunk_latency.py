@@ -97,9 +97,9 @@ def test_baselines_switch_the_served_path_back_and_restore_it():
         baseline_parts("nope+kv-copies")
     destination = CachedSelfAttention.destination
     with pytest.raises(RuntimeError):
-        with baseline("kv-copies+inductor-gelu+split-regions+fast-accum+no-pdl"):
+        with baseline("kv-copies+inductor-gelu+split-regions+fast-accum"):
             assert CachedSelfAttention.destination is not destination
-            assert not (fp8.FUSED_GELU or transformer.CHAIN_REGIONS or fp8.FAST_ACCUM or transformer.PDL)
+            assert not (fp8.FUSED_GELU or transformer.CHAIN_REGIONS or fp8.FAST_ACCUM)
             raise RuntimeError
     assert CachedSelfAttention.destination is destination
-    assert fp8.FUSED_GELU and transformer.CHAIN_REGIONS and fp8.FAST_ACCUM and transformer.PDL
+    assert fp8.FUSED_GELU and transformer.CHAIN_REGIONS and fp8.FAST_ACCUM
