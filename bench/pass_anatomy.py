@@ -17,9 +17,7 @@ weights, full KV cache of 9,792 entries); `--skip` leaves parts out, parts 6 and
    FP8FeedForward, at the same row counts; how many FP8 codes differ between them.
 3. Whole passes of the served engine (compiled blocks, CUDA graphs, fused q/k/v), bf16 and FP8 weights:
    one video pass (CFG batch), one action step (conditional only), one action cache pass (CFG batch).
-4. A profile of one chunk at the paper's operating point on the graphed engine, kernels grouped; 4b
-   (`--profile-sites REGEX`): the Python call sites that launch the kernels matching REGEX, from the same
-   chunk run without graphs.
+4. A profile of one chunk at the paper's operating point on the graphed engine, kernels grouped.
 5. A timeline of chunks at the paper's operating point: per pass, the GPU time (CUDA events around it),
    the host time to issue it, and the GPU's idle time between passes (where the host, not the GPU, sets
    the pace); `--rope-copies` runs it again with the rotary table copied from the host at every call.
@@ -400,44 +398,6 @@ def profile_paper_chunk(engine: InferenceEngine, preset, seed: int) -> dict:
     return kernel_groups(prof)
 
 
-def kernel_sites(engine: InferenceEngine, preset, seed: int, pattern: str) -> list[dict]:
-    """Part 4b (`--profile-sites REGEX`): where the kernels matching `pattern` are launched from, for one
-    chunk at the paper's point run without CUDA graphs (the same static reads and compiled regions; a graph's
-    replay hides its launches' Python stacks): count, kernel, launching op and innermost vaops frames."""
-    from torch.profiler import ProfilerActivity, profile
-
-    engine.set_sampling(preset.operating_point("paper"))
-    gen = torch.Generator(device="cuda").manual_seed(seed)
-    engine.cuda_graphs = False
-    try:
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True) as prof:
-            obs = observation(engine, gen)
-            engine.act(generator=gen).actions.cpu()
-            engine.observe(*obs)
-            torch.cuda.synchronize()
-    finally:
-        engine.cuda_graphs = True
-        engine.set_sampling(preset.sampling)
-    sites: dict[tuple[str, str, str], list[float]] = defaultdict(lambda: [0, 0.0])
-    for evt in prof.events():
-        kernels = [k for k in getattr(evt, "kernels", []) if re.search(pattern, k.name)]
-        if evt.device_type.name != "CPU" or not kernels:
-            continue
-        frames, up = [], evt
-        while up is not None and not frames:
-            frames = [f for f in (up.stack or []) if "vaops" in f or "/models/" in f or "/bench/" in f][:4]
-            up = up.cpu_parent
-        for k in kernels:
-            site = sites[(k.name[:90], evt.name, " <- ".join(frames) or "(no python frame)")]
-            site[0] += 1
-            site[1] += k.duration / 1e3
-    rows = [{"kernel": k, "op": op, "frames": f, "calls": c, "ms": ms} for (k, op, f), (c, ms) in sites.items()]
-    rows.sort(key=lambda r: -r["ms"])
-    for r in rows[:40]:
-        print(f"sites {r['ms']:7.2f} ms {r['calls']:5d}x {r['kernel'][:60]}  [{r['op']}]  {r['frames']}", flush=True)
-    return rows[:150]
-
-
 class _Forgetful(dict):
     """A RotaryEmbedding device cache that keeps nothing: every call copies the table from the host."""
 
@@ -657,8 +617,6 @@ def main() -> None:
                         "2026-12-01), in the same process")
     p.add_argument("--splitkv-shapes", default="cache,text",
                    help="part 2b: reads over the cache (or only the action step's: action), the prompt, or both")
-    p.add_argument("--profile-sites", default="", metavar="REGEX",
-                   help="part 4b: where the kernels matching REGEX are launched from (one ungraphed paper chunk)")
     p.add_argument("--observe", action="store_true", help="part 7: an observation's encoding")
     p.add_argument("--robots", default="", help="part 6: comma-separated robot counts, e.g. 1,2,4,8")
     p.add_argument("--out", default=None)
@@ -702,10 +660,6 @@ def main() -> None:
             save()
             if "profile" not in skip:
                 results[f"profile_paper_{'fp8' if fp8 else 'bf16'}"] = profile_paper_chunk(engine, preset, args.seed)
-                save()
-            if args.profile_sites:
-                results[f"kernel_sites_paper_{'fp8' if fp8 else 'bf16'}"] = kernel_sites(
-                    engine, preset, args.seed, args.profile_sites)
                 save()
             if args.robots:
                 results[f"batched_{'fp8' if fp8 else 'bf16'}"] = batched_passes(
