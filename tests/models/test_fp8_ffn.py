@@ -101,3 +101,15 @@ def test_quantize_blocks_wraps_each_ffn():
     model = build_transformer(get_preset("tiny").transformer, dtype=torch.bfloat16)
     quantize_blocks_fp8(model)
     assert all(isinstance(b.ffn, FP8FeedForward) and isinstance(b.ffn.net[2], FP8Linear) for b in model.blocks)
+
+
+def test_the_ffn_kernel_lookup_traces_inside_a_compiled_region():
+    """The compiled regions reach `_fused_gelu_op` on a GPU only (FP8FeedForward's CUDA branch), and dynamo
+    traces into it with fullgraph=True. An importlib-based lookup broke that on the GPU (commit 1da81db), where
+    no CPU test went; this compiles the lookup itself on the CPU."""
+    pytest.importorskip("triton")
+    from vaops.models.fp8 import _fused_gelu_op
+
+    compiled = torch.compile(lambda x: x + (1.0 if _fused_gelu_op() is not None else 2.0), fullgraph=True,
+                             backend="eager")
+    assert compiled(torch.zeros(1)).item() == 1.0  # traced, and the kernel's operator found
