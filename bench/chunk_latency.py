@@ -33,7 +33,6 @@ from typing import Any
 
 import torch
 
-import vaops.models.attention as attention_module
 import vaops.models.fp8 as fp8_module
 import vaops.models.transformer as transformer_module
 from vaops.models.config import get_preset
@@ -205,13 +204,9 @@ BASELINES = {
                      "the attention calls (LingBotVATransformer._chain)",
     "fast-accum": "FP8 GEMMs accumulating with periodic promotion to fp32 (before 2026-12-01), not cuBLASLt's "
                   "fast accumulation (models/fp8.py FAST_ACCUM)",
-    "bf16-attention-outputs": "split-KV attention outputs merged in bf16 and quantised by the FP8 projection's "
-                              "own kernel (before 2026-12-01), not by the merge (models/attention.py "
-                              "QUANTIZED_OUTPUTS)",
 }
-# The BASELINES that change the numbers, not only the time: their rows get accuracy runs of their own
-# (the fused merge adds its slices in another order: within a bf16 step).
-CHANGE_NUMBERS = {"fast-accum", "bf16-attention-outputs"}
+# The BASELINES that change the numbers, not only the time: their rows get accuracy runs of their own.
+CHANGE_NUMBERS = {"fast-accum"}
 
 
 def baseline_parts(names: str) -> set[str]:
@@ -228,10 +223,8 @@ def baseline(names: str):
     compile and capture their own graphs."""
     parts = baseline_parts(names)
     kept = (CachedSelfAttention.destination, fp8_module.FUSED_GELU, KVCache._pack, transformer_module.CHAIN_REGIONS,
-            fp8_module.FAST_ACCUM, attention_module.QUANTIZED_OUTPUTS)
+            fp8_module.FAST_ACCUM)
     try:
-        if "bf16-attention-outputs" in parts:
-            attention_module.QUANTIZED_OUTPUTS = False
         if "kv-copies" in parts:
             CachedSelfAttention.destination = lambda self, layer: None  # type: ignore[method-assign,assignment,return-value]
         if "inductor-gelu" in parts:
@@ -245,7 +238,7 @@ def baseline(names: str):
         yield
     finally:
         (CachedSelfAttention.destination, fp8_module.FUSED_GELU, KVCache._pack,  # type: ignore[method-assign]
-         transformer_module.CHAIN_REGIONS, fp8_module.FAST_ACCUM, attention_module.QUANTIZED_OUTPUTS) = kept
+         transformer_module.CHAIN_REGIONS, fp8_module.FAST_ACCUM) = kept
 
 
 def steady_median(times: list[float]) -> float:

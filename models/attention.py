@@ -24,8 +24,6 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .fp8 import QuantizedRows
-
 Backend = Literal["sdpa", "cudnn", "splitkv", "flex", "flash"]
 _CUDNN_FIRST = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
                 SDPBackend.MATH]
@@ -279,19 +277,12 @@ def _key_flags(mask, keys: int) -> bool:
                             and mask.shape[-1] == keys)
 
 
-# Split-KV reads whose output feeds an FP8 projection return it quantised by the merge kernel
-# (models/split_kv.py `quantize`), not in bf16 for the projection's own quantisation kernel.
-QUANTIZED_OUTPUTS = True
-
-
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None,
-              backend: str = "sdpa", quantize: bool = False) -> torch.Tensor | QuantizedRows:
+              backend: str = "sdpa") -> torch.Tensor:
     """q: [B, Lq, H, D], k/v: [B, Lk, H, D] -> [B, Lq, H, D]; backend: one of `Backend` (a str: it comes
     from policy.json and the CLI through the engine and the transformer).
 
     mask: None, a boolean tensor broadcastable to [B, H, Lq, Lk] (sdpa), or a BlockMask (flex).
-    quantize: the caller projects the output with an FP8Linear, which takes QuantizedRows too: the split-KV
-    path returns those (its merge quantises the rows); every other path returns the tensor.
     """
     if backend == "flash":
         if mask is not None:
@@ -303,7 +294,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None,
     elif (backend == "splitkv" and q.is_cuda and q.element_size() == 2 and q.shape[1] < CUDNN_MIN_QUERIES
           and _key_flags(mask, k.shape[1])  # fp32 keeps PyTorch's exact path
           and (split_kv := _split_kv_kernel(q.device)) is not None):
-        return split_kv(q, k, v, None if mask is None else mask.reshape(-1), quantize=quantize and QUANTIZED_OUTPUTS)
+        return split_kv(q, k, v, None if mask is None else mask.reshape(-1))
     elif backend in ("cudnn", "splitkv") and q.is_cuda:
         short = mask is None and q.shape[1] < CUDNN_MIN_QUERIES
         with sdpa_kernel(_FLASH_FIRST if short else _CUDNN_FIRST, set_priority=True):

@@ -18,7 +18,6 @@ from .attention import grid_ids
 from .config import Preset, SamplingConfig, check_operating_point
 from .cuda_graphs import CapturedCall
 from .flow_matching import Schedule
-from .fp8 import FP8Linear
 from .kv_cache import CachedSelfAttention, KVCache
 from .transformer import LingBotVATransformer, TextContext
 
@@ -204,12 +203,8 @@ class InferenceEngine:
         pending = self.live_cache.begin(f * h * w, keep=keep, predicted=predicted, slots_out=self._slots[kind])
         text = self.live_text.select(batch) if cond_only else self.live_text
 
-        # FP8 blocks take their attention outputs quantised where the split-KV kernel reads (models/attention.py)
-        quantize = isinstance(self.model.blocks[0].attn1.to_out[0], FP8Linear)
-
         def run(x: torch.Tensor, t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-            attn = CachedSelfAttention(self.live_cache, pending, batch, self.backend, static=self.static_reads,
-                                       quantize=quantize)
+            attn = CachedSelfAttention(self.live_cache, pending, batch, self.backend, static=self.static_reads)
             return fn(x, t, (cos, sin), text, attn, self.backend).float()
 
         x = x.expand(n, *x.shape[1:]).to(self.dtype)

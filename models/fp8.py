@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import functools
 import warnings
-from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -48,14 +47,6 @@ def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     key's head maps to 448, e4m3's largest): the keys and values models/split_kv.py takes in FP8."""
     scale = x.float().abs().amax(-1).clamp_min(1e-12) / FP8_MAX
     return (x.float() / scale.unsqueeze(-1)).to(FP8), scale
-
-
-class QuantizedRows(NamedTuple):
-    """Rows already quantised as `quantize_rows` does: what the split-KV attention hands an FP8 projection
-    (models/split_kv.py `quantize=True`), so no kernel of its own quantises them again."""
-
-    values: torch.Tensor  # [..., K] FP8 (float32 before rounding under Triton's CPU interpreter)
-    scale: torch.Tensor  # [rows, 1] fp32, rows = values.numel() // K
 
 
 class FP8Linear(nn.Module):
@@ -85,12 +76,6 @@ class FP8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xq, x_scale = quantize_rows(x.reshape(-1, self.in_features))
         return self.epilogue(self.unit_product(xq), x_scale).view(*x.shape[:-1], self.out_features)
-
-    def from_rows(self, rows: QuantizedRows) -> torch.Tensor:
-        """`forward` of the rows that `rows` quantised: the same product, without quantising again."""
-        x = rows.values
-        return self.epilogue(self.unit_product(x.reshape(-1, self.in_features)), rows.scale).view(
-            *x.shape[:-1], self.out_features)
 
 
 # The FFN's middle as models/fp8_gelu.py's kernel on a GPU: on an H200, 16.5 against inductor's 26.9 us for

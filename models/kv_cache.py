@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 import torch
 
 from .attention import attention
-from .fp8 import QuantizedRows
 
 RING_QUARTERS = 4
 
@@ -222,7 +221,6 @@ class CachedSelfAttention:
     backend: str = "sdpa"
     static: bool = False
     ring: bool = False
-    quantize: bool = False  # the blocks' projections are FP8: see models/attention.py `attention`
 
     def destination(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Where the block's compiled attn_in region stores this layer's new keys/values itself: in the
@@ -230,10 +228,9 @@ class CachedSelfAttention:
         chunk at the paper's point)."""
         return self.cache.destination(layer, self.pending, self.batch)
 
-    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None
-                 ) -> torch.Tensor | QuantizedRows:
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None) -> torch.Tensor:
         """k, v: the new keys/values, or None where the caller stored them at `destination`."""
         if k is not None and v is not None:
             self.cache.store(layer, self.pending, k, v, self.batch)
         keys, values, mask = self.cache.read(layer, self.batch, self.static, self.ring)
-        return attention(q, keys, values, mask, self.backend, self.quantize)
+        return attention(q, keys, values, mask, self.backend)

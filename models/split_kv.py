@@ -25,9 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .fp8 import FP8, QuantizedRows
-
-FP8_MAX = tl.constexpr(448.0)  # e4m3's largest; globals a kernel reads must be constexpr
+from .fp8 import FP8
 
 
 @triton.jit
@@ -95,37 +93,6 @@ def _merge(Part, Lse, OUT, S, sob, soh, sos, som, slb, slh, sls, sub, sum_, suh,
     tl.store(OUT + b * sub + m * sum_ + h * suh + offs_d, out.to(OUT.dtype.element_ty))
 
 
-@triton.jit
-def _merge_quantize(Part, Lse, OUT, SCALE, S, sob, soh, sos, som, slb, slh, sls, M, H,
-                    D: tl.constexpr, BLOCK_H: tl.constexpr):
-    """`_merge` for one query row's every head, then that row quantised as models/fp8.py `quantize_rows`
-    quantises it: rounded to bf16, one scale a row (its absolute maximum over 448), the values in OUT's dtype."""
-    r = tl.program_id(0)
-    b = r // M
-    m = r % M
-    offs_h = tl.arange(0, BLOCK_H)
-    offs_d = tl.arange(0, D)
-    heads = offs_h < H
-    lse_row = Lse + b * slb + offs_h * slh + m
-    top = tl.full([BLOCK_H], float("-inf"), tl.float32)
-    for s in range(0, S):
-        top = tl.maximum(top, tl.load(lse_row + s * sls, mask=heads, other=float("-inf")))
-    top = tl.where(top == float("-inf"), 0.0, top)
-    acc = tl.zeros([BLOCK_H, D], tl.float32)
-    total = tl.zeros([BLOCK_H], tl.float32)
-    for s in range(0, S):
-        w = tl.exp2(tl.load(lse_row + s * sls, mask=heads, other=float("-inf")) - top)
-        o = tl.load(Part + b * sob + offs_h[:, None] * soh + s * sos + m * som + offs_d[None, :],
-                    mask=heads[:, None], other=0.0)
-        acc += o * w[:, None]
-        total += w
-    out = (acc / tl.where(total > 0, total, 1.0)[:, None]).to(tl.bfloat16).to(tl.float32)
-    scale = tl.maximum(tl.max(tl.max(tl.where(heads[:, None], tl.abs(out), 0.0), axis=1), axis=0), 1e-12) / FP8_MAX
-    tl.store(OUT + r * H * D + offs_h[:, None] * D + offs_d[None, :], (out / scale).to(OUT.dtype.element_ty),
-             mask=heads[:, None])
-    tl.store(SCALE + r, scale)
-
-
 def default_splits(blocks: int, keys: int, sms: int, block_n: int) -> int:
     """Key slices so that a batch row's thread blocks cover the GPU about twice, each slice at least 4 key
     blocks long (shorter ones spend more on the merge than they save). H200, 24 heads x 32 queries over
@@ -155,14 +122,8 @@ def _shared_memory(props) -> int:
 def split_kv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None = None,
                        k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
                        splits: int | None = None, block_m: int | None = None, block_n: int = 64,
-                       num_warps: int = 4, num_stages: int | None = None, quantize: bool = False,
-                       quantized_dtype: torch.dtype = FP8) -> torch.Tensor | QuantizedRows:
+                       num_warps: int = 4, num_stages: int | None = None) -> torch.Tensor:
     """softmax(q k^T / sqrt(D)) v over the keys with `valid` set (all keys when None).
-
-    `quantize`: return the output as an FP8 projection takes it, QuantizedRows(values [B, M, H*D], scales
-    [B*M, 1]), the merge quantising each row as models/fp8.py `quantize_rows` does (one kernel, not a merge
-    then a quantisation). `quantized_dtype` float32: the values before their rounding to FP8 (Triton's CPU
-    interpreter rounds to FP8 wrongly: its tests read these).
 
     q [B, M, H, D]; k/v [B, N, H, D] (bf16/fp16/fp32, or FP8 with `k_scale`/`v_scale` [B, N, H] float32,
     any strides, the same for both: keys-contiguous reads fastest); valid: [N] bool. The last dimension of
@@ -187,6 +148,7 @@ def split_kv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid:
     splits = triton.cdiv(n, keys_per_split)
     o = torch.empty(b, h, splits, m, d, device=q.device, dtype=torch.float32)
     lse = torch.empty(b, h, splits, m, device=q.device, dtype=torch.float32)
+    out = torch.empty_like(q)
     ks = lse if k_scale is None else k_scale  # unused pointers when not scaled
     vs = lse if v_scale is None else v_scale
     mask = valid.view(torch.uint8) if valid is not None else lse
@@ -204,14 +166,6 @@ def split_kv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid:
         _partial[(m_blocks, b * h, splits)](*args, **meta, num_stages=num_stages)
     except triton.runtime.errors.OutOfResources:  # a GPU with less shared memory than estimated: no pipelining
         _partial[(m_blocks, b * h, splits)](*args, **meta, num_stages=1)
-    if quantize:
-        values = torch.empty(b, m, h * d, device=q.device, dtype=quantized_dtype)
-        scale = torch.empty(b * m, 1, device=q.device, dtype=torch.float32)
-        _merge_quantize[(b * m,)](o, lse, values, scale, splits, o.stride(0), o.stride(1), o.stride(2), o.stride(3),
-                                  lse.stride(0), lse.stride(1), lse.stride(2), m, h, D=d,
-                                  BLOCK_H=triton.next_power_of_2(h), num_warps=8)
-        return QuantizedRows(values, scale)
-    out = torch.empty_like(q)
     _merge[(b * h, m)](
         o, lse, out, splits, o.stride(0), o.stride(1), o.stride(2), o.stride(3),
         lse.stride(0), lse.stride(1), lse.stride(2), out.stride(0), out.stride(1), out.stride(2), m, h,

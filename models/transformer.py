@@ -26,7 +26,6 @@ from safetensors.torch import load_file, save_file
 from .atomic import write_folder_atomically
 from .attention import RotaryEmbedding, apply_rotary, attention, grid_ids
 from .config import TransformerConfig
-from .fp8 import QuantizedRows
 
 # Kept in fp32 when the rest runs in bf16: they set the modulation, which is sensitive to rounding.
 FP32_MODULES = ("time_embedder", "scale_shift_table", "norm1", "norm2", "norm3")
@@ -43,8 +42,7 @@ class SelfAttentionFn(Protocol):
         and calls with k = v = None; None: they come with the call."""
         ...
 
-    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None
-                 ) -> torch.Tensor | QuantizedRows: ...
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None) -> torch.Tensor: ...
 
 
 class TimeTextEmbedding(nn.Module):
@@ -115,9 +113,9 @@ class TextContext:
     def select(self, batch: slice) -> "TextContext":
         return TextContext([(k[batch], v[batch]) for k, v in self.kv])
 
-    def attend(self, layer: int, q: torch.Tensor, backend: str, quantize: bool = False) -> torch.Tensor | QuantizedRows:
-        """Cross-attention of q [B, L, H, D] over this layer's text keys/values (`quantize`: see `attention`)."""
-        return attention(q, *self.kv[layer], backend=backend, quantize=quantize)
+    def attend(self, layer: int, q: torch.Tensor, backend: str) -> torch.Tensor:
+        """Cross-attention of q [B, L, H, D] over this layer's text keys/values."""
+        return attention(q, *self.kv[layer], backend=backend)
 
 
 @dataclass
@@ -128,8 +126,7 @@ class StackedText:
 
     parts: list[tuple[int, TextContext]]  # (rows, context)
 
-    def attend(self, layer: int, q: torch.Tensor, backend: str, quantize: bool = False) -> torch.Tensor:
-        """Each part's rows over its own prompt; always a tensor (the parts' outputs are concatenated)."""
+    def attend(self, layer: int, q: torch.Tensor, backend: str) -> torch.Tensor:
         rows = [n for n, _ in self.parts]
         return torch.cat([text.attend(layer, qi, backend) for qi, (_, text) in zip(q.split(rows), self.parts)])
 
@@ -184,19 +181,11 @@ def _block_attn_in(block: TransformerBlock, x, mod, cos, sin, destination=None):
     return q, None, None
 
 
-def _project(linear: nn.Module, attn, x: torch.Tensor) -> torch.Tensor:
-    """An attention output [B, L, H, D] through its output projection; QuantizedRows (from split-KV attention,
-    for an FP8Linear) are already quantised."""
-    if isinstance(attn, QuantizedRows):
-        return linear.from_rows(attn)
-    return linear(attn.flatten(2).type_as(x))
-
-
 def _block_attn_out(block: TransformerBlock, x, attn, mod):
     """Gated self-attention residual, then the cross-attention query."""
     gate = _modulation(block, mod, 2)
     g = gate.shape[1]
-    out = _project(block.attn1.to_out[0], attn, x)
+    out = block.attn1.to_out[0](attn.flatten(2).type_as(x))
     x = (_grouped(x.float(), g) + _grouped(out, g) * gate).flatten(1, 2).type_as(x)
     h = block.norm2(x.float()).type_as(x)
     a = block.attn2
@@ -207,7 +196,7 @@ def _block_ffn_out(block: TransformerBlock, x, cross, mod):
     """Cross-attention residual, norm3 -> modulate -> FFN -> gated residual."""
     c_shift, c_scale, c_gate = (_modulation(block, mod, i) for i in (3, 4, 5))
     g = c_shift.shape[1]
-    x = x + _project(block.attn2.to_out[0], cross, x)
+    x = x + block.attn2.to_out[0](cross.flatten(2).type_as(x))
     h = (_grouped(block.norm3(x.float()), g) * (1 + c_scale) + c_shift).flatten(1, 2).type_as(x)
     return (_grouped(x.float(), g) + _grouped(block.ffn(h).float(), g) * c_gate).flatten(1, 2).type_as(x)
 
@@ -354,11 +343,10 @@ class LingBotVATransformer(nn.Module):
         regions cut at the attention calls only: block i's FFN and block i+1's attention input are one."""
         r, blocks = self.regions, self.blocks
         cross_backend = "sdpa" if backend == "flex" else backend
-        quantize = getattr(self_attention, "quantize", False)  # the text's output goes to an FP8 projection too
         q, k, v = r.attn_in(blocks[0], x, mod, *rope, self_attention.destination(0))
         for i, block in enumerate(blocks):
             x, q = r.attn_out(block, x, self_attention(i, q, k, v), mod)
-            cross = text.attend(i, q, cross_backend, quantize)
+            cross = text.attend(i, q, cross_backend)
             if i + 1 == len(blocks):
                 return r.ffn_out(block, x, cross, mod)
             x, q, k, v = r.ffn_out_attn_in(block, blocks[i + 1], x, cross, mod, *rope, self_attention.destination(i + 1))

@@ -65,29 +65,3 @@ def test_fp8_policy_runs_on_a_cpu_close_to_bf16():
     assert 0 < rel < 0.05
     with pytest.raises(ValueError, match="fp8 needs the transformer in bfloat16"):
         build_random_weights(preset, seed=0).use_fp8()
-
-
-def test_fp8_blocks_take_attention_outputs_already_quantised_as_they_would_quantise_them():
-    """The split-KV merge hands FP8 projections QuantizedRows (models/split_kv.py `quantize`): a block's
-    regions then give what they give for the bf16 attention output those rows quantise, on both of its
-    attention outputs (self-attention into attn_out, cross-attention into ffn_out)."""
-    from vaops.models.fp8 import QuantizedRows, quantize_rows
-    from vaops.models.transformer import _block_attn_out, _block_ffn_out
-
-    torch.manual_seed(0)
-    model = build_transformer(get_preset("tiny").transformer, dtype=torch.bfloat16)
-    quantize_blocks_fp8(model)
-    block, cfg = model.blocks[0], model.config
-    b, tokens, heads = 2, 6, cfg.num_attention_heads
-    x = torch.randn(b, tokens, cfg.inner_dim, dtype=torch.bfloat16)
-    mod = torch.randn(b, 2, 6, cfg.inner_dim, dtype=torch.bfloat16)
-    attn = torch.randn(b, tokens, heads, cfg.attention_head_dim, dtype=torch.bfloat16)
-    values, scale = quantize_rows(attn.flatten(2).reshape(b * tokens, -1))
-    rows = QuantizedRows(values.view(b, tokens, -1), scale)
-    for region, args in ((_block_attn_out, (block, x, attn, mod)), (_block_ffn_out, (block, x, attn, mod))):
-        want = region(*args)
-        got = region(*args[:2], rows, *args[3:])
-        for w, g in zip(want if isinstance(want, tuple) else (want,), got if isinstance(got, tuple) else (got,)):
-            assert torch.equal(w, g)
-    assert not torch.equal(_block_ffn_out(block, x, QuantizedRows(values.view(b, tokens, -1), scale * 2), mod),
-                           _block_ffn_out(block, x, attn, mod))  # the rows' scales are the ones applied
