@@ -9,7 +9,8 @@ weights, full KV cache of 9,792 entries); `--skip` leaves parts out, parts 6 and
    whole FP8Linear compiled, and `_scaled_mm` given the row-wise scales and bias (what models/fp8.py ran
    before). Timed as CUDA graphs of 20 calls.
 2. Attention over the full cache (2b, `splitkv`: models/split_kv.py's Triton kernel beside the engine's) at the same query counts, per kernel PyTorch offers, and NVIDIA's
-   cudnn-frontend SDPA op when that package is installed (`.whl-attn`, bench/device_wheels.sh):
+   cudnn-frontend SDPA op, bf16 and per-tensor FP8, when that package is installed (`.whl-attn`,
+   bench/device_wheels.sh):
        source bench/device_env.sh $PWD/.whl-rgpu $PWD/.whl-attn && cd bench && \
            python pass_anatomy.py --skip gemm,passes,profile,timeline
 2c. The FP8 FFN's middle (`ffn`): the up projection's epilogue, GELU and quantisation as inductor fuses them
@@ -25,7 +26,8 @@ weights, full KV cache of 9,792 entries); `--skip` leaves parts out, parts 6 and
    attention call over every robot's rows), against one robot's, to size what batched serving can gain.
 7. An observation's encoding (`--observe`): one observe's keyframes (robotwin: 8 frames x 3 cameras)
    through the served ObservationEncoder, split into the host's preprocessing and the VAE's encode, in
-   fp32 and bf16, in PyTorch's default and in the channels-last 3D layout; the latents' distance from fp32's.
+   fp32 and bf16, in PyTorch's default and in the channels-last 3D layout, with the encoder compiled too;
+   the latents' distance from fp32's.
    With `--robots`, also R robots' encodes as one batch (per robot).
 
     python bench/pass_anatomy.py --out bench/results/pass_anatomy_h200.json
@@ -178,6 +180,11 @@ def attentions(cfg, keys: int) -> list[dict]:
             except Exception as e:  # noqa: BLE001 (a third-party op: record why it did not run)
                 row["cudnn frontend sdpa_fwd_us"] = None
                 print(f"  cudnn frontend: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
+            try:
+                fp8_sdpa_row(row, q, k, v, scale)
+            except Exception as e:  # noqa: BLE001 (a third-party op: record why it did not run)
+                row["cudnn frontend sdpa_fp8_us"] = None
+                print(f"  cudnn frontend sdpa_fp8: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
         for splits in (2, 3, 4, 6):
             try:
                 row[f"cudnn split-KV x{splits}, one call_us"] = graph_time_us(lambda: split_kv_one_call(q, k, v, splits))
@@ -291,6 +298,58 @@ def cudnn_frontend_sdpa():
         print(f"  cudnn frontend not available: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}")
         return None
     return torch.ops.cudnn.sdpa_fwd
+
+
+def fp8_sdpa_row(row: dict, q, k, v, scale: float) -> None:
+    """The frontend's per-tensor FP8 SDPA (`sdpa_fp8`) on q, k, v [B, H, L, D] quantised with one scale each
+    (absolute maximum -> 448): microseconds per call and the distance from fp32 attention. On Hopper its
+    output is FP8 too (cuDNN 9.19 refuses bf16 there: Blackwell only), scaled as V is (O is a convex
+    combination of V's rows), so the row records that output's error."""
+    import cudnn
+
+    e4m3, fp32 = cudnn.data_type.FP8_E4M3, cudnn.data_type.FLOAT
+    amax = {n: t.float().abs().amax().item() / 448.0 for n, t in (("q", q), ("k", k), ("v", v))}
+    q8, k8, v8 = ((t.float() / amax[n]).to(torch.float8_e4m3fn) for n, t in (("q", q), ("k", k), ("v", v)))
+    handle = cudnn.create_handle()
+    graph = cudnn.pygraph(io_data_type=e4m3, intermediate_data_type=fp32, compute_data_type=fp32, handle=handle)
+    tensors = {n: graph.tensor(name=n, dim=tuple(t.shape), stride=tuple(t.stride()), data_type=e4m3)
+               for n, t in (("q", q8), ("k", k8), ("v", v8))}
+    values = {"descale_q": amax["q"], "descale_k": amax["k"], "descale_v": amax["v"], "descale_s": 1 / 448.0,
+              "scale_s": 448.0, "scale_o": 1 / amax["v"]}
+    scalars = {n: graph.tensor(name=n, dim=(1, 1, 1, 1), stride=(1, 1, 1, 1), data_type=fp32) for n in values}
+    o, _, amax_s, amax_o = graph.sdpa_fp8(q=tensors["q"], k=tensors["k"], v=tensors["v"], **scalars, attn_scale=scale,
+                                          generate_stats=False, use_causal_mask=False)
+    out = torch.empty(q.shape, device=q.device, dtype=torch.float8_e4m3fn)
+    o.set_output(True).set_dim(tuple(out.shape)).set_stride(tuple(out.stride())).set_data_type(e4m3)
+    amaxes = [torch.zeros(1, 1, 1, 1, device=q.device) for _ in range(2)]
+    for t in (amax_s, amax_o):
+        t.set_output(True).set_dim((1, 1, 1, 1)).set_stride((1, 1, 1, 1)).set_data_type(fp32)
+    try:
+        graph.validate()
+        graph.build_operation_graph()
+        graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
+        graph.check_support()
+        graph.build_plans()
+    except Exception as e:  # noqa: BLE001 (a cuDNN build without the engine: record why)
+        row["cudnn frontend sdpa_fp8_us"] = None
+        print(f"  cudnn frontend sdpa_fp8: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
+        return
+    workspace = torch.empty(max(1, graph.get_workspace_size()), device=q.device, dtype=torch.uint8)
+    pack = {tensors["q"]: q8, tensors["k"]: k8, tensors["v"]: v8, o: out, amax_s: amaxes[0], amax_o: amaxes[1],
+            **{scalars[n]: torch.full((1, 1, 1, 1), x, device=q.device) for n, x in values.items()}}
+
+    def call() -> None:
+        cudnn.set_stream(handle=handle, stream=torch.cuda.current_stream().cuda_stream)
+        graph.execute(pack, workspace, handle=handle)
+
+    call()
+    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    got = out.float() * amax["v"]
+    row["cudnn frontend sdpa_fp8: rel L2 vs fp32"] = ((got - ref).norm() / ref.norm()).item()
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+        bf16 = F.scaled_dot_product_attention(q, k, v).float()
+    row["cudnn bf16: rel L2 vs fp32"] = ((bf16 - ref).norm() / ref.norm()).item()
+    row["cudnn frontend sdpa_fp8_us"] = graph_time_us(call)
 
 
 def split_kv_one_call(q, k, v, splits: int) -> torch.Tensor:
@@ -525,13 +584,19 @@ def observe_encoding(preset, seed: int, repeats: int = 10) -> list[dict]:
     keyframes = {c.key: rng.integers(0, 255, (frames, c.height, c.width, 3), dtype=np.uint8) for c in preset.cameras}
     rows: list[dict] = []
     reference: torch.Tensor | None = None
-    for label, dtype, layout in (("fp32 (served)", torch.float32, torch.contiguous_format),
-                                 ("fp32, channels_last_3d", torch.float32, torch.channels_last_3d),
-                                 ("bf16", torch.bfloat16, torch.contiguous_format),
-                                 ("bf16, channels_last_3d", torch.bfloat16, torch.channels_last_3d)):
+    for label, dtype, layout, compiled in (("fp32 (served)", torch.float32, torch.contiguous_format, False),
+                                           ("fp32, channels_last_3d", torch.float32, torch.channels_last_3d, False),
+                                           ("bf16", torch.bfloat16, torch.contiguous_format, False),
+                                           ("bf16, channels_last_3d", torch.bfloat16, torch.channels_last_3d, False),
+                                           ("fp32, encoder compiled", torch.float32, torch.contiguous_format, True),
+                                           ("bf16, channels_last_3d, encoder compiled", torch.bfloat16,
+                                            torch.channels_last_3d, True)):
         vae = build_vae(preset.vae, seed=seed).to("cuda", dtype)
         for conv in (m for m in vae.modules() if isinstance(m, torch.nn.Conv3d)):
             conv.weight.data = conv.weight.data.contiguous(memory_format=layout)
+        if compiled:  # inductor over the encoder's norms, activations and cache slices (its convolutions stay cuDNN's)
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+            vae.encoder.compile(dynamic=False)
         encoder = ObservationEncoder(vae, preset)
         times, host, latents = [], [], None
         for i in range(repeats + 2):

@@ -20,6 +20,7 @@ from .config import Preset
 from .engine import Chunk, EngineConfig, InferenceEngine
 from .fp8 import quantize_blocks_fp8
 from .observation import ObservationEncoder
+from .vae import serve_on_gpu
 from .text_encoder import TextEncoder
 from .transformer import LingBotVATransformer
 
@@ -42,7 +43,8 @@ class PolicyWeights:
     """Everything loaded once and shared by every episode: the networks and the preset.
 
     On a GPU the transformer runs its fast path (bench/chunk_latency.py measures each part): fused
-    q/k/v projections, compiled block regions, cuDNN and split-KV attention and CUDA graphs of the denoising steps.
+    q/k/v projections, compiled block regions, cuDNN and split-KV attention and CUDA graphs of the denoising steps;
+    the VAE runs in bf16 with its encoder compiled (models/vae.py `serve_on_gpu`).
     """
 
     preset: Preset
@@ -64,6 +66,8 @@ class PolicyWeights:
         if on_gpu:
             self.transformer.fuse_qkv_projections()
             self.transformer.compile_blocks()
+            if next(self.vae.parameters()).is_cuda:
+                serve_on_gpu(self.vae)
 
     def use_fp8(self) -> int:
         """Run the block GEMMs in FP8 (models/fp8.py): before the first policy is made, as its captured
