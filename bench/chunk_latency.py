@@ -184,6 +184,8 @@ def served_operating_points(engine: InferenceEngine, preset, precision: str, arg
     graphs = len(engine._graphs)
     print(f"\n{precision}, {engine.backend} attention: warm-up (compilation, graph capture, each shape once): {warm_s:.1f} s, {graphs} graphs")
     rows = operating_points(engine, preset, args.operating_points, args.text_len, args.seed, precision)
+    print(f"rows reduced in one pass (models/transformer.py WHOLE_ROWS), kernels so far: "
+          f"{transformer_module.WHOLE_ROW_CALLS[0]}")
     for row in rows:  # the graphs after the episodes: the same number when the warm-up captured them all
         row.update(precision=precision, warm_up_s=warm_s, graphs_after_warm_up=graphs,
                    graphs_after_episodes=len(engine._graphs))
@@ -204,6 +206,8 @@ BASELINES = {
                      "the attention calls (LingBotVATransformer._chain)",
     "fast-accum": "FP8 GEMMs accumulating with periodic promotion to fp32 (before 2026-12-01), not cuBLASLt's "
                   "fast accumulation (models/fp8.py FAST_ACCUM)",
+    "looped-rows": "the blocks' 3,072-wide norms and row scales reduced in inductor's loop (before 2026-12-01), "
+                   "not in one pass (models/transformer.py WHOLE_ROWS); the regions recompile",
 }
 # The BASELINES that change the numbers, not only the time: their rows get accuracy runs of their own.
 CHANGE_NUMBERS = {"fast-accum"}
@@ -223,8 +227,13 @@ def baseline(names: str):
     compile and capture their own graphs."""
     parts = baseline_parts(names)
     kept = (CachedSelfAttention.destination, fp8_module.FUSED_GELU, KVCache._pack, transformer_module.CHAIN_REGIONS,
-            fp8_module.FAST_ACCUM)
+            fp8_module.FAST_ACCUM, transformer_module.WHOLE_ROWS)
+    if "looped-rows" in parts:  # compiled code and inductor's graph cache would serve the other kernels
+        torch._dynamo.reset()
+        torch._inductor.config.fx_graph_cache = False
     try:
+        if "looped-rows" in parts:
+            transformer_module.WHOLE_ROWS = 0
         if "kv-copies" in parts:
             CachedSelfAttention.destination = lambda self, layer: None  # type: ignore[method-assign,assignment,return-value]
         if "inductor-gelu" in parts:
@@ -238,7 +247,9 @@ def baseline(names: str):
         yield
     finally:
         (CachedSelfAttention.destination, fp8_module.FUSED_GELU, KVCache._pack,  # type: ignore[method-assign]
-         transformer_module.CHAIN_REGIONS, fp8_module.FAST_ACCUM) = kept
+         transformer_module.CHAIN_REGIONS, fp8_module.FAST_ACCUM, transformer_module.WHOLE_ROWS) = kept
+        if "looped-rows" in parts:
+            torch._dynamo.reset()
 
 
 def steady_median(times: list[float]) -> float:

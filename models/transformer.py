@@ -212,6 +212,46 @@ def _block_ffn_out_attn_in(block: TransformerBlock, next_block: TransformerBlock
 # Inference runs the blocks as a chain of regions from one attention call to the next (see `trunk`).
 CHAIN_REGIONS = True
 
+# Rows up to this many elements are reduced in one pass over registers (inductor's persistent reduction),
+# not in a loop that reads the row again for each statistic: inductor's own limit is 1,024, and the blocks'
+# norms and FP8 row scales reduce rows of 3,072. 0: inductor's choice.
+WHOLE_ROWS = 4096
+WHOLE_ROW_CALLS = [0]  # how often the heuristic chose a whole row (benchmarks check that it ran)
+
+
+@functools.cache
+def _whole_row_choices():
+    """An inductor heuristics handler that reduces rows of up to WHOLE_ROWS elements in one pass."""
+    from torch._inductor.choices import InductorChoices
+    from torch._inductor.runtime.hints import ReductionHint
+    from torch._inductor.virtualized import V
+
+    class WholeRows(InductorChoices):
+        @staticmethod
+        def should_use_persistent_reduction(features, *args, **kwargs):
+            if (WHOLE_ROWS and features.get_reduction_hint() == ReductionHint.INNER
+                    and V.graph.sizevars.statically_known_leq(features.reduction_numel, WHOLE_ROWS)):
+                WHOLE_ROW_CALLS[0] += 1
+                return True
+            return InductorChoices.should_use_persistent_reduction(features, *args, **kwargs)
+
+    return WholeRows()
+
+
+def _compile_region(fn: Callable) -> Callable:
+    """torch.compile of a block region, whose kernels inductor generates under `_whole_row_choices` (a
+    handler inductor reads per thread: set around each call, so it holds in whichever thread compiles)."""
+    from torch._inductor.virtualized import V
+
+    compiled = torch.compile(fn, dynamic=False, fullgraph=True)
+
+    @functools.wraps(fn)
+    def run(*args):
+        with V.set_choices_handler(_whole_row_choices()):
+            return compiled(*args)
+
+    return run
+
 
 @dataclass(frozen=True)
 class BlockRegions:
@@ -226,9 +266,7 @@ class BlockRegions:
     @classmethod
     @functools.cache
     def compiled(cls) -> "BlockRegions":
-        def c(fn):
-            return torch.compile(fn, dynamic=False, fullgraph=True)
-
+        c = _compile_region
         return cls(c(_block_attn_in), c(_block_attn_out), c(_block_ffn_out), c(_block_ffn_out_attn_in))
 
 

@@ -160,3 +160,36 @@ def test_sharded_checkpoint_loads(saved):
 def test_unknown_config_key_source_is_named():
     with pytest.raises(ValueError, match="cfg.json"):
         TransformerConfig.from_json_dict({"foo": 1}, source="cfg.json")
+
+
+def test_compiled_regions_reduce_the_blocks_3072_wide_rows_in_one_pass(monkeypatch):
+    """models/transformer.py's heuristics handler, as inductor consults it while generating a region's
+    Triton kernels: rows reduced along their inner dimension (norms, FP8 row scales) of up to WHOLE_ROWS
+    elements in one pass (inductor alone stops at 1,024: the blocks' rows are 3,072 wide); anything else,
+    and everything with WHOLE_ROWS = 0, as inductor decides."""
+    from types import SimpleNamespace
+
+    from torch._inductor.choices import InductorChoices
+    from torch._inductor.runtime.hints import ReductionHint
+    from torch._inductor.virtualized import V
+
+    import vaops.models.transformer as tm
+
+    monkeypatch.setattr(InductorChoices, "should_use_persistent_reduction",
+                        staticmethod(lambda features, *args, **kwargs: "inductor's choice"))
+    handler = tm._whole_row_choices()
+
+    def choice(hint, numel):
+        features = SimpleNamespace(get_reduction_hint=lambda: hint, reduction_numel=numel)
+        return handler.should_use_persistent_reduction(features, False)
+
+    sizes = SimpleNamespace(sizevars=SimpleNamespace(statically_known_leq=lambda a, b: a <= b))
+    with V.set_graph_handler(sizes):
+        before = tm.WHOLE_ROW_CALLS[0]
+        assert choice(ReductionHint.INNER, 3072) is True
+        assert choice(ReductionHint.INNER, 4096) is True
+        assert tm.WHOLE_ROW_CALLS[0] == before + 2
+        assert choice(ReductionHint.INNER, 14336) == "inductor's choice"  # the FFN's rows: models/fp8_gelu.py
+        assert choice(ReductionHint.OUTER, 3072) == "inductor's choice"
+        monkeypatch.setattr(tm, "WHOLE_ROWS", 0)
+        assert choice(ReductionHint.INNER, 3072) == "inductor's choice"
