@@ -239,14 +239,17 @@ def _whole_row_choices():
 
 
 def _compile_region(fn: Callable) -> Callable:
-    """torch.compile of a block region, whose kernels inductor generates under `_whole_row_choices` (a
-    handler inductor reads per thread: set around each call, so it holds in whichever thread compiles)."""
+    """torch.compile of a block region. At inference its kernels are generated under `_whole_row_choices` (a
+    handler inductor reads per thread: set around each call, so it holds in whichever thread compiles);
+    training's forward and backward kernels stay inductor's own, as its throughput was measured with them."""
     from torch._inductor.virtualized import V
 
     compiled = torch.compile(fn, dynamic=False, fullgraph=True)
 
     @functools.wraps(fn)
     def run(*args):
+        if torch.is_grad_enabled():
+            return compiled(*args)
         with V.set_choices_handler(_whole_row_choices()):
             return compiled(*args)
 
