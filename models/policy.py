@@ -20,9 +20,9 @@ from .config import Preset
 from .engine import Chunk, EngineConfig, InferenceEngine
 from .fp8 import quantize_blocks_fp8
 from .observation import ObservationEncoder
-from .vae import serve_on_gpu
 from .text_encoder import TextEncoder
 from .transformer import LingBotVATransformer
+from .vae import serve_on_gpu
 
 NORM_EPS = 1e-6
 

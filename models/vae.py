@@ -181,7 +181,6 @@ def denormalize_latents(latents: torch.Tensor, latents_mean: Sequence[float],
     return latents / inv_std + mean
 
 
-@torch.no_grad()
 def serve_on_gpu(vae: AutoencoderKLWan, backend: str = "inductor") -> AutoencoderKLWan:
     """The served VAE on a GPU: in bf16, as upstream's server runs it (its `param_dtype`), with the 3D
     convolutions' weights channels-last and the encoder compiled (its norms, activations and causal-cache
@@ -199,6 +198,7 @@ def serve_on_gpu(vae: AutoencoderKLWan, backend: str = "inductor") -> Autoencode
     return vae
 
 
+@torch.no_grad()
 def decode(vae: AutoencoderKLWan, latents: torch.Tensor) -> torch.Tensor:
     """Normalised latents `[B, C, F, h, w]` -> video `[B, 3, 1 + 4(F-1), 16h, 16w]` in [-1, 1]."""
     param = next(vae.parameters())
