@@ -44,7 +44,7 @@ class PolicyWeights:
 
     On a GPU the transformer runs its fast path (bench/chunk_latency.py measures each part): fused
     q/k/v projections, compiled block regions, cuDNN and split-KV attention and CUDA graphs of the denoising steps;
-    the VAE runs in bf16 with its encoder compiled (models/vae.py `serve_on_gpu`).
+    with a bf16 transformer, the VAE runs in bf16 too with its encoder compiled (models/vae.py `serve_on_gpu`).
     """
 
     preset: Preset
@@ -66,7 +66,8 @@ class PolicyWeights:
         if on_gpu:
             self.transformer.fuse_qkv_projections()
             self.transformer.compile_blocks()
-            if next(self.vae.parameters()).is_cuda:
+            # Upstream runs its VAE in the transformer's dtype (param_dtype): bf16 here too, not an fp32 run's.
+            if next(self.vae.parameters()).is_cuda and self.transformer.dtype == torch.bfloat16:
                 serve_on_gpu(self.vae)
 
     def use_fp8(self) -> int:
