@@ -227,12 +227,11 @@ def baseline(names: str):
     compile and capture their own graphs."""
     parts = baseline_parts(names)
     kept = (CachedSelfAttention.destination, fp8_module.FUSED_GELU, KVCache._pack, transformer_module.CHAIN_REGIONS,
-            fp8_module.FAST_ACCUM, transformer_module.WHOLE_ROWS)
-    if "looped-rows" in parts:  # compiled code and inductor's graph cache would serve the other kernels
-        torch._dynamo.reset()
-        torch._inductor.config.fx_graph_cache = False
+            fp8_module.FAST_ACCUM, transformer_module.WHOLE_ROWS, torch._inductor.config.fx_graph_cache)
     try:
-        if "looped-rows" in parts:
+        if "looped-rows" in parts:  # compiled code and inductor's graph cache would serve the other kernels
+            torch._dynamo.reset()
+            torch._inductor.config.fx_graph_cache = False
             transformer_module.WHOLE_ROWS = 0
         if "kv-copies" in parts:
             CachedSelfAttention.destination = lambda self, layer: None  # type: ignore[method-assign,assignment,return-value]
@@ -247,8 +246,9 @@ def baseline(names: str):
         yield
     finally:
         (CachedSelfAttention.destination, fp8_module.FUSED_GELU, KVCache._pack,  # type: ignore[method-assign]
-         transformer_module.CHAIN_REGIONS, fp8_module.FAST_ACCUM, transformer_module.WHOLE_ROWS) = kept
-        if "looped-rows" in parts:
+         transformer_module.CHAIN_REGIONS, fp8_module.FAST_ACCUM, transformer_module.WHOLE_ROWS,
+         torch._inductor.config.fx_graph_cache) = kept
+        if "looped-rows" in parts:  # the next engine compiles the served kernels again
             torch._dynamo.reset()
 
 

@@ -96,10 +96,13 @@ def test_baselines_switch_the_served_path_back_and_restore_it():
     with pytest.raises(ValueError, match=r"unknown \['nope'\]"):
         baseline_parts("nope+kv-copies")
     destination = CachedSelfAttention.destination
+    graph_cache = torch._inductor.config.fx_graph_cache
     with pytest.raises(RuntimeError):
-        with baseline("kv-copies+inductor-gelu+split-regions+fast-accum"):
+        with baseline("kv-copies+inductor-gelu+split-regions+fast-accum+looped-rows"):
             assert CachedSelfAttention.destination is not destination
-            assert not (fp8.FUSED_GELU or transformer.CHAIN_REGIONS or fp8.FAST_ACCUM)
+            assert not (fp8.FUSED_GELU or transformer.CHAIN_REGIONS or fp8.FAST_ACCUM or transformer.WHOLE_ROWS)
+            assert torch._inductor.config.fx_graph_cache is False  # so the regions really recompile
             raise RuntimeError
     assert CachedSelfAttention.destination is destination
-    assert fp8.FUSED_GELU and transformer.CHAIN_REGIONS and fp8.FAST_ACCUM
+    assert fp8.FUSED_GELU and transformer.CHAIN_REGIONS and fp8.FAST_ACCUM and transformer.WHOLE_ROWS == 4096
+    assert torch._inductor.config.fx_graph_cache == graph_cache
