@@ -571,12 +571,24 @@ def batched_passes(model, preset, robots: list[int], text_len: int, seed: int, p
 
 
 def observe_encoding(preset, seed: int, repeats: int = 10) -> list[dict]:
-    """ms per observe's encode (median of `repeats`) per VAE setting, and its latents against fp32's; the
-    first setting's (the served encode's) kernels, grouped."""
+    """ms per observe's encode (median of `repeats`) per VAE setting, and its latents against fp32's (the
+    first setting, served until stop 35); that fp32 encode's kernels, grouped. The last setting is the served
+    one, made by models/vae.py `serve_on_gpu` itself."""
     import numpy as np
 
     from vaops.models.observation import ObservationEncoder, frames_to_video
-    from vaops.models.vae import build_vae
+    from vaops.models.vae import build_vae, serve_on_gpu
+
+    def setting(dtype: torch.dtype, layout: torch.memory_format, compiled: bool = False):
+        def prepare(vae):
+            vae.to(dtype)
+            for conv in (m for m in vae.modules() if isinstance(m, torch.nn.Conv3d)):
+                conv.weight.data = conv.weight.data.contiguous(memory_format=layout)
+            if compiled:  # inductor over the encoder's norms, activations and cache slices
+                torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+                vae.encoder.compile(dynamic=False)
+            return vae
+        return prepare
 
     rng = np.random.default_rng(seed)
     first = {c.key: rng.integers(0, 255, (1, c.height, c.width, 3), dtype=np.uint8) for c in preset.cameras}
@@ -584,19 +596,13 @@ def observe_encoding(preset, seed: int, repeats: int = 10) -> list[dict]:
     keyframes = {c.key: rng.integers(0, 255, (frames, c.height, c.width, 3), dtype=np.uint8) for c in preset.cameras}
     rows: list[dict] = []
     reference: torch.Tensor | None = None
-    for label, dtype, layout, compiled in (("fp32 (served)", torch.float32, torch.contiguous_format, False),
-                                           ("fp32, channels_last_3d", torch.float32, torch.channels_last_3d, False),
-                                           ("bf16", torch.bfloat16, torch.contiguous_format, False),
-                                           ("bf16, channels_last_3d", torch.bfloat16, torch.channels_last_3d, False),
-                                           ("fp32, encoder compiled", torch.float32, torch.contiguous_format, True),
-                                           ("bf16, channels_last_3d, encoder compiled", torch.bfloat16,
-                                            torch.channels_last_3d, True)):
-        vae = build_vae(preset.vae, seed=seed).to("cuda", dtype)
-        for conv in (m for m in vae.modules() if isinstance(m, torch.nn.Conv3d)):
-            conv.weight.data = conv.weight.data.contiguous(memory_format=layout)
-        if compiled:  # inductor over the encoder's norms, activations and cache slices (its convolutions stay cuDNN's)
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
-            vae.encoder.compile(dynamic=False)
+    for label, prepare in (("fp32", setting(torch.float32, torch.contiguous_format)),
+                           ("fp32, channels_last_3d", setting(torch.float32, torch.channels_last_3d)),
+                           ("bf16", setting(torch.bfloat16, torch.contiguous_format)),
+                           ("bf16, channels_last_3d", setting(torch.bfloat16, torch.channels_last_3d)),
+                           ("fp32, encoder compiled", setting(torch.float32, torch.contiguous_format, compiled=True)),
+                           ("bf16, channels_last_3d, encoder compiled (served: serve_on_gpu)", serve_on_gpu)):
+        vae = prepare(build_vae(preset.vae, seed=seed).to("cuda"))
         encoder = ObservationEncoder(vae, preset)
         times, host, latents = [], [], None
         for i in range(repeats + 2):
@@ -622,7 +628,7 @@ def observe_encoding(preset, seed: int, repeats: int = 10) -> list[dict]:
                "latents_rel_l2_vs_fp32": rel}
         print(f"observe encode, {label}: {row['encode_ms']:.1f} ms (host preprocessing {row['host_preprocess_ms']:.1f} ms), "
               f"latents vs fp32 {rel:.2e}", flush=True)
-        if not rows:  # where the served encode's time goes
+        if not rows:  # where the fp32 encode's time goes
             from torch.profiler import ProfilerActivity, profile as torch_profile
 
             with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -638,8 +644,9 @@ def observe_encoding(preset, seed: int, repeats: int = 10) -> list[dict]:
 
 def batched_encoding(preset, seed: int, robots: list[int], repeats: int = 6) -> list[dict]:
     """ms per robot of an observe's VAE encode when R robots' observations are encoded as one batch (each
-    camera group's stream with R times the batch rows), fp32 as served: what batching the encodes of
-    robots whose observations arrive together could save."""
+    camera group's stream with R times the batch rows), in fp32 (served until stop 35; the served encode is
+    now models/vae.py `serve_on_gpu`'s): what batching the encodes of robots whose observations arrive
+    together could save."""
     from vaops.models.observation import _camera_groups
     from vaops.models.vae import StreamingEncoder, build_vae
 
