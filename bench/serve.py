@@ -149,9 +149,11 @@ def server_dtype(args: argparse.Namespace) -> str:
     return args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
 
 
-def serve_during(args: argparse.Namespace, weights, work: Callable[[str], None], **settings) -> None:
+def serve_during(args: argparse.Namespace, weights, work: Callable[[str], None],
+                 on_model: Callable[[Any], None] | None = None, **settings) -> None:
     """Serve `weights` (websocket only) in this thread while `work(websocket url)` runs in another
-    once the server is ready; the server stops when the work ends. `settings`: ServeConfig fields."""
+    once the server is ready; the server stops when the work ends. `settings`: ServeConfig fields;
+    `on_model` is handed the served PolicyModel before the server starts."""
     cfg = ServeConfig(**{"model": "(in memory)", "http_port": free_port(), "grpc_port": free_port(),
                          "enable_grpc": False, "device": args.device, "dtype": server_dtype(args),
                          "max_sessions": max(2, args.warm_sessions), "fp8": args.fp8,
@@ -178,8 +180,11 @@ def serve_during(args: argparse.Namespace, weights, work: Callable[[str], None],
         finally:
             os.kill(os.getpid(), signal.SIGINT)  # stops the server running in the main thread
 
+    model = model_from_weights(cfg, weights)
+    if on_model is not None:
+        on_model(model)
     threading.Thread(target=client, daemon=True).start()
-    serve(cfg, model_from_weights(cfg, weights))
+    serve(cfg, model)
     if failure:
         raise SystemExit(f"benchmark failed:\n{failure[0]}")
 

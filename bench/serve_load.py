@@ -37,6 +37,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import torch
+from vaops.serving.config import GPU_COMPUTE_THREADS
 from serve import PROMPT, add_server_arguments, connect, episode_frames, random_weights, serve_during, server_dtype
 
 # ----- the robots (client process) -----
@@ -202,20 +203,20 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q)) if values else float("nan")
 
 
-def load_row(result: dict, robots: int, operating_point: str, batching: bool, warmup: int) -> dict:
+def load_row(result: dict, robots: int, operating_point: str, batching: bool, warmup: int, threads: int = 1) -> dict:
     rows = [r for episode in result["rows"] for r in episode if r["chunk"] >= warmup]
     act = [r["act_s"] for r in rows]
     chunks = sum(len(e) for e in result["rows"])
-    return {"operating_point": operating_point, "robots": robots, "batching": batching, "chunks": chunks,
-            "act_p50_s": statistics.median(act), "act_p99_s": percentile(act, 99),
+    return {"operating_point": operating_point, "robots": robots, "batching": batching, "compute_threads": threads,
+            "chunks": chunks, "act_p50_s": statistics.median(act), "act_p99_s": percentile(act, 99),
             "observe_p50_s": statistics.median(r["observe_s"] for r in rows),
             "chunks_per_s": chunks / result["wall_s"], "wall_s": result["wall_s"],
             "gpu_gib": torch.cuda.memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0}
 
 
-def realtime_row(result: dict, robots: int, operating_point: str, warmup: int) -> dict:
+def realtime_row(result: dict, robots: int, operating_point: str, warmup: int, threads: int = 1) -> dict:
     idle = [r["idle_s"] for e in result["rows"] for r in e if "idle_s" in r and r["chunk"] >= warmup]
-    return {"operating_point": operating_point, "robots": robots, "chunks_timed": len(idle),
+    return {"operating_point": operating_point, "robots": robots, "compute_threads": threads, "chunks_timed": len(idle),
             "idle_p50_s": statistics.median(idle), "idle_p99_s": percentile(idle, 99), "idle_max_s": max(idle)}
 
 
@@ -289,6 +290,9 @@ def main() -> None:
     parser.add_argument("--stack-dumps", help="file for every thread's stack each 60 s after the first 120 s "
                         "(a run that seems stuck shows where)")
     parser.add_argument("--phases", default="agreement,load,realtime,soak", help="which phases run")
+    parser.add_argument("--compute-threads", default=None,
+                        help="episode operations in flight (vaops serve --compute-threads), each list entry measured in "
+                        "turn on one server (its executor swapped between rows); default: the server's")
     parser.add_argument("--max-batch", type=int, default=None,
                         help="the server's batch limit (default: the largest robot count; 1: batching off)")
     args = parser.parse_args()
@@ -320,6 +324,16 @@ def main() -> None:
             return True
         return False
 
+    levels = ([int(c) for c in args.compute_threads.split(",")] if args.compute_threads
+              else [GPU_COMPUTE_THREADS if args.device != "cpu" else 1])
+    served: list = []  # the PolicyModel, handed over by serve_during
+
+    def threads(c: int) -> None:
+        """The server's executor with c threads from the next request on (none is in flight between rows)."""
+        episodes = served[0].episodes
+        episodes.executor.shutdown(wait=True)
+        episodes.executor = ThreadPoolExecutor(max_workers=c, thread_name_prefix="policy")
+
     def work(url: str) -> None:
         batcher = weights.batcher
         with ctx.Pool(1) as pool:
@@ -328,34 +342,41 @@ def main() -> None:
                 counts_here = per_point[point]
                 for n in counts_here:  # warm-up: compilation and graphs of each batch size
                     if not late(f"warm-up {point} x{n}"):
-                        run(n, 2, point, seed0=900)
-                for n in counts_here:
-                    if late(f"load {point} x{n}"):
-                        continue
-                    row = load_row(run(n, args.chunks, point), n, point, batcher is not None, args.warmup_chunks)
-                    result["load"].append(row)
-                    print(json.dumps(row), flush=True)
-                    report(result, args, quiet=True)
+                        run(n, args.chunks, point, seed0=900)
+                for c in levels:
+                    threads(c)
+                    for n in counts_here:
+                        if late(f"load {point} x{n} threads {c}"):
+                            continue
+                        row = load_row(run(n, args.chunks, point), n, point, batcher is not None, args.warmup_chunks, c)
+                        result["load"].append(row)
+                        print(json.dumps(row), flush=True)
+                        report(result, args, quiet=True)
                 n = max(counts_here)
                 if n > 1 and batcher is not None and not late(f"load {point} x{n} unbatched"):
                     batcher.max_batch = 1
                     try:
-                        row = load_row(run(n, args.chunks, point), n, point, False, args.warmup_chunks)
+                        row = load_row(run(n, args.chunks, point), n, point, False, args.warmup_chunks, levels[-1])
                     finally:
                         batcher.max_batch = max(counts)
                     result["load"].append(row)
                     print(json.dumps(row), flush=True)
                     report(result, args, quiet=True)
             point = "paper" if "paper" in points else points[-1]
-            for n in sorted({1, max(counts)}) if "realtime" in phases else []:
-                if late(f"real time x{n}"):
-                    continue
-                res = run(n, args.realtime_chunks, point, period_s=1.0 / args.control_hz, async_execution=True,
-                          seed0=500)
-                row = realtime_row(res, n, point, args.warmup_chunks)
-                result["realtime"].append(row)
-                print(json.dumps(row), flush=True)
-                report(result, args, quiet=True)
+            if "realtime" in phases and not late("real time warm-up"):  # the asynchronous levels' graphs, untimed
+                run(max(counts), args.realtime_chunks, point, period_s=1.0 / args.control_hz, async_execution=True,
+                    seed0=600)
+            for c in levels if "realtime" in phases else []:
+                threads(c)
+                for n in sorted({1, max(counts)}):
+                    if late(f"real time x{n} threads {c}"):
+                        continue
+                    res = run(n, args.realtime_chunks, point, period_s=1.0 / args.control_hz, async_execution=True,
+                              seed0=500)
+                    row = realtime_row(res, n, point, args.warmup_chunks, c)
+                    result["realtime"].append(row)
+                    print(json.dumps(row), flush=True)
+                    report(result, args, quiet=True)
             rounds = args.soak_rounds if "soak" in phases else 0
             for k in range(rounds):
                 if late(f"soak round {k + 1}"):
@@ -369,7 +390,9 @@ def main() -> None:
 
     batch = max(counts) if args.max_batch is None else args.max_batch
     result["max_batch"] = batch
-    serve_during(args, weights, work, max_sessions=max(counts) + 2, max_batch=batch)
+    result["compute_threads"] = levels
+    serve_during(args, weights, work, on_model=served.append, max_sessions=max(counts) + 2, max_batch=batch,
+                 compute_threads=max(levels))
     if torch.cuda.is_available() and args.device != "cpu":
         result["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
     report(result, args)
@@ -380,26 +403,27 @@ def report(result: dict, args: argparse.Namespace, quiet: bool = False) -> None:
     every phase too, so a run cut short keeps what it measured."""
     weights = result["dtype"] + (", FP8 block GEMMs" if result.get("fp8") else "")
     lines = [f"# Many robots on one server ({result['preset']}, {result['device']}, {weights})", "",
-             "Command: `python bench/serve_load.py " + " ".join(a for a in __import__("sys").argv[1:]) + "`", "",
-             "| operating point | robots | batched | act p50 s | act p99 s | observe p50 s | chunks/s | x 1 robot "
-             "| GPU GiB |",
-             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "Command: `python bench/serve_load.py " + " ".join(a for a in __import__("sys").argv[1:]) + "`", ""]
+    if result["load"]:
+        lines += ["| operating point | robots | batched | in flight | act p50 s | act p99 s | observe p50 s | chunks/s "
+                  "| x 1 robot | GPU GiB |",
+                  "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for row in result["load"]:
         # against one robot at the same point: run alone, that robot's chunks are never batched
-        one = next((r for r in result["load"] if r["operating_point"] == row["operating_point"] and r["robots"] == 1),
-                   None)
+        one = next((r for r in result["load"] if r["operating_point"] == row["operating_point"] and r["robots"] == 1
+                    and r.get("compute_threads", 1) == 1), None)
         speedup = row["chunks_per_s"] / one["chunks_per_s"] if one else float("nan")
         memory = "-" if row.get("gpu_gib") is None else f"{row['gpu_gib']:.1f}"
         lines.append(f"| {row['operating_point']} | {row['robots']} | {'yes' if row['batching'] else 'no'} | "
-                     f"{row['act_p50_s']:.3f} | {row['act_p99_s']:.3f} | {row['observe_p50_s']:.3f} | "
+                     f"{row.get('compute_threads', 1)} | {row['act_p50_s']:.3f} | {row['act_p99_s']:.3f} | {row['observe_p50_s']:.3f} | "
                      f"{row['chunks_per_s']:.2f} | {speedup:.2f}x | {memory} |")
     if result["realtime"]:
         lines += ["", f"Real time: asynchronous execution at {args.control_hz:g} Hz (robot idle from the end of a "
                   "chunk's last action to the next chunk in hand).", "",
-                  "| operating point | robots | chunks timed | idle p50 s | idle p99 s | idle max s |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: |"]
+                  "| operating point | robots | in flight | chunks timed | idle p50 s | idle p99 s | idle max s |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for row in result["realtime"]:
-            lines.append(f"| {row['operating_point']} | {row['robots']} | {row['chunks_timed']} | {row['idle_p50_s']:.3f} "
+            lines.append(f"| {row['operating_point']} | {row['robots']} | {row.get('compute_threads', 1)} | {row['chunks_timed']} | {row['idle_p50_s']:.3f} "
                          f"| {row['idle_p99_s']:.3f} | {row['idle_max_s']:.3f} |")
     if "agreement" in result:
         a = result["agreement"]

@@ -31,10 +31,17 @@ class CapturedCall:
             with torch.cuda.stream(side):
                 for _ in range(warmup):
                     fn(*self.inputs)
-            torch.cuda.current_stream().wait_stream(side)
+            current = torch.cuda.current_stream()
+            current.wait_stream(side)
             self.graph = torch.cuda.CUDAGraph()
-            # thread_local: other sessions' threads may launch work on the GPU meanwhile.
-            with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
+            # thread_local: other sessions' threads may launch work on the GPU meanwhile. Captured on the caller's
+            # own stream (a Policy's) where it has one: a graph keeps the address of cuBLAS's workspace for the
+            # (handle, stream) it was captured on, so graphs captured on torch's one default capture stream by
+            # one thread share a workspace, and two of them replayed at once on two streams race in it (NaN
+            # actions in 6 of 1,017 chunks of an 8-robot soak with 4 operations in flight, one H200;
+            # pytorch/pytorch#193402).
+            stream = None if current == torch.cuda.default_stream() else current
+            with torch.cuda.graph(self.graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
                 self.output = fn(*self.inputs)
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:

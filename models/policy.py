@@ -9,8 +9,10 @@ from the same `PolicyWeights` share the weights and own only their caches.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -25,6 +27,19 @@ from .transformer import LingBotVATransformer
 from .vae import serve_on_gpu
 
 NORM_EPS = 1e-6
+
+_R = TypeVar("_R")
+
+
+def _on_own_stream(method: Callable[..., _R]) -> Callable[..., _R]:
+    """Run a Policy method with the policy's CUDA stream current (see `Policy.stream`)."""
+
+    @functools.wraps(method)
+    def run(self: "Policy", *args, **kwargs) -> _R:
+        with self.on_stream():
+            return method(self, *args, **kwargs)
+
+    return run
 
 
 def normalize_actions(actions: torch.Tensor, q01: torch.Tensor, q99: torch.Tensor) -> torch.Tensor:
@@ -95,9 +110,38 @@ class PolicyChunk:
     frame_offset: int
 
 
+def allow_concurrent_policies() -> None:
+    """Let several threads run policies at once (`vaops serve --compute-threads`, bench/concurrent_chunks.py).
+
+    When one thread compiles a new shape (inductor traces it with FX, a process-wide flag), a compiled
+    function called meanwhile from another thread raises "Detected that you are using FX to symbolically
+    trace a dynamo-optimized function". Off that error, the call runs its uncompiled Python: the same
+    operations, slower, for the few calls that meet a compilation (warm-up compiles an episode's shapes before
+    a server is ready)."""
+    torch._dynamo.config.error_on_nested_fx_trace = False
+
+
 class Policy:
+    """One episode stream. On a GPU without the chunk batcher, everything it runs goes to a CUDA stream of
+    its own (`stream`), so that several policies served at once (`vaops serve --compute-threads`) overlap
+    on the GPU: one's compute-bound video passes beside another's action steps, which read the weights with
+    a fraction of the GPU's SMs busy. Its results do not depend on what runs beside it (same kernels, same
+    order on its stream). Each public method returns with its GPU work done or ordered on that stream."""
+
     def __init__(self, weights: PolicyWeights):
         self.weights = weights
+        self.stream: torch.cuda.Stream | None = None
+        if weights.on_gpu and weights.batcher is None:  # a batch's passes mix policies: it keeps one stream
+            self.stream = torch.cuda.Stream(weights.transformer.patch_embedding_mlp.weight.device)
+            self.stream.wait_stream(torch.cuda.current_stream())  # the weights were made on the current one
+        with self.on_stream():
+            self._build(weights)
+
+    def on_stream(self) -> contextlib.AbstractContextManager:
+        """The policy's stream made current (nothing on a CPU, or when its engine batches)."""
+        return contextlib.nullcontext() if self.stream is None else torch.cuda.stream(self.stream)
+
+    def _build(self, weights: PolicyWeights) -> None:
         preset = weights.preset
         self.preset = preset
         config = EngineConfig.from_preset(preset)
@@ -132,6 +176,7 @@ class Policy:
         """Actions between two camera keyframes: each latent frame spans `frames_per_latent` frames."""
         return max(1, self.preset.action_per_frame // self.preset.frames_per_latent)
 
+    @_on_own_stream
     def reset(self, prompt: str, seed: int | None = None, operating_point: str | None = None,
               synchronous: bool = False) -> None:
         """Start an episode; `operating_point` names the sampling settings it runs with (policy.json
@@ -154,6 +199,7 @@ class Policy:
         device = self.engine.device
         self.generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
 
+    @_on_own_stream
     def act(self, images: Mapping[str, np.ndarray] | None = None) -> PolicyChunk:
         """Next chunk of actions. The first chunk of an episode needs the current camera images
         (`{camera key: uint8 [H, W, 3]}`); later chunks continue from the cache."""
@@ -165,6 +211,7 @@ class Policy:
         return self._robot_chunk(self.engine.act(
             first_latent=self.first_latent if self.engine.frame_offset == 0 else None, generator=self.generator))
 
+    @_on_own_stream
     def act_ahead(self, grounded: bool = False) -> PolicyChunk:
         """Asynchronous execution: the chunk after the one the robot is executing, computed before
         that one's observation arrives; the next `observe` (of the executing chunk) grounds both.
@@ -172,6 +219,7 @@ class Policy:
         the paper's grounded variant (InferenceEngine.act_ahead)."""
         return self._robot_chunk(self.engine.act_ahead(generator=self.generator, grounded=grounded))
 
+    @_on_own_stream
     def warm_up(self) -> int:
         """Run each shape of an episode once, so that on a GPU compilation, cuDNN plans and CUDA graph
         capture happen here rather than in a robot's chunks: through the policy the first chunk, its
@@ -202,6 +250,7 @@ class Policy:
         actions = denormalize_actions(chunk.actions[0, ..., 0].cpu(), self.q01, self.q99)[self.channels]
         return PolicyChunk(actions.numpy().astype(np.float32), chunk.video, chunk.frame_offset)
 
+    @_on_own_stream
     def observe(self, keyframes: Sequence[Mapping[str, np.ndarray]], executed_actions: np.ndarray) -> None:
         """Write what happened: camera keyframes taken every `keyframe_interval` actions (the first
         chunk's first latent frame is the initial image, so it is not sent again) and the executed
@@ -239,6 +288,7 @@ class Policy:
         model_actions = normalize_actions(model_actions, self.q01, self.q99)
         self.engine.observe(video, model_actions[None, ..., None])
 
+    @_on_own_stream
     def imagine(self, latents: torch.Tensor) -> np.ndarray:
         """Decode predicted latents into one uint8 video of the whole camera layout."""
         with torch.no_grad():

@@ -7,6 +7,11 @@ from typing import Literal
 
 from vaops.models.model_source import TOKEN_ENV as TOKEN_ENV
 
+# Operations in flight on a GPU by default. One H200, robotwin preset, FP8, 8 robots through the server
+# (bench/results/serve_load_threads_h200.md): 1 -> 2 -> 4 threads gave 9.53 -> 11.59 -> 11.57 chunks/s at the
+# paper's operating point and 2.55 -> 3.06 -> 3.28 at the released one; each robot's chunks unchanged.
+GPU_COMPUTE_THREADS = 4
+
 
 @dataclass(frozen=True)
 class ServeConfig:
@@ -35,7 +40,11 @@ class ServeConfig:
     # bearer token; None: no authentication (`vaops serve --token-env`: not a flag, as a secret)
     token: str | None = field(default=None, repr=False, metadata={"flag": None})
     max_request_mb: float = 64.0
-    compute_threads: int = field(default=1, metadata={"help": "episode operations computed at once (1 suits one GPU)"})
+    # Episode operations (act, observe, reset) computed at once; None: GPU_COMPUTE_THREADS on a GPU, 1 on a CPU
+    # (whose operations already use every core). On a GPU each session's policy runs on its own CUDA stream,
+    # so operations in flight overlap there (models/policy.py Policy).
+    compute_threads: int | None = field(default=None, metadata={
+        "help": f"episode operations computed at once (default: {GPU_COMPUTE_THREADS} on a GPU, 1 on a CPU)"})
     # Robots whose chunks are due together share their denoising passes (models/batch.py), at most this
     # many per batch; 1: each chunk alone (the default: on one H200 at the robotwin preset, 8 robots got
     # 1.4 chunks/s batched against 4.7 alone, bench/results/serve_load_h200_batched.md, as batches of changing
@@ -81,7 +90,7 @@ class ServeConfig:
             problems.append(f"idle_timeout_s {self.idle_timeout_s} must be positive")
         if self.max_request_mb <= 0:
             problems.append(f"max_request_mb {self.max_request_mb} must be positive")
-        if self.compute_threads < 1:
+        if self.compute_threads is not None and self.compute_threads < 1:
             problems.append(f"compute_threads {self.compute_threads} must be at least 1")
         if not 1 <= self.warm_sessions <= self.max_sessions:
             problems.append(f"warm_sessions {self.warm_sessions} must be between 1 and max_sessions {self.max_sessions}")

@@ -40,9 +40,9 @@ from vaops.models.batch import ChunkBatcher
 from vaops.models.checkpoint import load_weights
 from vaops.models.model_source import resolve_checkpoint
 from vaops.models.msgpack_numpy import UnpackLimits
-from vaops.models.policy import PolicyWeights
+from vaops.models.policy import PolicyWeights, allow_concurrent_policies
 
-from .config import ServeConfig
+from .config import GPU_COMPUTE_THREADS, ServeConfig
 from .episode import EpisodeService
 from .kserve_model import (CapacityExhausted, PolicyModel, ProtocolError, invalid_input_handler, log_bad_input,
                            rest_error_handler)
@@ -288,7 +288,11 @@ def model_from_weights(cfg: ServeConfig, weights: PolicyWeights) -> PolicyModel:
                               warm_up=cfg.warmup and weights.on_gpu, warm_sessions=cfg.warm_sessions)
     # Batching needs the sessions' operations in flight together: a thread for each session's operation
     # and one for its chunk computed ahead.
-    threads = cfg.compute_threads if batch == 1 else max(cfg.compute_threads, 2 * sessions.capacity)
+    threads = cfg.compute_threads or (GPU_COMPUTE_THREADS if weights.on_gpu else 1)
+    if batch > 1:
+        threads = max(threads, 2 * sessions.capacity)
+    if threads > 1:
+        allow_concurrent_policies()
     executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="policy")
     return PolicyModel(cfg.name, EpisodeService(sessions, executor))
 

@@ -251,3 +251,35 @@ def test_policy_json_keeps_the_presets_control_rate(tmp_path):
     del raw["control_fps"]
     (folder / POLICY_FILE).write_text(json.dumps(raw))
     assert read_preset(folder).control_fps == 10
+
+
+def test_policies_running_at_once_give_each_robot_the_chunks_it_gets_alone(checkpoint):
+    """`vaops serve --compute-threads`: several sessions' operations in flight at once (on a GPU each on its
+    own CUDA stream) share the weights, the compiled regions and the VAE; each robot's chunks must be what it
+    gets alone, step for step."""
+    import threading
+
+    from vaops.models.checkpoint import load_weights
+    from vaops.models.policy import allow_concurrent_policies
+
+    weights = load_weights(checkpoint)
+    allow_concurrent_policies()
+    alone = [run_episode(weights.new_policy(), seed=s) for s in range(3)]
+    policies = [weights.new_policy() for _ in range(3)]
+    assert all(p.stream is None for p in policies)  # a CPU has no streams: the threads alone overlap
+    together: list = [None] * 3
+    start = threading.Barrier(3)
+
+    def robot(r):
+        start.wait()
+        together[r] = run_episode(policies[r], seed=r)
+
+    threads = [threading.Thread(target=robot, args=(r,)) for r in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not np.allclose(alone[0][0], alone[1][0])  # the robots differ, so a mix-up would show
+    for a, b in zip(alone, together):
+        for x, y in zip(a, b):
+            np.testing.assert_array_equal(x, y)

@@ -24,9 +24,11 @@ def tiny_weights(tiny_checkpoint):
 
 @pytest.fixture(scope="session")
 def server(tiny_checkpoint, tmp_path_factory):
-    """One server without a token on the tiny checkpoint, shared by the tests of group "serve"."""
+    """One server without a token on the tiny checkpoint, shared by the tests of group "serve"; two episode
+    operations in flight, as a GPU server runs several (serving/config.py GPU_COMPUTE_THREADS), so the
+    concurrent-episode tests cross sessions' operations for real."""
     work = tmp_path_factory.mktemp("serve")
     proc = ServerProcess(str(tiny_checkpoint), work, work / "server.log", "--max-sessions", "10",
-                         "--torch-threads", "1").wait_ready()
+                         "--torch-threads", "1", "--compute-threads", "2").wait_ready()
     yield proc
     proc.stop()
