@@ -9,7 +9,6 @@ from the same `PolicyWeights` share the weights and own only their caches.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence, TypeVar
@@ -19,6 +18,7 @@ import torch
 
 from .batch import BatchingEngine, ChunkBatcher
 from .config import Preset
+from .cuda_graphs import StreamClaim
 from .engine import Chunk, EngineConfig, InferenceEngine
 from .fp8 import quantize_blocks_fp8
 from .observation import ObservationEncoder
@@ -36,7 +36,9 @@ def _on_own_stream(method: Callable[..., _R]) -> Callable[..., _R]:
 
     @functools.wraps(method)
     def run(self: "Policy", *args, **kwargs) -> _R:
-        with self.on_stream():
+        if self.claim is None:
+            return method(self, *args, **kwargs)
+        with self.claim.lock, torch.cuda.stream(self.claim.stream):
             return method(self, *args, **kwargs)
 
     return run
@@ -130,17 +132,18 @@ class Policy:
 
     def __init__(self, weights: PolicyWeights):
         self.weights = weights
-        self.stream: torch.cuda.Stream | None = None
+        self.claim: StreamClaim | None = None
         if weights.on_gpu and weights.batcher is None:  # a batch's passes mix policies: it keeps one stream
-            self.stream = torch.cuda.Stream(weights.transformer.patch_embedding_mlp.weight.device)
-            self.stream.wait_stream(torch.cuda.current_stream())  # the weights were made on the current one
-        with self.on_stream():
-            self._build(weights)
+            self.claim = StreamClaim(weights.transformer.patch_embedding_mlp.weight.device)
+            self.claim.stream.wait_stream(torch.cuda.current_stream())  # the weights were made on the current one
+        self._build(weights)
 
-    def on_stream(self) -> contextlib.AbstractContextManager:
-        """The policy's stream made current (nothing on a CPU, or when its engine batches)."""
-        return contextlib.nullcontext() if self.stream is None else torch.cuda.stream(self.stream)
+    @property
+    def stream(self) -> torch.cuda.Stream | None:
+        """The CUDA stream its work runs on; None on a CPU or when its engine batches."""
+        return None if self.claim is None else self.claim.stream
 
+    @_on_own_stream
     def _build(self, weights: PolicyWeights) -> None:
         preset = weights.preset
         self.preset = preset

@@ -283,3 +283,30 @@ def test_policies_running_at_once_give_each_robot_the_chunks_it_gets_alone(check
     for a, b in zip(alone, together):
         for x, y in zip(a, b):
             np.testing.assert_array_equal(x, y)
+
+
+def test_stream_claims_give_live_policies_streams_of_their_own_while_the_pool_has_them():
+    """torch hands out its 32 streams a device round-robin, also to other users (here: every third draw), so a
+    policy's stream is chosen among the free ones; past 32 live claims two share one, and its lock."""
+    import gc
+    from types import SimpleNamespace
+
+    from vaops.models.cuda_graphs import STREAMS_PER_POOL, StreamClaim
+
+    drawn = [0]
+
+    def pool_stream():  # torch.cuda.Stream() on a device of its own: the pool's next stream
+        drawn[0] += 1
+        return SimpleNamespace(device_index=99, stream_id=drawn[0] % STREAMS_PER_POOL)
+
+    claims = []
+    for _ in range(STREAMS_PER_POOL):
+        claims.append(StreamClaim(new_stream=pool_stream))
+        pool_stream()  # someone else's stream in between
+    assert len({c.key for c in claims}) == STREAMS_PER_POOL
+    extra = StreamClaim(new_stream=pool_stream)
+    sharer = next(c for c in claims if c.key == extra.key)
+    assert extra.lock is sharer.lock and len({id(c.lock) for c in claims}) == STREAMS_PER_POOL
+    freed = claims.pop(5).key
+    gc.collect()
+    assert StreamClaim(new_stream=pool_stream).key == freed
