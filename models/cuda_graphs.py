@@ -23,7 +23,7 @@ _CAPTURE_LOCK = threading.Lock()
 # policies may get the same one. They are then ordered on the GPU anyway, but must not run at once from two
 # threads: a graph captured on a stream while another thread launches on it would record that launch.
 STREAMS_PER_POOL = 32
-_claims_lock = threading.Lock()
+_claims_lock = threading.RLock()  # reentrant: a garbage collection inside a claim may release another claim
 _users: Counter[tuple[int, int]] = Counter()  # (device, stream id) -> live claims
 _locks: dict[tuple[int, int], threading.RLock] = {}
 
