@@ -8,6 +8,7 @@ negative / dropped prompt is the embedding of "".
 from __future__ import annotations
 
 import string
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -56,6 +57,10 @@ class TextEncoder:
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.max_length = max_length
+        # Sessions reset from several threads at once (`vaops serve --compute-threads`); a fast tokenizer's call
+        # may set its padding and truncation on the shared Rust object, which raises "Already borrowed" when
+        # another thread is inside it (huggingface/tokenizers#537). Tokenizing a prompt takes microseconds.
+        self._tokenizing = threading.Lock()
 
     @property
     def dim(self) -> int:
@@ -68,9 +73,10 @@ class TextEncoder:
             raise TypeError(f"prompts must be a list of str, got {prompts!r}")
         from diffusers.pipelines.wan.pipeline_wan import prompt_clean  # its whole module for one function
 
-        tokens = self.tokenizer(
-            [prompt_clean(p) for p in prompts], padding="max_length", max_length=self.max_length,
-            truncation=True, add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
+        with self._tokenizing:
+            tokens = self.tokenizer(
+                [prompt_clean(p) for p in prompts], padding="max_length", max_length=self.max_length,
+                truncation=True, add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
         device = self.model.device
         mask = tokens.attention_mask.to(device)
         hidden = self.model(input_ids=tokens.input_ids.to(device), attention_mask=mask).last_hidden_state
