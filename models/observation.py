@@ -25,10 +25,13 @@ if TYPE_CHECKING:  # diffusers is imported where a VAE is made (models/vae.py)
 def frames_to_video(frames: np.ndarray, height: int, width: int) -> torch.Tensor:
     """uint8 `[T, H, W, 3]` -> float `[3, T, height, width]` in [-1, 1].
 
-    Bilinear resize (align_corners False) on the 0-255 values, then scaling, in upstream's order.
+    Bilinear resize (align_corners False) on the 0-255 values, then scaling, in upstream's order. Frames
+    already `height x width` skip the resize, which maps them onto themselves exactly: the served robotwin
+    cameras' 16 frames a chunk took 26 against 7 ms on 2 CPU cores (stop 36), per robot and chunk.
     """
     video = torch.from_numpy(np.ascontiguousarray(frames)).float().permute(3, 0, 1, 2)
-    video = F.interpolate(video, size=(height, width), mode="bilinear", align_corners=False)
+    if tuple(video.shape[2:]) != (height, width):
+        video = F.interpolate(video, size=(height, width), mode="bilinear", align_corners=False)
     return video / 255.0 * 2.0 - 1.0
 
 
