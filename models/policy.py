@@ -118,8 +118,8 @@ def allow_concurrent_policies() -> None:
     When one thread compiles a new shape (inductor traces it with FX, a process-wide flag), a compiled
     function called meanwhile from another thread raises "Detected that you are using FX to symbolically
     trace a dynamo-optimized function". Off that error, the call runs its uncompiled Python: the same
-    operations, slower, for the few calls that meet a compilation (warm-up compiles an episode's shapes before
-    a server is ready)."""
+    operations, slower, for the few calls that meet a compilation (a CUDA graph captured meanwhile keeps
+    those slower kernels). A server's warm-up compiles an episode's shapes before it reports ready."""
     torch._dynamo.config.error_on_nested_fx_trace = False
 
 

@@ -9,7 +9,8 @@ from vaops.models.model_source import TOKEN_ENV as TOKEN_ENV
 
 # Operations in flight on a GPU by default. One H200, robotwin preset, FP8, 8 robots through the server
 # (bench/results/serve_load_threads_h200.md): 1 -> 2 -> 4 threads gave 9.53 -> 11.59 -> 11.57 chunks/s at the
-# paper's operating point and 2.55 -> 3.06 -> 3.28 at the released one; each robot's chunks unchanged.
+# paper's operating point and 2.55 -> 3.06 -> 3.28 at the released one. Each robot's chunks are those it gets
+# alone (bench/results/concurrent_chunks_h200.md: bit-identical actions).
 GPU_COMPUTE_THREADS = 4
 
 
