@@ -8,7 +8,9 @@ the server for its interpreter lock); the server runs in this process with its c
 1. load: N robots (1, 2, 4, 8) run synchronous episodes back to back as fast as the server answers, at
    each operating point (released 25/50 steps, the paper's 3-to-s=0.6/10). Per chunk the act round trip
    (the chunk's latency) and the observe round trip; chunks per second over all robots; GPU memory.
-   The in-run baseline: the same 8 robots with batching off (max_batch 1: each chunk alone).
+   The in-run baseline: the same 8 robots with batching off (max_batch 1: each chunk alone). With
+   `--compute-threads 1,2,4` each row runs once per number of operations in flight (the server's executor
+   swapped between rows; 1 is one operation at a time).
 2. real time: N robots at the control rate (50 Hz: a chunk of 32 actions executes in 0.64 s) with
    asynchronous execution at the paper's operating point, all started together; a robot is idle from
    the end of its chunk's last action to its next chunk in hand. Target: p99 at most 50 ms.
