@@ -68,7 +68,10 @@ def fleet(policies: list, chunks: int, point: str, concurrency: int, seed0: int)
     threads = [threading.Thread(target=robot, args=(r,)) for r in range(len(policies))]
     for t in threads:
         t.start()
-    start.wait()
+    try:
+        start.wait()
+    except threading.BrokenBarrierError:  # a robot failed before the start: its error is raised below
+        pass
     t0 = time.perf_counter()
     for t in threads:
         t.join()
