@@ -247,7 +247,7 @@ class EpisodeService:
             session.seq, session.seq_op, session.seq_result = seq, op, result
 
     async def _compute(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+        return await asyncio.get_running_loop().run_in_executor(self.executor, _on_compute_thread(fn), *args)
 
     async def reset(self, session: Session, prompt, seed, protocol: str, async_execution=False,
                     seq=None, operating_point=None) -> None:
@@ -289,7 +289,8 @@ class EpisodeService:
     def _start_ahead(self, session: Session, protocol: str) -> None:
         loop = asyncio.get_running_loop()
         timer = metrics.OP_SECONDS.labels("act_ahead", protocol)
-        session.ahead = self.executor.submit(_act_ahead, session.policy, timer, session.async_execution == "grounded")
+        session.ahead = self.executor.submit(_on_compute_thread(_act_ahead), session.policy, timer,
+                                             session.async_execution == "grounded")
 
         def done(_) -> None:  # in the worker thread; the sessions belong to the event loop
             if not loop.is_closed():
@@ -374,6 +375,21 @@ class EpisodeService:
         session.frame_offset, session.pending = policy.frame_offset, False
         if ahead is not None:
             session.ahead, session.ready = None, ahead
+
+
+def _on_compute_thread(fn):
+    """`fn`, reporting how long it waited for a compute thread and how many operations run at once."""
+    queued = time.perf_counter()
+
+    def run(*args):
+        metrics.COMPUTE_WAIT_SECONDS.observe(time.perf_counter() - queued)
+        metrics.COMPUTE_IN_FLIGHT.inc()
+        try:
+            return fn(*args)
+        finally:
+            metrics.COMPUTE_IN_FLIGHT.dec()
+
+    return run
 
 
 def _act_ahead(policy: Policy, timer, grounded: bool = False) -> PolicyChunk:

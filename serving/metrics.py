@@ -13,3 +13,9 @@ SESSIONS = Gauge("vaops_sessions", "Open episode sessions")
 SESSION_CAPACITY = Gauge("vaops_session_capacity", "Most sessions the server holds at once")
 CACHE_BYTES = Gauge("vaops_kv_cache_bytes", "Bytes of KV cache held by open sessions")
 ERRORS = Counter("vaops_request_errors", "Requests answered with an error", ["protocol", "kind"])
+# A robot's chunk waits for a compute thread when more operations are due than `--compute-threads` runs at
+# once: the wait is where an overloaded server's real-time robots lose their time.
+COMPUTE_THREADS = Gauge("vaops_compute_threads", "Episode operations computed at once (vaops serve --compute-threads)")
+COMPUTE_IN_FLIGHT = Gauge("vaops_compute_in_flight", "Episode operations running on the compute threads now")
+COMPUTE_WAIT_SECONDS = Histogram("vaops_compute_wait_seconds", "Time an episode operation waited for a compute thread",
+                                 buckets=(0.001,) + _BUCKETS)

@@ -42,6 +42,7 @@ from vaops.models.model_source import resolve_checkpoint
 from vaops.models.msgpack_numpy import UnpackLimits
 from vaops.models.policy import PolicyWeights, allow_concurrent_policies
 
+from . import metrics
 from .config import GPU_COMPUTE_THREADS, ServeConfig
 from .episode import EpisodeService
 from .kserve_model import (CapacityExhausted, PolicyModel, ProtocolError, invalid_input_handler, log_bad_input,
@@ -293,6 +294,7 @@ def model_from_weights(cfg: ServeConfig, weights: PolicyWeights) -> PolicyModel:
         threads = max(threads, 2 * sessions.capacity)
     if threads > 1:
         allow_concurrent_policies()
+    metrics.COMPUTE_THREADS.set(threads)
     executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="policy")
     return PolicyModel(cfg.name, EpisodeService(sessions, executor))
 

@@ -4,6 +4,7 @@ protocol, concurrent episodes identical to the Policy run in-process, clear erro
 from __future__ import annotations
 
 import asyncio
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -137,6 +138,7 @@ def test_eight_concurrent_episodes_identical_to_policy(server, tiny_weights):
         finally:
             client.close()
 
+    waited = metric(httpx.get(f"{server.url}/metrics").text, "vaops_compute_wait_seconds_count")
     with ThreadPoolExecutor(len(seeds)) as pool:
         results = list(pool.map(one, seeds))
     for seed, got in zip(seeds, results):
@@ -145,6 +147,20 @@ def test_eight_concurrent_episodes_identical_to_policy(server, tiny_weights):
     assert not np.array_equal(results[0][1], results[1][1])  # different seeds, different episodes
     metrics = httpx.get(f"{server.url}/metrics").text
     assert 'vaops_episode_op_seconds_count{op="act",protocol="websocket"}' in metrics
+    # the shared server computes 2 operations at once; every operation reported its wait for a thread
+    assert metric(metrics, "vaops_compute_threads") == 2
+    for _ in range(50):  # all answered: nothing left on the compute threads (a chunk computed ahead ends soon)
+        if metric(metrics, "vaops_compute_in_flight") == 0:
+            break
+        time.sleep(0.1)
+        metrics = httpx.get(f"{server.url}/metrics").text
+    assert metric(metrics, "vaops_compute_in_flight") == 0
+    # each episode computed a reset, 2 acts and 2 observes (and any chunk computed ahead besides)
+    assert metric(metrics, "vaops_compute_wait_seconds_count") - waited >= 8 * 5
+
+
+def metric(text: str, name: str) -> float:
+    return next(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + " "))
 
 
 def test_bad_requests_get_clear_errors_and_leave_the_session_intact(server, tiny_weights):
