@@ -347,6 +347,8 @@ def main() -> None:
                         run(n, args.chunks, point, seed0=900)
                 for c in levels:
                     threads(c)
+                    # untimed: the new threads' first operations create their cuBLAS and cuDNN handles
+                    run(max(counts_here), 2, point, seed0=950)
                     for n in counts_here:
                         if late(f"load {point} x{n} threads {c}"):
                             continue
@@ -370,6 +372,7 @@ def main() -> None:
                     seed0=600)
             for c in levels if "realtime" in phases else []:
                 threads(c)
+                run(max(counts), 2, point, seed0=950)  # untimed, as in the load phase
                 for n in sorted({1, max(counts)}):
                     if late(f"real time x{n} threads {c}"):
                         continue

@@ -19,6 +19,7 @@ import asyncio
 import hmac
 import json
 import logging
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -295,8 +296,28 @@ def model_from_weights(cfg: ServeConfig, weights: PolicyWeights) -> PolicyModel:
     if threads > 1:
         allow_concurrent_policies()
     metrics.COMPUTE_THREADS.set(threads)
-    executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="policy")
+    executor = started_threads(threads, weights.transformer.patch_embedding_mlp.weight.device)
     return PolicyModel(cfg.name, EpisodeService(sessions, executor))
+
+
+def started_threads(threads: int, device: torch.device) -> ThreadPoolExecutor:
+    """The compute threads, all started before the server reports ready, each past its first matrix product
+    and convolution on `device`: a thread gets its own cuBLAS and cuDNN handles at its first call, and with
+    several threads a robot's first operations would each meet a thread that has not made them yet."""
+    executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="policy")
+    together = threading.Barrier(threads)  # one task a thread: each holds its thread until all have one
+
+    def first_calls() -> None:
+        together.wait()
+        x = torch.ones(1, 2, 2, 4, 4, device=device)
+        torch.nn.functional.conv3d(x, x[:, :, :1, :2, :2])
+        _ = x[0, 0, 0] @ x[0, 0, 0]
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for started in [executor.submit(first_calls) for _ in range(threads)]:
+        started.result()
+    return executor
 
 
 def serve(cfg: ServeConfig, model: PolicyModel | None = None) -> None:

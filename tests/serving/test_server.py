@@ -289,3 +289,19 @@ def test_fuzzed_garbage_never_takes_the_server_down(server, tiny_weights):
     np.testing.assert_array_equal(actions, want[0])
     np.testing.assert_array_equal(second, want[1])
     assert server.alive() and httpx.get(f"{server.url}/v2/health/ready").status_code == 200
+
+
+def test_the_compute_threads_are_all_started_before_the_server_is_ready(tiny_weights):
+    """Each thread makes its first library calls at start-up (on a GPU: its cuBLAS and cuDNN handles), not in a
+    robot's first operations; a CPU server computes one operation at a time unless told otherwise."""
+    from vaops.serving.config import ServeConfig
+    from vaops.serving.server import model_from_weights
+
+    for threads, expected in ((None, 1), (3, 3)):
+        model = model_from_weights(ServeConfig(model="(in memory)", compute_threads=threads), tiny_weights)
+        executor = model.episodes.executor
+        try:
+            assert len(executor._threads) == expected
+            assert all(t.is_alive() for t in executor._threads)
+        finally:
+            executor.shutdown()
