@@ -40,6 +40,7 @@ import httpx
 import numpy as np
 import torch
 from vaops.serving.config import GPU_COMPUTE_THREADS
+from vaops.serving.server import started_threads
 from serve import PROMPT, add_server_arguments, connect, episode_frames, random_weights, serve_during, server_dtype
 
 # ----- the robots (client process) -----
@@ -334,7 +335,7 @@ def main() -> None:
         """The server's executor with c threads from the next request on (none is in flight between rows)."""
         episodes = served[0].episodes
         episodes.executor.shutdown(wait=True)
-        episodes.executor = ThreadPoolExecutor(max_workers=c, thread_name_prefix="policy")
+        episodes.executor = started_threads(c, weights.transformer.patch_embedding_mlp.weight.device)
 
     def work(url: str) -> None:
         batcher = weights.batcher
@@ -347,8 +348,7 @@ def main() -> None:
                         run(n, args.chunks, point, seed0=900)
                 for c in levels:
                     threads(c)
-                    # untimed: the new threads' first operations create their cuBLAS and cuDNN handles
-                    run(max(counts_here), 2, point, seed0=950)
+                    run(max(counts_here), 2, point, seed0=950)  # untimed: the new threads' first operations
                     for n in counts_here:
                         if late(f"load {point} x{n} threads {c}"):
                             continue
