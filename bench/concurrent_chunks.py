@@ -27,7 +27,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from serve import PROMPT, add_server_arguments, episode_frames, random_weights
+from serve import PROMPT, add_server_arguments, episode_frames, random_weights, run_direct
+from serve_load import percentile
 
 from vaops.models.policy import allow_concurrent_policies
 from vaops.serving.sessions import pooled_policy
@@ -81,17 +82,8 @@ def fleet(policies: list, chunks: int, point: str, concurrency: int, seed0: int)
     return {"wall_s": wall, "chunks_per_s": len(policies) * chunks / wall, "latency": lat, "actions": actions}
 
 
-def episode(policy, chunks: int, point: str, seed: int) -> None:
-    first, keyframes = episode_frames(policy.preset, seed, chunks)
-    policy.reset(PROMPT, seed=seed, operating_point=point, synchronous=True)
-    for k in range(chunks):
-        chunk = policy.act(first if k == 0 else None)
-        policy.observe(keyframes[k], chunk.actions)
-
-
 def quantiles(xs: list[float]) -> dict:
-    xs = sorted(xs)
-    return {"p50_s": statistics.median(xs), "p99_s": xs[min(len(xs) - 1, int(0.99 * len(xs)))]}
+    return {"p50_s": statistics.median(xs), "p99_s": percentile(xs, 99)}
 
 
 def main() -> None:
@@ -114,9 +106,10 @@ def main() -> None:
     print(f"{args.robots} policies warmed up in {time.perf_counter() - t0:.1f} s", flush=True)
     rows = []
     for point in args.operating_points.split(","):
-        for policy in policies:  # this point's graphs, outside the timing, all captured by this one thread as
-            episode(policy, args.chunks, point, seed=900)  # a server's executor thread captures several sessions'
-
+        # This point's graphs, outside the timing, all captured by this one thread, as a server's executor
+        # thread captures several sessions' graphs.
+        for policy in policies:
+            run_direct(policy, 1, args.chunks, seed0=900, operating_point=point)
         base = None
         for c in levels:
             res = fleet(policies, args.chunks, point, c, seed0=0)

@@ -335,7 +335,7 @@ def main() -> None:
         """The server's executor with c threads from the next request on (none is in flight between rows)."""
         episodes = served[0].episodes
         episodes.executor.shutdown(wait=True)
-        episodes.executor = started_threads(c, weights.transformer.patch_embedding_mlp.weight.device)
+        episodes.executor = started_threads(c, weights.device)
 
     def work(url: str) -> None:
         batcher = weights.batcher
@@ -416,11 +416,11 @@ def report(result: dict, args: argparse.Namespace, quiet: bool = False) -> None:
     for row in result["load"]:
         # against one robot at the same point: run alone, that robot's chunks are never batched
         one = next((r for r in result["load"] if r["operating_point"] == row["operating_point"] and r["robots"] == 1
-                    and r.get("compute_threads", 1) == 1), None)
+                    and r["compute_threads"] == 1), None)
         speedup = row["chunks_per_s"] / one["chunks_per_s"] if one else float("nan")
         memory = "-" if row.get("gpu_gib") is None else f"{row['gpu_gib']:.1f}"
         lines.append(f"| {row['operating_point']} | {row['robots']} | {'yes' if row['batching'] else 'no'} | "
-                     f"{row.get('compute_threads', 1)} | {row['act_p50_s']:.3f} | {row['act_p99_s']:.3f} | {row['observe_p50_s']:.3f} | "
+                     f"{row['compute_threads']} | {row['act_p50_s']:.3f} | {row['act_p99_s']:.3f} | {row['observe_p50_s']:.3f} | "
                      f"{row['chunks_per_s']:.2f} | {speedup:.2f}x | {memory} |")
     if result["realtime"]:
         lines += ["", f"Real time: asynchronous execution at {args.control_hz:g} Hz (robot idle from the end of a "
@@ -428,7 +428,7 @@ def report(result: dict, args: argparse.Namespace, quiet: bool = False) -> None:
                   "| operating point | robots | in flight | chunks timed | idle p50 s | idle p99 s | idle max s |",
                   "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for row in result["realtime"]:
-            lines.append(f"| {row['operating_point']} | {row['robots']} | {row.get('compute_threads', 1)} | {row['chunks_timed']} | {row['idle_p50_s']:.3f} "
+            lines.append(f"| {row['operating_point']} | {row['robots']} | {row['compute_threads']} | {row['chunks_timed']} | {row['idle_p50_s']:.3f} "
                          f"| {row['idle_p99_s']:.3f} | {row['idle_max_s']:.3f} |")
     if "agreement" in result:
         a = result["agreement"]

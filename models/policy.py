@@ -73,8 +73,13 @@ class PolicyWeights:
     batcher: ChunkBatcher | None = None
 
     @property
+    def device(self) -> torch.device:
+        """Where the transformer's weights are (and its policies' work runs)."""
+        return self.transformer.patch_embedding_mlp.weight.device
+
+    @property
     def on_gpu(self) -> bool:
-        return self.transformer.patch_embedding_mlp.weight.is_cuda
+        return self.device.type == "cuda"
 
     def __post_init__(self) -> None:
         on_gpu = self.on_gpu
@@ -96,7 +101,7 @@ class PolicyWeights:
             raise ValueError(f"fp8 needs the transformer in bfloat16, it is {self.transformer.dtype}")
         if not self.on_gpu:
             return quantize_blocks_fp8(self.transformer)
-        major, minor = torch.cuda.get_device_capability(self.transformer.patch_embedding_mlp.weight.device)
+        major, minor = torch.cuda.get_device_capability(self.device)
         if (major, minor) < (8, 9):
             raise ValueError(f"fp8 needs a GPU of compute capability 8.9 or later, this one is {major}.{minor}")
         return quantize_blocks_fp8(self.transformer)
@@ -134,7 +139,7 @@ class Policy:
         self.weights = weights
         self.claim: StreamClaim | None = None
         if weights.on_gpu and weights.batcher is None:  # a batch's passes mix policies: it keeps one stream
-            self.claim = StreamClaim(weights.transformer.patch_embedding_mlp.weight.device)
+            self.claim = StreamClaim(weights.device)
             self.claim.stream.wait_stream(torch.cuda.current_stream())  # the weights were made on the current one
         self._build(weights)
 

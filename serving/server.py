@@ -296,7 +296,7 @@ def model_from_weights(cfg: ServeConfig, weights: PolicyWeights) -> PolicyModel:
     if threads > 1:
         allow_concurrent_policies()
     metrics.COMPUTE_THREADS.set(threads)
-    executor = started_threads(threads, weights.transformer.patch_embedding_mlp.weight.device)
+    executor = started_threads(threads, weights.device)
     return PolicyModel(cfg.name, EpisodeService(sessions, executor))
 
 
