@@ -35,6 +35,7 @@ def test_every_documented_flag_sets_its_field(monkeypatch):
 def test_bad_settings_are_one_line_errors(capsys):
     for argv, message in ((["--model", "ck", "--dtype", "f16"], "field 'dtype' got 'f16'"),
                           (["--model", "ck", "--max-batch", "0"], "max_batch 0 must be at least 1"),
+                          (["--model", "ck", "--compute-threads", "0"], "compute_threads 0 must be at least 1"),
                           (["--model", "ck", "--warm-sessions", "9"], "warm_sessions 9 must be between 1 and max_sessions 8"),
                           (["--model", "ck", "--fp8"], "fp8 needs --dtype bfloat16, got float32"),
                           (["--http-port", "80"], "model is required")):
