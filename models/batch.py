@@ -43,6 +43,7 @@ class _Request:
     video: torch.Tensor  # [1, C, F, H, W] its initial noise
     actions: torch.Tensor  # [1, A, F, N, 1]
     first: torch.Tensor | None  # [1, C, 1, H, W] at an episode's first chunk
+    cache_actions: bool  # InferenceEngine.caches_actions
     wake: threading.Event = field(default_factory=threading.Event)
     lead: bool = False
     done: bool = False
@@ -52,7 +53,7 @@ class _Request:
     def key(self) -> tuple:
         """Chunks that may share a batch: the same schedules, guidance and CFG batch."""
         e = self.engine
-        return (e.config.sampling, e.batch, e.skip_unguided_uncond, e.device, e.model)
+        return (e.config.sampling, e.batch, e.skip_unguided_uncond, e.device, e.model, self.cache_actions)
 
 
 @dataclass
@@ -140,7 +141,7 @@ class ChunkBatcher:
     def _run(self, group: list[_Request]) -> list[Chunk]:
         if len(group) == 1:  # the engine's own path and graphs
             r = group[0]
-            return [r.engine._denoise_chunk(r.video, r.actions, r.first)]
+            return [r.engine._denoise_chunk(r.video, r.actions, r.first, r.cache_actions)]
         engines = [r.engine for r in group]
         e0 = engines[0]
         s = e0.config.sampling
@@ -148,14 +149,14 @@ class ChunkBatcher:
                               s.guidance_scale, [r.first for r in group])
         zero = [None if r.first is None else torch.zeros_like(r.actions[:, :, :1]) for r in group]
         actions = self._denoise("action", engines, torch.cat([r.actions for r in group]), e0.action_schedule,
-                                s.action_guidance_scale, zero)
+                                s.action_guidance_scale, zero, cache_last=group[0].cache_actions)
         masks = torch.cat([e.action_mask for e in engines])
         actions = actions * masks
         return [Chunk(video[i:i + 1].clone(), actions[i:i + 1].clone(), e.frame_offset)
                 for i, e in enumerate(engines)]
 
     def _denoise(self, kind: str, engines: list["BatchingEngine"], x: torch.Tensor, schedule: Schedule,
-                 guidance: float, firsts: list[torch.Tensor | None]) -> torch.Tensor:
+                 guidance: float, firsts: list[torch.Tensor | None], cache_last: bool = True) -> torch.Tensor:
         """InferenceEngine._denoise over a batch with one row per engine; rows at their episode's first
         chunk hold their first frame fixed."""
         e0 = engines[0]
@@ -169,6 +170,8 @@ class ChunkBatcher:
         steps = schedule.timesteps.tolist()
         for i, t in enumerate(steps + [schedule.final_timestep]):
             last = i == len(steps)
+            if last and not cache_last and schedule.after is None:
+                break
             if first is not None:
                 x[idx, :, :1] = first
             if mask is not None:
@@ -246,8 +249,8 @@ class BatchingEngine(InferenceEngine):
         self.batcher = batcher
 
     def _act(self, first_latent: torch.Tensor | None, video_noise: torch.Tensor | None,
-             action_noise: torch.Tensor | None, generator: torch.Generator | None) -> Chunk:
+             action_noise: torch.Tensor | None, generator: torch.Generator | None, ahead: bool = False) -> Chunk:
         # The checks and the noise draws happen here, in the robot's own thread, in the order the
         # engine's own path draws them, so a robot's chunks do not depend on who it is batched with.
         video, actions, first = self._chunk_inputs(first_latent, video_noise, action_noise, generator)
-        return self.batcher.act(_Request(self, video, actions, first))
+        return self.batcher.act(_Request(self, video, actions, first, self.caches_actions(ahead)))

@@ -3,9 +3,11 @@ runs, and `observe` grounds both. Checked against the synchronous loop on the go
 window wide enough that nothing is evicted (the chunk computed ahead takes one chunk of the window,
 so under eviction the grounding pass sees one chunk less history than the synchronous loop's)."""
 
+import collections
 import dataclasses
 
 import pytest
+import torch
 from test_golden import engine_config, golden, model  # noqa: F401  (fixtures)
 
 from vaops.models.engine import InferenceEngine
@@ -149,3 +151,47 @@ def test_synchronous_episode_skips_the_predicted_actions_pass_and_changes_nothin
         engine.act_ahead()
     with pytest.raises(RuntimeError, match="reset as synchronous"):
         engine.advance()
+
+
+@pytest.mark.parametrize("grounded", [False, True], ids=["naive", "grounded"])
+def test_a_chunk_computed_ahead_skips_the_cache_pass_its_observation_overwrites(golden, model, grounded):  # noqa: F811
+    """The observe after act_ahead drops the chunk's predicted entries and rewrites them, so act_ahead does
+    not cache its predicted actions (nor a grounding pass its final video where the schedule is whole):
+    the same chunks and cache as an engine that still runs those passes, with one action pass fewer a chunk
+    computed ahead."""
+    cases, t = golden
+    chunks = cases["infer"]["chunks"]
+
+    def episode(engine):
+        passes = []
+        forward = engine._forward
+        engine._forward = lambda kind, *a, **k: passes.append(kind) or forward(kind, *a, **k)
+        executing = first_act(engine, t)
+        out, counts = [executing], []
+        for c in range(1, chunks):
+            vn, an, _, _ = inputs(t, c)
+            passes.clear()
+            ahead = engine.act_ahead(video_noise=vn, action_noise=an, grounded=grounded,
+                                     ground_noise=None if c == 1 else inputs(t, c - 1)[0].clone())
+            counts.append(collections.Counter(passes))
+            engine.observe(executing.video, executing.actions)
+            out.append(ahead)
+            executing = ahead
+        return out, counts
+
+    fast = new_engine(golden, model)
+    every = new_engine(golden, model)  # as before: each chunk's actions cached, each last pass run
+    every.caches_actions = lambda ahead: not every.synchronous
+    denoise = every._denoise
+    every._denoise = lambda kind, x, schedule, guidance, first, cache_last=True: denoise(kind, x, schedule, guidance,
+                                                                                         first, True)
+    got, counts = episode(fast)
+    want, counts_every = episode(every)
+    for c, (a, b) in enumerate(zip(got, want)):
+        assert torch.equal(a.video, b.video) and torch.equal(a.actions, b.actions), f"chunk {c}"
+    assert fast.cache.tail == every.cache.tail and fast.cache.predicted_from == every.cache.predicted_from
+    for layer in range(fast.model.config.num_layers):
+        assert all(torch.equal(a, b) for a, b in zip(fast.cache.live(layer, slice(None)), every.cache.live(layer, slice(None))))
+    # Chunk 1 follows a synchronous act (nothing to re-imagine); later grounded ones also skip a video pass.
+    saved = [every_n - n for n, every_n in zip(counts, counts_every)]
+    assert saved == [collections.Counter(action=1)] + [collections.Counter(action=1, video=int(grounded))] * (chunks - 2)
