@@ -96,6 +96,9 @@ class InferenceEngine:
         # imagined before the observation that preceded it); None after a synchronous act.
         self._executing: Chunk | None = None
         self.grounded: Chunk | None = None  # the executing chunk as the last grounded act_ahead re-imagined it
+        # The chunk computed ahead whose predicted entries the last observe dropped and that are not yet written
+        # again after the observation (`_write_unwritten`).
+        self._unwritten: Chunk | None = None
         # The episode observes every chunk before the next act (reset(synchronous=True)), so a chunk's
         # predicted actions are dropped unread and their cache pass is skipped.
         self.synchronous = False
@@ -144,7 +147,7 @@ class InferenceEngine:
             self.text = text
             self._graphs.clear()
         self.frame_offset = 0
-        self._ahead = self._executing = self.grounded = None
+        self._ahead = self._executing = self.grounded = self._unwritten = None
         self.synchronous = synchronous
 
     @property
@@ -261,6 +264,7 @@ class InferenceEngine:
         self._require_episode()
         if self._ahead is not None:
             raise RuntimeError("a chunk was computed ahead: observe the executing chunk before acting again")
+        self._write_unwritten()
         self._executing = None
         return self._act(first_latent, video_noise, action_noise, generator)
 
@@ -283,10 +287,12 @@ class InferenceEngine:
         self._require_episode()
         if self.synchronous:
             raise RuntimeError("this episode was reset as synchronous: each chunk is observed before the next act")
-        if self._ahead is not None or self.live_cache.predicted_from is None:
+        if self._ahead is not None or (self.live_cache.predicted_from is None and self._unwritten is None):
             raise RuntimeError("act_ahead follows an act (or a grounded observe) whose chunk is being executed")
         if grounded and self._executing is not None:
+            self._unwritten = None  # the grounding pass drops the executing chunk's predicted entries first
             self._reimagine_executing(ground_noise, generator)
+        self._write_unwritten()
         self.frame_offset += self.config.frame_chunk_size
         self._ahead = self._act(None, video_noise, action_noise, generator, ahead=True)
         return self._ahead
@@ -365,7 +371,8 @@ class InferenceEngine:
         actions [1, A, F, N, 1] (at t=0, at the current offset), then advance by F frames.
 
         After `act_ahead`, the observation is of the chunk before the one computed ahead: that chunk's
-        predicted entries are written again after the observed ones, as its final pass wrote them."""
+        predicted entries are written again after the observed ones, as its final pass wrote them, by the
+        next operation that reads them (`_write_unwritten`)."""
         self._require_episode()
         c = self.config
         mcfg = self.model.config
@@ -380,14 +387,21 @@ class InferenceEngine:
         if ahead is not None and f != c.frame_chunk_size:
             raise ValueError(f"with a chunk computed ahead, the observation must cover the executing chunk's "
                              f"{c.frame_chunk_size} frames, got {f}")
-        self.frame_offset, self._ahead = self.observation_offset, None
+        self.frame_offset, self._ahead, self._unwritten = self.observation_offset, None, None
         self.live_cache.drop_predicted()
         self._write_t0(latents.to(self.device, torch.float32), actions.to(self.device, torch.float32),
                        predicted=False)
         self.frame_offset += f
-        self._executing = ahead
-        if ahead is not None:
-            self._write_t0(ahead.video, ahead.actions, predicted=True)
+        self._executing = self._unwritten = ahead
+
+    def _write_unwritten(self) -> None:
+        """After an observation, the chunk computed ahead is written again after it (`observe`): by the next
+        operation that reads it, not by the observe. The robot waits for its observation's round trip before
+        its next chunk is handed out, while the next act_ahead runs as it executes that chunk; and a grounded
+        act_ahead drops those entries unread (`_reimagine_executing`)."""
+        if self._unwritten is not None:
+            chunk, self._unwritten = self._unwritten, None
+            self._write_t0(chunk.video, chunk.actions, predicted=True)
 
     def _write_t0(self, video: torch.Tensor, actions: torch.Tensor, predicted: bool) -> None:
         zeros = torch.zeros(1, video.shape[2], device=self.device)
@@ -402,6 +416,7 @@ class InferenceEngine:
             raise RuntimeError("this episode was reset as synchronous: its chunks' actions were not cached")
         if self._ahead is not None:
             raise RuntimeError("a chunk was computed ahead: observe the executing chunk first")
+        self._write_unwritten()
         self.live_cache.predicted_from = None
         self._executing = None
         self.frame_offset += self.config.frame_chunk_size

@@ -158,7 +158,7 @@ def test_a_chunk_computed_ahead_skips_the_cache_pass_its_observation_overwrites(
     """The observe after act_ahead drops the chunk's predicted entries and rewrites them, so act_ahead does
     not cache its predicted actions (nor a grounding pass its final video where the schedule is whole):
     the same chunks and cache as an engine that still runs those passes, with one action pass fewer a chunk
-    computed ahead."""
+    computed ahead. The rewrite itself waits for the next act_ahead, off the observation's round trip."""
     cases, t = golden
     chunks = cases["infer"]["chunks"]
 
@@ -174,7 +174,11 @@ def test_a_chunk_computed_ahead_skips_the_cache_pass_its_observation_overwrites(
             ahead = engine.act_ahead(video_noise=vn, action_noise=an, grounded=grounded,
                                      ground_noise=None if c == 1 else inputs(t, c - 1)[0].clone())
             counts.append(collections.Counter(passes))
+            passes.clear()
             engine.observe(executing.video, executing.actions)
+            # The observation's own passes only: the chunk computed ahead is written again after it by the
+            # next act_ahead, or dropped unread by a grounded one.
+            assert passes == ["video", "action"]
             out.append(ahead)
             executing = ahead
         return out, counts
@@ -194,4 +198,8 @@ def test_a_chunk_computed_ahead_skips_the_cache_pass_its_observation_overwrites(
         assert all(torch.equal(a, b) for a, b in zip(fast.cache.live(layer, slice(None)), every.cache.live(layer, slice(None))))
     # Chunk 1 follows a synchronous act (nothing to re-imagine); later grounded ones also skip a video pass.
     saved = [every_n - n for n, every_n in zip(counts, counts_every)]
+    v, a = len(fast.video_schedule.sigmas), fast.config.sampling.action_steps  # a whole video schedule here
+    later = (collections.Counter(video=2 * v + 2, action=a + 2) if grounded  # grounding, its t=0 write, the chunk
+             else collections.Counter(video=v + 2, action=a + 1))  # the rewrite after the observation, the chunk
+    assert counts == [collections.Counter(video=v + 1, action=a)] + [later] * (chunks - 2)
     assert saved == [collections.Counter(action=1)] + [collections.Counter(action=1, video=int(grounded))] * (chunks - 2)
