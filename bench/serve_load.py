@@ -39,7 +39,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import torch
-from vaops.serving.config import GPU_COMPUTE_THREADS
+from vaops.serving.config import ServeConfig
 from vaops.serving.server import started_threads
 from serve import PROMPT, add_server_arguments, connect, episode_frames, random_weights, serve_during, server_dtype
 
@@ -217,9 +217,11 @@ def load_row(result: dict, robots: int, operating_point: str, batching: bool, wa
             "gpu_gib": torch.cuda.memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0}
 
 
-def realtime_row(result: dict, robots: int, operating_point: str, warmup: int, threads: int = 1) -> dict:
+def realtime_row(result: dict, robots: int, operating_point: str, warmup: int, threads: int = 1,
+                 ahead_threads: int = 0) -> dict:
     idle = [r["idle_s"] for e in result["rows"] for r in e if "idle_s" in r and r["chunk"] >= warmup]
-    return {"operating_point": operating_point, "robots": robots, "compute_threads": threads, "chunks_timed": len(idle),
+    return {"operating_point": operating_point, "robots": robots, "compute_threads": threads,
+            "ahead_threads": ahead_threads, "chunks_timed": len(idle),
             "idle_p50_s": statistics.median(idle), "idle_p99_s": percentile(idle, 99), "idle_max_s": max(idle)}
 
 
@@ -296,6 +298,12 @@ def main() -> None:
     parser.add_argument("--compute-threads", default=None,
                         help="episode operations in flight (vaops serve --compute-threads), each list entry measured in "
                         "turn on one server (its executor swapped between rows); default: the server's")
+    parser.add_argument("--ahead-threads", default=None,
+                        help="real time: threads of the chunks computed ahead (vaops serve --ahead-threads; 0: on the "
+                        "compute threads), each list entry measured in turn; default: the server's for each "
+                        "--compute-threads entry")
+    parser.add_argument("--realtime-robots", default=None, help="robot counts of the real-time phase (default: 1 and "
+                        "the largest of --robots)")
     parser.add_argument("--max-batch", type=int, default=None,
                         help="the server's batch limit (default: the largest robot count; 1: batching off)")
     args = parser.parse_args()
@@ -327,15 +335,29 @@ def main() -> None:
             return True
         return False
 
+    on_gpu = args.device != "cpu"
     levels = ([int(c) for c in args.compute_threads.split(",")] if args.compute_threads
-              else [GPU_COMPUTE_THREADS if args.device != "cpu" else 1])
+              else [ServeConfig().thread_counts(on_gpu)[0]])
+
+    def ahead_levels(c: int) -> list[int]:
+        if args.ahead_threads:
+            return [int(a) for a in args.ahead_threads.split(",")]
+        return [ServeConfig(compute_threads=c).thread_counts(on_gpu)[1]]
+
+    realtime_counts = ([int(n) for n in args.realtime_robots.split(",")] if args.realtime_robots
+                       else sorted({1, max(counts)}))
     served: list = []  # the PolicyModel, handed over by serve_during
 
-    def threads(c: int) -> None:
-        """The server's executor with c threads from the next request on (none is in flight between rows)."""
+    def threads(c: int, ahead: int | None = None) -> None:
+        """The server's executors with c threads (and `ahead` for chunks computed ahead; None: the server's
+        default for c) from the next request on (none is in flight between rows)."""
         episodes = served[0].episodes
-        episodes.executor.shutdown(wait=True)
+        ahead = ahead_levels(c)[0] if ahead is None else ahead
+        for pool in (episodes.executor, episodes.ahead_executor):
+            if pool is not None:
+                pool.shutdown(wait=True)
         episodes.executor = started_threads(c, weights.device)
+        episodes.ahead_executor = started_threads(ahead, weights.device, "ahead") if ahead else None
 
     def work(url: str) -> None:
         batcher = weights.batcher
@@ -370,15 +392,15 @@ def main() -> None:
             if "realtime" in phases and not late("real time warm-up"):  # the asynchronous levels' graphs, untimed
                 run(max(counts), args.realtime_chunks, point, period_s=1.0 / args.control_hz, async_execution=True,
                     seed0=600)
-            for c in levels if "realtime" in phases else []:
-                threads(c)
+            for c, a in [(c, a) for c in levels for a in ahead_levels(c)] if "realtime" in phases else []:
+                threads(c, a)
                 run(max(counts), 2, point, seed0=950)  # untimed, as in the load phase
-                for n in sorted({1, max(counts)}):
-                    if late(f"real time x{n} threads {c}"):
+                for n in realtime_counts:
+                    if late(f"real time x{n} threads {c} ahead {a}"):
                         continue
                     res = run(n, args.realtime_chunks, point, period_s=1.0 / args.control_hz, async_execution=True,
                               seed0=500)
-                    row = realtime_row(res, n, point, args.warmup_chunks, c)
+                    row = realtime_row(res, n, point, args.warmup_chunks, c, a)
                     result["realtime"].append(row)
                     print(json.dumps(row), flush=True)
                     report(result, args, quiet=True)
@@ -425,10 +447,11 @@ def report(result: dict, args: argparse.Namespace, quiet: bool = False) -> None:
     if result["realtime"]:
         lines += ["", f"Real time: asynchronous execution at {args.control_hz:g} Hz (robot idle from the end of a "
                   "chunk's last action to the next chunk in hand).", "",
-                  "| operating point | robots | in flight | chunks timed | idle p50 s | idle p99 s | idle max s |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+                  "| operating point | robots | in flight | ahead threads | chunks timed | idle p50 s | idle p99 s | idle max s |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for row in result["realtime"]:
-            lines.append(f"| {row['operating_point']} | {row['robots']} | {row['compute_threads']} | {row['chunks_timed']} | {row['idle_p50_s']:.3f} "
+            lines.append(f"| {row['operating_point']} | {row['robots']} | {row['compute_threads']} | "
+                         f"{row.get('ahead_threads', 0)} | {row['chunks_timed']} | {row['idle_p50_s']:.3f} "
                          f"| {row['idle_p99_s']:.3f} | {row['idle_max_s']:.3f} |")
     if "agreement" in result:
         a = result["agreement"]

@@ -31,10 +31,12 @@ _locks: dict[tuple[int, int], threading.RLock] = {}
 class StreamClaim:
     """A CUDA stream for one owner (a Policy) with the lock its operations hold: a stream no other live claim
     has where one of the pool's is free, else the least shared one (its lock shared too). Released when the
-    claim is garbage collected."""
+    claim is garbage collected. `priority`: the stream's (0, the default, or negative: the GPU starts a
+    higher priority stream's blocks first); torch keeps a pool of streams for each."""
 
-    def __init__(self, device: torch.device | int | None = None, new_stream: Callable[[], torch.cuda.Stream] | None = None):
-        new_stream = new_stream or (lambda: torch.cuda.Stream(device))
+    def __init__(self, device: torch.device | int | None = None, priority: int = 0,
+                 new_stream: Callable[[], torch.cuda.Stream] | None = None):
+        new_stream = new_stream or (lambda: torch.cuda.Stream(device, priority=priority))
         with _claims_lock:
             drawn: dict[tuple[int, int], torch.cuda.Stream] = {}
             for _ in range(STREAMS_PER_POOL):

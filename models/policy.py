@@ -31,17 +31,31 @@ NORM_EPS = 1e-6
 _R = TypeVar("_R")
 
 
-def _on_own_stream(method: Callable[..., _R]) -> Callable[..., _R]:
-    """Run a Policy method with the policy's CUDA stream current (see `Policy.stream`)."""
+# CUDA stream priorities (lower first). A robot waits for its act's and observation's round trips, while a
+# chunk computed ahead has the executing chunk's time to finish (0.64 s for 32 actions at 50 Hz): on a GPU
+# shared by several robots, the blocks of their requests start before those of chunks computed ahead.
+REQUEST_PRIORITY = -1
+AHEAD_PRIORITY = 0
 
-    @functools.wraps(method)
-    def run(self: "Policy", *args, **kwargs) -> _R:
-        if self.claim is None:
-            return method(self, *args, **kwargs)
-        with self.claim.lock, torch.cuda.stream(self.claim.stream):
-            return method(self, *args, **kwargs)
 
-    return run
+def _on_own_stream(ahead: bool = False) -> Callable[[Callable[..., _R]], Callable[..., _R]]:
+    """Run a Policy method on the policy's CUDA stream for requests, or (`ahead`) on its stream for chunks
+    computed ahead, after everything queued on the other (see `Policy.stream`)."""
+
+    def wrap(method: Callable[..., _R]) -> Callable[..., _R]:
+        @functools.wraps(method)
+        def run(self: "Policy", *args, **kwargs) -> _R:
+            if self.claim is None or self.ahead_claim is None:
+                return method(self, *args, **kwargs)
+            own, other = (self.ahead_claim, self.claim) if ahead else (self.claim, self.ahead_claim)
+            # Both locks, requests' first: a stream shared past the pool's size is used by one policy at a time.
+            with self.claim.lock, self.ahead_claim.lock, torch.cuda.stream(own.stream):
+                own.stream.wait_stream(other.stream)
+                return method(self, *args, **kwargs)
+
+        return run
+
+    return wrap
 
 
 def normalize_actions(actions: torch.Tensor, q01: torch.Tensor, q99: torch.Tensor) -> torch.Tensor:
@@ -129,26 +143,36 @@ def allow_concurrent_policies() -> None:
 
 
 class Policy:
-    """One episode stream. On a GPU without the chunk batcher, everything it runs goes to a CUDA stream of
-    its own (`stream`), so that several policies served at once (`vaops serve --compute-threads`) overlap
-    on the GPU: one's compute-bound video passes beside another's action steps, which read the weights with
-    a fraction of the GPU's SMs busy. Its results do not depend on what runs beside it (same kernels, same
-    order on its stream). Each public method returns with its GPU work done or ordered on that stream."""
+    """One episode stream. On a GPU without the chunk batcher, everything it runs goes to CUDA streams of
+    its own (`stream`; `ahead_stream`, of lower priority, for act_ahead), so that several policies served at
+    once (`vaops serve --compute-threads`) overlap on the GPU: one's compute-bound video passes beside
+    another's action steps, which read the weights with a fraction of the GPU's SMs busy. Its results do not
+    depend on what runs beside it (same kernels, in the same order: each method waits for the other stream's
+    work first). Each public method returns with its GPU work done or ordered on its streams."""
 
     def __init__(self, weights: PolicyWeights):
         self.weights = weights
         self.claim: StreamClaim | None = None
+        self.ahead_claim: StreamClaim | None = None
         if weights.on_gpu and weights.batcher is None:  # a batch's passes mix policies: it keeps one stream
-            self.claim = StreamClaim(weights.device)
-            self.claim.stream.wait_stream(torch.cuda.current_stream())  # the weights were made on the current one
+            self.claim = StreamClaim(weights.device, REQUEST_PRIORITY)
+            self.ahead_claim = StreamClaim(weights.device, AHEAD_PRIORITY)
+            for claim in (self.claim, self.ahead_claim):  # the weights were made on the current stream
+                claim.stream.wait_stream(torch.cuda.current_stream())
         self._build(weights)
 
     @property
     def stream(self) -> torch.cuda.Stream | None:
-        """The CUDA stream its work runs on; None on a CPU or when its engine batches."""
+        """The CUDA stream its requests run on (act_ahead runs on `ahead_stream`); None on a CPU or when its
+        engine batches."""
         return None if self.claim is None else self.claim.stream
 
-    @_on_own_stream
+    @property
+    def ahead_stream(self) -> torch.cuda.Stream | None:
+        """The lower-priority CUDA stream of its chunks computed ahead (act_ahead)."""
+        return None if self.ahead_claim is None else self.ahead_claim.stream
+
+    @_on_own_stream()
     def _build(self, weights: PolicyWeights) -> None:
         preset = weights.preset
         self.preset = preset
@@ -184,7 +208,7 @@ class Policy:
         """Actions between two camera keyframes: each latent frame spans `frames_per_latent` frames."""
         return max(1, self.preset.action_per_frame // self.preset.frames_per_latent)
 
-    @_on_own_stream
+    @_on_own_stream()
     def reset(self, prompt: str, seed: int | None = None, operating_point: str | None = None,
               synchronous: bool = False) -> None:
         """Start an episode; `operating_point` names the sampling settings it runs with (policy.json
@@ -207,7 +231,7 @@ class Policy:
         device = self.engine.device
         self.generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
 
-    @_on_own_stream
+    @_on_own_stream()
     def act(self, images: Mapping[str, np.ndarray] | None = None) -> PolicyChunk:
         """Next chunk of actions. The first chunk of an episode needs the current camera images
         (`{camera key: uint8 [H, W, 3]}`); later chunks continue from the cache."""
@@ -219,7 +243,7 @@ class Policy:
         return self._robot_chunk(self.engine.act(
             first_latent=self.first_latent if self.engine.frame_offset == 0 else None, generator=self.generator))
 
-    @_on_own_stream
+    @_on_own_stream(ahead=True)
     def act_ahead(self, grounded: bool = False) -> PolicyChunk:
         """Asynchronous execution: the chunk after the one the robot is executing, computed before
         that one's observation arrives; the next `observe` (of the executing chunk) grounds both.
@@ -227,7 +251,7 @@ class Policy:
         the paper's grounded variant (InferenceEngine.act_ahead)."""
         return self._robot_chunk(self.engine.act_ahead(generator=self.generator, grounded=grounded))
 
-    @_on_own_stream
+    @_on_own_stream()
     def warm_up(self) -> int:
         """Run each shape of an episode once, so that on a GPU compilation, cuDNN plans and CUDA graph
         capture happen here rather than in a robot's chunks: through the policy the first chunk, its
@@ -258,7 +282,7 @@ class Policy:
         actions = denormalize_actions(chunk.actions[0, ..., 0].cpu(), self.q01, self.q99)[self.channels]
         return PolicyChunk(actions.numpy().astype(np.float32), chunk.video, chunk.frame_offset)
 
-    @_on_own_stream
+    @_on_own_stream()
     def observe(self, keyframes: Sequence[Mapping[str, np.ndarray]], executed_actions: np.ndarray) -> None:
         """Write what happened: camera keyframes taken every `keyframe_interval` actions (the first
         chunk's first latent frame is the initial image, so it is not sent again) and the executed
@@ -296,7 +320,7 @@ class Policy:
         model_actions = normalize_actions(model_actions, self.q01, self.q99)
         self.engine.observe(video, model_actions[None, ..., None])
 
-    @_on_own_stream
+    @_on_own_stream()
     def imagine(self, latents: torch.Tensor) -> np.ndarray:
         """Decode predicted latents into one uint8 video of the whole camera layout."""
         with torch.no_grad():

@@ -46,6 +46,13 @@ class ServeConfig:
     # so operations in flight overlap there (models/policy.py Policy).
     compute_threads: int | None = field(default=None, metadata={
         "help": f"episode operations computed at once (default: {GPU_COMPUTE_THREADS} on a GPU, 1 on a CPU)"})
+    # Chunks computed ahead (asynchronous execution) run on threads of their own, and on a GPU on streams of
+    # lower priority (models/policy.py REQUEST_PRIORITY): a robot's observation then never waits for a thread
+    # that other robots' chunks ahead hold, nor for their blocks on the GPU. None: as many as compute_threads
+    # on a GPU, 0 on a CPU (the compute threads run them, as the cores are shared anyway).
+    ahead_threads: int | None = field(default=None, metadata={
+        "help": "chunks computed ahead at once, on threads of their own (default: --compute-threads on a GPU; "
+                "0: on the compute threads, the default on a CPU)"})
     # Robots whose chunks are due together share their denoising passes (models/batch.py), at most this
     # many per batch; 1: each chunk alone (the default: on one H200 at the robotwin preset, 8 robots got
     # 1.4 chunks/s batched against 4.7 alone, bench/results/serve_load_h200_batched.md, as batches of changing
@@ -66,6 +73,12 @@ class ServeConfig:
     # robot's first chunk does not pay for compilation and graph capture (3.9 s against 0.25 s later).
     warmup: bool = field(default=True, metadata={
         "help": "run an episode's shapes before reporting ready (GPU only; --no-warmup: ready at once)"})
+
+    def thread_counts(self, on_gpu: bool) -> tuple[int, int]:
+        """(compute threads, threads for chunks computed ahead) with the defaults filled in."""
+        compute = self.compute_threads or (GPU_COMPUTE_THREADS if on_gpu else 1)
+        ahead = self.ahead_threads if self.ahead_threads is not None else (compute if on_gpu else 0)
+        return compute, ahead
 
     @property
     def max_request_bytes(self) -> int:
@@ -93,6 +106,8 @@ class ServeConfig:
             problems.append(f"max_request_mb {self.max_request_mb} must be positive")
         if self.compute_threads is not None and self.compute_threads < 1:
             problems.append(f"compute_threads {self.compute_threads} must be at least 1")
+        if self.ahead_threads is not None and self.ahead_threads < 0:
+            problems.append(f"ahead_threads {self.ahead_threads} must not be negative")
         if not 1 <= self.warm_sessions <= self.max_sessions:
             problems.append(f"warm_sessions {self.warm_sessions} must be between 1 and max_sessions {self.max_sessions}")
         if self.max_batch < 1:

@@ -188,9 +188,11 @@ class EpisodeService:
     act has been answered, while the robot executes; the observe waits for it and grounds it, and
     the next act hands it out at once."""
 
-    def __init__(self, sessions: SessionManager, executor: Executor):
+    def __init__(self, sessions: SessionManager, executor: Executor, ahead_executor: Executor | None = None):
         self.sessions = sessions
         self.executor = executor
+        # Chunks computed ahead, on threads of their own (ServeConfig.ahead_threads); None: on `executor`.
+        self.ahead_executor = ahead_executor
         self.preset = sessions.weights.preset
         metrics.SESSION_CAPACITY.set(sessions.capacity)
 
@@ -289,8 +291,8 @@ class EpisodeService:
     def _start_ahead(self, session: Session, protocol: str) -> None:
         loop = asyncio.get_running_loop()
         timer = metrics.OP_SECONDS.labels("act_ahead", protocol)
-        session.ahead = self.executor.submit(_on_compute_thread(_act_ahead), session.policy, timer,
-                                             session.async_execution == "grounded")
+        session.ahead = (self.ahead_executor or self.executor).submit(
+            _on_compute_thread(_act_ahead), session.policy, timer, session.async_execution == "grounded")
 
         def done(_) -> None:  # in the worker thread; the sessions belong to the event loop
             if not loop.is_closed():

@@ -16,6 +16,8 @@ ERRORS = Counter("vaops_request_errors", "Requests answered with an error", ["pr
 # A robot's chunk waits for a compute thread when more operations are due than `--compute-threads` runs at
 # once: the wait is where an overloaded server's real-time robots lose their time.
 COMPUTE_THREADS = Gauge("vaops_compute_threads", "Episode operations computed at once (vaops serve --compute-threads)")
+AHEAD_THREADS = Gauge("vaops_ahead_threads", "Chunks computed ahead at once on threads of their own (vaops serve "
+                                              "--ahead-threads; 0: on the compute threads)")
 COMPUTE_IN_FLIGHT = Gauge("vaops_compute_in_flight", "Episode operations running on the compute threads now")
 COMPUTE_WAIT_SECONDS = Histogram("vaops_compute_wait_seconds", "Time an episode operation waited for a compute thread",
                                  buckets=(0.001,) + _BUCKETS)

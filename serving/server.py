@@ -44,7 +44,7 @@ from vaops.models.msgpack_numpy import UnpackLimits
 from vaops.models.policy import PolicyWeights, allow_concurrent_policies
 
 from . import metrics
-from .config import GPU_COMPUTE_THREADS, ServeConfig
+from .config import ServeConfig
 from .episode import EpisodeService
 from .kserve_model import (CapacityExhausted, PolicyModel, ProtocolError, invalid_input_handler, log_bad_input,
                            rest_error_handler)
@@ -288,23 +288,25 @@ def model_from_weights(cfg: ServeConfig, weights: PolicyWeights) -> PolicyModel:
         weights.batcher = ChunkBatcher(max_batch=batch, gather_s=cfg.batch_wait_ms / 1e3)
     sessions = SessionManager(weights, cfg.max_sessions, max_cache, cfg.idle_timeout_s,
                               warm_up=cfg.warmup and weights.on_gpu, warm_sessions=cfg.warm_sessions)
-    # Batching needs the sessions' operations in flight together: a thread for each session's operation
-    # and one for its chunk computed ahead.
-    threads = cfg.compute_threads or (GPU_COMPUTE_THREADS if weights.on_gpu else 1)
+    threads, ahead_threads = cfg.thread_counts(weights.on_gpu)
     if batch > 1:
-        threads = max(threads, 2 * sessions.capacity)
-    if threads > 1:
+        # Batching needs the sessions' operations in flight together, on one pool: a thread for each session's
+        # operation and one for its chunk computed ahead.
+        threads, ahead_threads = max(threads, 2 * sessions.capacity), 0
+    if threads + ahead_threads > 1:
         allow_concurrent_policies()
     metrics.COMPUTE_THREADS.set(threads)
+    metrics.AHEAD_THREADS.set(ahead_threads)
     executor = started_threads(threads, weights.device)
-    return PolicyModel(cfg.name, EpisodeService(sessions, executor))
+    ahead = started_threads(ahead_threads, weights.device, "ahead") if ahead_threads else None
+    return PolicyModel(cfg.name, EpisodeService(sessions, executor, ahead))
 
 
-def started_threads(threads: int, device: torch.device) -> ThreadPoolExecutor:
+def started_threads(threads: int, device: torch.device, name: str = "policy") -> ThreadPoolExecutor:
     """The compute threads, all started before the server reports ready, each past its first matrix product
     and convolution on `device`: a thread gets its own cuBLAS and cuDNN handles at its first call, and with
     several threads a robot's first operations would each meet a thread that has not made them yet."""
-    executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="policy")
+    executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=name)
     together = threading.Barrier(threads)  # one task a thread: each holds its thread until all have one
 
     def first_calls() -> None:

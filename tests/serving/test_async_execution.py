@@ -255,3 +255,38 @@ def test_the_imagined_video_does_not_wait_for_the_chunk_ahead(service, tiny_weig
     got = asyncio.run(scenario())
     assert order == ["imagine", "ahead"] * 3
     assert_same(got, direct_episode(tiny_weights, PROMPT, 38, 3, 138, async_execution=True))
+
+
+def test_chunks_ahead_on_threads_of_their_own_leave_the_robots_requests_a_thread(tiny_weights):
+    """With `ahead_threads` the chunks computed ahead run on a pool of their own: while another robot's chunk
+    ahead holds that pool's only thread (a slow GPU), a robot's reset, first act and observation still run on
+    the compute thread; its own chunk ahead waits its turn, and the episode gives the Policy's actions."""
+    first, keyframes = episode_script(139, 2)
+    threads: list[str] = []
+
+    async def scenario(svc):
+        a = svc.open("a")
+        await svc.reset(a, PROMPT, 39, "test", async_execution=True)
+        gate = gated(a.policy)
+        await svc.act(a, first, "test")
+        await until(a.ahead.running)  # the ahead pool's one thread is held
+        b = svc.open("b")
+        await svc.reset(b, PROMPT, 40, "test", async_execution=True)
+        act_ahead = b.policy.act_ahead
+        b.policy.act_ahead = lambda: threads.append(threading.current_thread().name) or act_ahead()
+        out = [(await svc.act(b, first, "test"))[0]]
+        assert not b.ahead.running() and not b.ahead.done()  # queued behind a's
+        gate.set()
+        await svc.observe(b, keyframes[0], out[0], "test")
+        out.append((await svc.act(b, None, "test"))[0])
+        await svc.observe(b, keyframes[1], out[1], "test")
+        for s in ("a", "b"):
+            svc.close(s)
+        return out
+
+    with ThreadPoolExecutor(1, thread_name_prefix="policy") as compute, \
+            ThreadPoolExecutor(1, thread_name_prefix="ahead") as ahead:
+        svc = EpisodeService(SessionManager(tiny_weights, 3, None, idle_timeout_s=60), compute, ahead)
+        got = asyncio.run(asyncio.wait_for(scenario(svc), 120))
+    assert threads and all(name.startswith("ahead") for name in threads)
+    assert_same(got, direct_episode(tiny_weights, PROMPT, 40, 2, 139, async_execution=True))

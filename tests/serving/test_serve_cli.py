@@ -8,7 +8,7 @@ import argparse
 import pytest
 
 from vaops.serving import cli
-from vaops.serving.config import ServeConfig
+from vaops.serving.config import GPU_COMPUTE_THREADS, ServeConfig
 
 
 def _config(*argv: str) -> ServeConfig:
@@ -22,20 +22,29 @@ def test_every_documented_flag_sets_its_field(monkeypatch):
     cfg = _config("--model", "models:/va@champion", "--name", "va", "--host", "0.0.0.0", "--http-port", "9000",
                   "--grpc-port", "9001", "--no-grpc", "--device", "cuda", "--dtype", "bfloat16", "--fp8", "--max-sessions", "3",
                   "--max-cache-gb", "1.5", "--idle-timeout", "30", "--max-request-mb", "8", "--compute-threads", "2",
-                  "--max-batch", "8", "--batch-wait-ms", "0.5", "--torch-threads", "1", "--no-warmup", "--warm-sessions", "2",
+                  "--ahead-threads", "3", "--max-batch", "8", "--batch-wait-ms", "0.5", "--torch-threads", "1", "--no-warmup", "--warm-sessions", "2",
                   "--token-env", "MY_TOKEN")
     assert cfg == ServeConfig(model="models:/va@champion", name="va", host="0.0.0.0", http_port=9000, grpc_port=9001,
                               enable_grpc=False, device="cuda", dtype="bfloat16", fp8=True, max_sessions=3, max_cache_gb=1.5,
                               idle_timeout_s=30, token="a-long-secret", max_request_mb=8, compute_threads=2,
-                              max_batch=8, batch_wait_ms=0.5, torch_threads=1, warmup=False, warm_sessions=2)
+                              ahead_threads=3, max_batch=8, batch_wait_ms=0.5, torch_threads=1, warmup=False, warm_sessions=2)
     monkeypatch.delenv("VAOPS_SERVE_TOKEN", raising=False)
     assert _config("--model", "ck") == ServeConfig(model="ck")  # the defaults: no token, loopback only
+
+
+def test_thread_defaults_give_chunks_ahead_threads_of_their_own_on_a_gpu_only():
+    assert ServeConfig().thread_counts(on_gpu=True) == (GPU_COMPUTE_THREADS, GPU_COMPUTE_THREADS)
+    assert ServeConfig().thread_counts(on_gpu=False) == (1, 0)  # a CPU's cores are shared anyway
+    assert ServeConfig(compute_threads=2).thread_counts(on_gpu=True) == (2, 2)
+    assert ServeConfig(compute_threads=2, ahead_threads=0).thread_counts(on_gpu=True) == (2, 0)
+    assert ServeConfig(ahead_threads=3).thread_counts(on_gpu=False) == (1, 3)
 
 
 def test_bad_settings_are_one_line_errors(capsys):
     for argv, message in ((["--model", "ck", "--dtype", "f16"], "field 'dtype' got 'f16'"),
                           (["--model", "ck", "--max-batch", "0"], "max_batch 0 must be at least 1"),
                           (["--model", "ck", "--compute-threads", "0"], "compute_threads 0 must be at least 1"),
+                          (["--model", "ck", "--ahead-threads", "-1"], "ahead_threads -1 must not be negative"),
                           (["--model", "ck", "--warm-sessions", "9"], "warm_sessions 9 must be between 1 and max_sessions 8"),
                           (["--model", "ck", "--fp8"], "fp8 needs --dtype bfloat16, got float32"),
                           (["--http-port", "80"], "model is required")):
