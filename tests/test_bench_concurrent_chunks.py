@@ -13,6 +13,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 from concurrent_chunks import fleet  # noqa: E402
+from serve import PROMPT, episode_frames  # noqa: E402
 
 from vaops.models.checkpoint import build_random_weights  # noqa: E402
 from vaops.models.config import get_preset  # noqa: E402
@@ -51,4 +52,28 @@ def test_fleet_keeps_its_operations_in_flight_bounded_and_each_robots_chunks_unc
     assert not np.allclose(one["actions"][0][0], one["actions"][1][0])  # robots differ: a mix-up would show
     for a, b in zip(one["actions"], two["actions"]):
         for x, y in zip(a, b):
+            np.testing.assert_array_equal(x, y)
+
+
+def test_an_asynchronous_fleet_gives_each_robot_the_chunks_of_its_episode_alone():
+    """With --async-execution each robot computes its chunks ahead of their observations, as a served session
+    in asynchronous execution does; its actions are those of its episode run alone through the Policy."""
+    weights = build_random_weights(get_preset("tiny"), seed=0)
+    allow_concurrent_policies()
+    policies = [weights.new_policy() for _ in range(2)]
+    got = fleet(policies, 3, "paper", 2, seed0=0, async_execution=True)
+    assert len(got["latency"]["act"]) == len(got["latency"]["observe"]) == 6
+    for r, robot in enumerate(got["actions"]):
+        alone = weights.new_policy()
+        first, keyframes = episode_frames(alone.preset, r, 3)
+        alone.reset(PROMPT, seed=r, operating_point="paper")
+        executing = alone.act(first)
+        want = [executing.actions]
+        for k in range(1, 3):
+            ahead = alone.act_ahead()
+            alone.observe(keyframes[k - 1], executing.actions)
+            want.append(ahead.actions)
+            executing = ahead
+        assert len(robot) == 3
+        for x, y in zip(robot, want):
             np.testing.assert_array_equal(x, y)
