@@ -218,10 +218,10 @@ def load_row(result: dict, robots: int, operating_point: str, batching: bool, wa
 
 
 def realtime_row(result: dict, robots: int, operating_point: str, warmup: int, threads: int = 1,
-                 ahead_threads: int = 0) -> dict:
+                 ahead_threads: int = 0, deferred: bool = True) -> dict:
     idle = [r["idle_s"] for e in result["rows"] for r in e if "idle_s" in r and r["chunk"] >= warmup]
     return {"operating_point": operating_point, "robots": robots, "compute_threads": threads,
-            "ahead_threads": ahead_threads, "chunks_timed": len(idle),
+            "ahead_threads": ahead_threads, "deferred_observations": deferred, "chunks_timed": len(idle),
             "idle_p50_s": statistics.median(idle), "idle_p99_s": percentile(idle, 99), "idle_max_s": max(idle)}
 
 
@@ -302,6 +302,9 @@ def main() -> None:
                         help="real time: threads of the chunks computed ahead (vaops serve --ahead-threads; 0: on the "
                         "compute threads), each list entry measured in turn; default: the server's for each "
                         "--compute-threads entry")
+    parser.add_argument("--deferred-observations", default="1",
+                        help="real time: 1 (the server's way: an observation is acknowledged at once and observed with "
+                        "the next chunk computed ahead), 0 (observed before the reply), or both: 1,0")
     parser.add_argument("--realtime-robots", default=None, help="robot counts of the real-time phase (default: 1 and "
                         "the largest of --robots)")
     parser.add_argument("--max-batch", type=int, default=None,
@@ -392,15 +395,18 @@ def main() -> None:
             if "realtime" in phases and not late("real time warm-up"):  # the asynchronous levels' graphs, untimed
                 run(max(counts), args.realtime_chunks, point, period_s=1.0 / args.control_hz, async_execution=True,
                     seed0=600)
-            for c, a in [(c, a) for c in levels for a in ahead_levels(c)] if "realtime" in phases else []:
+            settings = [(c, a, d == "1") for c in levels for a in ahead_levels(c)
+                        for d in args.deferred_observations.split(",")]
+            for c, a, deferred in settings if "realtime" in phases else []:
                 threads(c, a)
+                served[0].episodes.defer_observations = deferred
                 run(max(counts), 2, point, seed0=950)  # untimed, as in the load phase
                 for n in realtime_counts:
-                    if late(f"real time x{n} threads {c} ahead {a}"):
+                    if late(f"real time x{n} threads {c} ahead {a} deferred {deferred}"):
                         continue
                     res = run(n, args.realtime_chunks, point, period_s=1.0 / args.control_hz, async_execution=True,
                               seed0=500)
-                    row = realtime_row(res, n, point, args.warmup_chunks, c, a)
+                    row = realtime_row(res, n, point, args.warmup_chunks, c, a, deferred)
                     result["realtime"].append(row)
                     print(json.dumps(row), flush=True)
                     report(result, args, quiet=True)
@@ -447,11 +453,13 @@ def report(result: dict, args: argparse.Namespace, quiet: bool = False) -> None:
     if result["realtime"]:
         lines += ["", f"Real time: asynchronous execution at {args.control_hz:g} Hz (robot idle from the end of a "
                   "chunk's last action to the next chunk in hand).", "",
-                  "| operating point | robots | in flight | ahead threads | chunks timed | idle p50 s | idle p99 s | idle max s |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+                  "| operating point | robots | in flight | ahead threads | observation | chunks timed | idle p50 s "
+                  "| idle p99 s | idle max s |",
+                  "| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
         for row in result["realtime"]:
+            observation = "deferred" if row.get("deferred_observations", False) else "in the reply"
             lines.append(f"| {row['operating_point']} | {row['robots']} | {row['compute_threads']} | "
-                         f"{row.get('ahead_threads', 0)} | {row['chunks_timed']} | {row['idle_p50_s']:.3f} "
+                         f"{row.get('ahead_threads', 0)} | {observation} | {row['chunks_timed']} | {row['idle_p50_s']:.3f} "
                          f"| {row['idle_p99_s']:.3f} | {row['idle_max_s']:.3f} |")
     if "agreement" in result:
         a = result["agreement"]

@@ -193,6 +193,12 @@ class EpisodeService:
         self.executor = executor
         # Chunks computed ahead, on threads of their own (ServeConfig.ahead_threads); None: on `executor`.
         self.ahead_executor = ahead_executor
+        # In asynchronous execution an observation is checked and acknowledged at once, and the policy observes
+        # it at the start of the next chunk computed ahead, the first thing that reads it: the chunk the robot
+        # asks for next was computed before it. The robot's idle time between chunks is then two round trips,
+        # not the observation's encoding and cache passes on a GPU shared with the other robots' chunks ahead.
+        # The policy runs the same operations in the same order. False: observed before the reply (benchmarks).
+        self.defer_observations = True
         self.preset = sessions.weights.preset
         metrics.SESSION_CAPACITY.set(sessions.capacity)
 
@@ -284,15 +290,16 @@ class EpisodeService:
     async def _discard_ahead(self, session: Session) -> None:
         """Drop the chunk computed ahead: cancelled if it has not started, else awaited (a worker thread
         cannot be interrupted, and the policy is about to change) and its outcome ignored."""
-        ahead, session.ahead, session.ready = session.ahead, None, None
+        ahead, session.ahead, session.ready, session.observation = session.ahead, None, None, None
         if ahead is not None and not ahead.cancel():
             await asyncio.wait([asyncio.wrap_future(ahead)])
 
     def _start_ahead(self, session: Session, protocol: str) -> None:
         loop = asyncio.get_running_loop()
         timer = metrics.OP_SECONDS.labels("act_ahead", protocol)
+        observation, session.observation = session.observation, None
         session.ahead = (self.ahead_executor or self.executor).submit(
-            _on_compute_thread(_act_ahead), session.policy, timer, session.async_execution == "grounded")
+            _on_compute_thread(_act_ahead), session.policy, timer, session.async_execution == "grounded", observation)
 
         def done(_) -> None:  # in the worker thread; the sessions belong to the event loop
             if not loop.is_closed():
@@ -373,6 +380,11 @@ class EpisodeService:
                 raise AheadFailed(f"{session.failure}; this episode cannot go on: send a reset") from e
         count = expected_keyframes(policy.observation_offset, actions.shape[1], self.preset)
         keyframes = check_keyframes(keyframes, count, self.preset)
+        if ahead is not None and self.defer_observations:
+            session.observation = (keyframes, actions)
+            session.frame_offset, session.pending = ahead.frame_offset, False
+            session.ahead, session.ready = None, ahead
+            return
         await self._compute(policy.observe, keyframes, actions)
         session.frame_offset, session.pending = policy.frame_offset, False
         if ahead is not None:
@@ -394,6 +406,17 @@ def _on_compute_thread(fn):
     return run
 
 
-def _act_ahead(policy: Policy, timer, grounded: bool = False) -> PolicyChunk:
+class ObservationFailed(RuntimeError):
+    """The deferred observation of a chunk failed inside the policy (EpisodeService.defer_observations)."""
+
+
+def _act_ahead(policy: Policy, timer, grounded: bool = False, observation: tuple | None = None) -> PolicyChunk:
+    """The next chunk computed ahead, after the policy observes `observation` (keyframes, executed actions), the
+    deferred observation of the chunk before it, if any."""
     with timer.time():
+        if observation is not None:
+            try:
+                policy.observe(*observation)
+            except Exception as e:
+                raise ObservationFailed(f"observing the last chunk failed: {type(e).__name__}: {e}") from e
         return policy.act_ahead(grounded=True) if grounded else policy.act_ahead()

@@ -63,6 +63,9 @@ class Session:
     async_execution: bool | str = False  # True: naive; "grounded" (episode.ASYNC_MODES)
     ahead: Future | None = None
     ready: PolicyChunk | None = None
+    # The observation of the chunk the robot has just finished, checked and acknowledged; the policy observes
+    # it first thing in the next chunk computed ahead (EpisodeService.defer_observations): (keyframes, actions).
+    observation: tuple | None = None
     failure: str | None = None  # why the episode cannot go on until a reset
     # A chunk was handed out and awaits its observation: a second act (or observe) then is refused.
     pending: bool = False

@@ -290,3 +290,65 @@ def test_chunks_ahead_on_threads_of_their_own_leave_the_robots_requests_a_thread
         got = asyncio.run(asyncio.wait_for(scenario(svc), 120))
     assert threads and all(name.startswith("ahead") for name in threads)
     assert_same(got, direct_episode(tiny_weights, PROMPT, 40, 2, 139, async_execution=True))
+
+
+@pytest.mark.parametrize("defer", [True, False], ids=["deferred", "observed-before-reply"])
+def test_an_observation_is_acknowledged_at_once_and_observed_by_the_next_chunk_ahead(service, tiny_weights, defer):
+    """In asynchronous execution the robot's next chunk was computed before its observation, so the observation is
+    checked and answered at once and the policy observes it first thing in the next chunk computed ahead: the
+    same operations in the same order (the Policy's actions), off the robot's round trip. The last one of an
+    episode is then never computed (nothing reads it)."""
+    svc, _ = service
+    svc.defer_observations = defer
+    first, keyframes = episode_script(141, 3)
+    log: list[str] = []
+
+    async def scenario():
+        s = svc.open()
+        await svc.reset(s, PROMPT, 41, "test", async_execution=True)
+        observe, act_ahead = s.policy.observe, s.policy.act_ahead
+        s.policy.observe = lambda *a: log.append("observe") or observe(*a)
+        s.policy.act_ahead = lambda: log.append("ahead") or act_ahead()
+        out = []
+        for k in range(3):
+            actions, _ = await svc.act(s, first if k == 0 else None, "test")
+            await until(s.ahead.done)
+            log.append("act")
+            await svc.observe(s, keyframes[k], actions, "test")
+            log.append("observed")
+            out.append(actions)
+        svc.close(s.id)
+        return out
+
+    got = asyncio.run(scenario())
+    if defer:
+        assert log == ["ahead", "act", "observed", "observe", "ahead", "act", "observed", "observe", "ahead", "act",
+                       "observed"]
+    else:
+        assert log == ["ahead", "act", "observe", "observed"] * 3
+    assert_same(got, direct_episode(tiny_weights, PROMPT, 41, 3, 141, async_execution=True))
+
+
+def test_a_deferred_observation_that_fails_stops_the_episode_with_its_cause(service):
+    svc, _ = service
+    first, keyframes = episode_script(142, 2)
+
+    async def scenario():
+        s = svc.open()
+        await svc.reset(s, PROMPT, 42, "test", async_execution=True)
+
+        def broken(*_):
+            raise RuntimeError("device lost")
+
+        actions, _ = await svc.act(s, first, "test")
+        await svc.observe(s, keyframes[0], actions, "test")  # acknowledged: observed with the next chunk ahead
+        s.policy.observe = broken
+        await svc.act(s, None, "test")
+        await until(s.ahead.done)
+        with pytest.raises(AheadFailed, match="observing the last chunk failed: RuntimeError: device lost"):
+            await svc.observe(s, keyframes[1], actions, "test")
+        with pytest.raises(Conflict, match="device lost.*send a reset"):
+            await svc.act(s, None, "test")
+        svc.close(s.id)
+
+    asyncio.run(scenario())
