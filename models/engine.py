@@ -332,9 +332,9 @@ class InferenceEngine:
     def caches_actions(self, ahead: bool) -> bool:
         """Whether a chunk's predicted actions are written into the cache (its action schedule's last pass):
         only the next act_ahead reads them. A synchronous episode observes every chunk first, and a chunk
-        computed ahead is rewritten after the observation before it (`observe`), so theirs are dropped unread
-        (robotwin preset, one H200: one action pass of the CFG batch saved a chunk, 0.144 -> 0.138 s at the
-        paper's operating point for the synchronous case)."""
+        computed ahead is rewritten after the observation before it (`observe`), so theirs are dropped unread.
+        Skipping that pass of the CFG batch took a synchronous chunk 0.144 -> 0.138 s at the paper's operating
+        point (robotwin preset, one H200, bf16); a chunk computed ahead saves the same pass."""
         return not (self.synchronous or ahead)
 
     def _chunk_inputs(self, first_latent: torch.Tensor | None, video_noise: torch.Tensor | None,
@@ -396,9 +396,9 @@ class InferenceEngine:
 
     def _write_unwritten(self) -> None:
         """After an observation, the chunk computed ahead is written again after it (`observe`): by the next
-        operation that reads it, not by the observe. The robot waits for its observation's round trip before
-        its next chunk is handed out, while the next act_ahead runs as it executes that chunk; and a grounded
-        act_ahead drops those entries unread (`_reimagine_executing`)."""
+        operation that reads it, not by the observe, so an observation costs its own two passes only (a robot
+        may wait for it; the next act_ahead runs while the robot executes), and a grounded act_ahead, which
+        drops those entries first (`_reimagine_executing`), skips the write."""
         if self._unwritten is not None:
             chunk, self._unwritten = self._unwritten, None
             self._write_t0(chunk.video, chunk.actions, predicted=True)

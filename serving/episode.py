@@ -185,7 +185,8 @@ class EpisodeService:
     """Runs checked episode operations on sessions, one at a time per session.
 
     A session in asynchronous execution computes the next chunk in a worker thread as soon as an
-    act has been answered, while the robot executes; the observe waits for it and grounds it, and
+    act has been answered, while the robot executes; the observe waits for it and is acknowledged (the
+    policy observes it at the start of the next chunk computed ahead, see `defer_observations`), and
     the next act hands it out at once."""
 
     def __init__(self, sessions: SessionManager, executor: Executor, ahead_executor: Executor | None = None):
