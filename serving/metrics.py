@@ -7,8 +7,10 @@ from prometheus_client import Counter, Gauge, Histogram
 # Chunk operations take milliseconds (tiny preset) to tens of seconds (5B model, CPU fallback).
 _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0)
 
-OP_SECONDS = Histogram("vaops_episode_op_seconds", "Latency of one episode operation (act = one chunk)",
-                       ["op", "protocol"], buckets=_BUCKETS)
+# In asynchronous execution an observe is acknowledged at once and computed with the next chunk ahead: its time
+# then counts in op="act_ahead" (serving/episode.py EpisodeService.defer_observations).
+OP_SECONDS = Histogram("vaops_episode_op_seconds", "Latency of one episode operation (act = one chunk; act_ahead "
+                       "includes a deferred observation)", ["op", "protocol"], buckets=_BUCKETS)
 SESSIONS = Gauge("vaops_sessions", "Open episode sessions")
 SESSION_CAPACITY = Gauge("vaops_session_capacity", "Most sessions the server holds at once")
 CACHE_BYTES = Gauge("vaops_kv_cache_bytes", "Bytes of KV cache held by open sessions")
