@@ -56,6 +56,9 @@ def main() -> int:
                         "default: the model's own")
     parser.add_argument("--torch-threads", type=int, default=1,
                         help="the server's (1: a busy 2-core machine's OpenMP barriers make 2 threads slower)")
+    parser.add_argument("--observe-in-reply", action="store_true",
+                        help="the server computes each observation before its reply (vaops serve "
+                        "--no-defer-observations), as before stop 37")
     parser.add_argument("--out", type=Path, help="writes OUT.json and OUT.md")
     parser.add_argument("--forecast-error", type=int, metavar="N", help="measure the cached video's error on N seeds")
     parser.add_argument("--chunks", type=int, default=5, help="with --forecast-error: chunks per episode")
@@ -82,8 +85,9 @@ def main() -> int:
         clients = {}
         for p in args.precisions:
             log = base.with_suffix(".server.log" if len(args.precisions) == 1 else f".{p}.server.log")
+            serve_args = PRECISIONS[p] + (["--no-defer-observations"] if args.observe_in_reply else [])
             server = stack.enter_context(LocalPolicyServer(args.checkpoint, log, torch_threads=args.torch_threads,
-                                                           serve_args=PRECISIONS[p]))
+                                                           serve_args=serve_args))
             clients[p] = stack.enter_context(PolicyClient(ClientConfig(url=server.url, request_timeout_s=600)))
             clients[p].connect()
         size = camera_size(clients[args.precisions[0]].metadata)

@@ -54,6 +54,12 @@ class ServeConfig:
     ahead_threads: int | None = field(default=None, metadata={
         "help": "chunks computed ahead at once, on threads of their own (default: --compute-threads on a GPU; "
                 "0: on the compute threads, the default on a CPU)"})
+    # Asynchronous execution: an observation is acknowledged at once and computed with the next chunk ahead
+    # (serving/episode.py EpisodeService.defer_observations). Closed loop on a CPU, small ALOHA policy: the same
+    # actions on every seed, idle per chunk 0.26 -> 0.01 s (bench/results/async_deferred_cpu.md).
+    defer_observations: bool = field(default=True, metadata={
+        "help": "asynchronous execution: acknowledge an observation at once and compute it with the next chunk "
+                "ahead (--no-defer-observations: before the reply)"})
     # Robots whose chunks are due together share their denoising passes (models/batch.py), at most this
     # many per batch; 1: each chunk alone (the default: on one H200 at the robotwin preset, 8 robots got
     # 1.4 chunks/s batched against 4.7 alone, bench/results/serve_load_h200_batched.md, as batches of changing

@@ -198,7 +198,8 @@ class EpisodeService:
         # it at the start of the next chunk computed ahead, the first thing that reads it: the chunk the robot
         # asks for next was computed before it. The robot's idle time between chunks is then two round trips,
         # not the observation's encoding and cache passes on a GPU shared with the other robots' chunks ahead.
-        # The policy runs the same operations in the same order. False: observed before the reply (benchmarks).
+        # The policy runs the same operations in the same order. False: observed before the reply
+        # (ServeConfig.defer_observations sets it).
         self.defer_observations = True
         self.preset = sessions.weights.preset
         metrics.SESSION_CAPACITY.set(sessions.capacity)

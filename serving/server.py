@@ -299,7 +299,9 @@ def model_from_weights(cfg: ServeConfig, weights: PolicyWeights) -> PolicyModel:
     metrics.AHEAD_THREADS.set(ahead_threads)
     executor = started_threads(threads, weights.device)
     ahead = started_threads(ahead_threads, weights.device, "ahead") if ahead_threads else None
-    return PolicyModel(cfg.name, EpisodeService(sessions, executor, ahead))
+    episodes = EpisodeService(sessions, executor, ahead)
+    episodes.defer_observations = cfg.defer_observations
+    return PolicyModel(cfg.name, episodes)
 
 
 def started_threads(threads: int, device: torch.device, name: str = "policy") -> ThreadPoolExecutor:

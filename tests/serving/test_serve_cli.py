@@ -22,12 +22,12 @@ def test_every_documented_flag_sets_its_field(monkeypatch):
     cfg = _config("--model", "models:/va@champion", "--name", "va", "--host", "0.0.0.0", "--http-port", "9000",
                   "--grpc-port", "9001", "--no-grpc", "--device", "cuda", "--dtype", "bfloat16", "--fp8", "--max-sessions", "3",
                   "--max-cache-gb", "1.5", "--idle-timeout", "30", "--max-request-mb", "8", "--compute-threads", "2",
-                  "--ahead-threads", "3", "--max-batch", "8", "--batch-wait-ms", "0.5", "--torch-threads", "1", "--no-warmup", "--warm-sessions", "2",
+                  "--ahead-threads", "3", "--no-defer-observations", "--max-batch", "8", "--batch-wait-ms", "0.5", "--torch-threads", "1", "--no-warmup", "--warm-sessions", "2",
                   "--token-env", "MY_TOKEN")
     assert cfg == ServeConfig(model="models:/va@champion", name="va", host="0.0.0.0", http_port=9000, grpc_port=9001,
                               enable_grpc=False, device="cuda", dtype="bfloat16", fp8=True, max_sessions=3, max_cache_gb=1.5,
                               idle_timeout_s=30, token="a-long-secret", max_request_mb=8, compute_threads=2,
-                              ahead_threads=3, max_batch=8, batch_wait_ms=0.5, torch_threads=1, warmup=False, warm_sessions=2)
+                              ahead_threads=3, defer_observations=False, max_batch=8, batch_wait_ms=0.5, torch_threads=1, warmup=False, warm_sessions=2)
     monkeypatch.delenv("VAOPS_SERVE_TOKEN", raising=False)
     assert _config("--model", "ck") == ServeConfig(model="ck")  # the defaults: no token, loopback only
 

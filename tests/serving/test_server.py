@@ -298,10 +298,11 @@ def test_the_compute_threads_are_all_started_before_the_server_is_ready(tiny_wei
     from vaops.serving.server import model_from_weights
 
     for threads, ahead, expected in ((None, None, (1, 0)), (3, None, (3, 0)), (2, 2, (2, 2))):
-        model = model_from_weights(ServeConfig(model="(in memory)", compute_threads=threads, ahead_threads=ahead),
-                                   tiny_weights)
+        model = model_from_weights(ServeConfig(model="(in memory)", compute_threads=threads, ahead_threads=ahead,
+                                               defer_observations=ahead is None), tiny_weights)
         pools = [model.episodes.executor, model.episodes.ahead_executor]
         try:
+            assert model.episodes.defer_observations is (ahead is None)  # --no-defer-observations reaches the service
             assert [0 if p is None else len(p._threads) for p in pools] == list(expected)
             assert all(t.is_alive() for p in pools if p is not None for t in p._threads)
         finally:
