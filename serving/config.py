@@ -56,7 +56,7 @@ class ServeConfig:
                 "0: on the compute threads, the default on a CPU)"})
     # Asynchronous execution: an observation is acknowledged at once and computed with the next chunk ahead
     # (serving/episode.py EpisodeService.defer_observations). Closed loop on a CPU, small ALOHA policy: the same
-    # actions on every seed, idle per chunk 0.26 -> 0.01 s (bench/results/async_deferred_cpu.md).
+    # actions on every seed, idle per chunk 0.27 -> 0.01 s (bench/results/async_deferred_cpu.md).
     defer_observations: bool = field(default=True, metadata={
         "help": "asynchronous execution: acknowledge an observation at once and compute it with the next chunk "
                 "ahead (--no-defer-observations: before the reply)"})
