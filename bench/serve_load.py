@@ -47,8 +47,9 @@ from serve import PROMPT, add_server_arguments, connect, episode_frames, random_
 
 
 def robot(url: str, preset, chunks: int, seed: int, operating_point: str, period_s: float,
-          async_execution: bool, start: threading.Barrier | None) -> list[dict]:
-    """One episode; per chunk the act and observe round trips and, at a control rate, the idle time."""
+          async_execution: bool, start: threading.Barrier | None, delay_s: float = 0.0) -> list[dict]:
+    """One episode, `delay_s` after the fleet's start; per chunk the act and observe round trips and, at a
+    control rate, the idle time."""
     first, keyframes = episode_frames(preset, seed, 2)  # later chunks reuse the second's: the server does not look
     rows = []
     with connect(url) as infer:
@@ -56,6 +57,7 @@ def robot(url: str, preset, chunks: int, seed: int, operating_point: str, period
                "async_execution": async_execution})
         if start is not None:
             start.wait()
+        time.sleep(delay_s)
         t0 = time.perf_counter()
         actions = infer({"obs": first, "prompt": PROMPT})["action"]
         act_s = time.perf_counter() - t0
@@ -77,16 +79,19 @@ def robot(url: str, preset, chunks: int, seed: int, operating_point: str, period
 
 
 def fleet(url: str, preset_name: str, robots: int, chunks: int, operating_point: str, period_s: float = 0.0,
-          async_execution: bool = False, seed0: int = 0) -> dict:
-    """`robots` robots started together; their rows and the wall time from start to the last observe."""
+          async_execution: bool = False, seed0: int = 0, staggered: bool = False) -> dict:
+    """`robots` robots started together, or (`staggered`) spread evenly over one chunk's execution at the control
+    rate, as robots that were not started at one instant; their rows and the wall time from start to the last
+    observe."""
     from vaops.models.config import get_preset
 
     preset = get_preset(preset_name)
     start = threading.Barrier(robots)
+    spread_s = preset.frame_chunk_size * preset.action_per_frame * period_s if staggered else 0.0
     t0 = time.perf_counter()
     with ThreadPoolExecutor(robots) as pool:
         futures = [pool.submit(robot, url, preset, chunks, seed0 + r, operating_point, period_s, async_execution,
-                               start) for r in range(robots)]
+                               start, spread_s * r / robots) for r in range(robots)]
         rows = [f.result() for f in futures]
     return {"rows": rows, "wall_s": max(r[-1]["end"] for r in rows) - t0}
 
@@ -218,10 +223,11 @@ def load_row(result: dict, robots: int, operating_point: str, batching: bool, wa
 
 
 def realtime_row(result: dict, robots: int, operating_point: str, warmup: int, threads: int = 1,
-                 ahead_threads: int = 0, deferred: bool = True) -> dict:
+                 ahead_threads: int = 0, deferred: bool = True, staggered: bool = False) -> dict:
     idle = [r["idle_s"] for e in result["rows"] for r in e if "idle_s" in r and r["chunk"] >= warmup]
     return {"operating_point": operating_point, "robots": robots, "compute_threads": threads,
-            "ahead_threads": ahead_threads, "deferred_observations": deferred, "chunks_timed": len(idle),
+            "ahead_threads": ahead_threads, "deferred_observations": deferred, "staggered": staggered,
+            "chunks_timed": len(idle),
             "idle_p50_s": statistics.median(idle), "idle_p99_s": percentile(idle, 99), "idle_max_s": max(idle)}
 
 
@@ -305,6 +311,9 @@ def main() -> None:
     parser.add_argument("--deferred-observations", default="1",
                         help="real time: 1 (the server's way: an observation is acknowledged at once and observed with "
                         "the next chunk computed ahead), 0 (observed before the reply), or both: 1,0")
+    parser.add_argument("--realtime-stagger", action="store_true",
+                        help="real time: each row also with the robots' starts spread over one chunk's execution "
+                        "(robots not started at one instant; without it they all start together)")
     parser.add_argument("--realtime-robots", default=None, help="robot counts of the real-time phase (default: 1 and "
                         "the largest of --robots)")
     parser.add_argument("--max-batch", type=int, default=None,
@@ -401,12 +410,12 @@ def main() -> None:
                 threads(c, a)
                 served[0].episodes.defer_observations = deferred
                 run(max(counts), 2, point, seed0=950)  # untimed, as in the load phase
-                for n in realtime_counts:
-                    if late(f"real time x{n} threads {c} ahead {a} deferred {deferred}"):
+                for n, staggered in [(n, st) for n in realtime_counts for st in (False, True)[:1 + args.realtime_stagger]]:
+                    if late(f"real time x{n} threads {c} ahead {a} deferred {deferred} staggered {staggered}"):
                         continue
                     res = run(n, args.realtime_chunks, point, period_s=1.0 / args.control_hz, async_execution=True,
-                              seed0=500)
-                    row = realtime_row(res, n, point, args.warmup_chunks, c, a, deferred)
+                              seed0=500, staggered=staggered)
+                    row = realtime_row(res, n, point, args.warmup_chunks, c, a, deferred, staggered)
                     result["realtime"].append(row)
                     print(json.dumps(row), flush=True)
                     report(result, args, quiet=True)
@@ -453,12 +462,13 @@ def report(result: dict, args: argparse.Namespace, quiet: bool = False) -> None:
     if result["realtime"]:
         lines += ["", f"Real time: asynchronous execution at {args.control_hz:g} Hz (robot idle from the end of a "
                   "chunk's last action to the next chunk in hand).", "",
-                  "| operating point | robots | in flight | ahead threads | observation | chunks timed | idle p50 s "
-                  "| idle p99 s | idle max s |",
-                  "| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
+                  "| operating point | robots | starts | in flight | ahead threads | observation | chunks timed "
+                  "| idle p50 s | idle p99 s | idle max s |",
+                  "| --- | ---: | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
         for row in result["realtime"]:
             observation = "deferred" if row.get("deferred_observations", False) else "in the reply"
-            lines.append(f"| {row['operating_point']} | {row['robots']} | {row['compute_threads']} | "
+            starts = "spread" if row.get("staggered") else "together"
+            lines.append(f"| {row['operating_point']} | {row['robots']} | {starts} | {row['compute_threads']} | "
                          f"{row.get('ahead_threads', 0)} | {observation} | {row['chunks_timed']} | {row['idle_p50_s']:.3f} "
                          f"| {row['idle_p99_s']:.3f} | {row['idle_max_s']:.3f} |")
     if "agreement" in result:
