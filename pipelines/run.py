@@ -21,6 +21,7 @@ Pipeline parameters are flags (`--demo-episodes 2`, `--train-config '{"steps": 1
 from __future__ import annotations
 
 import argparse
+import builtins
 import dataclasses
 import json
 import logging
@@ -268,6 +269,10 @@ def run_local(arguments: dict[str, Any], root: Path = DEFAULT_ROOT, verbose: boo
     level = root_logger.level
     root_logger.addHandler(hits)
     root_logger.setLevel(logging.INFO)
+    # kfp.local runs independent steps in threads, each inside its `indented_print`, which swaps `builtins.print`
+    # and puts back what it found: interleaved, they can leave an indenting print behind for the rest of the
+    # process (`make test` at stop 37: later prints went through it and numba refused it as a global).
+    original_print = builtins.print
     try:
         with warnings.catch_warnings():
             # Our images are Python images with the package installed, as this virtualenv is.
@@ -278,6 +283,7 @@ def run_local(arguments: dict[str, Any], root: Path = DEFAULT_ROOT, verbose: boo
             raise
         raise failure(str(e), tee) from None
     finally:
+        builtins.print = original_print
         sys.stdout = tee.stream
         tee.close()
         root_logger.removeHandler(hits)

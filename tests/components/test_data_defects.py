@@ -6,9 +6,7 @@ other episode; v2.1 variants convert or end in one line; ingest verifies what it
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
-import io
 import json
 import shutil
 
@@ -145,19 +143,15 @@ def test_augment_refuses_empty_task_text(defects, tmp_path):
     assert transforms.paraphrase("", np.random.default_rng(0)) == ""
 
 
-def test_ingest_verifies_the_v30_copy_and_names_broken_files(defects, tmp_path):
+def test_ingest_verifies_the_v30_copy_and_names_broken_files(defects, tmp_path, capfd):
     root, _ = defects
     src = copy_dataset(root, tmp_path / "src")
     data = LeRobotData(src)
     data.video_file(0, LEFT).unlink()
     parquet = data.data_file(0)
     parquet.write_bytes(parquet.read_bytes()[:200])
-    # The report's lines read from the CLI's own prints: the suite's file-descriptor capture once came back empty
-    # for this test under load (stop 36, cause not found), so it does not depend on it.
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        assert cli("ingest", "--source", str(src), "--output", str(tmp_path / "out")) == 1
-    broken = [line.strip() for line in printed.getvalue().splitlines() if line.startswith("  ")]
+    assert cli("ingest", "--source", str(src), "--output", str(tmp_path / "out")) == 1
+    broken = [line.strip() for line in capfd.readouterr().out.splitlines() if line.startswith("  ")]
     out = tmp_path / "out"
     assert broken[0] == f"{out / parquet.relative_to(src)}: data parquet is unreadable" + broken[0].split(
         "unreadable")[1] and "episode 0 and any others it holds" in broken[0]

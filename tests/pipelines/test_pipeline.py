@@ -12,6 +12,7 @@ A local run takes a few minutes on 2 cores: the tests share these two."""
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import io
 import json
@@ -49,6 +50,9 @@ def _flags(arguments: dict) -> list[str]:
     """Pipeline parameters as `vaops run` flags (`--train-config '{"steps": 2}'`)."""
     return [item for name, value in arguments.items()
             for item in (f"--{name.replace('_', '-')}", json.dumps(value) if isinstance(value, dict) else str(value))]
+
+
+_PRINT = builtins.print  # as the process started
 
 
 def _vaops_run(root: Path, arguments: dict, **env: str):
@@ -224,6 +228,8 @@ def test_local_run_from_dvc_data_to_a_served_champion(demo, monkeypatch):
     from mlflow import MlflowClient
 
     cfg, rev, run = demo
+    # kfp.local's steps ran in threads, each swapping builtins.print: the run leaves the process's own
+    assert builtins.print is _PRINT
     assert run.outputs["promoted"] is True and run.cached == []
     assert 0.0 <= run.outputs["success_rate"] <= 1.0
     assert "Closed-loop evaluation" in Path(run.outputs["evaluation"].path).read_text()
