@@ -40,7 +40,7 @@ import httpx
 import numpy as np
 import torch
 from vaops.serving.config import ServeConfig
-from vaops.serving.server import started_threads
+from vaops.serving.server import started_pools
 from serve import PROMPT, add_server_arguments, connect, episode_frames, random_weights, serve_during, server_dtype
 
 # ----- the robots (client process) -----
@@ -368,8 +368,7 @@ def main() -> None:
         for pool in (episodes.executor, episodes.ahead_executor):
             if pool is not None:
                 pool.shutdown(wait=True)
-        episodes.executor = started_threads(c, weights.device)
-        episodes.ahead_executor = started_threads(ahead, weights.device, "ahead") if ahead else None
+        episodes.executor, episodes.ahead_executor = started_pools(c, ahead, weights.device)
 
     def work(url: str) -> None:
         batcher = weights.batcher

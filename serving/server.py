@@ -297,11 +297,17 @@ def model_from_weights(cfg: ServeConfig, weights: PolicyWeights) -> PolicyModel:
         allow_concurrent_policies()
     metrics.COMPUTE_THREADS.set(threads)
     metrics.AHEAD_THREADS.set(ahead_threads)
-    executor = started_threads(threads, weights.device)
-    ahead = started_threads(ahead_threads, weights.device, "ahead") if ahead_threads else None
-    episodes = EpisodeService(sessions, executor, ahead)
+    episodes = EpisodeService(sessions, *started_pools(threads, ahead_threads, weights.device))
     episodes.defer_observations = cfg.defer_observations
     return PolicyModel(cfg.name, episodes)
+
+
+def started_pools(threads: int, ahead_threads: int, device: torch.device
+                  ) -> tuple[ThreadPoolExecutor, ThreadPoolExecutor | None]:
+    """The compute threads and, where `ahead_threads` > 0, the threads of chunks computed ahead (else None:
+    the compute threads run those), each pool started (`started_threads`)."""
+    compute = started_threads(threads, device)
+    return compute, started_threads(ahead_threads, device, "ahead") if ahead_threads else None
 
 
 def started_threads(threads: int, device: torch.device, name: str = "policy") -> ThreadPoolExecutor:
