@@ -133,8 +133,8 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def random_weights(args: argparse.Namespace):
-    """Random weights of `args.preset` on `args.device`; the text encoder, used only at reset, shrunk
-    to one layer so that building the `robotwin` weights takes seconds."""
+    """Random weights of `args.preset` on `args.device` (FP8 block GEMMs with `args.fp8`); the text encoder, used
+    only at reset, shrunk to one layer so that building the `robotwin` weights takes seconds."""
     preset = get_preset(args.preset)
     preset = preset.replace(text_encoder=dataclasses.replace(preset.text_encoder, num_layers=1, vocab_size=32128))
     torch.set_grad_enabled(False)
@@ -142,6 +142,9 @@ def random_weights(args: argparse.Namespace):
     weights = build_random_weights(preset, seed=0, device=args.device, dtype=DTYPES[server_dtype(args)])
     print(f"built random {preset.name} weights on {args.device} ({server_dtype(args)}) in "
           f"{time.perf_counter() - t0:.1f} s")
+    if getattr(args, "fp8", False):
+        # before any policy is made (a direct one here, the agreement check's): the server's use_fp8 is then a no-op
+        weights.use_fp8()
     return weights
 
 

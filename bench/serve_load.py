@@ -450,14 +450,15 @@ def report(result: dict, args: argparse.Namespace, quiet: bool = False) -> None:
                   "| x 1 robot | GPU GiB |",
                   "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for row in result["load"]:
-        # against one robot at the same point: run alone, that robot's chunks are never batched
+        # against one robot at the same point with as many operations in flight: run alone, that robot's chunks
+        # are never batched
         one = next((r for r in result["load"] if r["operating_point"] == row["operating_point"] and r["robots"] == 1
-                    and r["compute_threads"] == 1), None)
-        speedup = row["chunks_per_s"] / one["chunks_per_s"] if one else float("nan")
+                    and r["compute_threads"] == row["compute_threads"]), None)
+        speedup = "-" if one is None else f"{row['chunks_per_s'] / one['chunks_per_s']:.2f}x"
         memory = "-" if row.get("gpu_gib") is None else f"{row['gpu_gib']:.1f}"
         lines.append(f"| {row['operating_point']} | {row['robots']} | {'yes' if row['batching'] else 'no'} | "
                      f"{row['compute_threads']} | {row['act_p50_s']:.3f} | {row['act_p99_s']:.3f} | {row['observe_p50_s']:.3f} | "
-                     f"{row['chunks_per_s']:.2f} | {speedup:.2f}x | {memory} |")
+                     f"{row['chunks_per_s']:.2f} | {speedup} | {memory} |")
     if result["realtime"]:
         lines += ["", f"Real time: asynchronous execution at {args.control_hz:g} Hz (robot idle from the end of a "
                   "chunk's last action to the next chunk in hand).", "",

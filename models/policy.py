@@ -10,7 +10,7 @@ from the same `PolicyWeights` share the weights and own only their caches.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence, TypeVar
 
 import numpy as np
@@ -85,6 +85,10 @@ class PolicyWeights:
     backend: str | None = None  # default: "splitkv" on GPU (cuDNN, Triton split-KV for few queries), "sdpa" on CPU
     # Several robots' chunks due together run as one batch (models/batch.py); None: each alone.
     batcher: ChunkBatcher | None = None
+    # Policies made so far, and whether the block GEMMs run in FP8 (`use_fp8`): a policy's captured graphs hold
+    # the weights' addresses, so quantising after one was made would leave it reading freed memory.
+    policies_made: int = field(default=0, init=False, repr=False)
+    fp8: bool = field(default=False, init=False, repr=False)
 
     @property
     def device(self) -> torch.device:
@@ -111,16 +115,24 @@ class PolicyWeights:
         graphs hold the weights' addresses. Returns the Linears swapped. On a CPU, oneDNN runs the same FP8
         products, slower than bf16 (the small policy's act took 3.1x bf16's on 2 cores:
         bench/results/fp8_closed_loop_cpu.md): FP8's numbers for accuracy studies and tests, not its speed."""
+        if self.fp8:
+            return 0  # already quantised
+        if self.policies_made:
+            # a direct policy made before `vaops serve`'s quantisation replayed freed weights: CUDA illegal address
+            raise RuntimeError(f"use_fp8 after {self.policies_made} policies were made from these weights: their "
+                               "captured graphs read the bf16 weights it frees; quantise before making policies")
         if self.transformer.dtype != torch.bfloat16:
             raise ValueError(f"fp8 needs the transformer in bfloat16, it is {self.transformer.dtype}")
-        if not self.on_gpu:
-            return quantize_blocks_fp8(self.transformer)
-        major, minor = torch.cuda.get_device_capability(self.device)
-        if (major, minor) < (8, 9):
-            raise ValueError(f"fp8 needs a GPU of compute capability 8.9 or later, this one is {major}.{minor}")
-        return quantize_blocks_fp8(self.transformer)
+        if self.on_gpu:
+            major, minor = torch.cuda.get_device_capability(self.device)
+            if (major, minor) < (8, 9):
+                raise ValueError(f"fp8 needs a GPU of compute capability 8.9 or later, this one is {major}.{minor}")
+        swapped = quantize_blocks_fp8(self.transformer)
+        self.fp8 = True
+        return swapped
 
     def new_policy(self) -> "Policy":
+        self.policies_made += 1
         return Policy(self)
 
 

@@ -58,6 +58,7 @@ def test_fp8_policy_runs_on_a_cpu_close_to_bf16():
         weights = build_random_weights(preset, seed=0, dtype=torch.bfloat16)
         if fp8:
             assert weights.use_fp8() == 10 * len(weights.transformer.blocks)
+            assert weights.use_fp8() == 0  # already quantised: `vaops serve --fp8` after a caller's use_fp8
         policy = weights.new_policy()
         policy.reset("transfer the cube", seed=3)
         chunks[fp8] = torch.as_tensor(policy.act(cams).actions).float()
@@ -65,3 +66,9 @@ def test_fp8_policy_runs_on_a_cpu_close_to_bf16():
     assert 0 < rel < 0.05
     with pytest.raises(ValueError, match="fp8 needs the transformer in bfloat16"):
         build_random_weights(preset, seed=0).use_fp8()
+    # after a policy was made its graphs hold the bf16 weights' addresses: quantising then is refused
+    weights = build_random_weights(preset, seed=0, dtype=torch.bfloat16)
+    weights.new_policy()
+    with pytest.raises(RuntimeError, match="after 1 policies were made"):
+        weights.use_fp8()
+    assert not weights.fp8
