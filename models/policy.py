@@ -296,6 +296,17 @@ class Policy:
 
     @_on_own_stream()
     def observe(self, keyframes: Sequence[Mapping[str, np.ndarray]], executed_actions: np.ndarray) -> None:
+        """Write what happened (see `_observe`), on the stream of requests: a robot waits for it."""
+        self._observe(keyframes, executed_actions)
+
+    @_on_own_stream(ahead=True)
+    def observe_ahead(self, keyframes: Sequence[Mapping[str, np.ndarray]], executed_actions: np.ndarray) -> None:
+        """`observe` on the stream of chunks computed ahead: an observation the robot does not wait for, observed
+        as the next chunk ahead starts (serving/episode.py `EpisodeService.defer_observations`), so it yields the
+        GPU to other robots' requests as that chunk does."""
+        self._observe(keyframes, executed_actions)
+
+    def _observe(self, keyframes: Sequence[Mapping[str, np.ndarray]], executed_actions: np.ndarray) -> None:
         """Write what happened: camera keyframes taken every `keyframe_interval` actions (the first
         chunk's first latent frame is the initial image, so it is not sent again) and the executed
         actions `[n_used, F, N]` in robot units. With a chunk computed ahead, this is the observation

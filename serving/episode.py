@@ -198,8 +198,8 @@ class EpisodeService:
         # it at the start of the next chunk computed ahead, the first thing that reads it: the chunk the robot
         # asks for next was computed before it. The robot's idle time between chunks is then two round trips,
         # not the observation's encoding and cache passes on a GPU shared with the other robots' chunks ahead.
-        # The policy runs the same operations in the same order. False: observed before the reply
-        # (ServeConfig.defer_observations sets it).
+        # The policy runs the same operations in the same order, the observation on the stream of chunks computed
+        # ahead (`Policy.observe_ahead`). False: observed before the reply (ServeConfig.defer_observations sets it).
         self.defer_observations = True
         self.preset = sessions.weights.preset
         metrics.SESSION_CAPACITY.set(sessions.capacity)
@@ -418,7 +418,7 @@ def _act_ahead(policy: Policy, timer, grounded: bool = False, observation: tuple
     with timer.time():
         if observation is not None:
             try:
-                policy.observe(*observation)
+                policy.observe_ahead(*observation)
             except Exception as e:
                 raise ObservationFailed(f"observing the last chunk failed: {type(e).__name__}: {e}") from e
         return policy.act_ahead(grounded=True) if grounded else policy.act_ahead()

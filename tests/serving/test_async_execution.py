@@ -306,8 +306,10 @@ def test_an_observation_is_acknowledged_at_once_and_observed_by_the_next_chunk_a
     async def scenario():
         s = svc.open()
         await svc.reset(s, PROMPT, 41, "test", async_execution=True)
-        observe, act_ahead = s.policy.observe, s.policy.act_ahead
+        observe, observe_ahead, act_ahead = s.policy.observe, s.policy.observe_ahead, s.policy.act_ahead
         s.policy.observe = lambda *a: log.append("observe") or observe(*a)
+        # deferred, on the stream of chunks computed ahead (on a GPU: below the robots' requests)
+        s.policy.observe_ahead = lambda *a: log.append("observe ahead") or observe_ahead(*a)
         s.policy.act_ahead = lambda: log.append("ahead") or act_ahead()
         out = []
         for k in range(3):
@@ -322,8 +324,8 @@ def test_an_observation_is_acknowledged_at_once_and_observed_by_the_next_chunk_a
 
     got = asyncio.run(scenario())
     if defer:
-        assert log == ["ahead", "act", "observed", "observe", "ahead", "act", "observed", "observe", "ahead", "act",
-                       "observed"]
+        assert log == ["ahead", "act", "observed", "observe ahead", "ahead", "act", "observed", "observe ahead",
+                       "ahead", "act", "observed"]
     else:
         assert log == ["ahead", "act", "observe", "observed"] * 3
     assert_same(got, direct_episode(tiny_weights, PROMPT, 41, 3, 141, async_execution=True))
@@ -342,7 +344,7 @@ def test_a_deferred_observation_that_fails_stops_the_episode_with_its_cause(serv
 
         actions, _ = await svc.act(s, first, "test")
         await svc.observe(s, keyframes[0], actions, "test")  # acknowledged: observed with the next chunk ahead
-        s.policy.observe = broken
+        s.policy.observe_ahead = broken
         await svc.act(s, None, "test")
         await until(s.ahead.done)
         with pytest.raises(AheadFailed, match="observing the last chunk failed: RuntimeError: device lost"):
