@@ -375,11 +375,13 @@ class EpisodeService:
             if actions.shape[1] != self.preset.frame_chunk_size:
                 raise InputError(f"actions: F = {actions.shape[1]}; asynchronous execution observes whole chunks "
                                  f"of {self.preset.frame_chunk_size} latent frames")
+            waiting = time.perf_counter()
             try:
                 ahead = await asyncio.wrap_future(session.ahead)
             except Exception as e:
                 self._fail(session, e)
                 raise AheadFailed(f"{session.failure}; this episode cannot go on: send a reset") from e
+            metrics.AHEAD_WAIT_SECONDS.observe(time.perf_counter() - waiting)
         count = expected_keyframes(policy.observation_offset, actions.shape[1], self.preset)
         keyframes = check_keyframes(keyframes, count, self.preset)
         if ahead is not None and self.defer_observations:

@@ -331,6 +331,39 @@ def test_an_observation_is_acknowledged_at_once_and_observed_by_the_next_chunk_a
     assert_same(got, direct_episode(tiny_weights, PROMPT, 41, 3, 141, async_execution=True))
 
 
+def test_an_observation_reports_how_long_it_waited_for_the_chunk_computed_ahead(service):
+    """vaops_ahead_wait_seconds: a robot's wait between chunks where the server falls behind. A chunk ahead held back
+    0.3 s shows in the observation that waits for it; one already done when the observation comes counts ~0."""
+    from prometheus_client import REGISTRY
+
+    svc, _ = service
+    first, keyframes = episode_script(143, 3)
+
+    def waits() -> tuple[float, float]:
+        return (REGISTRY.get_sample_value("vaops_ahead_wait_seconds_count"),
+                REGISTRY.get_sample_value("vaops_ahead_wait_seconds_sum"))
+
+    async def scenario():
+        s = svc.open()
+        await svc.reset(s, PROMPT, 43, "test", async_execution=True)
+        act_ahead = s.policy.act_ahead
+        s.policy.act_ahead = lambda: time.sleep(0.3) or act_ahead()
+        before = waits()
+        actions, _ = await svc.act(s, first, "test")
+        await svc.observe(s, keyframes[0], actions, "test")  # waits for the chunk ahead, held back 0.3 s
+        slow = waits()
+        actions, _ = await svc.act(s, None, "test")
+        await until(s.ahead.done)
+        await svc.observe(s, keyframes[1], actions, "test")  # its chunk ahead was done already
+        done = waits()
+        svc.close(s.id)
+        return before, slow, done
+
+    before, slow, done = asyncio.run(scenario())
+    assert slow[0] == before[0] + 1 and slow[1] - before[1] >= 0.2
+    assert done[0] == slow[0] + 1 and done[1] - slow[1] < slow[1] - before[1]
+
+
 def test_a_deferred_observation_that_fails_stops_the_episode_with_its_cause(service):
     svc, _ = service
     first, keyframes = episode_script(142, 2)
