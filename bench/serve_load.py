@@ -273,6 +273,14 @@ def agreement(weights, robots: int, chunks: int, operating_point: str) -> dict:
             "actions_max_abs_diff": actions, "latents_max_rel_l2": latents}
 
 
+def ahead_waits() -> tuple[float, float]:
+    """The served process's vaops_ahead_wait_seconds (count, sum): the observations' waits for chunks computed
+    ahead, the server's share of the robots' idle time."""
+    from prometheus_client import REGISTRY
+    return (REGISTRY.get_sample_value("vaops_ahead_wait_seconds_count") or 0.0,
+            REGISTRY.get_sample_value("vaops_ahead_wait_seconds_sum") or 0.0)
+
+
 def metric(text: str, name: str) -> float:
     for line in text.splitlines():
         if line.startswith(name + " ") or line.startswith(name + "{"):
@@ -412,9 +420,12 @@ def main() -> None:
                 for n, staggered in [(n, st) for n in realtime_counts for st in (False, True)[:1 + args.realtime_stagger]]:
                     if late(f"real time x{n} threads {c} ahead {a} deferred {deferred} staggered {staggered}"):
                         continue
+                    waited = ahead_waits()
                     res = run(n, args.realtime_chunks, point, period_s=1.0 / args.control_hz, async_execution=True,
                               seed0=500, staggered=staggered)
                     row = realtime_row(res, n, point, args.warmup_chunks, c, a, deferred, staggered)
+                    count, total = (now - then for now, then in zip(ahead_waits(), waited))
+                    row["server_ahead_wait_mean_s"] = total / count if count else None
                     result["realtime"].append(row)
                     print(json.dumps(row), flush=True)
                     report(result, args, quiet=True)
@@ -463,14 +474,15 @@ def report(result: dict, args: argparse.Namespace, quiet: bool = False) -> None:
         lines += ["", f"Real time: asynchronous execution at {args.control_hz:g} Hz (robot idle from the end of a "
                   "chunk's last action to the next chunk in hand).", "",
                   "| operating point | robots | starts | in flight | ahead threads | observation | chunks timed "
-                  "| idle p50 s | idle p99 s | idle max s |",
-                  "| --- | ---: | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
+                  "| idle p50 s | idle p99 s | idle max s | server: wait for the chunk ahead, mean s |",
+                  "| --- | ---: | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
         for row in result["realtime"]:
             observation = "deferred" if row.get("deferred_observations", False) else "in the reply"
             starts = "spread" if row.get("staggered") else "together"
+            wait = "-" if row.get("server_ahead_wait_mean_s") is None else f"{row['server_ahead_wait_mean_s']:.3f}"
             lines.append(f"| {row['operating_point']} | {row['robots']} | {starts} | {row['compute_threads']} | "
                          f"{row.get('ahead_threads', 0)} | {observation} | {row['chunks_timed']} | {row['idle_p50_s']:.3f} "
-                         f"| {row['idle_p99_s']:.3f} | {row['idle_max_s']:.3f} |")
+                         f"| {row['idle_p99_s']:.3f} | {row['idle_max_s']:.3f} | {wait} |")
     if "agreement" in result:
         a = result["agreement"]
         lines += ["", f"Batched against alone ({a['robots']} robots, {a['chunks']} chunks each, {a['operating_point']}, "
