@@ -233,7 +233,7 @@ def reimagine_without_actions(policy):
     with torch.no_grad():
         noise = engine._noise(None, shape, policy.generator, "ground_noise")
         cache.drop_predicted()
-        video = engine._denoise("video", noise, engine.video_schedule, c.sampling.guidance_scale, None).clone()
+        video = engine._denoise("video", noise, engine.video_schedule, c.sampling.guidance_scale, None)[0].clone()
     cache.k.copy_(saved[0])
     cache.v.copy_(saved[1])
     cache.valid.copy_(saved[2])

@@ -145,18 +145,19 @@ class ChunkBatcher:
         engines = [r.engine for r in group]
         e0 = engines[0]
         s = e0.config.sampling
-        video = self._denoise("video", engines, torch.cat([r.video for r in group]), e0.video_schedule,
-                              s.guidance_scale, [r.first for r in group])
+        video, cached = self._denoise("video", engines, torch.cat([r.video for r in group]), e0.video_schedule,
+                                      s.guidance_scale, [r.first for r in group])
         zero = [None if r.first is None else torch.zeros_like(r.actions[:, :, :1]) for r in group]
-        actions = self._denoise("action", engines, torch.cat([r.actions for r in group]), e0.action_schedule,
-                                s.action_guidance_scale, zero, cache_last=group[0].cache_actions)
+        actions, _ = self._denoise("action", engines, torch.cat([r.actions for r in group]), e0.action_schedule,
+                                   s.action_guidance_scale, zero, cache_last=group[0].cache_actions)
         masks = torch.cat([e.action_mask for e in engines])
         actions = actions * masks
-        return [Chunk(video[i:i + 1].clone(), actions[i:i + 1].clone(), e.frame_offset)
-                for i, e in enumerate(engines)]
+        return [e._video_chunk(video[i:i + 1].clone(), None if cached is None else cached[i:i + 1].clone(),
+                               actions[i:i + 1].clone()) for i, e in enumerate(engines)]
 
     def _denoise(self, kind: str, engines: list["BatchingEngine"], x: torch.Tensor, schedule: Schedule,
-                 guidance: float, firsts: list[torch.Tensor | None], cache_last: bool = True) -> torch.Tensor:
+                 guidance: float, firsts: list[torch.Tensor | None], cache_last: bool = True
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """InferenceEngine._denoise over a batch with one row per engine; rows at their episode's first
         chunk hold their first frame fixed."""
         e0 = engines[0]
@@ -168,6 +169,7 @@ class ChunkBatcher:
         n, fc = len(engines), x.shape[2]
         deltas = schedule.deltas()
         steps = schedule.timesteps.tolist()
+        final = None
         for i, t in enumerate(steps + [schedule.final_timestep]):
             last = i == len(steps)
             if last and not cache_last and schedule.after is None:
@@ -184,12 +186,14 @@ class ChunkBatcher:
             pred = self._forward(kind, engines, x, tvec, keep=last, predicted=last, cond_only=cond_only)
             if last and schedule.after is None:
                 break
+            if last:
+                final = x
             pred = pred.unflatten(0, (n, -1))
             v = pred[:, 1] + guidance * (pred[:, 0] - pred[:, 1]) if guided else pred[:, 0]
             x = x + v * (schedule.last_step() if last else deltas[i])
             if first is not None:
                 x[idx, :, :1] = first
-        return x
+        return x, final
 
     def _forward(self, kind: str, engines: list["BatchingEngine"], x: torch.Tensor, t: torch.Tensor, keep: bool,
                  predicted: bool, cond_only: bool) -> torch.Tensor:

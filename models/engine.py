@@ -53,6 +53,11 @@ class Chunk:
     video: torch.Tensor  # [1, C, FC, H, W] predicted latents (normalised)
     actions: torch.Tensor  # [1, A, FC, N, 1] predicted actions (normalised, unused channels zero)
     frame_offset: int
+    # A truncated video schedule returns `video` stepped once past its final level (as upstream returns it), but its
+    # final pass wrote the latents at that level into the cache, at timestep `cached_t`: these, which a rewrite of
+    # the chunk's entries writes again (InferenceEngine._write_chunk). None: `video` itself, at t = 0.
+    cached_video: torch.Tensor | None = None
+    cached_t: float = 0.0
 
 
 class InferenceEngine:
@@ -226,14 +231,16 @@ class InferenceEngine:
         return self._graphs.get(key)
 
     def _denoise(self, kind: str, x: torch.Tensor, schedule: Schedule, guidance: float,
-                 first: torch.Tensor | None, cache_last: bool = True) -> torch.Tensor:
+                 first: torch.Tensor | None, cache_last: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Euler over the schedule, then one pass at its final level (t=0 unless truncated) that writes
         the chunk as predicted entries; a truncated schedule steps the returned latents once more.
         `cache_last=False` skips that pass when nothing uses it (an untruncated schedule's last pass
-        only writes the cache)."""
+        only writes the cache). Returns the latents and, for a truncated schedule, those its final pass
+        read (and wrote into the cache) at the final level."""
         fc = x.shape[2]
         deltas = schedule.deltas()
         steps = schedule.timesteps.tolist()
+        final = None
         for i, t in enumerate(steps + [schedule.final_timestep]):
             last = i == len(steps)
             if last and not cache_last and schedule.after is None:
@@ -250,11 +257,13 @@ class InferenceEngine:
             pred = self._forward(kind, x, tvec, keep=last, predicted=last, cond_only=cond_only)
             if last and schedule.after is None:
                 break
+            if last:
+                final = x  # not written to again: the step below makes a new tensor
             v = pred[1:] + guidance * (pred[:1] - pred[1:]) if guided else pred[:1]
             x = x + v * (schedule.last_step() if last else deltas[i])
             if first is not None:
                 x[:, :, :1] = first
-        return x
+        return x, final
 
     @torch.no_grad()
     def act(self, first_latent: torch.Tensor | None = None, video_noise: torch.Tensor | None = None,
@@ -318,10 +327,11 @@ class InferenceEngine:
         zeros = torch.zeros(1, c.frame_chunk_size, device=self.device)
         self._forward("action", executing.actions, zeros, keep=True, predicted=True, cond_only=False)
         # Its final pass would only write predicted entries that are dropped next (untruncated schedules).
-        video = self._denoise("video", video, self.video_schedule, c.sampling.guidance_scale, None, cache_last=False)
+        video, cached = self._denoise("video", video, self.video_schedule, c.sampling.guidance_scale, None,
+                                      cache_last=False)
         self.live_cache.drop_predicted()
-        self._write_t0(video, executing.actions, predicted=True)
-        self.grounded = Chunk(video, executing.actions, self.frame_offset)
+        self.grounded = self._video_chunk(video, cached, executing.actions)
+        self._write_chunk(self.grounded)
         self._executing = None
 
     def _act(self, first_latent: torch.Tensor | None, video_noise: torch.Tensor | None,
@@ -359,11 +369,16 @@ class InferenceEngine:
     def _denoise_chunk(self, video: torch.Tensor, actions: torch.Tensor, first: torch.Tensor | None,
                        cache_actions: bool = True) -> Chunk:
         s = self.config.sampling
-        video = self._denoise("video", video, self.video_schedule, s.guidance_scale, first)
+        video, cached = self._denoise("video", video, self.video_schedule, s.guidance_scale, first)
         zero_first = None if first is None else torch.zeros_like(actions[:, :, :1])
-        actions = self._denoise("action", actions, self.action_schedule, s.action_guidance_scale, zero_first,
-                                cache_last=cache_actions)
-        return Chunk(video, actions * self.action_mask, self.frame_offset)
+        actions, _ = self._denoise("action", actions, self.action_schedule, s.action_guidance_scale, zero_first,
+                                   cache_last=cache_actions)
+        return self._video_chunk(video, cached, actions * self.action_mask)
+
+    def _video_chunk(self, video: torch.Tensor, cached: torch.Tensor | None, actions: torch.Tensor) -> Chunk:
+        """A chunk at the current offset; `cached`: its video as a truncated schedule's final pass wrote it."""
+        return Chunk(video, actions, self.frame_offset, cached,
+                     self.video_schedule.final_timestep if cached is not None else 0.0)
 
     @torch.no_grad()
     def observe(self, latents: torch.Tensor, actions: torch.Tensor) -> None:
@@ -401,7 +416,19 @@ class InferenceEngine:
         drops those entries first (`_reimagine_executing`), skips the write."""
         if self._unwritten is not None:
             chunk, self._unwritten = self._unwritten, None
+            self._write_chunk(chunk)
+
+    def _write_chunk(self, chunk: Chunk) -> None:
+        """A predicted chunk's entries as its final passes wrote them: the video at its schedule's final level (a
+        truncated schedule's latents there, at that timestep: what the chunk's own action passes read, not the
+        video stepped past it to t = 0), then the actions at t = 0."""
+        if chunk.cached_video is None:
             self._write_t0(chunk.video, chunk.actions, predicted=True)
+            return
+        level = torch.full((1, chunk.cached_video.shape[2]), chunk.cached_t, device=self.device)
+        self._forward("video", chunk.cached_video, level, keep=True, predicted=True, cond_only=False)
+        zeros = torch.zeros(1, chunk.actions.shape[2], device=self.device)
+        self._forward("action", chunk.actions * self.action_mask, zeros, keep=True, predicted=True, cond_only=False)
 
     def _write_t0(self, video: torch.Tensor, actions: torch.Tensor, predicted: bool) -> None:
         zeros = torch.zeros(1, video.shape[2], device=self.device)

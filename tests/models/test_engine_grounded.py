@@ -77,7 +77,9 @@ def test_grounding_caches_the_executing_chunk_reimagined_from_the_observation_an
     history = ref.cache.tail
     zeros = torch.zeros(1, fc)
     ref._forward("action", chunk1.actions, zeros, keep=True, predicted=True, cond_only=False)
-    video = ref._denoise("video", ground_noise(ref), ref.video_schedule, ref.config.sampling.guidance_scale, None)
+    video, cached = ref._denoise("video", ground_noise(ref), ref.video_schedule, ref.config.sampling.guidance_scale,
+                                 None)
+    assert cached is None and engine.grounded.cached_video is None  # the golden schedule is not truncated
     assert torch.equal(video, engine.grounded.video)
     ref.cache.drop_predicted()
     assert ref.cache.tail == history

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 import torch
-from test_engine_ahead import first_act, new_engine
+from test_engine_ahead import first_act, inputs, new_engine
 from test_golden import engine_config, golden, model  # noqa: F401  (fixtures)
 
 from vaops.models.config import SamplingConfig
@@ -84,6 +84,50 @@ def test_truncated_engines_write_the_cache_at_the_truncated_level(golden, model)
     first_act(engine, t)
     video = [p for p in seen if p[0] == "video"]
     assert len(video) == s.video_steps + 1 and video[-1] == ("video", pytest.approx(400.0, abs=1e-3), True)
+
+
+@pytest.mark.parametrize("grounded", [False, True], ids=["naive", "grounded"])
+def test_a_truncated_chunk_computed_ahead_is_rewritten_as_its_final_pass_wrote_it(golden, model, grounded):  # noqa: F811
+    """After an observation the chunk computed ahead is written again after it (and a grounded one re-imagined). With
+    the paper's stop at s = 0.6 its final pass wrote the video at that level (what its own action passes read); the
+    rewrite writes the same latents at the same timestep, not the video stepped past it to t = 0 (which the chunk
+    returns, as upstream does)."""
+    _, t = golden
+    engine = with_sampling(golden, model, video_stop=0.4)
+    final_t = engine.video_schedule.final_timestep
+    first_act(engine, t)
+    vn1, an1, o0, oa0 = inputs(t, 1)
+    seen = []
+    forward = engine._forward
+
+    def spy(kind, x, tvec, keep, predicted, cond_only):
+        seen.append((kind, x.clone(), tvec.clone(), keep))
+        return forward(kind, x, tvec, keep, predicted, cond_only)
+
+    engine._forward = spy
+    chunk1 = engine.act_ahead(video_noise=vn1, action_noise=an1)
+    written = [(x, tv) for kind, x, tv, keep in seen if kind == "video" and keep]
+    assert len(written) == 1 and torch.equal(written[0][0], chunk1.cached_video)
+    assert chunk1.cached_t == pytest.approx(final_t) and torch.all(written[0][1] == chunk1.cached_t)
+    assert not torch.equal(chunk1.video, chunk1.cached_video)  # stepped once more, from s = 0.6 to the end
+
+    engine.observe(o0, oa0)
+    seen.clear()
+    vn2, an2, _, _ = inputs(t, 2)
+    engine.act_ahead(video_noise=vn2, action_noise=an2, grounded=grounded)
+    if grounded:  # the grounding pass writes the executing chunk's actions, re-imagines its video, writes both again
+        rewritten = engine.grounded
+        assert rewritten.cached_video is not None and not torch.equal(rewritten.cached_video, chunk1.cached_video)
+        at = [i for i, (kind, x, _, keep) in enumerate(seen) if kind == "video" and keep and x is not None
+              and torch.equal(x, rewritten.cached_video)]
+        assert len(at) == 2  # the re-imagining's final pass, then the rewrite after the dropped entries
+        kind, x, tv, keep = seen[at[1]]
+    else:
+        kind, x, tv, keep = seen[0]
+        assert torch.equal(x, chunk1.cached_video)
+    assert kind == "video" and keep and torch.all(tv == final_t)
+    kind, x, tv, keep = seen[at[1] + 1] if grounded else seen[1]
+    assert kind == "action" and keep and torch.all(tv == 0) and torch.equal(x, chunk1.actions * engine.action_mask)
 
 
 @pytest.mark.parametrize("changes, message", [
