@@ -404,8 +404,7 @@ class InferenceEngine:
                              f"{c.frame_chunk_size} frames, got {f}")
         self.frame_offset, self._ahead, self._unwritten = self.observation_offset, None, None
         self.live_cache.drop_predicted()
-        self._write_t0(latents.to(self.device, torch.float32), actions.to(self.device, torch.float32),
-                       predicted=False)
+        self._write(latents.to(self.device, torch.float32), actions.to(self.device, torch.float32), predicted=False)
         self.frame_offset += f
         self._executing = self._unwritten = ahead
 
@@ -423,16 +422,15 @@ class InferenceEngine:
         truncated schedule's latents there, at that timestep: what the chunk's own action passes read, not the
         video stepped past it to t = 0), then the actions at t = 0."""
         if chunk.cached_video is None:
-            self._write_t0(chunk.video, chunk.actions, predicted=True)
-            return
-        level = torch.full((1, chunk.cached_video.shape[2]), chunk.cached_t, device=self.device)
-        self._forward("video", chunk.cached_video, level, keep=True, predicted=True, cond_only=False)
-        zeros = torch.zeros(1, chunk.actions.shape[2], device=self.device)
-        self._forward("action", chunk.actions * self.action_mask, zeros, keep=True, predicted=True, cond_only=False)
+            self._write(chunk.video, chunk.actions, predicted=True)
+        else:
+            self._write(chunk.cached_video, chunk.actions, predicted=True, video_t=chunk.cached_t)
 
-    def _write_t0(self, video: torch.Tensor, actions: torch.Tensor, predicted: bool) -> None:
-        zeros = torch.zeros(1, video.shape[2], device=self.device)
-        self._forward("video", video, zeros, keep=True, predicted=predicted, cond_only=False)
+    def _write(self, video: torch.Tensor, actions: torch.Tensor, predicted: bool, video_t: float = 0.0) -> None:
+        """A chunk's video entries at timestep `video_t`, then its actions' at t = 0."""
+        level = torch.full((1, video.shape[2]), video_t, device=self.device)
+        self._forward("video", video, level, keep=True, predicted=predicted, cond_only=False)
+        zeros = torch.zeros(1, actions.shape[2], device=self.device)
         self._forward("action", actions * self.action_mask, zeros, keep=True, predicted=predicted, cond_only=False)
 
     def advance(self) -> None:

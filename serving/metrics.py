@@ -25,7 +25,7 @@ COMPUTE_WAIT_SECONDS = Histogram("vaops_compute_wait_seconds", "Time an episode 
                                  buckets=(0.001,) + _BUCKETS)
 # In asynchronous execution a robot's observation of the executing chunk waits for the chunk computed ahead (the
 # robot's next): beyond its round trips, this is a robot's idle time between chunks. Above 0 on most observations,
-# the GPU does not keep this many robots in real time (bench/results/serve_load_deferred_h200.md: 7 robots at the
-# paper's point on one H200 wait p99 0.02 s, 8 wait 0.16-0.18 s).
+# the GPU does not keep this many robots in real time (bench/results/serve_load_deferred_h200.md: at the paper's
+# point on one H200, 7 robots' idle p99 was 0.02 s and 8 robots' 0.16-0.18 s).
 AHEAD_WAIT_SECONDS = Histogram("vaops_ahead_wait_seconds", "Time an observation in asynchronous execution waited for "
                                "the chunk computed ahead (0 when it was ready)", buckets=(0.001,) + _BUCKETS)
