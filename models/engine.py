@@ -421,10 +421,8 @@ class InferenceEngine:
         """A predicted chunk's entries as its final passes wrote them: the video at its schedule's final level (a
         truncated schedule's latents there, at that timestep: what the chunk's own action passes read, not the
         video stepped past it to t = 0), then the actions at t = 0."""
-        if chunk.cached_video is None:
-            self._write(chunk.video, chunk.actions, predicted=True)
-        else:
-            self._write(chunk.cached_video, chunk.actions, predicted=True, video_t=chunk.cached_t)
+        video = chunk.video if chunk.cached_video is None else chunk.cached_video
+        self._write(video, chunk.actions, predicted=True, video_t=chunk.cached_t)
 
     def _write(self, video: torch.Tensor, actions: torch.Tensor, predicted: bool, video_t: float = 0.0) -> None:
         """A chunk's video entries at timestep `video_t`, then its actions' at t = 0."""

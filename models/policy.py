@@ -20,7 +20,7 @@ from .batch import BatchingEngine, ChunkBatcher
 from .config import Preset
 from .cuda_graphs import StreamClaim
 from .engine import Chunk, EngineConfig, InferenceEngine
-from .fp8 import quantize_blocks_fp8
+from .fp8 import FP8Linear, quantize_blocks_fp8
 from .observation import ObservationEncoder
 from .text_encoder import TextEncoder
 from .transformer import LingBotVATransformer
@@ -85,10 +85,9 @@ class PolicyWeights:
     backend: str | None = None  # default: "splitkv" on GPU (cuDNN, Triton split-KV for few queries), "sdpa" on CPU
     # Several robots' chunks due together run as one batch (models/batch.py); None: each alone.
     batcher: ChunkBatcher | None = None
-    # Policies made so far, and whether the block GEMMs run in FP8 (`use_fp8`): a policy's captured graphs hold
-    # the weights' addresses, so quantising after one was made would leave it reading freed memory.
+    # Policies made so far: a policy's captured graphs hold the weights' addresses, so quantising (`use_fp8`)
+    # after one was made would leave it reading freed memory.
     policies_made: int = field(default=0, init=False, repr=False)
-    fp8: bool = field(default=False, init=False, repr=False)
 
     @property
     def device(self) -> torch.device:
@@ -98,6 +97,11 @@ class PolicyWeights:
     @property
     def on_gpu(self) -> bool:
         return self.device.type == "cuda"
+
+    @property
+    def fp8(self) -> bool:
+        """Whether the block GEMMs run in FP8 (`use_fp8`)."""
+        return any(isinstance(m, FP8Linear) for m in self.transformer.modules())
 
     def __post_init__(self) -> None:
         on_gpu = self.on_gpu
@@ -127,9 +131,7 @@ class PolicyWeights:
             major, minor = torch.cuda.get_device_capability(self.device)
             if (major, minor) < (8, 9):
                 raise ValueError(f"fp8 needs a GPU of compute capability 8.9 or later, this one is {major}.{minor}")
-        swapped = quantize_blocks_fp8(self.transformer)
-        self.fp8 = True
-        return swapped
+        return quantize_blocks_fp8(self.transformer)
 
     def new_policy(self) -> "Policy":
         self.policies_made += 1

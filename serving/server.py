@@ -278,7 +278,8 @@ def build_model(cfg: ServeConfig) -> PolicyModel:
 
 def model_from_weights(cfg: ServeConfig, weights: PolicyWeights) -> PolicyModel:
     if cfg.fp8:
-        log.info("FP8 block GEMMs: %d Linears quantised", weights.use_fp8())
+        swapped = weights.use_fp8()
+        log.info("FP8 block GEMMs: %s", f"{swapped} Linears quantised" if swapped else "the weights came quantised")
         if not weights.on_gpu:
             log.warning("FP8 on a CPU runs oneDNN's FP8 products: FP8's numbers, slower than bfloat16 "
                         "(PolicyWeights.use_fp8)")
