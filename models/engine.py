@@ -26,9 +26,10 @@ from .transformer import LingBotVATransformer, TextContext
 # cache pass's two, and 36 observation passes over a chunk's video and actions (142); 3 on the full ring.
 # The observation pass after an eviction reads the packed ring (KVCache._pack) as the last filling level's
 # observation does, with its graph. Grounded asynchronous execution adds 71 (its forward-dynamics passes, 2 a
-# filling level, 1 masked; the steady ring's observation). 110 took 0.57 GiB on one H200 (their inputs,
-# outputs and shared pool; the KV cache is 7.2 GB). Observations of other lengths add shapes: past this bound
-# a new shape runs eagerly, with the same reads, so graph memory stays bounded.
+# filling level, 1 masked; the steady ring's observation). 110 took 0.57 GiB on one H200 (their inputs, outputs and shared pool; the KV
+# cache is 7.2 GB). Observations
+# of other lengths add shapes: past this bound a new shape runs eagerly, with the same reads, so graph
+# memory stays bounded.
 MAX_GRAPHS = 256
 
 # A chunk's entries (an observation, a chunk computed ahead written again after it) are written by one pass over
@@ -222,15 +223,17 @@ class InferenceEngine:
 
         x = x.expand(n, *x.shape[1:]).to(self.dtype)
         t = t.expand(n, -1)
-        key = (kind, n, tuple(x.shape), self.live_cache.static_extent())
-        graph = self._graph(key, run, [x, t, cos, sin]) if self.cuda_graphs else None
+        graph = self._graph(kind, n, x, run, [x, t, cos, sin]) if self.cuda_graphs else None
         out = run(x, t, cos, sin) if graph is None else graph(x, t, cos, sin)
         self.live_cache.end(pending)
         return out
 
-    def _graph(self, key: tuple, run, inputs: list[torch.Tensor]) -> CapturedCall | None:
-        """This pass's captured graph, captured on first use; None past MAX_GRAPHS (run it eagerly). `key`: what
-        fixes its shapes and addresses (the tokens, the batch, the extent of each of its cache reads)."""
+    def _graph(self, kind: str, n: int, x: torch.Tensor, run, inputs: list[torch.Tensor],
+               key: tuple | None = None) -> CapturedCall | None:
+        """This step's captured graph, captured on first use; None past MAX_GRAPHS (run it eagerly).
+        Keyed by what fixes its shapes and addresses: the tokens, the batch and the cache read's extent
+        (or by `key`, where a pass's reads are more than one)."""
+        key = key or (kind, n, tuple(x.shape), self.live_cache.static_extent())
         if key not in self._graphs and len(self._graphs) < MAX_GRAPHS:
             self._graphs[key] = CapturedCall(run, inputs, pool=self._graph_pool)
         return self._graphs.get(key)
@@ -461,7 +464,7 @@ class InferenceEngine:
         inputs = [video.expand(n, *video.shape[1:]).to(self.dtype), video_t.expand(n, -1),
                   actions.expand(n, *actions.shape[1:]).to(self.dtype), action_t.expand(n, -1), cos, sin]
         key = ("write", n, tuple(video.shape), tuple(actions.shape), *(w.extent for w, _, _ in segments))
-        graph = self._graph(key, run, inputs) if self.cuda_graphs else None
+        graph = self._graph("write", n, video, run, inputs, key) if self.cuda_graphs else None
         run(*inputs) if graph is None else graph(*inputs)
 
     def advance(self) -> None:
