@@ -418,7 +418,7 @@ class InferenceEngine:
 
     def _write_unwritten(self) -> None:
         """After an observation, the chunk computed ahead is written again after it (`observe`): by the next
-        operation that reads it, not by the observe, so an observation costs its own pass only (a robot
+        operation that reads it, not by the observe, so an observation costs its own two passes only (a robot
         may wait for it; the next act_ahead runs while the robot executes), and a grounded act_ahead, which
         drops those entries first (`_reimagine_executing`), skips the write."""
         if self._unwritten is not None:
