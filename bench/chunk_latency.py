@@ -33,7 +33,6 @@ from typing import Any
 
 import torch
 
-import vaops.models.engine as engine_module
 import vaops.models.fp8 as fp8_module
 import vaops.models.transformer as transformer_module
 from vaops.models.config import get_preset
@@ -65,9 +64,7 @@ def observation(engine: InferenceEngine, gen: torch.Generator):
     return lat, act
 
 
-def run_chunks(engine: InferenceEngine, chunks: int, prefill: int, text_len: int, seed: int,
-               actions: list[torch.Tensor] | None = None) -> list[float]:
-    """Each timed chunk's seconds (act + observe); `actions` (if given) receives each timed chunk's actions."""
+def run_chunks(engine: InferenceEngine, chunks: int, prefill: int, text_len: int, seed: int) -> list[float]:
     gen = torch.Generator(device=engine.device).manual_seed(seed)
     prompt, negative, first = random_episode_inputs(engine, text_len, gen)
     engine.reset(prompt, negative, synchronous=True)  # as the server runs an episode without act_ahead
@@ -82,12 +79,10 @@ def run_chunks(engine: InferenceEngine, chunks: int, prefill: int, text_len: int
         sync(engine.device)
         t0 = time.perf_counter()
         chunk = engine.act(first_latent=first if engine.frame_offset == 0 else None, generator=gen)
-        sent = chunk.actions.cpu()  # the actions leave for the robot
+        chunk.actions.cpu()  # the actions leave for the robot
         engine.observe(*obs)
         sync(engine.device)
         times.append(time.perf_counter() - t0)
-        if actions is not None:
-            actions.append(sent.float())
     return times
 
 
@@ -120,7 +115,7 @@ def chunk_passes(engine: InferenceEngine) -> list[tuple[str, int, int]]:
     """(part, batch rows, tokens a row) of each denoising pass of a steady synchronous chunk at the engine's
     sampling settings, as `act` and `observe` run them: each schedule step (CFG rows only where guided),
     each schedule's final pass on both rows (a synchronous episode skips the actions'), the observation's
-    video and action tokens on both rows, in one pass (engine.ONE_PASS_WRITES: a steady chunk's fits) or two."""
+    video and action passes on both rows."""
     c, cfg = engine.config, engine.model.config
     video = c.frame_chunk_size * c.latent_height * c.latent_width // (cfg.patch_size[1] * cfg.patch_size[2])
     actions = c.frame_chunk_size * c.action_per_frame
@@ -128,8 +123,6 @@ def chunk_passes(engine: InferenceEngine) -> list[tuple[str, int, int]]:
     steps = [("video passes", 2 if s.guidance_scale > 1 else 1, video)] * len(engine.video_schedule.timesteps)
     steps.append(("video passes", both, video))
     steps += [("action passes", 2 if s.action_guidance_scale > 1 else 1, actions)] * len(engine.action_schedule.timesteps)
-    if engine_module.ONE_PASS_WRITES:
-        return steps + [("observation", both, video + actions)]
     return steps + [("observation", both, video), ("observation", both, actions)]
 
 
@@ -162,16 +155,14 @@ def operating_points(engine: InferenceEngine, preset, chunks: int, text_len: int
     bandwidth = copy_bandwidth(engine.device)
     for name, point in preset.operating_point_settings().items():
         engine.set_sampling(point)
-        actions: list[torch.Tensor] = []
-        times = run_chunks(engine, chunks, 0, text_len, seed, actions)
+        times = run_chunks(engine, chunks, 0, text_len, seed)
         floor = chunk_floor(engine, text_len, precision, bandwidth) if bandwidth == bandwidth else {}
         filling, full = times[1:fill_after], times[fill_after:]
         rows.append({"operating_point": name, "video_steps": point.video_steps, "video_stop": point.video_stop,
                      "action_steps": point.action_steps, "first_chunk_s": times[0],
                      "filling_median_s": statistics.median(filling) if filling else None,
                      "full_median_s": statistics.median(full) if full else None,
-                     "cache_full_at_end": cache_of(engine).full, "chunks": chunks, **floor,
-                     "_actions": torch.stack(actions)})  # compared across baselines (same inputs), not saved
+                     "cache_full_at_end": cache_of(engine).full, "chunks": chunks, **floor})
         base = rows[0]["full_median_s"]  # the first point (released), same engine and run
         rows[-1]["full_speedup_vs_first"] = base / rows[-1]["full_median_s"] if base and rows[-1]["full_median_s"] else None
         print(f"{name}: first chunk {times[0]:.3f} s, filling median "
@@ -217,8 +208,6 @@ BASELINES = {
                   "fast accumulation (models/fp8.py FAST_ACCUM)",
     "looped-rows": "the blocks' 3,072-wide norms and row scales reduced in inductor's loop (before 2026-12-01), "
                    "not in one pass (models/transformer.py WHOLE_ROWS); the regions recompile",
-    "two-pass-writes": "an observation's video and actions written into the cache by two passes (before stop 39), "
-                       "not one (models/engine.py ONE_PASS_WRITES)",
 }
 # The BASELINES that change the numbers, not only the time: their rows get accuracy runs of their own.
 CHANGE_NUMBERS = {"fast-accum"}
@@ -238,8 +227,7 @@ def baseline(names: str):
     compile and capture their own graphs."""
     parts = baseline_parts(names)
     kept = (CachedSelfAttention.destination, fp8_module.FUSED_GELU, KVCache._pack, transformer_module.CHAIN_REGIONS,
-            fp8_module.FAST_ACCUM, transformer_module.WHOLE_ROWS, torch._inductor.config.fx_graph_cache,
-            engine_module.ONE_PASS_WRITES)
+            fp8_module.FAST_ACCUM, transformer_module.WHOLE_ROWS, torch._inductor.config.fx_graph_cache)
     try:
         if "looped-rows" in parts:  # compiled code and inductor's graph cache would serve the other kernels
             torch._dynamo.reset()
@@ -255,30 +243,13 @@ def baseline(names: str):
             transformer_module.CHAIN_REGIONS = False
         if "fast-accum" in parts:
             fp8_module.FAST_ACCUM = False
-        if "two-pass-writes" in parts:
-            engine_module.ONE_PASS_WRITES = False
         yield
     finally:
         (CachedSelfAttention.destination, fp8_module.FUSED_GELU, KVCache._pack,  # type: ignore[method-assign]
          transformer_module.CHAIN_REGIONS, fp8_module.FAST_ACCUM, transformer_module.WHOLE_ROWS,
-         torch._inductor.config.fx_graph_cache, engine_module.ONE_PASS_WRITES) = kept
+         torch._inductor.config.fx_graph_cache) = kept
         if "looped-rows" in parts:  # the next engine compiles the served kernels again
             torch._dynamo.reset()
-
-
-def compare_actions(rows: list[dict]) -> None:
-    """Each baseline row's episode against the served path's (same precision, backend and point: the same
-    noise and observations): the relative L2 distance of all its chunks' actions, in the row. Drops the actions."""
-    served = {(r["precision"], r["backend"], r["operating_point"]): r["_actions"] for r in rows if not r["baseline"]}
-    for row in rows:
-        ref = served.get((row["precision"], row["backend"], row["operating_point"]))
-        if row["baseline"] and ref is not None:
-            a = row["_actions"]
-            row["actions_rel_l2_vs_served"] = ((a - ref).norm() / ref.norm()).item()
-            print(f"{row['precision']} {row['backend']} {row['operating_point']} with {row['baseline']} switched off: "
-                  f"the episode's actions at rel L2 {row['actions_rel_l2_vs_served']:.2e} from the served path's")
-    for row in rows:
-        row.pop("_actions", None)
 
 
 def steady_median(times: list[float]) -> float:
@@ -497,7 +468,6 @@ def main() -> None:
                             print(f"\nbaseline: {off} switched off")
                         op_rows = served_operating_points(engine, preset, precision, args)
                     results["operating_points"] += [dict(row, backend=backend, baseline=off or None) for row in op_rows]
-        compare_actions(results["operating_points"])
     del engine, model
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -18,24 +18,18 @@ from .attention import grid_ids
 from .config import Preset, SamplingConfig, check_operating_point
 from .cuda_graphs import CapturedCall
 from .flow_matching import Schedule
-from .kv_cache import CachedSelfAttention, KVCache, SegmentedSelfAttention
+from .kv_cache import CachedSelfAttention, KVCache
 from .transformer import LingBotVATransformer, TextContext
 
-# Captured graphs per engine. An episode at the robotwin preset captures 145: while the ring fills,
-# 36 video levels (CFG batch of two), 35 action levels, each for the steps' batch of one and the
-# cache pass's two, and 36 observation passes over a chunk's video and actions (142); 3 on the full ring.
-# The observation pass after an eviction reads the packed ring (KVCache._pack) as the last filling level's
-# observation does, with its graph. Grounded asynchronous execution adds 71 (its forward-dynamics passes, 2 a
-# filling level, 1 masked; the steady ring's observation). 110 took 0.57 GiB on one H200 (their inputs, outputs and shared pool; the KV
-# cache is 7.2 GB). Observations
+# Captured graphs per engine. An episode at the robotwin preset captures 109: while the ring fills,
+# 36 video levels (CFG batch of two) and 35 action levels, each for the steps' batch of one and the
+# cache pass's two (106); 3 on the full ring. The observation pass after an eviction reads the packed
+# ring (KVCache._pack) as the last filling level's observation does, with its graph. Grounded
+# asynchronous execution's forward-dynamics passes add 71 (2 a filling level, 1 masked). 110 took 0.57 GiB
+# on one H200 (their inputs, outputs and shared pool; the KV cache is 7.2 GB). Observations
 # of other lengths add shapes: past this bound a new shape runs eagerly, with the same reads, so graph
 # memory stays bounded.
 MAX_GRAPHS = 256
-
-# A chunk's entries (an observation, a chunk computed ahead written again after it) are written by one pass over
-# its video and actions instead of two, with the same result (SegmentedSelfAttention): one read of the block
-# weights and the cache fewer.
-ONE_PASS_WRITES = True
 
 
 @dataclass(frozen=True)
@@ -228,12 +222,10 @@ class InferenceEngine:
         self.live_cache.end(pending)
         return out
 
-    def _graph(self, kind: str, n: int, x: torch.Tensor, run, inputs: list[torch.Tensor],
-               key: tuple | None = None) -> CapturedCall | None:
+    def _graph(self, kind: str, n: int, x: torch.Tensor, run, inputs: list[torch.Tensor]) -> CapturedCall | None:
         """This step's captured graph, captured on first use; None past MAX_GRAPHS (run it eagerly).
-        Keyed by what fixes its shapes and addresses: the tokens, the batch and the cache read's extent
-        (or by `key`, where a pass's reads are more than one)."""
-        key = key or (kind, n, tuple(x.shape), self.live_cache.static_extent())
+        Keyed by what fixes its shapes and addresses: the tokens, the batch and the cache read's extent."""
+        key = (kind, n, tuple(x.shape), self.live_cache.static_extent())
         if key not in self._graphs and len(self._graphs) < MAX_GRAPHS:
             self._graphs[key] = CapturedCall(run, inputs, pool=self._graph_pool)
         return self._graphs.get(key)
@@ -433,39 +425,11 @@ class InferenceEngine:
         self._write(video, chunk.actions, predicted=True, video_t=chunk.cached_t)
 
     def _write(self, video: torch.Tensor, actions: torch.Tensor, predicted: bool, video_t: float = 0.0) -> None:
-        """A chunk's video entries at timestep `video_t`, then its actions' at t = 0: one pass (ONE_PASS_WRITES), or two."""
+        """A chunk's video entries at timestep `video_t`, then its actions' at t = 0."""
         level = torch.full((1, video.shape[2]), video_t, device=self.device)
-        zeros = torch.zeros(1, actions.shape[2], device=self.device)
-        actions = actions * self.action_mask
-        if ONE_PASS_WRITES:
-            self._forward_write(video, level, actions, zeros, predicted)
-            return
         self._forward("video", video, level, keep=True, predicted=predicted, cond_only=False)
-        self._forward("action", actions, zeros, keep=True, predicted=predicted, cond_only=False)
-
-    def _forward_write(self, video: torch.Tensor, video_t: torch.Tensor, actions: torch.Tensor,
-                       action_t: torch.Tensor, predicted: bool) -> None:
-        """One pass that writes a chunk's video then its actions as kept entries (`_write`)."""
-        _, vf, vh, vw = self._pass("video", video)
-        _, af, ah, aw = self._pass("action", actions)
-        nv, na = vf * vh * vw, af * ah * aw
-        (vcos, vsin), (acos, asin) = self._rope("video", vf, vh, vw), self._rope("action", af, ah, aw)
-        cos, sin = torch.cat([vcos, acos]), torch.cat([vsin, asin])
-        cache, n = self.live_cache, self.batch
-        first = cache.begin(nv, keep=True, predicted=predicted, slots_out=self._slots["video"])
-        then = cache.begin(na, keep=True, predicted=predicted, slots_out=self._slots["action"], after=(first,))
-        segments = [(first, 0, nv), (then, nv, nv + na)]
-
-        def run(video, video_t, actions, action_t, cos, sin) -> torch.Tensor:
-            attn = SegmentedSelfAttention(cache, segments, self.backend, static=self.static_reads)
-            return self.model.forward_cache_write(video, video_t, actions, action_t, (cos, sin), self.live_text,
-                                                  attn, self.backend)
-
-        inputs = [video.expand(n, *video.shape[1:]).to(self.dtype), video_t.expand(n, -1),
-                  actions.expand(n, *actions.shape[1:]).to(self.dtype), action_t.expand(n, -1), cos, sin]
-        key = ("write", n, tuple(video.shape), tuple(actions.shape), *(w.extent for w, _, _ in segments))
-        graph = self._graph("write", n, video, run, inputs, key) if self.cuda_graphs else None
-        run(*inputs) if graph is None else graph(*inputs)
+        zeros = torch.zeros(1, actions.shape[2], device=self.device)
+        self._forward("action", actions * self.action_mask, zeros, keep=True, predicted=predicted, cond_only=False)
 
     def advance(self) -> None:
         """Continue from the imagined chunk instead of an observation (image-to-video-action
@@ -482,9 +446,9 @@ class InferenceEngine:
 
     @torch.no_grad()
     def warm_up_cache_levels(self, grounded: bool = False) -> int:
-        """Warm-up: from an observed chunk, act and observe (zeros) until a chunk after the ring first evicted,
-        so each read of an episode runs once: every filling level, the full ring and the observation passes
-        after an eviction. On a GPU their graphs are captured here rather than in the first episode's
+        """Warm-up: from an observed chunk, act and observe (zeros) until the ring has evicted, so each
+        read of an episode runs once: every filling level, the full ring and the observation pass after an
+        eviction. On a GPU their graphs are captured here rather than in the first episode's
         chunks (robotwin preset: up to 36 chunks, 3 graphs each while filling; 20 s on one H200 with
         the blocks uncompiled). `grounded` (after an episode's first act): the same levels through
         grounded asynchronous execution (act_ahead(grounded=True), then the executing chunk's
@@ -505,13 +469,13 @@ class InferenceEngine:
         generator = torch.Generator(device=self.device).manual_seed(0)  # leaves the global RNG alone
         chunks = 0
         try:
-            after_eviction = 0
-            while after_eviction < 2:
+            evicted = False
+            while not evicted:
                 if grounded:
                     chunk = self.act_ahead(generator=generator, grounded=True)
                 else:
                     chunk = self._act(None, None, None, generator)
-                after_eviction += self.live_cache.head > 0
+                evicted = self.live_cache.head > 0
                 self.observe(torch.zeros_like(chunk.video), torch.zeros_like(chunk.actions))
                 chunks += 1
         finally:

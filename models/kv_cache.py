@@ -37,12 +37,6 @@ class PendingWrite:
     length: int
     keep: bool
     slots: torch.Tensor  # ring slots of the new entries, on the cache's device
-    # The cache as this write left it (its live range and static extent): what a read of this write sees, even after
-    # later writes of the same pass (SegmentedSelfAttention).
-    head: int = 0
-    tail: int = 0
-    extent: int | None = None
-    mask: torch.Tensor | None = None  # the live-slot mask a masked read of this write uses
 
 
 class KVCache:
@@ -57,7 +51,6 @@ class KVCache:
         # Which ring slots hold live entries, at a fixed address for captured graphs; kept current
         # whenever a static read needs it (static_extent() is None).
         self.valid = torch.zeros(capacity, dtype=torch.bool, device=self.device)
-        self._later_masks: dict[int, torch.Tensor] = {}  # the masks of a pass's later writes (`begin`'s `after`)
         self.head = 0  # absolute positions; ring slot = position % capacity
         self.tail = 0
         self.predicted_from: int | None = None
@@ -106,16 +99,11 @@ class KVCache:
         return min(self.capacity, -(-self.tail // quarter) * quarter)
 
     def begin(self, length: int, keep: bool, predicted: bool = False,
-              slots_out: torch.Tensor | None = None, ring: bool = False,
-              after: tuple[PendingWrite, ...] = ()) -> PendingWrite:
+              slots_out: torch.Tensor | None = None, ring: bool = False) -> PendingWrite:
         """Reserve `length` entries at the end, evicting the oldest entries if full.
 
         `slots_out` (optional) receives the ring slots, for callers that need them at a fixed address;
         `ring`: the pass reads the ring (`read(..., ring=True)`), so the live-slot mask is kept current.
-        `after`: writes of the same pass begun before this one, whose entries the pass stores before this
-        one's (SegmentedSelfAttention). Their reads must see the cache as they left it: this write packs
-        nothing (where the ring is neither full nor a prefix it is read under the mask), and its live-slot
-        mask goes to a buffer of its own.
         """
         if length > self.capacity:
             raise ValueError(f"write of {length} tokens exceeds the cache capacity {self.capacity}")
@@ -131,19 +119,11 @@ class KVCache:
         write = PendingWrite(self.tail, length, keep, slots)
         self.tail += length
         self._packed = None  # a pack holds for the pass that made it: later writes may reuse its free slots
-        # A later write of a pass does not pack: its copies could land in slots an earlier write's read covers.
-        if self.static_extent() is None and not ring and not after:
+        if self.static_extent() is None and not ring:
             self._pack(write)
-        if after:
-            mask = self._later_masks.get(len(after))
-            if mask is None:
-                mask = self._later_masks[len(after)] = torch.zeros_like(self.valid)
-        else:
-            mask = self.valid
         # Only masked reads use it: two kernels saved per pass otherwise.
         if self.static_extent() is None or (ring and not self.full):
-            self._update_valid(mask)
-        write.head, write.tail, write.extent, write.mask = self.head, self.tail, self.static_extent(), mask
+            self._update_valid()
         return write
 
     def _pack(self, w: PendingWrite) -> None:
@@ -170,10 +150,9 @@ class KVCache:
             self.v[:, :, dst] = self.v[:, :, src]
         self._packed = (self.head, self.tail)
 
-    def _update_valid(self, out: torch.Tensor | None = None) -> None:
-        """Mark the live slots in `out` (`valid` by default; at its fixed address): the masked read's mask."""
-        torch.lt(torch.remainder(self._positions - self.head, self.capacity), len(self),
-                 out=self.valid if out is None else out)
+    def _update_valid(self) -> None:
+        """Mark the live slots in `valid` (at its fixed address): the masked read's mask."""
+        torch.lt(torch.remainder(self._positions - self.head, self.capacity), len(self), out=self.valid)
 
     def end(self, w: PendingWrite) -> None:
         if not w.keep:
@@ -184,14 +163,12 @@ class KVCache:
             self.tail = max(self.head, self.predicted_from)
             self.predicted_from = None
 
-    def live(self, layer: int, batch: slice, at: PendingWrite | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys/values of every live entry (in ring order; attention does not depend on order), as `at` left
-        them if given."""
+    def live(self, layer: int, batch: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys/values of every live entry (in ring order; attention does not depend on order)."""
         k, v = self.k[layer, batch], self.v[layer, batch]
-        head, tail = (self.head, self.tail) if at is None else (at.head, at.tail)
-        if tail - head == self.capacity:
+        if self.full:
             return k, v
-        h, t = head % self.capacity, tail % self.capacity
+        h, t = self.head % self.capacity, self.tail % self.capacity
         if h < t or t == 0:
             end = t or self.capacity
             return k[:, h:end], v[:, h:end]
@@ -213,8 +190,7 @@ class KVCache:
         values.index_copy_(1, slots, v)
 
     def read(self, layer: int, batch: slice = slice(None), static: bool = False,
-             ring: bool = False, at: PendingWrite | None = None
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+             ring: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Every live entry's keys/values and a mask, the new entries stored.
 
         static: read at fixed addresses for captured graphs (see `static_extent`): a prefix of the
@@ -222,18 +198,16 @@ class KVCache:
         and no mask. ring (with static): the first `ring_extent()` slots, under the live-slot mask
         unless the ring is full, so that one graph serves many filling levels (batched steps:
         models/batch.py; the pass's `begin(..., ring=True)` keeps the mask current).
-        at: read as that write left the cache (a later write of the same pass may have changed it since).
         """
         if not static:
-            return *self.live(layer, batch, at), None
+            return *self.live(layer, batch), None
         if ring:
             r = self.ring_extent()
             mask = None if self.full else self.valid[:r].view(1, 1, 1, -1)
             return self.k[layer, batch, :r], self.v[layer, batch, :r], mask
-        n = self.static_extent() if at is None else at.extent
+        n = self.static_extent()
         if n is None:
-            mask = self.valid if at is None or at.mask is None else at.mask
-            return self.k[layer, batch], self.v[layer, batch], mask.view(1, 1, 1, -1)
+            return self.k[layer, batch], self.v[layer, batch], self.valid.view(1, 1, 1, -1)
         return self.k[layer, batch, :n], self.v[layer, batch, :n], None
 
 
@@ -260,30 +234,3 @@ class CachedSelfAttention:
             self.cache.store(layer, self.pending, k, v, self.batch)
         keys, values, mask = self.cache.read(layer, self.batch, self.static, self.ring)
         return attention(q, keys, values, mask, self.backend)
-
-
-@dataclass
-class SegmentedSelfAttention:
-    """Self-attention for one pass over consecutive segments of new tokens, each a kept write begun after the ones
-    before (`KVCache.begin`'s `after`): a segment attends to the cache as its own write left it, which holds the
-    segments before it and none after, so the pass computes what one pass a segment computes. Each layer stores
-    a segment's keys and values just before its read: a later segment's slots may hold entries that an earlier
-    segment's read still sees (the oldest, which that later write evicts)."""
-
-    cache: KVCache
-    segments: list[tuple[PendingWrite, int, int]]  # (write, first token, end token) in the pass
-    backend: str = "sdpa"
-    static: bool = False
-
-    def destination(self, layer: int) -> None:
-        """None: the keys and values come back from the block, and each segment's are stored before its read."""
-        return None
-
-    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None) -> torch.Tensor:
-        assert k is not None and v is not None, "destination() is None: the block returns its keys and values"
-        out = []
-        for w, a, b in self.segments:
-            self.cache.store(layer, w, k[:, a:b], v[:, a:b])
-            keys, values, mask = self.cache.read(layer, static=self.static, at=w)
-            out.append(attention(q[:, a:b], keys, values, mask, self.backend))
-        return torch.cat(out, dim=1)

@@ -411,26 +411,6 @@ class LingBotVATransformer(nn.Module):
         out = self.trunk(self.embed_actions(actions), temb, mod, rope, text, self_attention, backend)
         return self.action_proj_out(out).transpose(1, 2).reshape(b, a, f, n, w)
 
-    def forward_cache_write(self, latents: torch.Tensor, video_t: torch.Tensor, actions: torch.Tensor,
-                            action_t: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                            text: TextContext | StackedText, self_attention: SelfAttentionFn,
-                            backend: str = "sdpa") -> torch.Tensor:
-        """A chunk's video [B, 48, F, H, W] at `video_t` then its actions [B, 30, F, N, 1] at `action_t` (each
-        [B, F]) through the blocks as one pass, for the keys and values `self_attention` stores (a
-        SegmentedSelfAttention: the actions read the video, the video not the actions), as forward_video then
-        forward_actions would store them, with one read of the weights instead of two. rope: the video's
-        rotary table then the actions'. Returns the blocks' output (nothing reads it: a captured graph's output)."""
-        f, h, w = latents.shape[2:]
-        vtok = self.video_tokens_per_frame(h, w)
-        atok = actions.shape[3] * actions.shape[4]
-        # Modulation by groups of equal size: a video frame's vtok tokens and an action frame's atok share theirs.
-        group = math.gcd(vtok, atok)
-        (vtemb, vmod), (atemb, amod) = self.time_embed(video_t, action=False), self.time_embed(action_t, action=True)
-        temb = torch.cat([vtemb.repeat_interleave(vtok // group, 1), atemb.repeat_interleave(atok // group, 1)], 1)
-        mod = torch.cat([vmod.repeat_interleave(vtok // group, 1), amod.repeat_interleave(atok // group, 1)], 1)
-        x = torch.cat([self.embed_video(latents), self.embed_actions(actions)], dim=1)
-        return self.trunk(x, temb, mod, rope, text, self_attention, backend)
-
     def forward_train(self, video_noisy: torch.Tensor, video_clean: torch.Tensor, video_t: torch.Tensor,
                       video_cond_t: torch.Tensor, action_noisy: torch.Tensor, action_clean: torch.Tensor,
                       action_t: torch.Tensor, action_cond_t: torch.Tensor, text_emb: torch.Tensor,

@@ -31,28 +31,21 @@ def engine() -> InferenceEngine:
 def recorded_passes(engine: InferenceEngine) -> Counter:
     """(rows, tokens) of every pass one synchronous act + observe runs, once the cache is full."""
     passes: Counter = Counter()
-    forward, write = engine._forward, engine._forward_write
-
-    def tokens(kind, x):
-        _, f, h, w = engine._pass(kind, x)
-        return f * h * w
+    forward = engine._forward
 
     def counting(kind, x, t, keep, predicted, cond_only):
-        passes[(1 if cond_only else engine.batch, tokens(kind, x))] += 1
+        _, f, h, w = engine._pass(kind, x)
+        passes[(1 if cond_only else engine.batch, f * h * w)] += 1
         return forward(kind, x, t, keep, predicted, cond_only)
-
-    def counting_write(video, video_t, actions, action_t, predicted):
-        passes[(engine.batch, tokens("video", video) + tokens("action", actions))] += 1
-        return write(video, video_t, actions, action_t, predicted)
 
     gen = torch.Generator().manual_seed(1)
     obs = observation(engine, gen)
-    engine._forward, engine._forward_write = counting, counting_write  # type: ignore[method-assign]
+    engine._forward = counting  # type: ignore[method-assign]
     try:
         engine.act(generator=gen)
         engine.observe(*obs)
     finally:
-        del engine._forward, engine._forward_write
+        del engine._forward
     return passes
 
 

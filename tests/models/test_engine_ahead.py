@@ -34,24 +34,6 @@ def first_act(engine, t):
     return engine.act(first_latent=t["infer.in.init_latent"], video_noise=vn, action_noise=an)
 
 
-def spy_passes(engine, record):
-    """Call record(kind, x, t, keep, predicted, cond_only) before each transformer pass the engine makes; one pass that
-    writes a chunk's video and actions (InferenceEngine._forward_write) counts as what it computes: the video's pass,
-    then the actions'."""
-    forward, write = engine._forward, engine._forward_write
-
-    def spy_forward(kind, x, t, keep, predicted, cond_only):
-        record(kind, x, t, keep, predicted, cond_only)
-        return forward(kind, x, t, keep, predicted, cond_only)
-
-    def spy_write(video, video_t, actions, action_t, predicted):
-        record("video", video, video_t, True, predicted, False)
-        record("action", actions, action_t, True, predicted, False)
-        return write(video, video_t, actions, action_t, predicted)
-
-    engine._forward, engine._forward_write = spy_forward, spy_write
-
-
 def max_diff(a, b):
     return (a - b).abs().max().item()
 
@@ -151,7 +133,8 @@ def test_synchronous_episode_skips_the_predicted_actions_pass_and_changes_nothin
         engine = new_engine(golden, model)
         engine.reset(t["infer.in.prompt_emb"], t["infer.in.negative_emb"], synchronous=synchronous)
         passes = []
-        spy_passes(engine, lambda kind, *a: passes.append(kind))
+        forward = engine._forward
+        engine._forward = lambda kind, *a, **k: passes.append(kind) or forward(kind, *a, **k)
         chunks = [first_act(engine, t)]
         for c in range(1, cases["infer"]["chunks"]):
             _, _, obs_latent, obs_action = inputs(t, c - 1)
@@ -181,7 +164,8 @@ def test_a_chunk_computed_ahead_skips_the_cache_pass_its_observation_overwrites(
 
     def episode(engine):
         passes = []
-        spy_passes(engine, lambda kind, *a: passes.append(kind))
+        forward = engine._forward
+        engine._forward = lambda kind, *a, **k: passes.append(kind) or forward(kind, *a, **k)
         executing = first_act(engine, t)
         out, counts = [executing], []
         for c in range(1, chunks):

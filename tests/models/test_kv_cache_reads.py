@@ -115,53 +115,6 @@ def test_packed_reads_match_the_compact_read_in_random_episodes(monkeypatch):
     assert kinds == {"masked", "packed, copied", "packed, in place"}
 
 
-@pytest.mark.parametrize("static", [False, True], ids=["compact", "static"])
-def test_a_pass_over_two_writes_attends_as_two_passes_in_random_episodes(static):
-    """SegmentedSelfAttention: two kept writes begun one after the other for one pass (the second `after` the first),
-    each segment storing its keys and values just before its read, attend as two passes one after the other on a
-    second cache do, in every state of the ring (filling, full and evicting, packed, masked); both caches then
-    hold the same live entries."""
-    g = torch.Generator().manual_seed(0)
-    one, two = (KVCache(num_layers=2, batch=2, capacity=16, heads=2, head_dim=4, dtype=torch.float32, device="cpu")
-                for _ in range(2))
-    q = torch.randn(2, 3, 2, 4, generator=g)
-    states = set()
-    for step in range(400):
-        r = torch.rand((), generator=g).item()
-        if r < 0.2:
-            one.drop_predicted()
-            two.drop_predicted()
-            continue
-        if r < 0.45:  # a temporary write (a denoising step), on both
-            length = int(torch.randint(1, 6, (), generator=g))
-            for cache in (one, two):
-                cache.end(cache.begin(length, keep=False))
-            continue
-        predicted = r < 0.7
-        lengths = [int(torch.randint(1, 7, (), generator=g)), int(torch.randint(1, 4, (), generator=g))]
-        kv = [[(torch.randn(2, n, 2, 4, generator=g), torch.randn(2, n, 2, 4, generator=g)) for _ in range(2)]
-              for n in lengths]  # [segment][layer]
-        first = one.begin(lengths[0], keep=True, predicted=predicted)
-        then = one.begin(lengths[1], keep=True, predicted=predicted, after=(first,))
-        states.add(("masked" if first.extent is None else "static", "masked" if then.extent is None else "static"))
-        outs, expected = {}, {}
-        for layer in range(2):
-            for i, w in enumerate((first, then)):
-                one.store(layer, w, *kv[i][layer])
-                outs[i, layer] = attend(q, one.read(layer, static=static, at=w))
-        for i, n in enumerate(lengths):  # the two passes
-            w = two.begin(n, keep=True, predicted=predicted)
-            for layer in range(2):
-                two.store(layer, w, *kv[i][layer])
-                expected[i, layer] = attend(q, two.read(layer, static=static))
-        for key in outs:
-            torch.testing.assert_close(outs[key], expected[key], atol=1e-6, rtol=0, msg=lambda m: f"{step} {key}: {m}")
-        assert (one.head, one.tail, one.predicted_from) == (two.head, two.tail, two.predicted_from)
-        for layer in range(2):
-            torch.testing.assert_close(attend(q, one.read(layer)), attend(q, two.read(layer)), atol=1e-6, rtol=0)
-    assert {("static", "static"), ("masked", "masked"), ("masked", "static")} <= states, states
-
-
 # ----- an episode -----
 
 def noise(engine, gen):
@@ -178,11 +131,7 @@ def episode(engine, t, chunks, reads=None):
     engine.reset(t["infer.in.prompt_emb"], t["infer.in.negative_emb"])
     read = engine.cache.read
     if reads is not None:
-        def recorded(*a, **k):  # the extent read: as the read's write left the cache, where a pass has several
-            reads[-1].add(engine.cache.static_extent() if k.get("at") is None else k["at"].extent)
-            return read(*a, **k)
-
-        engine.cache.read = recorded
+        engine.cache.read = lambda *a, **k: reads[-1].add(engine.cache.static_extent()) or read(*a, **k)
     out = []
     for c in range(chunks):
         if reads is not None:
@@ -225,19 +174,18 @@ def test_static_read_episode_equals_the_compact_read_episode(golden, model):  # 
 
 
 def test_graphs_per_episode_and_their_bound(golden, model, counted, monkeypatch):  # noqa: F811
-    """4 per level while the ring of C chunks fills (video at CFG batch 2; actions at batch 1 for the
-    steps and 2 for the cache pass; the observation's one pass over its video and actions), and the
-    full ring's video level: 4C + 1. The observation after an eviction reads the packed prefix as the
-    last filling level's observation does, with its graph. Past MAX_GRAPHS new shapes run eagerly."""
+    """3 per level while the ring of C chunks fills (video at CFG batch 2; actions at batch 1 for the
+    steps and 2 for the cache pass), less the last action level, which is the full ring: 3C + 1 with
+    the full ring's 3. The observation after an eviction reads the packed prefix as the last filling
+    level's observation does, with its graph. Past MAX_GRAPHS new shapes run eagerly."""
     cases, t = golden
     cfg = windowed(cases, 8)
     engine = graphed(InferenceEngine(model, cfg, cuda_graphs=True))
     first = episode(engine, t, 7)
-    assert len(engine._graphs) == 4 * 4 + 1
-    assert all(None not in key[3:] for key in engine._graphs)  # no masked read
-    assert sum(key[0] == "write" for key in engine._graphs) == 4  # the observations: one pass each
+    assert len(engine._graphs) == 3 * 4 + 1
+    assert all(key[3] is not None for key in engine._graphs)  # no masked read
     again = episode(engine, t, 7)  # a second episode reuses them all
-    assert len(engine._graphs) == 4 * 4 + 1
+    assert len(engine._graphs) == 3 * 4 + 1
     for a, b in zip(first, again):
         assert torch.equal(a.actions, b.actions) and torch.equal(a.video, b.video)
 
@@ -250,8 +198,8 @@ def test_graphs_per_episode_and_their_bound(golden, model, counted, monkeypatch)
 
 def test_warm_up_runs_every_level_of_the_robotwin_ring(counted):
     """The robotwin layout (24x20 latents, 240 video + 32 action tokens a chunk, window 72: a ring of
-    36 chunks, 9,792 slots) on a one-layer model: the warm-up's pass over the levels captures the 145
-    graphs of an episode (4 a filling level, 1 on the full ring), and an episode after it (filling, full, evicting) captures none."""
+    36 chunks, 9,792 slots) on a one-layer model: the warm-up's pass over the levels captures the 109
+    graphs of an episode, and an episode after it (filling, full, evicting) captures none."""
     preset = get_preset("robotwin")
     tiny = TransformerConfig(num_layers=1, num_attention_heads=1, attention_head_dim=24, ffn_dim=32, text_dim=16,
                              freq_dim=32)
@@ -267,28 +215,27 @@ def test_warm_up_runs_every_level_of_the_robotwin_ring(counted):
 
     start()
     assert engine.cache.capacity == 9792
-    assert engine.warm_up_cache_levels() == 37  # chunks 1-37; the 36th evicts, its observation reads packed
-    assert len(engine._graphs) == 145
+    assert engine.warm_up_cache_levels() == 36  # chunks 1-36; the 36th evicts, its observation reads packed
+    assert len(engine._graphs) == 109
     assert engine.config.sampling.video_steps == 2  # the session's settings are back
     start()
     for _ in range(37):  # the 36th evicts, the 37th runs on the evicted ring
         chunk = engine.act()
         engine.observe(chunk.video, chunk.actions)
-    assert engine.cache.head > 0 and len(engine._graphs) == 145
+    assert engine.cache.head > 0 and len(engine._graphs) == 109
     # Grounded asynchronous execution adds the forward-dynamics passes' own levels, well within MAX_GRAPHS.
     engine.reset(torch.randn(1, 5, tiny.text_dim), torch.randn(1, 5, tiny.text_dim))
     engine.act(first_latent=first)
-    assert engine.warm_up_cache_levels(grounded=True) == 37
-    # 71 more: 2 a filling level, a read under the mask after the eviction (its new entries land among the
-    # ring's last free-count slots, so it cannot be packed), and the steady ring's observation, whose actions
-    # are read under the mask (the later write of a pass packs nothing)
-    assert len(engine._graphs) == 216 <= engine_module.MAX_GRAPHS
+    assert engine.warm_up_cache_levels(grounded=True) == 36
+    # 71 more: 2 a filling level, and a read under the mask after the eviction (its new entries land among
+    # the ring's last free-count slots, so it cannot be packed)
+    assert len(engine._graphs) == 180 <= engine_module.MAX_GRAPHS
     engine.reset(torch.randn(1, 5, tiny.text_dim), torch.randn(1, 5, tiny.text_dim))
     engine.act(first_latent=first)
     for _ in range(4):  # an episode's first grounded levels (the tiny policy's test runs one through eviction)
         ahead = engine.act_ahead(grounded=True)
         engine.observe(ahead.video, ahead.actions)
-    assert engine.grounded is not None and len(engine._graphs) == 216
+    assert engine.grounded is not None and len(engine._graphs) == 180
 
 
 def test_policy_warm_up_leaves_nothing_to_capture_in_the_first_episode(counted):
@@ -355,47 +302,3 @@ def test_compiled_block_stores_its_keys_and_values_in_the_cache_itself():
         assert b[[0, 2]].abs().max() == 0
     with pytest.raises(ValueError, match="kept cache write must cover the whole batch"):
         CachedSelfAttention(caches[0], caches[0].begin(2, keep=True), batch=slice(0, 1)).destination(0)
-
-
-def ahead_episode(engine, t, chunks):
-    """act, then act_ahead and observe the executing chunk (perturbed) for `chunks` - 1 chunks, from fixed noise."""
-    gen = torch.Generator().manual_seed(2)
-    engine.reset(t["infer.in.prompt_emb"], t["infer.in.negative_emb"])
-    vn, an = noise(engine, gen)
-    executing = engine.act(first_latent=t["infer.in.init_latent"], video_noise=vn, action_noise=an)
-    out = [executing]
-    for _ in range(1, chunks):
-        vn, an = noise(engine, gen)
-        ahead = engine.act_ahead(video_noise=vn, action_noise=an)
-        engine.observe(executing.video + 0.1 * vn, executing.actions)
-        out.append(ahead)
-        executing = ahead
-    return out
-
-
-@pytest.mark.parametrize("static", [False, True], ids=["compact", "static"])
-def test_one_pass_over_a_chunks_video_and_actions_writes_what_two_passes_write(golden, model, monkeypatch, static):  # noqa: F811
-    """An observation, and a chunk computed ahead written again after it, go into the cache in one pass over the
-    chunk's video and actions (the actions read the video, the video not the actions, each as its own write left
-    the ring): the chunks are those of two passes a chunk, through the filling ring, the full ring and eviction
-    (packed reads), synchronous and ahead, with compact and static (graph) reads."""
-    cases, t = golden
-    cfg = windowed(cases, 8)  # a ring of 4 chunks
-
-    def run(one_pass):
-        monkeypatch.setattr(engine_module, "ONE_PASS_WRITES", one_pass)
-        engine = InferenceEngine(model, cfg, cuda_graphs=static)
-        calls = {"write": 0, "one pass": 0}
-        write, one = engine._write, engine._forward_write
-        engine._write = lambda *a, **k: calls.__setitem__("write", calls["write"] + 1) or write(*a, **k)
-        engine._forward_write = lambda *a: calls.__setitem__("one pass", calls["one pass"] + 1) or one(*a)
-        return episode(engine, t, 7) + ahead_episode(engine, t, 7), calls
-
-    (one, one_calls), (two, two_calls) = run(True), run(False)
-    assert two_calls["one pass"] == 0 and one_calls["write"] == two_calls["write"] == 7 + 6 + 5
-    assert one_calls["one pass"] == one_calls["write"]
-    for c, (a, b) in enumerate(zip(one, two)):
-        for name in ("video", "actions"):
-            diff = (getattr(a, name) - getattr(b, name)).abs().max().item()
-            assert diff <= 1e-5, f"chunk {c} {name}: {diff}"
-
