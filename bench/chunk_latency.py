@@ -64,7 +64,9 @@ def observation(engine: InferenceEngine, gen: torch.Generator):
     return lat, act
 
 
-def run_chunks(engine: InferenceEngine, chunks: int, prefill: int, text_len: int, seed: int) -> list[float]:
+def run_chunks(engine: InferenceEngine, chunks: int, prefill: int, text_len: int, seed: int,
+               actions: list[torch.Tensor] | None = None) -> list[float]:
+    """Each timed chunk's seconds (act + observe); `actions` (if given) receives each timed chunk's actions."""
     gen = torch.Generator(device=engine.device).manual_seed(seed)
     prompt, negative, first = random_episode_inputs(engine, text_len, gen)
     engine.reset(prompt, negative, synchronous=True)  # as the server runs an episode without act_ahead
@@ -79,10 +81,12 @@ def run_chunks(engine: InferenceEngine, chunks: int, prefill: int, text_len: int
         sync(engine.device)
         t0 = time.perf_counter()
         chunk = engine.act(first_latent=first if engine.frame_offset == 0 else None, generator=gen)
-        chunk.actions.cpu()  # the actions leave for the robot
+        sent = chunk.actions.cpu()  # the actions leave for the robot
         engine.observe(*obs)
         sync(engine.device)
         times.append(time.perf_counter() - t0)
+        if actions is not None:
+            actions.append(sent.float())
     return times
 
 
@@ -155,14 +159,16 @@ def operating_points(engine: InferenceEngine, preset, chunks: int, text_len: int
     bandwidth = copy_bandwidth(engine.device)
     for name, point in preset.operating_point_settings().items():
         engine.set_sampling(point)
-        times = run_chunks(engine, chunks, 0, text_len, seed)
+        actions: list[torch.Tensor] = []
+        times = run_chunks(engine, chunks, 0, text_len, seed, actions)
         floor = chunk_floor(engine, text_len, precision, bandwidth) if bandwidth == bandwidth else {}
         filling, full = times[1:fill_after], times[fill_after:]
         rows.append({"operating_point": name, "video_steps": point.video_steps, "video_stop": point.video_stop,
                      "action_steps": point.action_steps, "first_chunk_s": times[0],
                      "filling_median_s": statistics.median(filling) if filling else None,
                      "full_median_s": statistics.median(full) if full else None,
-                     "cache_full_at_end": cache_of(engine).full, "chunks": chunks, **floor})
+                     "cache_full_at_end": cache_of(engine).full, "chunks": chunks, **floor,
+                     "_actions": torch.stack(actions)})  # compared across baselines (same inputs), not saved
         base = rows[0]["full_median_s"]  # the first point (released), same engine and run
         rows[-1]["full_speedup_vs_first"] = base / rows[-1]["full_median_s"] if base and rows[-1]["full_median_s"] else None
         print(f"{name}: first chunk {times[0]:.3f} s, filling median "
@@ -250,6 +256,21 @@ def baseline(names: str):
          torch._inductor.config.fx_graph_cache) = kept
         if "looped-rows" in parts:  # the next engine compiles the served kernels again
             torch._dynamo.reset()
+
+
+def compare_actions(rows: list[dict]) -> None:
+    """Each baseline row's episode against the served path's (same precision, backend and point: the same
+    noise and observations): the relative L2 distance of all its chunks' actions, in the row. Drops the actions."""
+    served = {(r["precision"], r["backend"], r["operating_point"]): r["_actions"] for r in rows if not r["baseline"]}
+    for row in rows:
+        ref = served.get((row["precision"], row["backend"], row["operating_point"]))
+        if row["baseline"] and ref is not None:
+            a = row["_actions"]
+            row["actions_rel_l2_vs_served"] = ((a - ref).norm() / ref.norm()).item()
+            print(f"{row['precision']} {row['backend']} {row['operating_point']} with {row['baseline']} switched off: "
+                  f"the episode's actions at rel L2 {row['actions_rel_l2_vs_served']:.2e} from the served path's")
+    for row in rows:
+        row.pop("_actions", None)
 
 
 def steady_median(times: list[float]) -> float:
@@ -468,6 +489,7 @@ def main() -> None:
                             print(f"\nbaseline: {off} switched off")
                         op_rows = served_operating_points(engine, preset, precision, args)
                     results["operating_points"] += [dict(row, backend=backend, baseline=off or None) for row in op_rows]
+        compare_actions(results["operating_points"])
     del engine, model
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -14,7 +14,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 from chunk_latency import (accuracy_vs_fp32, baseline, baseline_parts, chunk_floor, chunk_passes,  # noqa: E402
-                           observation, run_chunks)
+                           compare_actions, observation, run_chunks)
 
 from vaops.models.config import get_preset  # noqa: E402
 from vaops.models.engine import EngineConfig, InferenceEngine  # noqa: E402
@@ -106,3 +106,21 @@ def test_baselines_switch_the_served_path_back_and_restore_it():
     assert CachedSelfAttention.destination is destination
     assert fp8.FUSED_GELU and transformer.CHAIN_REGIONS and fp8.FAST_ACCUM and transformer.WHOLE_ROWS == 4096
     assert torch._inductor.config.fx_graph_cache == graph_cache
+
+
+def test_each_baseline_episode_is_compared_with_the_served_one_on_the_same_inputs():
+    """compare_actions: a baseline row gets the relative L2 distance of its episode's actions from the served row's of
+    the same precision, backend and point (0 where they agree), and no row keeps its actions (they are not JSON)."""
+    served = torch.ones(3, 1, 30, 2, 16, 1)
+    rows = [{"precision": "fp8", "backend": "splitkv", "operating_point": "paper", "baseline": None, "_actions": served},
+            {"precision": "fp8", "backend": "splitkv", "operating_point": "paper", "baseline": "kv-copies",
+             "_actions": served.clone()},
+            {"precision": "fp8", "backend": "splitkv", "operating_point": "paper", "baseline": "fast-accum",
+             "_actions": served * 1.01},
+            {"precision": "bf16", "backend": "splitkv", "operating_point": "paper", "baseline": "fast-accum",
+             "_actions": served}]  # no served bf16 row to compare with
+    compare_actions(rows)
+    assert rows[1]["actions_rel_l2_vs_served"] == 0
+    assert rows[2]["actions_rel_l2_vs_served"] == pytest.approx(0.01, rel=1e-4)
+    assert "actions_rel_l2_vs_served" not in rows[0] and "actions_rel_l2_vs_served" not in rows[3]
+    assert not any("_actions" in row for row in rows)
