@@ -384,13 +384,13 @@ class EpisodeService:
             metrics.AHEAD_WAIT_SECONDS.observe(time.perf_counter() - waiting)
         count = expected_keyframes(policy.observation_offset, actions.shape[1], self.preset)
         keyframes = check_keyframes(keyframes, count, self.preset)
-        if ahead is not None and self.defer_observations:
+        if ahead is not None and self.defer_observations:  # observed by the next chunk ahead: acknowledged now
             session.observation = (keyframes, actions)
-            session.frame_offset, session.pending = ahead.frame_offset, False
-            session.ahead, session.ready = None, ahead
-            return
-        await self._compute(policy.observe, keyframes, actions)
-        session.frame_offset, session.pending = policy.frame_offset, False
+            session.frame_offset = ahead.frame_offset
+        else:
+            await self._compute(policy.observe, keyframes, actions)
+            session.frame_offset = policy.frame_offset
+        session.pending = False
         if ahead is not None:
             session.ahead, session.ready = None, ahead
 
