@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .cuda_graphs import CapturedCall
-from .engine import Chunk, InferenceEngine
+from .engine import Chunk, InferenceEngine, denoise
 from .flow_matching import Schedule
 from .kv_cache import CachedSelfAttention
 from .transformer import StackedText
@@ -158,42 +158,18 @@ class ChunkBatcher:
     def _denoise(self, kind: str, engines: list["BatchingEngine"], x: torch.Tensor, schedule: Schedule,
                  guidance: float, firsts: list[torch.Tensor | None], cache_last: bool = True
                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """InferenceEngine._denoise over a batch with one row per engine; rows at their episode's first
-        chunk hold their first frame fixed."""
+        """`denoise` over a batch with one row per engine; rows at their episode's first chunk hold their first
+        frame fixed."""
         e0 = engines[0]
-        device = x.device
         rows = [i for i, f in enumerate(firsts) if f is not None]
-        idx = torch.tensor(rows, device=device)
-        first = torch.cat([firsts[i] for i in rows]).to(device) if rows else None
+        first = torch.cat([firsts[i] for i in rows]).to(x.device) if rows else None
         mask = torch.cat([e.action_mask for e in engines]) if kind == "action" else None
-        n, fc = len(engines), x.shape[2]
-        deltas = schedule.deltas()
-        steps = schedule.timesteps.tolist()
-        final = None
-        for i, t in enumerate(steps + [schedule.final_timestep]):
-            last = i == len(steps)
-            if last and not cache_last and schedule.after is None:
-                break
-            if first is not None:
-                x[idx, :, :1] = first
-            if mask is not None:
-                x = x * mask
-            tvec = torch.full((n, fc), t, device=device)
-            if first is not None:
-                tvec[idx, 0] = 0
-            guided = guidance > 1
-            cond_only = not last and not guided and e0.batch == 2 and e0.skip_unguided_uncond
-            pred = self._forward(kind, engines, x, tvec, keep=last, predicted=last, cond_only=cond_only)
-            if last and schedule.after is None:
-                break
-            if last:
-                final = x
-            pred = pred.unflatten(0, (n, -1))
-            v = pred[:, 1] + guidance * (pred[:, 0] - pred[:, 1]) if guided else pred[:, 0]
-            x = x + v * (schedule.last_step() if last else deltas[i])
-            if first is not None:
-                x[idx, :, :1] = first
-        return x, final
+
+        def forward(x: torch.Tensor, t: torch.Tensor, last: bool, cond_only: bool) -> torch.Tensor:
+            return self._forward(kind, engines, x, t, keep=last, predicted=last, cond_only=cond_only)
+
+        return denoise(forward, x, schedule, guidance, first, torch.tensor(rows, device=x.device), mask,
+                       e0.batch == 2 and e0.skip_unguided_uncond, cache_last)
 
     def _forward(self, kind: str, engines: list["BatchingEngine"], x: torch.Tensor, t: torch.Tensor, keep: bool,
                  predicted: bool, cond_only: bool) -> torch.Tensor:

@@ -60,6 +60,47 @@ class Chunk:
     cached_t: float = 0.0
 
 
+def denoise(forward: Callable[[torch.Tensor, torch.Tensor, bool, bool], torch.Tensor], x: torch.Tensor,
+            schedule: Schedule, guidance: float, first: torch.Tensor | None, first_rows: torch.Tensor | slice,
+            mask: torch.Tensor | None, skip_unguided: bool, cache_last: bool = True
+            ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Euler over the schedule for x's rows (one per episode), then one pass at its final level (t=0 unless
+    truncated) that writes the chunk as predicted entries; a truncated schedule steps the returned latents once
+    more. `forward(x, t, last, cond_only)` runs a pass and returns its predictions, CFG's two rows (conditional
+    first) per row of x, or the conditional one where `cond_only`: the steps of an unguided schedule when
+    `skip_unguided`. `first`: the first frame of the rows `first_rows` (an episode's first chunk), held fixed
+    at t = 0; `mask`: the action channels in use. `cache_last=False` skips the final pass when nothing uses it
+    (an untruncated schedule's last pass only writes the cache). Returns the latents and, for a truncated
+    schedule, those its final pass read (and wrote into the cache) at the final level."""
+    n, fc = x.shape[0], x.shape[2]
+    deltas = schedule.deltas()
+    steps = schedule.timesteps.tolist()
+    guided = guidance > 1
+    final = None
+    for i, t in enumerate(steps + [schedule.final_timestep]):
+        last = i == len(steps)
+        if last and not cache_last and schedule.after is None:
+            break
+        if first is not None:
+            x[first_rows, :, :1] = first
+        if mask is not None:
+            x = x * mask
+        tvec = torch.full((n, fc), t, device=x.device)
+        if first is not None:
+            tvec[first_rows, 0] = 0
+        pred = forward(x, tvec, last, not last and not guided and skip_unguided)
+        if last and schedule.after is None:
+            break
+        if last:
+            final = x  # not written to again: the step below makes a new tensor
+        pred = pred.unflatten(0, (n, -1))
+        v = pred[:, 1] + guidance * (pred[:, 0] - pred[:, 1]) if guided else pred[:, 0]
+        x = x + v * (schedule.last_step() if last else deltas[i])
+        if first is not None:
+            x[first_rows, :, :1] = first
+    return x, final
+
+
 class InferenceEngine:
     """Speed options (results stay the same):
     `cuda_graphs`: replay the fixed-shape denoising steps as CUDA graphs (GPU only);
@@ -232,38 +273,13 @@ class InferenceEngine:
 
     def _denoise(self, kind: str, x: torch.Tensor, schedule: Schedule, guidance: float,
                  first: torch.Tensor | None, cache_last: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Euler over the schedule, then one pass at its final level (t=0 unless truncated) that writes
-        the chunk as predicted entries; a truncated schedule steps the returned latents once more.
-        `cache_last=False` skips that pass when nothing uses it (an untruncated schedule's last pass
-        only writes the cache). Returns the latents and, for a truncated schedule, those its final pass
-        read (and wrote into the cache) at the final level."""
-        fc = x.shape[2]
-        deltas = schedule.deltas()
-        steps = schedule.timesteps.tolist()
-        final = None
-        for i, t in enumerate(steps + [schedule.final_timestep]):
-            last = i == len(steps)
-            if last and not cache_last and schedule.after is None:
-                break
-            if first is not None:
-                x[:, :, :1] = first
-            if kind == "action":
-                x = x * self.action_mask
-            tvec = torch.full((1, fc), t, device=self.device)
-            if first is not None:
-                tvec[:, 0] = 0
-            guided = guidance > 1
-            cond_only = not last and not guided and self.batch == 2 and self.skip_unguided_uncond
-            pred = self._forward(kind, x, tvec, keep=last, predicted=last, cond_only=cond_only)
-            if last and schedule.after is None:
-                break
-            if last:
-                final = x  # not written to again: the step below makes a new tensor
-            v = pred[1:] + guidance * (pred[:1] - pred[1:]) if guided else pred[:1]
-            x = x + v * (schedule.last_step() if last else deltas[i])
-            if first is not None:
-                x[:, :, :1] = first
-        return x, final
+        """`denoise` for this engine's one row: its passes, its action mask."""
+        def forward(x: torch.Tensor, t: torch.Tensor, last: bool, cond_only: bool) -> torch.Tensor:
+            return self._forward(kind, x, t, keep=last, predicted=last, cond_only=cond_only)
+
+        return denoise(forward, x, schedule, guidance, first, slice(None),
+                       self.action_mask if kind == "action" else None,
+                       self.batch == 2 and self.skip_unguided_uncond, cache_last)
 
     @torch.no_grad()
     def act(self, first_latent: torch.Tensor | None = None, video_noise: torch.Tensor | None = None,
