@@ -30,6 +30,7 @@ import torch
 from serve import PROMPT, add_server_arguments, episode_frames, random_weights, run_direct
 from serve_load import percentile
 
+from vaops.models.batch import ChunkBatcher
 from vaops.models.policy import allow_concurrent_policies
 from vaops.serving.sessions import pooled_policy
 
@@ -110,30 +111,55 @@ def main() -> None:
                         "captures the graphs its chunks use")
     parser.add_argument("--async-execution", action="store_true",
                         help="episodes in asynchronous execution (act_ahead, then the executing chunk's observation)")
+    parser.add_argument("--max-batch", type=int, default=1,
+                        help="above 1: each level above one in flight runs twice, with action steps due together "
+                        "batched (models/batch.py, at most this many robots) and without")
+    parser.add_argument("--batch-wait-ms", default="0",
+                        help="with --max-batch: a batched row for each of these gathering windows (ChunkBatcher.gather_s)")
     parser.add_argument("--out", help="JSON file; the Markdown table goes beside it")
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
     weights = random_weights(args)
+    if args.max_batch > 1:  # before the policies are made: their engines join it, their warm-up captures its graphs
+        weights.batcher = ChunkBatcher(max_batch=args.max_batch)
     allow_concurrent_policies()
     t0 = time.perf_counter()
     policies = [pooled_policy(weights, warm_up=weights.on_gpu and not args.no_warm_up) for _ in range(args.robots)]
     print(f"{args.robots} policies warmed up in {time.perf_counter() - t0:.1f} s", flush=True)
+    if weights.batcher is not None:  # a batch of each size: its graphs
+        print(f"batches of 2-{args.max_batch} warmed up: {weights.batcher.warm_up(policies[0].engine)}", flush=True)
     rows = []
     for point in args.operating_points.split(","):
         # This point's graphs, outside the timing, all captured by this one thread, as a server's executor
         # thread captures several sessions' graphs.
         for policy in policies:
             run_direct(policy, 1, args.chunks, seed0=900, operating_point=point)
+        if args.async_execution:  # and those of its chunks computed ahead, untimed
+            fleet(policies, args.chunks, point, max(levels), seed0=900, async_execution=True)
         base = None
-        for c in levels:
+        waits = [float(w) for w in args.batch_wait_ms.split(",")]
+        settings = [(c, b, w) for c in levels
+                    for b, w in ([(1, 0.0)] + [(args.max_batch, w) for w in waits] if c > 1 and args.max_batch > 1
+                                 else [(1, 0.0)])]
+        for c, batch, wait_ms in settings:
+            if weights.batcher is not None:
+                weights.batcher.max_batch = batch
+                weights.batcher.gather_s = wait_ms / 1e3
+                weights.batcher.batch_sizes.clear()
             res = fleet(policies, args.chunks, point, c, seed0=0, async_execution=args.async_execution)
             if base is None:
                 base = res
             diff = max(float(np.abs(a - b).max()) for x, y in zip(base["actions"], res["actions"]) for a, b in zip(x, y))
-            row = {"operating_point": point, "robots": args.robots, "concurrency": c, "async": args.async_execution,
+            rel = max(float(np.linalg.norm(a - b) / max(np.linalg.norm(a), 1e-12))
+                      for x, y in zip(base["actions"], res["actions"]) for a, b in zip(x, y))
+            row = {"operating_point": point, "robots": args.robots, "concurrency": c, "max_batch": batch,
+                   "batch_wait_ms": wait_ms, "actions_max_rel_l2_vs_baseline": rel,
+                   "async": args.async_execution,
                    "chunks_per_s": res["chunks_per_s"], "x_one_at_a_time": res["chunks_per_s"] / base["chunks_per_s"],
                    "act": quantiles(res["latency"]["act"]), "observe": quantiles(res["latency"]["observe"]),
                    "actions_max_abs_diff_vs_baseline": diff}
+            if weights.batcher is not None:
+                row["batch_sizes"] = dict(sorted(weights.batcher.batch_sizes.items()))
             rows.append(row)
             print(json.dumps(row), flush=True)
     result = {"preset": weights.preset.name, "device": args.device, "fp8": args.fp8, "torch": torch.__version__,
@@ -143,12 +169,16 @@ def main() -> None:
     lines = [f"# {args.robots} robots' chunks at once on one {args.device} ({weights.preset.name}"
              f"{', FP8 block GEMMs' if args.fp8 else ''})", "",
              "Command: `python bench/concurrent_chunks.py " + " ".join(__import__("sys").argv[1:]) + "`", "",
-             "| operating point | in flight | chunks/s | x one at a time | act p50 s | act p99 s | observe p50 s "
-             "| actions vs baseline |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| operating point | in flight | batch (wait ms) | batch sizes | chunks/s | x one at a time | act p50 s "
+             "| act p99 s | observe p50 s | actions vs baseline (max abs, rel L2) |",
+             "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
-        lines.append(f"| {r['operating_point']} | {r['concurrency']} | {r['chunks_per_s']:.2f} | "
+        batch = "off" if r["max_batch"] == 1 else f"{r['max_batch']} ({r['batch_wait_ms']:g})"
+        lines.append(f"| {r['operating_point']} | {r['concurrency']} | {batch} | {r.get('batch_sizes') or '-'} | "
+                     f"{r['chunks_per_s']:.2f} | "
                      f"{r['x_one_at_a_time']:.2f}x | {r['act']['p50_s']:.3f} | {r['act']['p99_s']:.3f} | "
-                     f"{r['observe']['p50_s']:.3f} | {r['actions_max_abs_diff_vs_baseline']:.1e} |")
+                     f"{r['observe']['p50_s']:.3f} | {r['actions_max_abs_diff_vs_baseline']:.1e}, "
+                     f"{r['actions_max_rel_l2_vs_baseline']:.1e} |")
     text = "\n".join(lines) + "\n"
     print("\n" + text)
     if args.out:

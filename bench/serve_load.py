@@ -324,6 +324,9 @@ def main() -> None:
                         "(robots not started at one instant; without it they all start together)")
     parser.add_argument("--realtime-robots", default=None, help="robot counts of the real-time phase (default: 1 and "
                         "the largest of --robots)")
+    parser.add_argument("--realtime-max-batch", default=None,
+                        help="real time: each row once per batch limit in this list, e.g. 1,8 (the server started with "
+                        "--max-batch at least the largest)")
     parser.add_argument("--max-batch", type=int, default=None,
                         help="the server's batch limit (default: the largest robot count; 1: batching off)")
     args = parser.parse_args()
@@ -413,17 +416,25 @@ def main() -> None:
                     seed0=600)
             settings = [(c, a, d == "1") for c in levels for a in ahead_levels(c)
                         for d in args.deferred_observations.split(",")]
+            batches = [int(b) for b in args.realtime_max_batch.split(",")] if args.realtime_max_batch else [None]
             for c, a, deferred in settings if "realtime" in phases else []:
                 threads(c, a)
                 served[0].episodes.defer_observations = deferred
                 run(max(counts), 2, point, seed0=950)  # untimed, as in the load phase
-                for n, staggered in [(n, st) for n in realtime_counts for st in (False, True)[:1 + args.realtime_stagger]]:
-                    if late(f"real time x{n} threads {c} ahead {a} deferred {deferred} staggered {staggered}"):
+                for n, staggered, b in [(n, st, b) for n in realtime_counts
+                                        for st in (False, True)[:1 + args.realtime_stagger] for b in batches]:
+                    if late(f"real time x{n} threads {c} ahead {a} deferred {deferred} staggered {staggered} batch {b}"):
                         continue
+                    if b is not None and batcher is not None:
+                        batcher.max_batch = b
+                        batcher.batch_sizes.clear()
                     waited = ahead_waits()
                     res = run(n, args.realtime_chunks, point, period_s=1.0 / args.control_hz, async_execution=True,
                               seed0=500, staggered=staggered)
                     row = realtime_row(res, n, point, args.warmup_chunks, c, a, deferred, staggered)
+                    if batcher is not None:
+                        row["max_batch"] = batcher.max_batch
+                        row["batch_sizes"] = dict(sorted(batcher.batch_sizes.items()))
                     count, total = (now - then for now, then in zip(ahead_waits(), waited))
                     row["server_ahead_wait_mean_s"] = total / count if count else None
                     result["realtime"].append(row)
@@ -473,15 +484,17 @@ def report(result: dict, args: argparse.Namespace, quiet: bool = False) -> None:
     if result["realtime"]:
         lines += ["", f"Real time: asynchronous execution at {args.control_hz:g} Hz (robot idle from the end of a "
                   "chunk's last action to the next chunk in hand).", "",
-                  "| operating point | robots | starts | in flight | ahead threads | observation | chunks timed "
+                  "| operating point | robots | starts | in flight | ahead threads | observation | batch | chunks timed "
                   "| idle p50 s | idle p99 s | idle max s | server: wait for the chunk ahead, mean s |",
-                  "| --- | ---: | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+                  "| --- | ---: | --- | ---: | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
         for row in result["realtime"]:
             observation = "deferred" if row.get("deferred_observations", False) else "in the reply"
             starts = "spread" if row.get("staggered") else "together"
             wait = "-" if row.get("server_ahead_wait_mean_s") is None else f"{row['server_ahead_wait_mean_s']:.3f}"
+            batch = "off" if row.get("max_batch", 1) == 1 else f"{row['max_batch']}: {row.get('batch_sizes')}"
             lines.append(f"| {row['operating_point']} | {row['robots']} | {starts} | {row['compute_threads']} | "
-                         f"{row.get('ahead_threads', 0)} | {observation} | {row['chunks_timed']} | {row['idle_p50_s']:.3f} "
+                         f"{row.get('ahead_threads', 0)} | {observation} | {batch} | {row['chunks_timed']} | "
+                         f"{row['idle_p50_s']:.3f} "
                          f"| {row['idle_p99_s']:.3f} | {row['idle_max_s']:.3f} | {wait} |")
     if "agreement" in result:
         a = result["agreement"]

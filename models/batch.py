@@ -1,64 +1,204 @@
-"""Several robots' chunks denoised as one batch: the GEMMs of N episodes' denoising passes run over
-N times the tokens, while each episode's attention reads its own KV cache and its own prompt.
+"""Several robots' action steps as one batch: the action passes of N episodes whose chunks reach their actions
+together run over N times the tokens, while each episode's attention reads its own KV cache and its own prompt.
 
-Why: an action pass (32 tokens against 10 GB of bf16 block weights at the robotwin preset) reads the
-weights whatever its batch, so N robots share that read (each still reads its own 7 GB cache); the video
-passes are compute bound and gain from fewer launches only. Each robot's result equals its chunk run
-alone up to the GEMMs' rounding (another batch size may pick another kernel); its noise, cache reads
-and writes are its own. Measured on one H200 it does not pay yet (bench/results/serve_load_h200_batched.md:
-batches of changing sizes recompile and recapture), so `vaops serve` runs chunks one by one unless
-`--max-batch` asks for more.
+Why the action steps: an action pass (32 tokens) reads the block weights whatever its batch, so N robots share
+that read; on one H200 in FP8 an action step costs 5.0 ms for one robot and 13.6 ms for eight, 1.7 ms each
+(bench/results/pass_batched_h200.md). The video passes are compute bound (15% less a robot batched) and stay
+each robot's own, on its own CUDA stream, beside the other robots' (models/policy.py): batching them as well
+(stop 33) cost more in graphs than it gained. Each robot's actions equal its chunk run alone up to the GEMMs'
+rounding (another batch size may pick another kernel); its noise, cache reads and writes are its own.
 
-How: every engine of one `ChunkBatcher` routes its chunks through it (`BatchingEngine`). A thread
-whose chunk is due queues it; one thread at a time leads and runs whatever is queued as one batch
-(compatible chunks: the same sampling settings), then hands the lead to a waiting thread once its own
-chunk is done. There is no timer unless `gather_s` asks for one: chunks that come due while a batch
-runs form the next one.
+How: every engine of one `ChunkBatcher` routes its chunks' action phases through it (`BatchingEngine`). A
+thread whose action phase is due queues it; one thread at a time leads and runs whatever is queued as one
+batch (compatible phases: the same action schedule and guidance), then hands the lead to a waiting thread
+once its own phase is done. A phase queued alone runs in its own thread, on its own stream, as the engine's
+own path. There is no timer unless `gather_s` asks for one: phases that come due while a batch runs form the
+next one. A batch runs on the batcher's own CUDA stream, after each robot's stream's work (events), and
+each robot's stream waits for it.
+
+On a GPU (bf16, the `splitkv` backend) a batch's attention reads every robot's cache and prompt in one kernel
+launch a layer through a row table (models/split_kv.py `split_kv_rows`), so the CUDA graph of a batched step
+depends on the batch's size only: one graph for each size, whichever robots make it up and however full their
+caches are. Elsewhere (CPU, tests) each robot's rows read its cache in a call of their own.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import time
-from collections import Counter, OrderedDict
+from collections import Counter
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
+from .attention import attention
 from .cuda_graphs import CapturedCall
-from .engine import Chunk, InferenceEngine, denoise
-from .flow_matching import Schedule
-from .kv_cache import CachedSelfAttention
-from .transformer import StackedText
+from .engine import InferenceEngine, denoise
+from .kv_cache import CachedSelfAttention, PendingWrite
+from .transformer import TextContext
 
-# Captured graphs of batched steps, least recently used dropped first: a group of robots that stays
-# together (robots started together, the common case) reuses its graphs (about 15 over an episode, see
-# ChunkBatcher._graph); other groupings would otherwise keep adding them.
-MAX_BATCH_GRAPHS = 128
+# How often a batch's leader checks whether the phases queued are due on the GPU: a fraction of an action step
+# (5 ms for one robot on one H200, bench/results/pass_batched_h200.md).
+POLL_S = 2e-4
+# A robot that queued or finished an action phase this recently may join a batch: the first due phase waits
+# `gather_s` for others only while another robot is this active (a robot at 50 Hz queues one each 0.64 s), so a
+# robot served alone never waits for batches that cannot form.
+ACTIVE_S = 1.0
 
 
 @dataclass
 class _Request:
     engine: "BatchingEngine"
-    video: torch.Tensor  # [1, C, F, H, W] its initial noise
-    actions: torch.Tensor  # [1, A, F, N, 1]
-    first: torch.Tensor | None  # [1, C, 1, H, W] at an episode's first chunk
+    actions: torch.Tensor  # [1, A, F, N, 1] its initial noise
+    first: bool  # an episode's first chunk: its first action frame is held at zero
     cache_actions: bool  # InferenceEngine.caches_actions
+    stream: torch.cuda.Stream | None  # the caller's, which waits for the batch
+    ready: torch.cuda.Event | None  # the caller's work before the phase (its video passes)
     wake: threading.Event = field(default_factory=threading.Event)
     lead: bool = False
     done: bool = False
-    result: Chunk | None = None
+    alone: bool = False  # queued alone: its own thread runs it, on its own stream
+    result: torch.Tensor | None = None
+    finished: torch.cuda.Event | None = None
     error: BaseException | None = None
 
     def key(self) -> tuple:
-        """Chunks that may share a batch: the same schedules, guidance and CFG batch."""
+        """Phases that may share a batch: the same action schedule, guidance and CFG batch."""
         e = self.engine
-        return (e.config.sampling, e.batch, e.skip_unguided_uncond, e.device, e.model, self.cache_actions)
+        s = e.config.sampling
+        return (s.action_steps, s.action_shift, s.action_guidance_scale, e.batch, e.skip_unguided_uncond,
+                e.device, e.model, self.cache_actions)
+
+
+def tabled(device: torch.device, dtype: torch.dtype, backend: str, head_dim: int) -> bool:
+    """Whether a batch's attention reads through row tables (models/split_kv.py): a GPU with the `splitkv`
+    backend in bf16 or fp16, or Triton's interpreter (TRITON_INTERPRET=1: the tests, on a CPU); the kernel takes
+    power-of-two head dims from 16."""
+    if backend != "splitkv" or head_dim < 16 or head_dim & (head_dim - 1):
+        return False
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return True
+    if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
+        return False
+    from .attention import _split_kv_kernel
+
+    return _split_kv_kernel(device) is not None
+
+
+class RowTables:
+    """What a batch's attention reads, as models/split_kv.py's row tables: one row a (robot, CFG row), whose
+    offsets are counted from anchors that live as long as the batcher, so that the graphs that read the tables
+    stay valid whichever robots a batch holds."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype):
+        from .split_kv import ALIGN, ROW_FIELDS  # imports triton: only where `tabled`
+
+        self.align, self.fields = ALIGN.value, ROW_FIELDS.value
+        self.anchor = torch.zeros(64, dtype=dtype, device=device)
+        self.flags = torch.ones(0, dtype=torch.uint8, device=device)  # all keys live: rows with no mask
+        self.size = self.anchor.element_size()
+
+    def offset(self, t: torch.Tensor) -> int:
+        """t's first element, in elements from the anchor."""
+        if t.dtype != self.anchor.dtype:
+            raise ValueError(f"a batch reads {self.anchor.dtype} keys, got {t.dtype}")
+        delta = t.data_ptr() - self.anchor.data_ptr()
+        if delta % (self.align * self.size):  # the kernels' loads are vectorised on it (models/split_kv.py)
+            raise ValueError(f"a batch's keys must start at whole multiples of {self.align} elements")
+        return delta // self.size
+
+    def cache(self, engines: list["BatchingEngine"], pending: list[PendingWrite], rows: int) -> torch.Tensor:
+        """[layers, R, ROW_FIELDS] for the rows' caches: each reads its cache's live prefix, or the whole ring (under
+        its live-slot flags once entries were evicted and it is not full: KVCache.row_extent)."""
+        base, step = [], None
+        for e, p in zip(engines, pending):
+            cache = e.live_cache
+            keys, masked = cache.row_extent()
+            flags = cache.valid.data_ptr() - self.flags.data_ptr() if masked else 0
+            if flags % self.align:
+                raise ValueError(f"a cache's live-slot flags must start at whole multiples of {self.align} bytes")
+            for j in range(rows):
+                base.append((self.offset(cache.k[0, j]), self.offset(cache.v[0, j]), flags, keys,
+                             p.start % cache.capacity))
+            layer = (cache.k.stride(0), cache.v.stride(0))
+            if step not in (None, layer):
+                raise ValueError("a batch's caches need one layout")
+            step = layer
+        assert step is not None
+        layers = engines[0].model.config.num_layers
+        table = np.asarray(base, dtype=np.int64)[None].repeat(layers, 0)
+        table[:, :, 0] += np.arange(layers)[:, None] * step[0]
+        table[:, :, 1] += np.arange(layers)[:, None] * step[1]
+        return self._device(table)
+
+    def text(self, texts: list[TextContext], rows: int) -> torch.Tensor:
+        """[layers, R, ROW_FIELDS] for the rows' prompts (CFG row j reads its prompt's row j: "" for the second)."""
+        table = np.zeros((len(texts[0].kv), len(texts) * rows, self.fields), dtype=np.int64)
+        for layer in range(table.shape[0]):
+            for i, text in enumerate(texts):
+                k, v = text.kv[layer]
+                for j in range(rows):
+                    table[layer, i * rows + j, :4] = (self.offset(k[j]), self.offset(v[j]), 0, k.shape[1])
+        return self._device(table)
+
+    def _device(self, table: np.ndarray) -> torch.Tensor:
+        # Through pinned memory without waiting: torch's pinned allocator keeps the block until the copy is done.
+        host = torch.from_numpy(table)
+        if self.anchor.is_cuda:
+            return host.pin_memory().to(self.anchor.device, non_blocking=True)
+        return host
+
+    def cover(self, keys: int) -> torch.Tensor:
+        """The all-live flags, at least `keys` long; graphs hold its address, so it is made once per batcher at
+        the largest ring (ChunkBatcher._graphs are dropped if it ever grows)."""
+        if self.flags.numel() < keys:
+            self.flags = torch.ones(keys, dtype=torch.uint8, device=self.anchor.device)
+        return self.flags
+
+
+@dataclass
+class TabledSelfAttention:
+    """Self-attention of a batch's rows, each over its own robot's cache plus its new entries, which are stored
+    (temporarily, or kept by a phase's final pass) in its cache as the engine's own pass stores them."""
+
+    tables: RowTables
+    rows: torch.Tensor  # [layers, R, ROW_FIELDS]
+    capacity: int
+    strides: tuple[tuple[int, int], tuple[int, int]]  # (key, head) of the caches' keys and values
+
+    def destination(self, layer: int) -> None:
+        return None  # the rows go to several caches: stored by the call
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None) -> torch.Tensor:
+        from .split_kv import split_kv_rows, store_rows
+
+        assert k is not None and v is not None, "a batch's self-attention takes its keys with the call"
+        t = self.tables
+        store_rows(k, v, t.anchor, t.anchor, self.rows[layer], self.capacity, *self.strides)
+        return split_kv_rows(q, t.anchor, t.anchor, t.flags, self.rows[layer], self.capacity, *self.strides)
+
+
+@dataclass
+class TabledText:
+    """Cross-attention of a batch's rows, each over its own robot's prompt."""
+
+    tables: RowTables
+    rows: torch.Tensor  # [layers, R, ROW_FIELDS]
+    keys: int  # the longest prompt
+    strides: tuple[int, int]  # (key, head) of the prompts' keys and values
+
+    def attend(self, layer: int, q: torch.Tensor, backend: str) -> torch.Tensor:
+        from .split_kv import split_kv_rows
+
+        t = self.tables
+        return split_kv_rows(q, t.anchor, t.anchor, t.flags, self.rows[layer], self.keys, self.strides, self.strides)
 
 
 @dataclass
 class StackedSelfAttention:
-    """Self-attention of a batch whose consecutive rows belong to different episodes' caches."""
+    """Self-attention of a batch whose consecutive rows belong to different episodes' caches, a call each."""
 
     parts: list[tuple[int, CachedSelfAttention]]  # (rows, attention over that episode's cache)
 
@@ -72,6 +212,18 @@ class StackedSelfAttention:
                           in zip(self.parts, q.split(rows), k.split(rows), v.split(rows))])
 
 
+@dataclass
+class StackedText:
+    """The prompts of a batch whose consecutive rows belong to different episodes, a call each."""
+
+    parts: list[tuple[int, TextContext]]  # (rows, context)
+
+    def attend(self, layer: int, q: torch.Tensor, backend: str) -> torch.Tensor:
+        rows = [n for n, _ in self.parts]
+        return torch.cat([attention(qi, *text.kv[layer], backend=backend)
+                          for qi, (_, text) in zip(q.split(rows), self.parts)])
+
+
 class ChunkBatcher:
     def __init__(self, max_batch: int = 8, gather_s: float = 0.0):
         if max_batch < 1:
@@ -79,17 +231,22 @@ class ChunkBatcher:
         self.max_batch = max_batch
         self.gather_s = gather_s
         self._lock = threading.Lock()
-        self._queued = threading.Condition(self._lock)  # a chunk was queued: a full batch need not wait longer
+        self._queued = threading.Condition(self._lock)  # a phase was queued: a full batch need not wait longer
         self._queue: list[_Request] = []
         self._leading = False
-        self._graphs: OrderedDict[tuple, CapturedCall] = OrderedDict()
+        self._graphs: dict[tuple, CapturedCall] = {}  # one a batch shape (BatchingEngine: one a size)
         self._graph_pool = None
+        self._tables: RowTables | None = None
+        self._stream: torch.cuda.Stream | None = None
         self.batch_sizes: Counter[int] = Counter()  # how many batches of each size ran
+        self._seen: dict[int, float] = {}  # id(engine) -> when it last queued or finished a phase
 
     # ----- queueing -----
-    def act(self, request: _Request) -> Chunk:
+    def act(self, request: _Request) -> torch.Tensor:
+        """The phase's actions [1, A, F, N, 1], unmasked; on a GPU ordered on the caller's stream."""
         with self._lock:
             self._queue.append(request)
+            self._seen_now([request])
             self._queued.notify_all()
             if not self._leading:
                 self._leading = request.lead = True
@@ -101,29 +258,28 @@ class ChunkBatcher:
                 request.wake.clear()
         if request.error is not None:
             raise request.error
+        if request.alone:
+            return request.engine.own_actions(request.actions, request.first, request.cache_actions)
+        if request.finished is not None and request.stream is not None:
+            request.stream.wait_event(request.finished)
         assert request.result is not None
         return request.result
 
     def _round(self, leader: _Request) -> None:
-        with self._lock:
-            # Gather for gather_s, or until a full batch is queued: under load (observes taking longer) a
-            # fixed window split robots that were in step; a full batch gains nothing by waiting.
-            deadline = time.monotonic() + self.gather_s
-            while len(self._queue) < self.max_batch and (left := deadline - time.monotonic()) > 0:
-                self._queued.wait(left)
-            key = self._queue[0].key()
-            group = [r for r in self._queue if r.key() == key][: self.max_batch]
-            for r in group:
-                self._queue.remove(r)
-        group.sort(key=lambda r: id(r.engine))  # one order per set of robots: its graphs do not depend on arrival
-        try:
-            results = self._run(group)
-            for r, chunk in zip(group, results):
-                r.result = chunk
-        except BaseException as e:  # every chunk of the batch failed with it; the lead goes on
-            for r in group:
-                r.error = e
+        group = self._gather()
+        group.sort(key=lambda r: id(r.engine))  # one order per set of robots
+        if len(group) == 1:
+            group[0].alone = True
+        else:
+            try:
+                for r, actions in zip(group, self._run(group)):
+                    r.result = actions
+            except BaseException as e:  # every phase of the batch failed with it; the lead goes on
+                for r in group:
+                    r.error = e
         self.batch_sizes[len(group)] += 1
+        with self._lock:
+            self._seen_now(group)
         for r in group:
             r.done = True
             if r is not leader:
@@ -137,100 +293,183 @@ class ChunkBatcher:
                 else:
                     self._leading = False
 
+    def warm_up(self, engine: "BatchingEngine") -> int:
+        """Run a batch of each size up to max_batch once, so that on a GPU its graphs (the steps' and the cache
+        pass's: a batch's graphs depend on its size only) are captured here rather than in robots' chunks. The
+        batches are of `engine` alone, repeated (their reads and writes of its cache overlap): reset it before an
+        episode. Returns the batches run."""
+        engine._require_episode()
+        c, a = engine.config, engine.model.config.action_dim
+        noise = torch.zeros(1, a, c.frame_chunk_size, c.action_per_frame, 1, device=engine.device)
+        sizes = range(2, self.max_batch + 1)
+        for n in sizes:
+            group = [engine.request(noise, False, True) for _ in range(n)]
+            self._run(group)
+            for r in group:
+                if r.finished is not None and r.stream is not None:
+                    r.stream.wait_event(r.finished)
+            engine.live_cache.drop_predicted()
+        return len(sizes)
+
+    def _seen_now(self, requests: list[_Request]) -> None:
+        """Mark the requests' robots active (under the lock), forgetting those idle longer than ACTIVE_S."""
+        now = time.monotonic()
+        self._seen = {k: t for k, t in self._seen.items() if t > now - ACTIVE_S}
+        for r in requests:
+            self._seen[id(r.engine)] = now
+
+    def _gather(self) -> list[_Request]:
+        """The next batch: the first queued phase and those like it that are due, once it is due itself and for
+        `gather_s` more (while other robots are active: ACTIVE_S), or until max_batch are. On a GPU a phase is due when the work before it (its video passes)
+        has run: robots' threads queue their kernels far ahead of the GPU, so phases queued while the first one's
+        video runs join it, at no cost to it; a phase whose video is still to run would hold the batch back and
+        waits for the next. On a CPU a phase is due when queued."""
+        deadline = None
+        while True:
+            with self._lock:
+                head = self._queue[0]
+                key = head.key()
+                due = [r for r in self._queue if r.key() == key and (r.ready is None or r.ready.query())]
+                if head in due:
+                    now = time.monotonic()
+                    others = any(k != id(head.engine) and t > now - ACTIVE_S for k, t in self._seen.items())
+                    deadline = deadline or now + (self.gather_s if others else 0.0)
+                    if len(due) >= self.max_batch or now >= deadline:
+                        group = due[: self.max_batch]
+                        for r in group:
+                            self._queue.remove(r)
+                        return group
+                if head.ready is None:  # nothing to poll: wait for a phase to be queued
+                    self._queued.wait(max(0.0, deadline - time.monotonic()) if deadline else None)
+                    continue
+            time.sleep(POLL_S)
+
     # ----- compute -----
-    def _run(self, group: list[_Request]) -> list[Chunk]:
-        if len(group) == 1:  # the engine's own path and graphs
-            r = group[0]
-            return [r.engine._denoise_chunk(r.video, r.actions, r.first, r.cache_actions)]
+    def _run(self, group: list[_Request]) -> list[torch.Tensor]:
+        e0 = group[0].engine
+        if not e0.device.type == "cuda":
+            return self._denoise(group)
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(e0.device, priority=-1)
+        stream = self._stream
+        for r in group:
+            if r.ready is not None:
+                stream.wait_event(r.ready)
+        with torch.cuda.stream(stream):
+            results = self._denoise(group)
+            finished = torch.cuda.Event()
+            finished.record(stream)
+        for r, actions in zip(group, results):
+            if r.stream is not None:
+                actions.record_stream(r.stream)  # freed by the robot's thread, used on its stream
+            r.finished = finished
+        return results
+
+    def _denoise(self, group: list[_Request]) -> list[torch.Tensor]:
+        """`denoise` over the action phases of the group, a row each; rows at their episode's first chunk hold
+        their first action frame at zero."""
         engines = [r.engine for r in group]
         e0 = engines[0]
-        s = e0.config.sampling
-        video, cached = self._denoise("video", engines, torch.cat([r.video for r in group]), e0.video_schedule,
-                                      s.guidance_scale, [r.first for r in group])
-        zero = [None if r.first is None else torch.zeros_like(r.actions[:, :, :1]) for r in group]
-        actions, _ = self._denoise("action", engines, torch.cat([r.actions for r in group]), e0.action_schedule,
-                                   s.action_guidance_scale, zero, cache_last=group[0].cache_actions)
-        masks = torch.cat([e.action_mask for e in engines])
-        actions = actions * masks
-        return [e._video_chunk(video[i:i + 1].clone(), None if cached is None else cached[i:i + 1].clone(),
-                               actions[i:i + 1].clone()) for i, e in enumerate(engines)]
-
-    def _denoise(self, kind: str, engines: list["BatchingEngine"], x: torch.Tensor, schedule: Schedule,
-                 guidance: float, firsts: list[torch.Tensor | None], cache_last: bool = True
-                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """`denoise` over a batch with one row per engine; rows at their episode's first chunk hold their first
-        frame fixed."""
-        e0 = engines[0]
-        rows = [i for i, f in enumerate(firsts) if f is not None]
-        first = torch.cat([firsts[i] for i in rows]).to(x.device) if rows else None
-        mask = torch.cat([e.action_mask for e in engines]) if kind == "action" else None
+        x = torch.cat([r.actions for r in group]).to(e0.device)
+        rows = [i for i, r in enumerate(group) if r.first]
+        first = torch.zeros_like(x[:len(rows), :, :1]) if rows else None
+        mask = torch.cat([e.action_mask for e in engines])
 
         def forward(x: torch.Tensor, t: torch.Tensor, last: bool, cond_only: bool) -> torch.Tensor:
-            return self._forward(kind, engines, x, t, keep=last, predicted=last, cond_only=cond_only)
+            return self._forward(engines, x, t, keep=last, cond_only=cond_only)
 
-        return denoise(forward, x, schedule, guidance, first, torch.tensor(rows, device=x.device), mask,
-                       e0.batch == 2 and e0.skip_unguided_uncond, cache_last)
+        s = e0.config.sampling
+        actions, _ = denoise(forward, x, e0.action_schedule, s.action_guidance_scale, first,
+                             torch.tensor(rows, device=x.device), mask, e0.batch == 2 and e0.skip_unguided_uncond,
+                             group[0].cache_actions)
+        actions = actions * mask
+        return [actions[i:i + 1].clone() for i in range(len(group))]
 
-    def _forward(self, kind: str, engines: list["BatchingEngine"], x: torch.Tensor, t: torch.Tensor, keep: bool,
-                 predicted: bool, cond_only: bool) -> torch.Tensor:
-        """InferenceEngine._forward over the batch: each engine's rows (CFG's two, or the conditional
-        one) attend to its cache and prompt; returns [rows, ...] in engine order."""
+    def _forward(self, engines: list["BatchingEngine"], x: torch.Tensor, t: torch.Tensor, keep: bool,
+                 cond_only: bool) -> torch.Tensor:
+        """InferenceEngine._forward of an action pass over the batch: each engine's rows (CFG's two, or the
+        conditional one) attend to its cache and prompt; returns [rows, ...] in engine order."""
         e0 = engines[0]
         rows = 1 if cond_only else e0.batch
         batch = slice(0, 1) if cond_only else slice(None)
-        fn, f, h, w = e0._pass(kind, x)
-        ropes = [e._rope(kind, f, h, w) for e in engines]
+        fn, f, h, w = e0._pass("action", x)
+        ropes = [e._rope("action", f, h, w) for e in engines]
         cos = torch.stack([c for c, _ in ropes]).repeat_interleave(rows, 0)
         sin = torch.stack([s for _, s in ropes]).repeat_interleave(rows, 0)
-        pending = [e.live_cache.begin(f * h * w, keep=keep, predicted=predicted, slots_out=e._slots[kind],
-                                      ring=True) for e in engines]
-        text = StackedText([(rows, e.live_text.select(batch) if cond_only else e.live_text) for e in engines])
-
-        def run(x: torch.Tensor, t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-            attn = StackedSelfAttention([(rows, CachedSelfAttention(e.live_cache, p, batch, e.backend,
-                                                                    static=e.static_reads, ring=e.static_reads))
-                                         for e, p in zip(engines, pending)])
-            return fn(x, t, (cos, sin), text, attn, e0.backend).float()
-
+        pending = [e.live_cache.begin(f * h * w, keep=keep, predicted=keep, slots_out=e._slots["action"], ring=True)
+                   for e in engines]
         xb = x.repeat_interleave(rows, 0).to(e0.dtype)
         tb = t.repeat_interleave(rows, 0)
-        graph = self._graph(kind, engines, xb, run, [xb, tb, cos, sin]) if e0.cuda_graphs else None
-        out = run(xb, tb, cos, sin) if graph is None else graph(xb, tb, cos, sin)
-        for e, p in zip(engines, pending):
-            e.live_cache.end(p)
-        return out
+        try:
+            if not tabled(e0.device, e0.dtype, e0.backend, e0.model.config.attention_head_dim):
+                attn = StackedSelfAttention([(rows, CachedSelfAttention(e.live_cache, p, batch, e.backend))
+                                             for e, p in zip(engines, pending)])
+                text = StackedText([(rows, e.live_text.select(batch) if cond_only else e.live_text)
+                                    for e in engines])
+                return fn(xb, tb, (cos, sin), text, attn, e0.backend).float()
+            return self._tabled(engines, pending, rows, fn, [xb, tb, cos, sin])
+        finally:
+            for e, p in reversed(list(zip(engines, pending))):  # last first: a warm-up's batch repeats one cache
+                e.live_cache.end(p)
 
-    def _graph(self, kind: str, engines: list["BatchingEngine"], x: torch.Tensor, run,
-               inputs: list[torch.Tensor]) -> CapturedCall:
-        """Keyed by what fixes the step's shapes and addresses: the tokens, and per engine its cache
-        (the engine), the extent of its ring read and whether it is masked, and the prompt's buffers. Not
-        the filling level: a group of robots needs 3 graphs (video steps, action steps, final pass) for
-        each of 5 read extents (KVCache.ring_extent) where a single robot needs one per level."""
-        key = (kind, tuple(x.shape), tuple((id(e), e.live_cache.ring_extent(), e.live_cache.full,
-                                            e.live_text.kv[0][0].data_ptr()) for e in engines))
-        graph = self._graphs.get(key)
+    def _tabled(self, engines: list["BatchingEngine"], pending: list[PendingWrite], rows: int, fn,
+                inputs: list[torch.Tensor]) -> torch.Tensor:
+        """The pass with every row's attention read through row tables: one graph a batch shape on a GPU."""
+        e0 = engines[0]
+        if self._tables is None:
+            self._tables = RowTables(e0.device, e0.dtype)
+        tables = self._tables
+        cache = e0.live_cache
+        texts = [e.live_text for e in engines]
+        text_keys = max(t.kv[0][0].shape[1] for t in texts)
+        if tables.flags.numel() < max(cache.capacity, text_keys):
+            self._graphs.clear()  # they read the old flags
+            tables.cover(max(cache.capacity, text_keys))
+        self_rows, text_rows = tables.cache(engines, pending, rows), tables.text(texts, rows)
+        k0 = texts[0].kv[0][0]
+        cache_strides = ((cache.k.stride(2), cache.k.stride(3)), (cache.v.stride(2), cache.v.stride(3)))
+        text_strides = (k0.stride(1), k0.stride(2))
+        shape = (tuple(inputs[0].shape), cache.capacity, text_keys, cache_strides, text_strides)
+
+        def run(x: torch.Tensor, t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, self_rows: torch.Tensor,
+                text_rows: torch.Tensor) -> torch.Tensor:
+            attn = TabledSelfAttention(tables, self_rows, cache.capacity, cache_strides)
+            text = TabledText(tables, text_rows, text_keys, text_strides)
+            return fn(x, t, (cos, sin), text, attn, e0.backend).float()
+
+        args = [*inputs, self_rows, text_rows]
+        if not (e0.cuda_graphs and e0.device.type == "cuda"):
+            return run(*args)
+        graph = self._graphs.get(shape)
         if graph is None:
             if self._graph_pool is None:
                 self._graph_pool = torch.cuda.graph_pool_handle()
-            while len(self._graphs) >= MAX_BATCH_GRAPHS:
-                self._graphs.popitem(last=False)
-            graph = self._graphs[key] = CapturedCall(run, inputs, pool=self._graph_pool)
-        else:
-            self._graphs.move_to_end(key)
-        return graph
+            graph = self._graphs[shape] = CapturedCall(run, args, pool=self._graph_pool)
+        return graph(*args)
 
 
 class BatchingEngine(InferenceEngine):
-    """An InferenceEngine whose chunks go through a shared ChunkBatcher (see the module's docstring);
-    everything else (reset, observe, the cache) is its own."""
+    """An InferenceEngine whose chunks' action phases go through a shared ChunkBatcher (see the module's
+    docstring); everything else (reset, the video passes, observe, the cache) is its own."""
 
     def __init__(self, *args, batcher: ChunkBatcher, **kwargs):
         super().__init__(*args, **kwargs)
         self.batcher = batcher
 
-    def _act(self, first_latent: torch.Tensor | None, video_noise: torch.Tensor | None,
-             action_noise: torch.Tensor | None, generator: torch.Generator | None, ahead: bool = False) -> Chunk:
-        # The checks and the noise draws happen here, in the robot's own thread, in the order the
-        # engine's own path draws them, so a robot's chunks do not depend on who it is batched with.
-        video, actions, first = self._chunk_inputs(first_latent, video_noise, action_noise, generator)
-        return self.batcher.act(_Request(self, video, actions, first, self.caches_actions(ahead)))
+    def _denoise_actions(self, actions: torch.Tensor, first: bool, cache_actions: bool) -> torch.Tensor:
+        if self.batcher.max_batch == 1:  # batching off: no wait for the GPU to reach the phase
+            return self.own_actions(actions, first, cache_actions)
+        return self.batcher.act(self.request(actions, first, cache_actions))
+
+    def request(self, actions: torch.Tensor, first: bool, cache_actions: bool) -> _Request:
+        """An action phase for the batcher, after the work queued so far on the caller's stream."""
+        stream = ready = None
+        if self.device.type == "cuda":
+            stream = torch.cuda.current_stream(self.device)
+            ready = torch.cuda.Event()
+            ready.record(stream)
+        return _Request(self, actions, first, cache_actions, stream, ready)
+
+    def own_actions(self, actions: torch.Tensor, first: bool, cache_actions: bool) -> torch.Tensor:
+        """The phase as the engine runs it alone (its own passes and graphs, on the caller's stream)."""
+        return InferenceEngine._denoise_actions(self, actions, first, cache_actions)

@@ -384,12 +384,16 @@ class InferenceEngine:
 
     def _denoise_chunk(self, video: torch.Tensor, actions: torch.Tensor, first: torch.Tensor | None,
                        cache_actions: bool = True) -> Chunk:
-        s = self.config.sampling
-        video, cached = self._denoise("video", video, self.video_schedule, s.guidance_scale, first)
-        zero_first = None if first is None else torch.zeros_like(actions[:, :, :1])
-        actions, _ = self._denoise("action", actions, self.action_schedule, s.action_guidance_scale, zero_first,
-                                   cache_last=cache_actions)
-        return self._video_chunk(video, cached, actions * self.action_mask)
+        video, cached = self._denoise("video", video, self.video_schedule, self.config.sampling.guidance_scale, first)
+        return self._video_chunk(video, cached, self._denoise_actions(actions, first is not None, cache_actions))
+
+    def _denoise_actions(self, actions: torch.Tensor, first: bool, cache_actions: bool) -> torch.Tensor:
+        """A chunk's action phase, after its video: its actions, masked. `first`: an episode's first chunk, whose
+        first action frame is held at zero. (models/batch.py runs it for several robots at once.)"""
+        zero_first = torch.zeros_like(actions[:, :, :1]) if first else None
+        actions, _ = self._denoise("action", actions, self.action_schedule, self.config.sampling.action_guidance_scale,
+                                   zero_first, cache_last=cache_actions)
+        return actions * self.action_mask
 
     def _video_chunk(self, video: torch.Tensor, cached: torch.Tensor | None, actions: torch.Tensor) -> Chunk:
         """A chunk at the current offset; `cached`: its video as a truncated schedule's final pass wrote it."""

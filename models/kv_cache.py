@@ -28,9 +28,6 @@ import torch
 
 from .attention import attention
 
-RING_QUARTERS = 4
-
-
 @dataclass
 class PendingWrite:
     start: int  # absolute position of the first new entry
@@ -89,21 +86,23 @@ class KVCache:
             return self.tail
         return len(self) if self._packed == (self.head, self.tail) else None
 
-    def ring_extent(self) -> int:
-        """What a ring read covers (see `read`): the live prefix rounded up to a quarter of the ring
-        while nothing has been evicted, else the whole ring. Four extents instead of one per filling
-        level keep a batch's graphs few (models/batch.py) without reading the empty ring early on."""
-        if self.full or self.head > 0:
-            return self.capacity
-        quarter = -(-self.capacity // RING_QUARTERS)
-        return min(self.capacity, -(-self.tail // quarter) * quarter)
+    def row_extent(self) -> tuple[int, bool]:
+        """What a batch's read of this cache covers (models/batch.py, through its row table): its first n slots
+        and whether under the live-slot flags. The whole ring once full; the live prefix [0, tail) while nothing
+        has been evicted; the whole ring under the flags after an eviction until it is full again (`begin(...,
+        ring=True)` keeps them current)."""
+        if self.full:
+            return self.capacity, False
+        if self.head == 0:
+            return self.tail, False
+        return self.capacity, True
 
     def begin(self, length: int, keep: bool, predicted: bool = False,
               slots_out: torch.Tensor | None = None, ring: bool = False) -> PendingWrite:
         """Reserve `length` entries at the end, evicting the oldest entries if full.
 
         `slots_out` (optional) receives the ring slots, for callers that need them at a fixed address;
-        `ring`: the pass reads the ring (`read(..., ring=True)`), so the live-slot mask is kept current.
+        `ring`: the pass reads the ring by `row_extent`, so the live-slot mask is kept current (no pack).
         """
         if length > self.capacity:
             raise ValueError(f"write of {length} tokens exceeds the cache capacity {self.capacity}")
@@ -189,22 +188,16 @@ class KVCache:
         keys.index_copy_(1, slots, k)
         values.index_copy_(1, slots, v)
 
-    def read(self, layer: int, batch: slice = slice(None), static: bool = False,
-             ring: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def read(self, layer: int, batch: slice = slice(None), static: bool = False
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Every live entry's keys/values and a mask, the new entries stored.
 
         static: read at fixed addresses for captured graphs (see `static_extent`): a prefix of the
         ring with no mask, or the whole ring with the live-slot mask; otherwise the live entries alone
-        and no mask. ring (with static): the first `ring_extent()` slots, under the live-slot mask
-        unless the ring is full, so that one graph serves many filling levels (batched steps:
-        models/batch.py; the pass's `begin(..., ring=True)` keeps the mask current).
+        and no mask.
         """
         if not static:
             return *self.live(layer, batch), None
-        if ring:
-            r = self.ring_extent()
-            mask = None if self.full else self.valid[:r].view(1, 1, 1, -1)
-            return self.k[layer, batch, :r], self.v[layer, batch, :r], mask
         n = self.static_extent()
         if n is None:
             return self.k[layer, batch], self.v[layer, batch], self.valid.view(1, 1, 1, -1)
@@ -220,7 +213,6 @@ class CachedSelfAttention:
     batch: slice = field(default_factory=lambda: slice(None))
     backend: str = "sdpa"
     static: bool = False
-    ring: bool = False
 
     def destination(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Where the block's compiled attn_in region stores this layer's new keys/values itself: in the
@@ -232,5 +224,5 @@ class CachedSelfAttention:
         """k, v: the new keys/values, or None where the caller stored them at `destination`."""
         if k is not None and v is not None:
             self.cache.store(layer, self.pending, k, v, self.batch)
-        keys, values, mask = self.cache.read(layer, self.batch, self.static, self.ring)
+        keys, values, mask = self.cache.read(layer, self.batch, self.static)
         return attention(q, keys, values, mask, self.backend)

@@ -83,7 +83,7 @@ class PolicyWeights:
     vae: torch.nn.Module
     text_encoder: TextEncoder
     backend: str | None = None  # default: "splitkv" on GPU (cuDNN, Triton split-KV for few queries), "sdpa" on CPU
-    # Several robots' chunks due together run as one batch (models/batch.py); None: each alone.
+    # Several robots' action steps due together run as one batch (models/batch.py); None: each alone.
     batcher: ChunkBatcher | None = None
     # Policies made so far: a policy's captured graphs hold the weights' addresses, so quantising (`use_fp8`)
     # after one was made would leave it reading freed memory.
@@ -168,7 +168,7 @@ class Policy:
         self.weights = weights
         self.claim: StreamClaim | None = None
         self.ahead_claim: StreamClaim | None = None
-        if weights.on_gpu and weights.batcher is None:  # a batch's passes mix policies: it keeps one stream
+        if weights.on_gpu:
             self.claim = StreamClaim(weights.device, REQUEST_PRIORITY)
             self.ahead_claim = StreamClaim(weights.device, AHEAD_PRIORITY)
             for claim in (self.claim, self.ahead_claim):  # the weights were made on the current stream
@@ -177,8 +177,8 @@ class Policy:
 
     @property
     def stream(self) -> torch.cuda.Stream | None:
-        """The CUDA stream its requests run on (act_ahead runs on `ahead_stream`); None on a CPU or when its
-        engine batches."""
+        """The CUDA stream its requests run on (act_ahead runs on `ahead_stream`; batched action steps on the
+        batcher's, models/batch.py); None on a CPU."""
         return None if self.claim is None else self.claim.stream
 
     @property
@@ -272,7 +272,8 @@ class Policy:
         observation, a chunk with the cache filling and a whole chunk's observation; then the engine
         runs every other level of the filling ring (a graph each, one denoising step per schedule)
         until it has evicted; then a chunk on the full ring at the session's settings; then a new
-        episode's levels in grounded asynchronous execution. The policy is left reset, with no episode.
+        episode's levels in grounded asynchronous execution; with a chunk batcher, a batch of each size. The policy
+        is left reset, with no episode.
         Returns the number of chunks run through the policy."""
         preset = self.preset
         blank = {c.key: np.zeros((c.height, c.width, 3), np.uint8) for c in preset.cameras}
@@ -289,6 +290,8 @@ class Policy:
         self.reset("", seed=0)
         self.act(blank)
         self.engine.warm_up_cache_levels(grounded=True)
+        if isinstance(self.engine, BatchingEngine):  # the batches' graphs, shared by every policy of the weights
+            self.engine.batcher.warm_up(self.engine)
         self.reset("", seed=0)
         return 4
 

@@ -27,14 +27,21 @@ import triton.language as tl
 
 from .fp8 import FP8
 
+# A row table's fields (`split_kv_rows`, `store_rows`), one int64 each: the row's key offset and value offset
+# (elements from the anchor tensors), its flags' offset (from the flags anchor), its number of keys, and the ring
+# slot its new entries start at.
+ROW_FIELDS = tl.constexpr(5)
+KEY, VALUE, FLAGS, KEYS, SLOT = range(5)
+ALIGN = tl.constexpr(16)  # the offsets are whole multiples of it (elements)
+
 
 @triton.jit
-def _partial(Q, K, V, KS, VS, VALID, Out, Lse,
+def _partial(Q, K, V, KS, VS, VALID, ROWS, Out, Lse,
              sqb, sqm, sqh, skb, skn, skh, svb, svn, svh, ssb, ssh, ssn,
              sob, soh, sos, som, slb, slh, sls,
              M, N, H, keys_per_split, qk_scale,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
-             SCALED: tl.constexpr, MASKED: tl.constexpr):
+             SCALED: tl.constexpr, MASKED: tl.constexpr, TABLED: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     split = tl.program_id(2)
@@ -43,6 +50,13 @@ def _partial(Q, K, V, KS, VS, VALID, Out, Lse,
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
     q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :], mask=offs_m[:, None] < M, other=0.0)
+    if TABLED:  # row b's keys, values and flags lie anywhere: its ROWS entry's KEY, VALUE, FLAGS and KEYS fields
+        # Offsets of whole 16-element blocks (split_kv_rows checks): without the hint the loads cannot be vectorised
+        # (an action pass's read took twice as long, bench/results/rows_kernel_h200.json).
+        K = K + tl.multiple_of(tl.load(ROWS + b * ROW_FIELDS + 0), ALIGN)
+        V = V + tl.multiple_of(tl.load(ROWS + b * ROW_FIELDS + 1), ALIGN)
+        VALID = VALID + tl.multiple_of(tl.load(ROWS + b * ROW_FIELDS + 2), ALIGN)
+        N = tl.minimum(N, tl.load(ROWS + b * ROW_FIELDS + 3).to(tl.int32))
     start = split * keys_per_split
     end = tl.minimum(start + keys_per_split, N)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -129,13 +143,48 @@ def split_kv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid:
     any strides, the same for both: keys-contiguous reads fastest); valid: [N] bool. The last dimension of
     q, k and v must be contiguous.
     """
-    b, m, h, d = q.shape
+    b, m, h, _ = q.shape
     n = k.shape[1]
-    if d & (d - 1) or d < 16:
-        raise ValueError(f"split-KV attention needs a power-of-two head dim >= 16, got {d}")
     scaled = k_scale is not None
     if scaled != (v_scale is not None) or scaled != (k.dtype == FP8):
         raise ValueError("FP8 keys and values need both scales (and scales need FP8 keys and values)")
+    ks = k_scale if k_scale is not None else q  # unused pointers when not scaled
+    vs = v_scale if v_scale is not None else q
+    if scaled and (tuple(ks.shape) != (b, n, h) or ks.shape != vs.shape or ks.stride() != vs.stride()):
+        raise ValueError(f"k_scale and v_scale need shape {(b, n, h)} and one layout, got {tuple(ks.shape)} "
+                         f"and {tuple(vs.shape)}")
+    ss = (ks.stride(0), ks.stride(2), ks.stride(1)) if scaled else (0, 0, 0)
+    return _attend(q, k, v, (k.stride(0), k.stride(1), k.stride(2)), (v.stride(0), v.stride(1), v.stride(2)), n,
+                   None if valid is None else valid.view(torch.uint8), None, (ks, vs, ss) if scaled else None, splits, block_m, block_n,
+                   num_warps, num_stages)
+
+
+def split_kv_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, flags: torch.Tensor, rows: torch.Tensor,
+                  keys: int, key_strides: tuple[int, int], value_strides: tuple[int, int],
+                  splits: int | None = None, block_n: int = 64, num_warps: int = 4) -> torch.Tensor:
+    """Split-KV attention where each row b of q [B, M, H, D] reads keys and values of its own, wherever they lie
+    (each robot's KV cache or prompt, models/batch.py): from `k`, `v` and `flags` (anchors: any tensors of the keys'
+    dtype and of uint8) plus row b's offsets in `rows` [B, ROW_FIELDS] int64 (its KEY, VALUE and FLAGS fields, in
+    elements, whole multiples of ALIGN: the table's maker checks), over its first min(`keys`, KEYS field) keys, those
+    with a nonzero flag. The rows' keys share the
+    strides (keys, heads) `key_strides`, their values `value_strides`. One launch for all rows whatever their
+    sources, so a CUDA graph captured once serves any set of robots: the table is its input."""
+    if rows.dtype != torch.int64 or tuple(rows.shape) != (q.shape[0], ROW_FIELDS.value):
+        raise ValueError(f"rows must be int64 [{q.shape[0]}, {ROW_FIELDS.value}], got {rows.dtype} {tuple(rows.shape)}")
+    if k.data_ptr() % (ALIGN.value * k.element_size()) or v.data_ptr() % (ALIGN.value * v.element_size()):
+        raise ValueError(f"the anchors must lie at whole multiples of {ALIGN.value} elements")
+    return _attend(q, k, v, (0, *key_strides), (0, *value_strides), keys, flags, rows, None, splits, None, block_n,
+                   num_warps, None)
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_strides: tuple[int, int, int],
+            v_strides: tuple[int, int, int], n: int, flags: torch.Tensor | None, rows: torch.Tensor | None,
+            scales: tuple | None, splits: int | None, block_m: int | None, block_n: int, num_warps: int,
+            num_stages: int | None) -> torch.Tensor:
+    """The two kernels over n keys: q's rows read k/v at strides (row, key, head), or through `rows` (a table)."""
+    b, m, h, d = q.shape
+    if d & (d - 1) or d < 16:
+        raise ValueError(f"split-KV attention needs a power-of-two head dim >= 16, got {d}")
     block_m = block_m or max(16, min(64, triton.next_power_of_2(m)))
     m_blocks = triton.cdiv(m, block_m)
     props = torch.cuda.get_device_properties(q.device) if q.is_cuda else None  # None: Triton's interpreter
@@ -149,19 +198,13 @@ def split_kv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid:
     o = torch.empty(b, h, splits, m, d, device=q.device, dtype=torch.float32)
     lse = torch.empty(b, h, splits, m, device=q.device, dtype=torch.float32)
     out = torch.empty_like(q)
-    ks = lse if k_scale is None else k_scale  # unused pointers when not scaled
-    vs = lse if v_scale is None else v_scale
-    mask = valid.view(torch.uint8) if valid is not None else lse
-    ss = (ks.stride(0), ks.stride(2), ks.stride(1)) if scaled else (0, 0, 0)
-    if scaled and (tuple(ks.shape) != (b, n, h) or ks.shape != vs.shape or ks.stride() != vs.stride()):
-        raise ValueError(f"k_scale and v_scale need shape {(b, n, h)} and one layout, got {tuple(ks.shape)} "
-                         f"and {tuple(vs.shape)}")
-    args = (q, k, v, ks, vs, mask, o, lse,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), *ss,
+    ks, vs, ss = scales if scales is not None else (lse, lse, (0, 0, 0))
+    args = (q, k, v, ks, vs, lse if flags is None else flags, lse if rows is None else rows, o, lse,
+            q.stride(0), q.stride(1), q.stride(2), *k_strides, *v_strides, *ss,
             o.stride(0), o.stride(1), o.stride(2), o.stride(3), lse.stride(0), lse.stride(1), lse.stride(2),
             m, n, h, keys_per_split, d ** -0.5 * math.log2(math.e))
-    meta = dict(BLOCK_M=block_m, BLOCK_N=block_n, D=d, SCALED=scaled, MASKED=valid is not None, num_warps=num_warps)
+    meta = dict(BLOCK_M=block_m, BLOCK_N=block_n, D=d, SCALED=scales is not None, MASKED=flags is not None,
+                TABLED=rows is not None, num_warps=num_warps)
     try:
         _partial[(m_blocks, b * h, splits)](*args, **meta, num_stages=num_stages)
     except triton.runtime.errors.OutOfResources:  # a GPU with less shared memory than estimated: no pipelining
@@ -171,3 +214,28 @@ def split_kv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid:
         lse.stride(0), lse.stride(1), lse.stride(2), out.stride(0), out.stride(1), out.stride(2), m, h,
         D=d, BLOCK_S=max(2, triton.next_power_of_2(splits)))
     return out
+
+
+@triton.jit
+def _store(New, Dst, ROWS, snb, snm, snh, sdn, sdh, M, capacity, FIELD: tl.constexpr, BLOCK_M: tl.constexpr,
+           D: tl.constexpr):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    keep = offs_m[:, None] < M
+    slots = (tl.load(ROWS + b * ROW_FIELDS + 4) + offs_m) % capacity  # from its SLOT field on
+    dst = Dst + tl.multiple_of(tl.load(ROWS + b * ROW_FIELDS + FIELD), ALIGN) + h * sdh
+    x = tl.load(New + b * snb + h * snh + offs_m[:, None] * snm + offs_d[None, :], mask=keep)
+    tl.store(dst + slots[:, None] * sdn + offs_d[None, :], x.to(Dst.dtype.element_ty), mask=keep)
+
+
+def store_rows(k: torch.Tensor, v: torch.Tensor, k_anchor: torch.Tensor, v_anchor: torch.Tensor,
+               rows: torch.Tensor, capacity: int, key_strides: tuple[int, int], value_strides: tuple[int, int]) -> None:
+    """Store row b's new keys and values (k, v [B, M, H, D]) into its own ring of `capacity` slots, at slots
+    SLOT, SLOT + 1, ... (mod capacity) from the row's KEY and VALUE offsets (`split_kv_rows`' table), in one launch
+    each for all rows."""
+    b, m, h, d = k.shape
+    for new, anchor, field, strides in ((k, k_anchor, KEY, key_strides), (v, v_anchor, VALUE, value_strides)):
+        _store[(b, h)](new, anchor, rows, new.stride(0), new.stride(1), new.stride(2), *strides, m, capacity,
+                       FIELD=field, BLOCK_M=triton.next_power_of_2(m), D=d)

@@ -45,6 +45,13 @@ class SelfAttentionFn(Protocol):
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None) -> torch.Tensor: ...
 
 
+class TextAttentionFn(Protocol):
+    """How a block's cross-attention reads the prompt: one episode's (TextContext), or a batch's, each row its own
+    robot's (models/batch.py)."""
+
+    def attend(self, layer: int, q: torch.Tensor, backend: str) -> torch.Tensor: ...
+
+
 class TimeTextEmbedding(nn.Module):
     def __init__(self, dim: int, freq_dim: int, text_dim: int):
         super().__init__()
@@ -118,19 +125,6 @@ class TextContext:
         return attention(q, *self.kv[layer], backend=backend)
 
 
-@dataclass
-class StackedText:
-    """The text of several episodes whose tokens run as one batch (models/batch.py): consecutive rows
-    of q belong to consecutive parts, each part attending to its own prompt, so no prompt's keys are
-    copied into a batch-sized tensor."""
-
-    parts: list[tuple[int, TextContext]]  # (rows, context)
-
-    def attend(self, layer: int, q: torch.Tensor, backend: str) -> torch.Tensor:
-        rows = [n for n, _ in self.parts]
-        return torch.cat([text.attend(layer, qi, backend) for qi, (_, text) in zip(q.split(rows), self.parts)])
-
-
 class TransformerBlock(nn.Module):
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
@@ -143,7 +137,7 @@ class TransformerBlock(nn.Module):
         self.norm3 = FP32LayerNorm(dim, cfg.eps, elementwise_affine=False)
         self.scale_shift_table = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
-    def forward(self, layer: int, x: torch.Tensor, text: TextContext | StackedText,
+    def forward(self, layer: int, x: torch.Tensor, text: TextAttentionFn,
                 mod: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 self_attention: SelfAttentionFn, backend: str, regions: "BlockRegions") -> torch.Tensor:
         """x [B, L, D]; mod [B, G, 6, D]: the modulation of G equal groups of consecutive tokens
@@ -362,7 +356,7 @@ class LingBotVATransformer(nn.Module):
         self.regions = BlockRegions.compiled()
 
     def trunk(self, x: torch.Tensor, temb: torch.Tensor, mod: torch.Tensor,
-              rope: tuple[torch.Tensor, torch.Tensor], text: TextContext | StackedText,
+              rope: tuple[torch.Tensor, torch.Tensor], text: TextAttentionFn,
               self_attention: SelfAttentionFn, backend: str = "sdpa") -> torch.Tensor:
         """x [B, L, D]; temb [B, G, D] and mod [B, G, 6, D] per group of L/G consecutive tokens."""
         if CHAIN_REGIONS and not torch.is_grad_enabled():
@@ -379,7 +373,7 @@ class LingBotVATransformer(nn.Module):
         return out.flatten(1, 2).type_as(x)
 
     def _chain(self, x: torch.Tensor, mod: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-               text: TextContext | StackedText, self_attention: SelfAttentionFn, backend: str) -> torch.Tensor:
+               text: TextAttentionFn, self_attention: SelfAttentionFn, backend: str) -> torch.Tensor:
         """The blocks' forward (TransformerBlock.forward, the same operations in the same order) with the
         regions cut at the attention calls only: block i's FFN and block i+1's attention input are one."""
         r, blocks = self.regions, self.blocks
@@ -394,7 +388,7 @@ class LingBotVATransformer(nn.Module):
         return x
 
     def forward_video(self, latents: torch.Tensor, timesteps: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                      text: TextContext | StackedText, self_attention: SelfAttentionFn,
+                      text: TextAttentionFn, self_attention: SelfAttentionFn,
                       backend: str = "sdpa") -> torch.Tensor:
         """Velocity for a video chunk [B, 48, F, H, W]; timesteps [B, F]; rope = self.rope(grid ids)."""
         _, _, f, h, w = latents.shape
@@ -403,7 +397,7 @@ class LingBotVATransformer(nn.Module):
         return self.unpatchify(self.proj_out(out), f, h, w)
 
     def forward_actions(self, actions: torch.Tensor, timesteps: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                        text: TextContext | StackedText, self_attention: SelfAttentionFn,
+                        text: TextAttentionFn, self_attention: SelfAttentionFn,
                       backend: str = "sdpa") -> torch.Tensor:
         """Velocity for an action chunk [B, 30, F, N, 1]; timesteps [B, F]; rope = self.rope(grid ids)."""
         b, a, f, n, w = actions.shape

@@ -12,6 +12,11 @@ from vaops.models.model_source import TOKEN_ENV as TOKEN_ENV
 # paper's operating point and 2.55 -> 3.06 -> 3.28 at the released one. Each robot's chunks are those it gets
 # alone (bench/results/concurrent_chunks_h200.md: bit-identical actions).
 GPU_COMPUTE_THREADS = 4
+# Robots whose action steps run as one batch at most, by default on a GPU. One H200, robotwin preset, FP8, 8 robots
+# at 50 Hz in asynchronous execution at the paper's point (bench/results/batched_actions_h200.md): batched, with as
+# many threads for chunks ahead, each robot's idle p99 0.016-0.033 s against 0.16-0.21 s unbatched; 13.08 chunks/s
+# against 11.94 without the server.
+GPU_MAX_BATCH = 8
 
 
 @dataclass(frozen=True)
@@ -60,14 +65,17 @@ class ServeConfig:
     defer_observations: bool = field(default=True, metadata={
         "help": "asynchronous execution: acknowledge an observation at once and compute it with the next chunk "
                 "ahead (--no-defer-observations: before the reply)"})
-    # Robots whose chunks are due together share their denoising passes (models/batch.py), at most this
-    # many per batch; 1: each chunk alone (the default: on one H200 at the robotwin preset, 8 robots got
-    # 1.4 chunks/s batched against 4.7 alone, bench/results/serve_load_h200_batched.md, as batches of changing
-    # sizes compile and capture anew).
-    max_batch: int = field(default=1, metadata={"help": "most robots whose chunks run as one batch (1: each alone)"})
-    batch_wait_ms: float = field(default=2.0, metadata={
-        "help": "how long a chunk waits for other robots' chunks to batch with: robots that ask within it share "
-                "one batch instead of the later ones waiting for the first's whole chunk"})
+    # Robots whose chunks reach their action steps together run those as one batch (models/batch.py), at most
+    # this many; 1: each alone. None: GPU_MAX_BATCH on a GPU, 1 on a CPU (its cores are shared anyway). Batching
+    # whole chunks lost on one H200 (8 robots: 1.4 chunks/s against 4.7 alone, serve_load_h200_batched.md, as each
+    # new set of robots compiled and captured anew); the action steps alone batch with one graph a batch size.
+    max_batch: int | None = field(default=None, metadata={
+        "help": f"most robots whose action steps run as one batch (default: {GPU_MAX_BATCH} on a GPU, 1 on a CPU; "
+                "1: each alone)"})
+    # 10 ms: 8 robots on one H200 (paper's point, FP8, asynchronous) served 13.08 chunks/s against 12.49 with no
+    # wait, 12.98 with 30 ms and 11.94 unbatched (bench/results/concurrent_chunks_batched_actions_h200.md).
+    batch_wait_ms: float = field(default=10.0, metadata={
+        "help": "how long a chunk's action steps, once the GPU has reached them, wait for other robots' to batch with"})
     # The pool's policies warmed up before ready: a robot given a policy that was not captures its CUDA graphs
     # during its first episode (one H200, paper's operating point, 2 robots: 3.93 chunks/s against 7.01 with
     # both warmed, bench/results/serve_load_warm_sessions_h200.md); each costs ~35 s of start-up and holds its
@@ -81,10 +89,17 @@ class ServeConfig:
     warmup: bool = field(default=True, metadata={
         "help": "run an episode's shapes before reporting ready (GPU only; --no-warmup: ready at once)"})
 
+    def batch_limit(self, on_gpu: bool) -> int:
+        """max_batch with its default filled in."""
+        return self.max_batch if self.max_batch is not None else (GPU_MAX_BATCH if on_gpu else 1)
+
     def thread_counts(self, on_gpu: bool) -> tuple[int, int]:
-        """(compute threads, threads for chunks computed ahead) with the defaults filled in."""
+        """(compute threads, threads for chunks computed ahead) with the defaults filled in: on a GPU as many for
+        chunks ahead as compute threads, or as a batch holds robots if more (the chunks ahead are most of what
+        batches: bench/results/batched_actions_h200.md)."""
         compute = self.compute_threads or (GPU_COMPUTE_THREADS if on_gpu else 1)
-        ahead = self.ahead_threads if self.ahead_threads is not None else (compute if on_gpu else 0)
+        ahead = self.ahead_threads if self.ahead_threads is not None else (
+            max(compute, self.batch_limit(on_gpu)) if on_gpu else 0)
         return compute, ahead
 
     @property
@@ -117,7 +132,7 @@ class ServeConfig:
             problems.append(f"ahead_threads {self.ahead_threads} must not be negative")
         if not 1 <= self.warm_sessions <= self.max_sessions:
             problems.append(f"warm_sessions {self.warm_sessions} must be between 1 and max_sessions {self.max_sessions}")
-        if self.max_batch < 1:
+        if self.max_batch is not None and self.max_batch < 1:
             problems.append(f"max_batch {self.max_batch} must be at least 1")
         if self.batch_wait_ms < 0:
             problems.append(f"batch_wait_ms {self.batch_wait_ms} must not be negative")

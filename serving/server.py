@@ -284,16 +284,12 @@ def model_from_weights(cfg: ServeConfig, weights: PolicyWeights) -> PolicyModel:
             log.warning("FP8 on a CPU runs oneDNN's FP8 products: FP8's numbers, slower than bfloat16 "
                         "(PolicyWeights.use_fp8)")
     max_cache = None if cfg.max_cache_gb is None else int(cfg.max_cache_gb * 2**30)
-    batch = cfg.max_batch
+    batch = cfg.batch_limit(weights.on_gpu)
     if batch > 1:  # before the first policy is made: every session's engine joins the batcher
         weights.batcher = ChunkBatcher(max_batch=batch, gather_s=cfg.batch_wait_ms / 1e3)
     sessions = SessionManager(weights, cfg.max_sessions, max_cache, cfg.idle_timeout_s,
                               warm_up=cfg.warmup and weights.on_gpu, warm_sessions=cfg.warm_sessions)
     threads, ahead_threads = cfg.thread_counts(weights.on_gpu)
-    if batch > 1:
-        # Batching needs the sessions' operations in flight together, on one pool: a thread for each session's
-        # operation and one for its chunk computed ahead.
-        threads, ahead_threads = max(threads, 2 * sessions.capacity), 0
     if threads + ahead_threads > 1:
         allow_concurrent_policies()
     metrics.COMPUTE_THREADS.set(threads)

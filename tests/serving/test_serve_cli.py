@@ -8,7 +8,7 @@ import argparse
 import pytest
 
 from vaops.serving import cli
-from vaops.serving.config import GPU_COMPUTE_THREADS, ServeConfig
+from vaops.serving.config import GPU_COMPUTE_THREADS, GPU_MAX_BATCH, ServeConfig
 
 
 def _config(*argv: str) -> ServeConfig:
@@ -33,9 +33,12 @@ def test_every_documented_flag_sets_its_field(monkeypatch):
 
 
 def test_thread_defaults_give_chunks_ahead_threads_of_their_own_on_a_gpu_only():
-    assert ServeConfig().thread_counts(on_gpu=True) == (GPU_COMPUTE_THREADS, GPU_COMPUTE_THREADS)
+    # On a GPU the chunks ahead get as many threads as a batch holds robots, or as the compute threads if more.
+    assert ServeConfig().thread_counts(on_gpu=True) == (GPU_COMPUTE_THREADS, max(GPU_COMPUTE_THREADS, GPU_MAX_BATCH))
     assert ServeConfig().thread_counts(on_gpu=False) == (1, 0)  # a CPU's cores are shared anyway
-    assert ServeConfig(compute_threads=2).thread_counts(on_gpu=True) == (2, 2)
+    assert ServeConfig(compute_threads=2, max_batch=1).thread_counts(on_gpu=True) == (2, 2)
+    assert ServeConfig(compute_threads=12, max_batch=8).thread_counts(on_gpu=True) == (12, 12)
+    assert (ServeConfig().batch_limit(on_gpu=True), ServeConfig().batch_limit(on_gpu=False)) == (GPU_MAX_BATCH, 1)
     assert ServeConfig(compute_threads=2, ahead_threads=0).thread_counts(on_gpu=True) == (2, 0)
     assert ServeConfig(ahead_threads=3).thread_counts(on_gpu=False) == (1, 3)
 
