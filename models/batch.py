@@ -28,6 +28,7 @@ import os
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -225,11 +226,14 @@ class StackedText:
 
 
 class ChunkBatcher:
-    def __init__(self, max_batch: int = 8, gather_s: float = 0.0):
+    """`on_batch(size)`: called after each batch ran (the server counts them in its metrics)."""
+
+    def __init__(self, max_batch: int = 8, gather_s: float = 0.0, on_batch: Callable[[int], None] | None = None):
         if max_batch < 1:
             raise ValueError(f"max_batch {max_batch} must be at least 1")
         self.max_batch = max_batch
         self.gather_s = gather_s
+        self.on_batch = on_batch
         self._lock = threading.Lock()
         self._queued = threading.Condition(self._lock)  # a phase was queued: a full batch need not wait longer
         self._queue: list[_Request] = []
@@ -278,6 +282,8 @@ class ChunkBatcher:
                 for r in group:
                     r.error = e
         self.batch_sizes[len(group)] += 1
+        if self.on_batch is not None:
+            self.on_batch(len(group))
         with self._lock:
             self._seen_now(group)
         for r in group:
@@ -379,9 +385,10 @@ class ChunkBatcher:
             return self._forward(engines, x, t, keep=last, cond_only=cond_only)
 
         s = e0.config.sampling
-        actions, _ = denoise(forward, x, e0.action_schedule, s.action_guidance_scale, first,
-                             torch.tensor(rows, device=x.device), mask, e0.batch == 2 and e0.skip_unguided_uncond,
-                             group[0].cache_actions)
+        # The rows' indices copied to the device only at episodes' first chunks: the copy waits for the stream.
+        first_rows = torch.tensor(rows, device=x.device) if rows else slice(None)
+        actions, _ = denoise(forward, x, e0.action_schedule, s.action_guidance_scale, first, first_rows, mask,
+                             e0.batch == 2 and e0.skip_unguided_uncond, group[0].cache_actions)
         actions = actions * mask
         return [actions[i:i + 1].clone() for i in range(len(group))]
 

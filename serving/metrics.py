@@ -29,3 +29,7 @@ COMPUTE_WAIT_SECONDS = Histogram("vaops_compute_wait_seconds", "Time an episode 
 # point on one H200, 7 robots' idle p99 was 0.02 s and 8 robots' 0.16-0.18 s).
 AHEAD_WAIT_SECONDS = Histogram("vaops_ahead_wait_seconds", "Time an observation in asynchronous execution waited for "
                                "the chunk computed ahead (0 when it was ready)", buckets=(0.001,) + _BUCKETS)
+# Robots' action steps run as one batch (vaops serve --max-batch, models/batch.py): how many batches of each size.
+# Mostly size 1 while robots' chunks seldom meet; 8 robots at 50 Hz on one H200 ran sizes 1-4
+# (bench/results/batched_actions_h200.md).
+ACTION_BATCHES = Counter("vaops_action_batches", "Action phases run, by how many robots' shared one batch", ["size"])

@@ -286,7 +286,8 @@ def model_from_weights(cfg: ServeConfig, weights: PolicyWeights) -> PolicyModel:
     max_cache = None if cfg.max_cache_gb is None else int(cfg.max_cache_gb * 2**30)
     batch = cfg.batch_limit(weights.on_gpu)
     if batch > 1:  # before the first policy is made: every session's engine joins the batcher
-        weights.batcher = ChunkBatcher(max_batch=batch, gather_s=cfg.batch_wait_ms / 1e3)
+        weights.batcher = ChunkBatcher(max_batch=batch, gather_s=cfg.batch_wait_ms / 1e3,
+                                       on_batch=lambda n: metrics.ACTION_BATCHES.labels(size=str(n)).inc())
     sessions = SessionManager(weights, cfg.max_sessions, max_cache, cfg.idle_timeout_s,
                               warm_up=cfg.warmup and weights.on_gpu, warm_sessions=cfg.warm_sessions)
     threads, ahead_threads = cfg.thread_counts(weights.on_gpu)

@@ -14,7 +14,7 @@ import pytest
 from kserve import InferenceGRPCClient, InferenceRESTClient, InferInput, InferRequest, RESTConfig
 from kserve.protocol.grpc import grpc_predict_v2_pb2, grpc_predict_v2_pb2_grpc
 from kserve.protocol.infer_type import to_http_parameters
-from serving_support import MODEL, UpstreamClient, direct_episode, episode_script, websocket_episode
+from serving_support import MODEL, ServerProcess, UpstreamClient, direct_episode, episode_script, websocket_episode
 
 from vaops.models.msgpack_numpy import packb
 
@@ -309,3 +309,36 @@ def test_the_compute_threads_are_all_started_before_the_server_is_ready(tiny_wei
             for p in pools:
                 if p is not None:
                     p.shutdown()
+
+
+def test_a_batching_server_batches_robots_action_steps_and_each_gets_its_own_episode(tiny_checkpoint, tiny_weights,
+                                                                                     tmp_path):
+    """`vaops serve --max-batch 4` (the default on a GPU): 4 robots' episodes at once, synchronous and asynchronous,
+    through the upstream protocol; their action steps share batches (the server's metric counts them) and each
+    robot's actions equal its episode run in-process alone, up to the GEMMs' rounding at another batch size."""
+    proc = ServerProcess(str(tiny_checkpoint), tmp_path, tmp_path / "server.log", "--max-sessions", "4",
+                         "--torch-threads", "1", "--compute-threads", "4", "--max-batch", "4",
+                         "--batch-wait-ms", "300").wait_ready()
+    try:
+        runs = [(40 + r, r % 2 == 1) for r in range(4)]  # (seed, asynchronous)
+
+        def one(run: tuple[int, bool]) -> list[np.ndarray]:
+            client = UpstreamClient(proc.ws_url)
+            try:
+                return websocket_episode(client, PROMPT, run[0], 3, 300 + run[0], async_execution=run[1])
+            finally:
+                client.close()
+
+        with ThreadPoolExecutor(len(runs)) as pool:
+            results = list(pool.map(one, runs))
+        metrics = httpx.get(f"{proc.url}/metrics").text
+    finally:
+        proc.stop()
+    for (seed, async_execution), got in zip(runs, results):
+        want = direct_episode(tiny_weights, PROMPT, seed, 3, 300 + seed, async_execution=async_execution)
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(g, w, rtol=0, atol=1e-4)
+    sizes = {int(line.split('size="')[1].split('"')[0]): float(line.rsplit(" ", 1)[1])
+             for line in metrics.splitlines() if line.startswith("vaops_action_batches_total{")}
+    assert sum(n * count for n, count in sizes.items()) >= 4 * 3  # every chunk's action steps, batched or not
+    assert any(n > 1 for n in sizes), sizes  # robots shared batches
