@@ -317,36 +317,46 @@ class ChunkBatcher:
             engine.live_cache.drop_predicted()
         return len(sizes)
 
+    @property
+    def _active_s(self) -> float:
+        """How recently a robot queued or finished a phase to count as active: ACTIVE_S, plus the rounds' own
+        gathering (a robot's cycle includes its waits for batches)."""
+        return ACTIVE_S + 2 * self.gather_s
+
     def _seen_now(self, requests: list[_Request]) -> None:
-        """Mark the requests' robots active (under the lock), forgetting those idle longer than ACTIVE_S."""
+        """Mark the requests' robots active (under the lock), forgetting those idle longer than `_active_s`."""
         now = time.monotonic()
-        self._seen = {k: t for k, t in self._seen.items() if t > now - ACTIVE_S}
+        self._seen = {k: t for k, t in self._seen.items() if t > now - self._active_s}
         for r in requests:
             self._seen[id(r.engine)] = now
 
     def _gather(self) -> list[_Request]:
         """The next batch: the first queued phase and those like it that are due, once it is due itself and for
-        `gather_s` more (while other robots are active: ACTIVE_S), or until max_batch are. On a GPU a phase is due when the work before it (its video passes)
+        `gather_s` more, or until max_batch are. On a GPU a phase is due when the work before it (its video passes)
         has run: robots' threads queue their kernels far ahead of the GPU, so phases queued while the first one's
         video runs join it, at no cost to it; a phase whose video is still to run would hold the batch back and
-        waits for the next. On a CPU a phase is due when queued."""
+        waits for the next. On a CPU a phase is due when queued. While no other robot is active (ACTIVE_S), the
+        first phase goes at once, alone: a robot served alone runs as without the batcher."""
         deadline = None
         while True:
             with self._lock:
                 head = self._queue[0]
+                now = time.monotonic()
+                if not (any(r.engine is not head.engine for r in self._queue)  # queued: active, however long ago
+                        or any(k != id(head.engine) and t > now - self._active_s for k, t in self._seen.items())):
+                    self._queue.remove(head)
+                    return [head]
                 key = head.key()
                 due = [r for r in self._queue if r.key() == key and (r.ready is None or r.ready.query())]
                 if head in due:
-                    now = time.monotonic()
-                    others = any(k != id(head.engine) and t > now - ACTIVE_S for k, t in self._seen.items())
-                    deadline = deadline or now + (self.gather_s if others else 0.0)
+                    deadline = deadline or now + self.gather_s
                     if len(due) >= self.max_batch or now >= deadline:
                         group = due[: self.max_batch]
                         for r in group:
                             self._queue.remove(r)
                         return group
                 if head.ready is None:  # nothing to poll: wait for a phase to be queued
-                    self._queued.wait(max(0.0, deadline - time.monotonic()) if deadline else None)
+                    self._queued.wait(max(0.0, deadline - now) if deadline else None)
                     continue
             time.sleep(POLL_S)
 

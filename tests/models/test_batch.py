@@ -121,7 +121,7 @@ def test_other_video_settings_share_the_action_steps(weights):
 
 
 def test_a_failed_batch_fails_its_robots_and_the_batcher_goes_on(weights, monkeypatch):
-    w, batcher = batched(weights, gather_s=5.0)
+    w, batcher = batched(weights, gather_s=2.0)
     policies = [w.new_policy() for _ in range(2)]
     real_run = batcher._run
     calls = []
