@@ -5,15 +5,16 @@ Why the action steps: an action pass (32 tokens) reads the block weights whateve
 that read; on one H200 in FP8 an action step costs 5.0 ms for one robot and 13.6 ms for eight, 1.7 ms each
 (bench/results/pass_batched_h200.md). The video passes are compute bound (15% less a robot batched) and stay
 each robot's own, on its own CUDA stream, beside the other robots' (models/policy.py): batching them as well
-(stop 33) cost more in graphs than it gained. Each robot's actions equal its chunk run alone up to the GEMMs'
+(this module's first version, bench/results/serve_load_h200_batched.md) cost more in graphs than it gained. Each robot's actions equal its chunk run alone up to the GEMMs'
 rounding (another batch size may pick another kernel); its noise, cache reads and writes are its own.
 
 How: every engine of one `ChunkBatcher` routes its chunks' action phases through it (`BatchingEngine`). A
 thread whose action phase is due queues it; one thread at a time leads and runs whatever is queued as one
 batch (compatible phases: the same action schedule and guidance), then hands the lead to a waiting thread
-once its own phase is done. A phase queued alone runs in its own thread, on its own stream, as the engine's
-own path. There is no timer unless `gather_s` asks for one: phases that come due while a batch runs form the
-next one. A batch runs on the batcher's own CUDA stream, after each robot's stream's work (events), and
+once its own phase is done. A phase is due once its robot's video passes have run on the GPU (`_gather`); the
+first due phase waits up to `gather_s` for others while other robots are active, and phases that come due while
+a batch runs form the next one. A phase that runs alone runs in its own thread, on its own stream, as the
+engine's own path. A batch runs on the batcher's own CUDA stream, after each robot's stream's work (events), and
 each robot's stream waits for it.
 
 On a GPU (bf16, the `splitkv` backend) a batch's attention reads every robot's cache and prompt in one kernel

@@ -28,6 +28,7 @@ import torch
 
 from .attention import attention
 
+
 @dataclass
 class PendingWrite:
     start: int  # absolute position of the first new entry
