@@ -54,11 +54,11 @@ class ServeConfig:
     # Chunks computed ahead (asynchronous execution) run on threads of their own, and on a GPU on streams of
     # lower priority than the robots' requests (models/policy.py AHEAD_PRIORITY): a request never waits for a
     # thread that other robots' chunks ahead hold (8 robots at 50 Hz on one H200, idle p99 0.23-0.24 -> 0.14-0.18 s,
-    # bench/results/serve_load_ahead_h200.md). None: as many as compute_threads on a GPU, 0 on a CPU (the compute
-    # threads run them, as the cores are shared anyway).
+    # bench/results/serve_load_ahead_h200.md). None: on a GPU as many as compute_threads, or as a batch holds robots
+    # if more (thread_counts); 0 on a CPU (the compute threads run them, as the cores are shared anyway).
     ahead_threads: int | None = field(default=None, metadata={
-        "help": "chunks computed ahead at once, on threads of their own (default: --compute-threads on a GPU; "
-                "0: on the compute threads, the default on a CPU)"})
+        "help": "chunks computed ahead at once, on threads of their own (default on a GPU: --compute-threads, or "
+                "--max-batch if more; 0: on the compute threads, the default on a CPU)"})
     # Asynchronous execution: an observation is acknowledged at once and computed with the next chunk ahead
     # (serving/episode.py EpisodeService.defer_observations). Closed loop on a CPU, small ALOHA policy: the same
     # actions on every seed, idle per chunk 0.27 -> 0.01 s (bench/results/async_deferred_cpu.md).
