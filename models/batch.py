@@ -5,8 +5,9 @@ Why the action steps: an action pass (32 tokens) reads the block weights whateve
 that read; on one H200 in FP8 an action step costs 5.0 ms for one robot and 13.6 ms for eight, 1.7 ms each
 (bench/results/pass_batched_h200.md). The video passes are compute bound (15% less a robot batched) and stay
 each robot's own, on its own CUDA stream, beside the other robots' (models/policy.py): batching them as well
-(this module's first version, bench/results/serve_load_h200_batched.md) cost more in graphs than it gained. Each robot's actions equal its chunk run alone up to the GEMMs'
-rounding (another batch size may pick another kernel); its noise, cache reads and writes are its own.
+(this module's first version, bench/results/serve_load_h200_batched.md) cost more in graphs than it gained.
+Each robot's actions equal its chunk run alone up to the GEMMs' rounding (another batch size may pick another
+kernel); its noise, cache reads and writes are its own.
 
 How: every engine of one `ChunkBatcher` routes its chunks' action phases through it (`BatchingEngine`). A
 thread whose action phase is due queues it; one thread at a time leads and runs whatever is queued as one
@@ -391,9 +392,10 @@ class ChunkBatcher:
         rows = [i for i, r in enumerate(group) if r.first]
         first = torch.zeros_like(x[:len(rows), :, :1]) if rows else None
         mask = torch.cat([e.action_mask for e in engines])
+        text_tables: dict[int, torch.Tensor] = {}  # the prompts' row tables by rows per robot: made once a phase
 
         def forward(x: torch.Tensor, t: torch.Tensor, last: bool, cond_only: bool) -> torch.Tensor:
-            return self._forward(engines, x, t, keep=last, cond_only=cond_only)
+            return self._forward(engines, x, t, keep=last, cond_only=cond_only, text_tables=text_tables)
 
         s = e0.config.sampling
         # The rows' indices copied to the device only at episodes' first chunks: the copy waits for the stream.
@@ -404,9 +406,10 @@ class ChunkBatcher:
         return [actions[i:i + 1].clone() for i in range(len(group))]
 
     def _forward(self, engines: list["BatchingEngine"], x: torch.Tensor, t: torch.Tensor, keep: bool,
-                 cond_only: bool) -> torch.Tensor:
+                 cond_only: bool, text_tables: dict[int, torch.Tensor]) -> torch.Tensor:
         """InferenceEngine._forward of an action pass over the batch: each engine's rows (CFG's two, or the
-        conditional one) attend to its cache and prompt; returns [rows, ...] in engine order."""
+        conditional one) attend to its cache and prompt; returns [rows, ...] in engine order. `text_tables`: the
+        phase's prompt row tables made so far (`_tabled`)."""
         e0 = engines[0]
         rows = 1 if cond_only else e0.batch
         batch = slice(0, 1) if cond_only else slice(None)
@@ -425,14 +428,16 @@ class ChunkBatcher:
                 text = StackedText([(rows, e.live_text.select(batch) if cond_only else e.live_text)
                                     for e in engines])
                 return fn(xb, tb, (cos, sin), text, attn, e0.backend).float()
-            return self._tabled(engines, pending, rows, fn, [xb, tb, cos, sin])
+            return self._tabled(engines, pending, rows, fn, [xb, tb, cos, sin], text_tables)
         finally:
             for e, p in reversed(list(zip(engines, pending))):  # last first: a warm-up's batch repeats one cache
                 e.live_cache.end(p)
 
     def _tabled(self, engines: list["BatchingEngine"], pending: list[PendingWrite], rows: int, fn,
-                inputs: list[torch.Tensor]) -> torch.Tensor:
-        """The pass with every row's attention read through row tables: one graph a batch shape on a GPU."""
+                inputs: list[torch.Tensor], text_tables: dict[int, torch.Tensor]) -> torch.Tensor:
+        """The pass with every row's attention read through row tables: one graph a batch shape on a GPU. The
+        caches' table is made for each pass (its writes move the rings); the prompts', once a phase for each
+        number of rows a robot (`text_tables`)."""
         e0 = engines[0]
         if self._tables is None:
             self._tables = RowTables(e0.device, e0.dtype)
@@ -443,7 +448,10 @@ class ChunkBatcher:
         if tables.flags.numel() < max(cache.capacity, text_keys):
             self._graphs.clear()  # they read the old flags
             tables.cover(max(cache.capacity, text_keys))
-        self_rows, text_rows = tables.cache(engines, pending, rows), tables.text(texts, rows)
+        self_rows = tables.cache(engines, pending, rows)
+        if rows not in text_tables:
+            text_tables[rows] = tables.text(texts, rows)
+        text_rows = text_tables[rows]
         k0 = texts[0].kv[0][0]
         cache_strides = ((cache.k.stride(2), cache.k.stride(3)), (cache.v.stride(2), cache.v.stride(3)))
         text_strides = (k0.stride(1), k0.stride(2))

@@ -31,7 +31,7 @@ from .fp8 import FP8
 # (elements from the anchor tensors), its flags' offset (from the flags anchor), its number of keys, and the ring
 # slot its new entries start at.
 ROW_FIELDS = tl.constexpr(5)
-KEY, VALUE, FLAGS, KEYS, SLOT = range(5)
+KEY, VALUE, FLAGS, KEYS, SLOT = (tl.constexpr(i) for i in range(5))
 ALIGN = tl.constexpr(16)  # the offsets are whole multiples of it (elements)
 
 
@@ -53,10 +53,10 @@ def _partial(Q, K, V, KS, VS, VALID, ROWS, Out, Lse,
     if TABLED:  # row b's keys, values and flags lie anywhere: its ROWS entry's KEY, VALUE, FLAGS and KEYS fields
         # Offsets of whole 16-element blocks (split_kv_rows checks): without the hint the loads cannot be vectorised
         # (an action pass's read took twice as long, bench/results/rows_kernel_h200.json).
-        K = K + tl.multiple_of(tl.load(ROWS + b * ROW_FIELDS + 0), ALIGN)
-        V = V + tl.multiple_of(tl.load(ROWS + b * ROW_FIELDS + 1), ALIGN)
-        VALID = VALID + tl.multiple_of(tl.load(ROWS + b * ROW_FIELDS + 2), ALIGN)
-        N = tl.minimum(N, tl.load(ROWS + b * ROW_FIELDS + 3).to(tl.int32))
+        K = K + tl.multiple_of(tl.load(ROWS + b * ROW_FIELDS + KEY), ALIGN)
+        V = V + tl.multiple_of(tl.load(ROWS + b * ROW_FIELDS + VALUE), ALIGN)
+        VALID = VALID + tl.multiple_of(tl.load(ROWS + b * ROW_FIELDS + FLAGS), ALIGN)
+        N = tl.minimum(N, tl.load(ROWS + b * ROW_FIELDS + KEYS).to(tl.int32))
     start = split * keys_per_split
     end = tl.minimum(start + keys_per_split, N)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -148,14 +148,15 @@ def split_kv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid:
     scaled = k_scale is not None
     if scaled != (v_scale is not None) or scaled != (k.dtype == FP8):
         raise ValueError("FP8 keys and values need both scales (and scales need FP8 keys and values)")
-    ks = k_scale if k_scale is not None else q  # unused pointers when not scaled
-    vs = v_scale if v_scale is not None else q
-    if scaled and (tuple(ks.shape) != (b, n, h) or ks.shape != vs.shape or ks.stride() != vs.stride()):
-        raise ValueError(f"k_scale and v_scale need shape {(b, n, h)} and one layout, got {tuple(ks.shape)} "
-                         f"and {tuple(vs.shape)}")
-    ss = (ks.stride(0), ks.stride(2), ks.stride(1)) if scaled else (0, 0, 0)
+    scales = None
+    if k_scale is not None and v_scale is not None:
+        ks, vs = k_scale, v_scale
+        if tuple(ks.shape) != (b, n, h) or ks.shape != vs.shape or ks.stride() != vs.stride():
+            raise ValueError(f"k_scale and v_scale need shape {(b, n, h)} and one layout, got {tuple(ks.shape)} "
+                             f"and {tuple(vs.shape)}")
+        scales = (ks, vs, (ks.stride(0), ks.stride(2), ks.stride(1)))
     return _attend(q, k, v, (k.stride(0), k.stride(1), k.stride(2)), (v.stride(0), v.stride(1), v.stride(2)), n,
-                   None if valid is None else valid.view(torch.uint8), None, (ks, vs, ss) if scaled else None, splits, block_m, block_n,
+                   None if valid is None else valid.view(torch.uint8), None, scales, splits, block_m, block_n,
                    num_warps, num_stages)
 
 
@@ -166,8 +167,8 @@ def split_kv_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, flags: torc
     (each robot's KV cache or prompt, models/batch.py): from `k`, `v` and `flags` (anchors: any tensors of the keys'
     dtype and of uint8) plus row b's offsets in `rows` [B, ROW_FIELDS] int64 (its KEY, VALUE and FLAGS fields, in
     elements, whole multiples of ALIGN: the table's maker checks), over its first min(`keys`, KEYS field) keys, those
-    with a nonzero flag. The rows' keys share the
-    strides (keys, heads) `key_strides`, their values `value_strides`. One launch for all rows whatever their
+    with a nonzero flag. The rows' keys share the strides (keys, heads) `key_strides`, their values
+    `value_strides`. One launch for all rows whatever their
     sources, so a CUDA graph captured once serves any set of robots: the table is its input."""
     if rows.dtype != torch.int64 or tuple(rows.shape) != (q.shape[0], ROW_FIELDS.value):
         raise ValueError(f"rows must be int64 [{q.shape[0]}, {ROW_FIELDS.value}], got {rows.dtype} {tuple(rows.shape)}")
@@ -224,7 +225,7 @@ def _store(New, Dst, ROWS, snb, snm, snh, sdn, sdh, M, capacity, FIELD: tl.const
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
     keep = offs_m[:, None] < M
-    slots = (tl.load(ROWS + b * ROW_FIELDS + 4) + offs_m) % capacity  # from its SLOT field on
+    slots = (tl.load(ROWS + b * ROW_FIELDS + SLOT) + offs_m) % capacity
     dst = Dst + tl.multiple_of(tl.load(ROWS + b * ROW_FIELDS + FIELD), ALIGN) + h * sdh
     x = tl.load(New + b * snb + h * snh + offs_m[:, None] * snm + offs_d[None, :], mask=keep)
     tl.store(dst + slots[:, None] * sdn + offs_d[None, :], x.to(Dst.dtype.element_ty), mask=keep)
@@ -238,4 +239,4 @@ def store_rows(k: torch.Tensor, v: torch.Tensor, k_anchor: torch.Tensor, v_ancho
     b, m, h, d = k.shape
     for new, anchor, field, strides in ((k, k_anchor, KEY, key_strides), (v, v_anchor, VALUE, value_strides)):
         _store[(b, h)](new, anchor, rows, new.stride(0), new.stride(1), new.stride(2), *strides, m, capacity,
-                       FIELD=field, BLOCK_M=triton.next_power_of_2(m), D=d)
+                       FIELD=field.value, BLOCK_M=triton.next_power_of_2(m), D=d)
