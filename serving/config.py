@@ -41,6 +41,11 @@ class ServeConfig:
     max_sessions: int = 8
     max_cache_gb: float | None = field(default=None, metadata={
         "help": "memory budget for all sessions' KV caches (further bounds --max-sessions); unset: max_sessions"})
+    # Sessions also stop where the device's memory does (serving/sessions.py SessionManager): a session is given a
+    # new policy only while its KV cache and 25% more fit beside this reserve. None: 5% of the device's memory.
+    memory_reserve_gb: float | None = field(default=None, metadata={
+        "help": "GPU memory (RAM on a CPU) kept free beside the sessions, for activations and other processes "
+                "(default: 5%% of the device's)"})
     idle_timeout_s: float = field(default=600.0, metadata={
         "flag": "idle_timeout", "help": "seconds after which an idle session is closed"})
     # bearer token; None: no authentication (`vaops serve --token-env`: not a flag, as a secret)
@@ -122,6 +127,8 @@ class ServeConfig:
             problems.append(f"max_sessions {self.max_sessions} must be at least 1")
         if self.max_cache_gb is not None and self.max_cache_gb <= 0:
             problems.append(f"max_cache_gb {self.max_cache_gb} must be positive")
+        if self.memory_reserve_gb is not None and self.memory_reserve_gb < 0:
+            problems.append(f"memory_reserve_gb {self.memory_reserve_gb} must not be negative")
         if self.idle_timeout_s <= 0:
             problems.append(f"idle_timeout_s {self.idle_timeout_s} must be positive")
         if self.max_request_mb <= 0:

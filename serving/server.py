@@ -288,8 +288,10 @@ def model_from_weights(cfg: ServeConfig, weights: PolicyWeights) -> PolicyModel:
     if batch > 1:  # before the first policy is made: every session's engine joins the batcher
         weights.batcher = ChunkBatcher(max_batch=batch, gather_s=cfg.batch_wait_ms / 1e3,
                                        on_batch=lambda n: metrics.ACTION_BATCHES.labels(size=str(n)).inc())
+    reserve = None if cfg.memory_reserve_gb is None else int(cfg.memory_reserve_gb * 2**30)
     sessions = SessionManager(weights, cfg.max_sessions, max_cache, cfg.idle_timeout_s,
-                              warm_up=cfg.warmup and weights.on_gpu, warm_sessions=cfg.warm_sessions)
+                              warm_up=cfg.warmup and weights.on_gpu, warm_sessions=cfg.warm_sessions,
+                              memory_reserve_bytes=reserve)
     threads, ahead_threads = cfg.thread_counts(weights.on_gpu)
     if threads + ahead_threads > 1:
         allow_concurrent_policies()

@@ -1,8 +1,10 @@
 """Episode sessions: one `Policy` each (its own KV cache, streaming VAE state and seed), all
 built from one `PolicyWeights`, so the networks are loaded once and shared.
 
-The number of sessions is bounded by `max_sessions` and by a memory budget for the caches: every
-session of one checkpoint has the same cache size, measured once on a probe policy at start-up.
+The number of sessions is bounded by `max_sessions`, by an optional budget for the caches and by the memory
+the device has left: every session of one checkpoint has the same cache size, measured once on a probe policy
+at start-up, and a session is only given a new policy while the device can hold one more beside a reserve (a
+GPU's out-of-memory error mid-episode, or a CPU host's OOM killer, would otherwise be the limit).
 Sessions idle longer than the timeout are closed; closed sessions' policies are kept in a pool
 and reused, so their cache buffers are allocated once. Everything here runs on the server's
 event loop; the policies' compute runs in worker threads under each session's lock, except the
@@ -12,6 +14,7 @@ chunk an asynchronous-execution session computes ahead, which runs while the rob
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import re
 import time
@@ -21,8 +24,12 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
+import psutil
+import torch
+
 from vaops.models.policy import Policy, PolicyChunk, PolicyWeights
 
+log = logging.getLogger(__name__)
 _SESSION_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 # Closed sessions remembered, so a retried close is answered like the first one.
 _CLOSED_REMEMBERED = 1024
@@ -84,6 +91,31 @@ def cache_bytes(policy: Policy) -> int:
     return 0 if cache is None else cache.nbytes()
 
 
+# What a pooled policy holds beyond its KV cache, as a fraction of the cache: its CUDA graphs' private pool and its
+# streaming VAE state. One H200, robotwin, FP8: allocated memory grew 8.15 GB a policy against a 7.22 GB cache
+# (+13%, 75.3 -> 91.6 GB for the pool's 9th and 10th, bench/results/serve_load_batched_default_h200.md); 25%
+# leaves a margin for presets whose graphs weigh more against their cache.
+POLICY_OVERHEAD = 0.25
+# Memory kept free beside the sessions by default, as a fraction of the device's: activations of the passes not
+# captured in graphs, the batches', other processes (7 GB of an H200's 141).
+RESERVE_FRACTION = 0.05
+
+
+def device_memory(device: torch.device) -> tuple[int, int]:
+    """(bytes a new session could still take, bytes in all) on the device: on a GPU its free memory plus what
+    torch's caching allocator holds unused; on a CPU the memory available to processes."""
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device), total
+    vm = psutil.virtual_memory()
+    return vm.available, vm.total
+
+
+def sessions_that_fit(free_bytes: int, per_session_bytes: int, reserve_bytes: int) -> int:
+    """How many more sessions of `per_session_bytes` fit in `free_bytes` beside `reserve_bytes`."""
+    return max(0, (free_bytes - reserve_bytes) // max(per_session_bytes, 1))
+
+
 def pooled_policy(weights: PolicyWeights, warm_up: bool) -> Policy:
     """A policy as the server pools it before any client asks: reset once, which allocates its cache (so
     its size is known), and with `warm_up` (on a GPU) every shape of an episode run once, its graphs captured."""
@@ -97,7 +129,8 @@ def pooled_policy(weights: PolicyWeights, warm_up: bool) -> Policy:
 class SessionManager:
     def __init__(self, weights: PolicyWeights, max_sessions: int, max_cache_bytes: int | None,
                  idle_timeout_s: float, clock: Callable[[], float] = time.monotonic, warm_up: bool = False,
-                 warm_sessions: int = 1):
+                 warm_sessions: int = 1, memory_reserve_bytes: int | None = None):
+        """`memory_reserve_bytes`: kept free beside the sessions (None: RESERVE_FRACTION of the device's memory)."""
         self.weights = weights
         self.idle_timeout_s = idle_timeout_s
         self.clock = clock
@@ -110,6 +143,17 @@ class SessionManager:
                 raise ValueError(f"the cache budget of {max_cache_bytes} bytes is smaller than one session's "
                                  f"KV cache ({self.bytes_per_session} bytes)")
             self.capacity = min(max_sessions, fit)
+        self.device = torch.device(weights.device)
+        self.memory_per_session = int(self.bytes_per_session * (1 + POLICY_OVERHEAD))
+        free, total = device_memory(self.device)
+        self.memory_reserve_bytes = int(RESERVE_FRACTION * total) if memory_reserve_bytes is None else memory_reserve_bytes
+        fit = 1 + sessions_that_fit(free, self.memory_per_session, self.memory_reserve_bytes)  # 1: the probe's
+        if fit < self.capacity:
+            log.warning("%s memory holds %d session(s), not %d: %.1f GiB free beside a %.1f GiB reserve, %.2f GiB "
+                        "a session (its KV cache and %d%% more)", self.device.type.upper(), fit, self.capacity,
+                        free / 2**30, self.memory_reserve_bytes / 2**30, self.memory_per_session / 2**30,
+                        round(100 * POLICY_OVERHEAD))
+            self.capacity = fit
         self._pool: list[Policy] = [probe]
         if warm_up:  # more policies, each with its own cache and graphs; popped first (the pool's end)
             for _ in range(min(warm_sessions, self.capacity) - 1):
@@ -141,11 +185,27 @@ class SessionManager:
                 f"all {self.capacity} sessions are in use (one KV cache is {self.bytes_per_session / 2**20:.1f} MiB); "
                 f"sessions idle for {self.idle_timeout_s:g} s are closed: retry in {wait} s, or close a session",
                 wait)
+        if not self._pool:
+            self._check_memory()
         self._closed.pop(session_id, None)
         policy = self._pool.pop() if self._pool else self.weights.new_policy()
         session = Session(session_id, policy, self.clock())
         self._sessions[session_id] = session
         return session
+
+    def _check_memory(self) -> None:
+        """Before a new policy is made: refuse (SessionsFull) while the device cannot hold one more session beside
+        the reserve. Checked at each such open, not only at start-up: other processes may take or give back
+        memory meanwhile."""
+        free, _ = device_memory(self.device)
+        if sessions_that_fit(free, self.memory_per_session, self.memory_reserve_bytes) >= 1:
+            return
+        wait = self.retry_after_s()
+        raise SessionsFull(
+            f"no {self.device.type.upper()} memory for another session: {free / 2**30:.1f} GiB free, a session needs "
+            f"{self.memory_per_session / 2**30:.2f} GiB beside a {self.memory_reserve_bytes / 2**30:.1f} GiB reserve "
+            f"(vaops serve --memory-reserve-gb), and all {len(self._sessions)} open session(s) hold theirs: retry in "
+            f"{wait} s, or close a session", wait)
 
     def get(self, session_id) -> Session:
         if not isinstance(session_id, str):

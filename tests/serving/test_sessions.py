@@ -5,8 +5,17 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+import torch
 
-from vaops.serving.sessions import SessionError, SessionManager, SessionsFull, UnknownSession
+from vaops.serving.sessions import (
+    POLICY_OVERHEAD,
+    SessionError,
+    SessionManager,
+    SessionsFull,
+    UnknownSession,
+    device_memory,
+    sessions_that_fit,
+)
 
 
 class Clock:
@@ -46,6 +55,42 @@ def test_limits_by_count_and_by_memory(tiny_weights):
         budget.open("c")
     with pytest.raises(SessionError, match="must be 1-128 characters"):
         budget.open("bad id!")
+
+
+def test_sessions_that_fit():
+    assert sessions_that_fit(10 * 2**30, 3 * 2**30, 2**30) == 3
+    assert sessions_that_fit(10 * 2**30, 3 * 2**30, 2 * 2**30) == 2
+    assert sessions_that_fit(2**30, 3 * 2**30, 0) == 0
+    assert sessions_that_fit(2**30, 3 * 2**30, 4 * 2**30) == 0  # less free than the reserve
+
+
+def test_limits_by_the_devices_memory(tiny_weights):
+    """The host's real available memory (the tiny preset's sessions run on the CPU): a reserve larger than it
+    leaves room for the probe's session alone, and a new policy is refused while memory is short, in the terms
+    of a full session table (429 / RESOURCE_EXHAUSTED with a retry hint), pooled policies still given out."""
+    free, total = device_memory(torch.device("cpu"))
+    assert 0 < free <= total
+    roomy = SessionManager(tiny_weights, max_sessions=4, max_cache_bytes=None, idle_timeout_s=60,
+                           memory_reserve_bytes=0)
+    assert roomy.capacity == 4
+    assert roomy.memory_per_session == int(roomy.bytes_per_session * (1 + POLICY_OVERHEAD))
+    short = SessionManager(tiny_weights, max_sessions=4, max_cache_bytes=None, idle_timeout_s=60,
+                           memory_reserve_bytes=total)
+    assert short.capacity == 1
+    short.open("a")
+    with pytest.raises(SessionsFull, match="all 1 sessions are in use"):
+        short.open("b")
+    # Memory that runs short after start-up: the check at each new policy, not the start-up capacity.
+    roomy.open("a")  # the probe's pooled policy
+    roomy.memory_reserve_bytes = total
+    with pytest.raises(SessionsFull, match=r"no CPU memory for another session: .* GiB free, a session needs") as e:
+        roomy.open("b")
+    assert e.value.retry_after_s >= 1 and "b" not in roomy
+    roomy.close("a")
+    roomy.open("c")  # the pooled policy needs no new memory
+    roomy.memory_reserve_bytes = 0
+    d = roomy.open("d")
+    assert d.policy is not roomy.get("c").policy  # a new one, memory being available again
 
 
 def test_idle_sessions_expire_and_their_policies_are_reused(tiny_weights):
