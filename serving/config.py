@@ -89,6 +89,13 @@ class ServeConfig:
         "help": "sessions warmed up before ready (GPU, with --warmup): as many robots as this start at full "
                 "speed; each holds its KV cache and graphs from the start"})
     torch_threads: int | None = None
+    # Compiled kernels (inductor's and Triton's caches) kept in this folder across restarts. A fresh node compiles
+    # for minutes before the server is ready: one H200, ready 255 s after the weights were built on a fresh node,
+    # 56 s with an earlier start's caches (bench/results/serve_load_batched_default_h200.md). The KServe
+    # manifest mounts a volume here. None: torch's own caches (under /tmp, lost with the container).
+    compile_cache: str | None = field(default=None, metadata={
+        "help": "folder for compiled kernels (inductor's and Triton's caches), kept across restarts "
+                "(default: torch's own, under /tmp)"})
     # On a GPU, run an episode's shapes once before reporting ready (Policy.warm_up), so the first
     # robot's first chunk does not pay for compilation and graph capture (3.9 s against 0.25 s later).
     warmup: bool = field(default=True, metadata={

@@ -19,8 +19,10 @@ import asyncio
 import hmac
 import json
 import logging
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 import torch
@@ -267,8 +269,23 @@ class PolicyServer(ModelServer):
             await self._grpc_server.stop()
 
 
+def use_compile_cache(folder: str | None) -> None:
+    """Keep inductor's and Triton's compiled kernels in `folder` (before anything compiles): a restart on another
+    node, or in a new container, then loads them instead of compiling again (ServeConfig.compile_cache)."""
+    if folder is None:
+        return
+    caches = {"TORCHINDUCTOR_CACHE_DIR": Path(folder, "inductor"), "TRITON_CACHE_DIR": Path(folder, "triton")}
+    for path in caches.values():
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"compile_cache {folder}: cannot create {path}: {e.strerror}") from None
+    os.environ.update({name: str(path.resolve()) for name, path in caches.items()})
+
+
 def build_model(cfg: ServeConfig) -> PolicyModel:
     """Load the checkpoint once and wrap it as the KServe model (sessions share its weights)."""
+    use_compile_cache(cfg.compile_cache)
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
     folder = resolve_checkpoint(cfg.model)

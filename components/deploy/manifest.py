@@ -8,6 +8,8 @@ Shape of what is generated (serving.kserve.io/v1beta1):
   (the registered version's checkpoint artifact) to /mnt/models first;
 - GPU resources, a startup probe on model readiness (loading 5 B parameters takes minutes),
   readiness and liveness probes, Prometheus scraping annotations;
+- a volume for compiled kernels (`vaops serve --compile-cache`): an emptyDir, which a container restarted in
+  its pod keeps, or a PersistentVolumeClaim, which a new pod keeps too (a fresh start compiles for minutes);
 - exactly one replica. KServe routes requests without session affinity, and an episode's KV
   cache lives in one replica's memory, so a second replica would receive chunks of sessions it
   does not hold. Scale by running one InferenceService per GPU, not by replicas.
@@ -31,6 +33,8 @@ KIND = "InferenceService"
 HTTP_PORT = 8080
 GRPC_PORT = 8081
 MODEL_MOUNT = "/mnt/models"
+COMPILE_CACHE_MOUNT = "/var/cache/vaops"  # vaops serve --compile-cache
+COMPILE_CACHE_VOLUME = "compile-cache"
 CONTAINER_NAME = "kserve-container"  # the name KServe's storage initializer and probes expect
 DEPLOYMENT_MODE = "serving.kserve.io/deploymentMode"
 AFFINITY_NOTE = ("none: KServe routes without session affinity and each episode's KV cache lives in one "
@@ -42,6 +46,7 @@ SCRAPING = {"serving.kserve.io/enable-prometheus-scraping": "true", "prometheus.
 CLUSTER_SCHEMES = ("s3", "gs", "pvc", "hdfs", "webhdfs", "http", "https", "hf", "oci")
 _DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
 _DNS_1123 = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+_DNS_1123_SUBDOMAIN = re.compile(r"^(?=.{1,253}$)[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 
 
 @dataclass(frozen=True)
@@ -64,12 +69,21 @@ class ManifestSpec:
     token_secret: str | None = field(default=None, metadata={  # a Secret with key "token"
         "help": "Kubernetes Secret (key 'token') that enables bearer authentication"})
     startup_timeout_s: int = field(default=1800, metadata={"flag": None})
+    compile_cache_pvc: str | None = field(default=None, metadata={
+        "help": "PersistentVolumeClaim for compiled kernels, kept across pods (default: an emptyDir, kept across "
+                "the container's restarts in its pod)"})
 
 
 def serving_options(spec: ManifestSpec) -> list[str]:
     """`vaops serve`'s flags for the spec's FP8 and warm-up choices (none at their defaults)."""
     return (["--fp8"] if spec.fp8 else []) + (["--warm-sessions", str(spec.warm_sessions)] if spec.warm_sessions > 1
                                               else [])
+
+
+def compile_cache_volume(spec: ManifestSpec) -> dict:
+    source = ({"persistentVolumeClaim": {"claimName": spec.compile_cache_pvc}} if spec.compile_cache_pvc
+              else {"emptyDir": {}})
+    return {"name": COMPILE_CACHE_VOLUME, **source}
 
 
 def build_manifest(spec: ManifestSpec) -> dict:
@@ -79,7 +93,7 @@ def build_manifest(spec: ManifestSpec) -> dict:
             "--http-port", str(HTTP_PORT), "--grpc-port", str(GRPC_PORT),
             "--device", "cuda" if spec.gpus > 0 else "cpu", "--dtype", spec.dtype,
             "--max-sessions", str(spec.max_sessions), "--idle-timeout", f"{spec.idle_timeout_s:g}",
-            *serving_options(spec)]
+            "--compile-cache", COMPILE_CACHE_MOUNT, *serving_options(spec)]
     env: list[dict[str, object]] = [{"name": "STORAGE_URI", "value": spec.storage_uri},
                                     {"name": "HF_HUB_OFFLINE", "value": "1"}]
     if spec.token_secret:
@@ -97,6 +111,7 @@ def build_manifest(spec: ManifestSpec) -> dict:
         "env": env,
         "ports": [{"containerPort": HTTP_PORT, "name": "http1", "protocol": "TCP"}],
         "resources": {"requests": dict(resources), "limits": dict(resources)},
+        "volumeMounts": [{"name": COMPILE_CACHE_VOLUME, "mountPath": COMPILE_CACHE_MOUNT}],
         "startupProbe": {**ready(), "periodSeconds": period, "failureThreshold": max(1, spec.startup_timeout_s // period)},
         "readinessProbe": {**ready(), "periodSeconds": period},
         "livenessProbe": {"httpGet": {"path": "/v2/health/live", "port": HTTP_PORT}, "periodSeconds": 30},
@@ -115,7 +130,8 @@ def build_manifest(spec: ManifestSpec) -> dict:
                 "vaops/model-uri": spec.model_uri,
             },
         },
-        "spec": {"predictor": {"minReplicas": 1, "maxReplicas": 1, "containers": [container]}},
+        "spec": {"predictor": {"minReplicas": 1, "maxReplicas": 1, "containers": [container],
+                               "volumes": [compile_cache_volume(spec)]}},
     }
 
 
@@ -124,30 +140,30 @@ def _unknown_keys(raw: dict, attribute_map: dict, where: str) -> list[str]:
     return [f"{where}: unknown field {k!r}" for k in raw if k not in known]
 
 
-def _container_problems(container: dict) -> list[str]:
-    """Round-trip the container through the Kubernetes client's V1Container: fields it drops are
+def _k8s_problems(obj: dict, kind: str, path: str) -> list[str]:
+    """Round-trip `obj` through the Kubernetes client's model `kind` (V1Container, V1Volume): fields it drops are
     misspelled or misplaced."""
     from kubernetes.client import ApiClient
 
     class _Response:
-        data = json.dumps(container)
+        data = json.dumps(obj)
 
     client = ApiClient()
-    back = client.sanitize_for_serialization(client.deserialize(_Response(), "V1Container"))
+    back = client.sanitize_for_serialization(client.deserialize(_Response(), kind))
     problems = []
 
     def compare(a, b, path):
         if isinstance(a, dict):
             for k, v in a.items():
                 if not isinstance(b, dict) or k not in b:
-                    problems.append(f"{path}.{k}: not a Kubernetes container field")
+                    problems.append(f"{path}.{k}: not a Kubernetes {kind[2:].lower()} field")
                 else:
                     compare(v, b[k], f"{path}.{k}")
         elif isinstance(a, list) and isinstance(b, list):
             for i, (x, y) in enumerate(zip(a, b)):
                 compare(x, y, f"{path}[{i}]")
 
-    compare(container, back, "container")
+    compare(obj, back, path)
     return problems
 
 
@@ -186,7 +202,9 @@ def validate_manifest(doc: dict) -> tuple[list[str], list[str]]:
     if len(containers) != 1:
         return errors + [f"spec.predictor.containers must hold one container, got {len(containers)}"], warnings
     c = containers[0]
-    errors += _container_problems(c)
+    errors += _k8s_problems(c, "V1Container", "container")
+    for i, volume in enumerate(pred.get("volumes") or []):
+        errors += _k8s_problems(volume, "V1Volume", f"spec.predictor.volumes[{i}]")
     if c.get("name") != CONTAINER_NAME:
         errors.append(f"container name must be {CONTAINER_NAME!r}, got {c.get('name')!r}")
     if not c.get("image"):
@@ -209,6 +227,16 @@ def validate_manifest(doc: dict) -> tuple[list[str], list[str]]:
         errors.append("a cuda container needs resources.limits nvidia.com/gpu")
     if "--fp8" in args and not (cuda and "--dtype" in args and args[args.index("--dtype") + 1] == "bfloat16"):
         errors.append("--fp8 needs a cuda container serving --dtype bfloat16")
+    if "--compile-cache" in args:
+        cache = args[args.index("--compile-cache") + 1] if args.index("--compile-cache") + 1 < len(args) else None
+        mounts = {m.get("mountPath"): m.get("name") for m in c.get("volumeMounts") or []}
+        volumes = {v.get("name"): v for v in pred.get("volumes") or []}
+        if mounts.get(cache) not in volumes:
+            errors.append(f"--compile-cache {cache} needs a volume mounted there (else the compiled kernels are lost "
+                          f"with the container)")
+        claim = (volumes.get(mounts.get(cache)) or {}).get("persistentVolumeClaim") or {}
+        if claim and not _DNS_1123_SUBDOMAIN.match(str(claim.get("claimName", ""))):
+            errors.append(f"persistentVolumeClaim claimName {claim.get('claimName')!r} must be a DNS-1123 subdomain")
     probe = (c.get("startupProbe") or {}).get("httpGet") or {}
     if probe.get("path") != f"/v2/models/{name}/ready" or probe.get("port") != HTTP_PORT:
         errors.append(f"startupProbe must GET /v2/models/{name}/ready on port {HTTP_PORT}, got {probe}")

@@ -55,6 +55,14 @@ def test_generated_manifest_is_valid_and_complete():
     assert "--fp8" not in c["args"] and "--warm-sessions" not in c["args"]  # the defaults add no flags
     args = build_manifest(spec(fp8=True, warm_sessions=4))["spec"]["predictor"]["containers"][0]["args"]
     assert "--fp8" in args and args[args.index("--warm-sessions") + 1] == "4"
+    # Compiled kernels on a volume: an emptyDir by default (a restarted container keeps it), or a claim.
+    assert c["args"][c["args"].index("--compile-cache") + 1] == "/var/cache/vaops"
+    assert c["volumeMounts"] == [{"name": "compile-cache", "mountPath": "/var/cache/vaops"}]
+    assert pred["volumes"] == [{"name": "compile-cache", "emptyDir": {}}]
+    claimed = build_manifest(spec(compile_cache_pvc="vaops-kernels"))
+    assert validate_manifest(claimed) == ([], [])
+    assert claimed["spec"]["predictor"]["volumes"] == [{"name": "compile-cache",
+                                                         "persistentVolumeClaim": {"claimName": "vaops-kernels"}}]
 
 
 def _fp8_in_float32(doc: dict) -> None:
@@ -74,6 +82,11 @@ def _fp8_in_float32(doc: dict) -> None:
     (lambda d: d["spec"]["predictor"]["containers"][0]["env"].pop(0), "STORAGE_URI"),
     (lambda d: d["metadata"]["annotations"].pop("prometheus.io/scrape"), "prometheus.io/scrape"),
     (_fp8_in_float32, "--fp8 needs a cuda container serving --dtype bfloat16"),
+    (lambda d: d["spec"]["predictor"]["volumes"][0].update(emptydir={}),
+     "spec.predictor.volumes[0].emptydir: not a Kubernetes volume field"),
+    (lambda d: d["spec"]["predictor"].pop("volumes"), "--compile-cache /var/cache/vaops needs a volume mounted there"),
+    (lambda d: d["spec"]["predictor"]["volumes"][0].update(emptyDir=None, persistentVolumeClaim={"claimName": "My_PVC"}),
+     "claimName 'My_PVC' must be a DNS-1123 subdomain"),
 ])
 def test_validation_names_what_is_wrong(break_it, error):
     doc = copy.deepcopy(build_manifest(spec()))

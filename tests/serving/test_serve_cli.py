@@ -22,12 +22,12 @@ def test_every_documented_flag_sets_its_field(monkeypatch):
     cfg = _config("--model", "models:/va@champion", "--name", "va", "--host", "0.0.0.0", "--http-port", "9000",
                   "--grpc-port", "9001", "--no-grpc", "--device", "cuda", "--dtype", "bfloat16", "--fp8", "--max-sessions", "3",
                   "--max-cache-gb", "1.5", "--memory-reserve-gb", "4", "--idle-timeout", "30", "--max-request-mb", "8", "--compute-threads", "2",
-                  "--ahead-threads", "3", "--no-defer-observations", "--max-batch", "8", "--batch-wait-ms", "0.5", "--torch-threads", "1", "--no-warmup", "--warm-sessions", "2",
+                  "--ahead-threads", "3", "--no-defer-observations", "--max-batch", "8", "--batch-wait-ms", "0.5", "--torch-threads", "1", "--compile-cache", "/var/cache/vaops", "--no-warmup", "--warm-sessions", "2",
                   "--token-env", "MY_TOKEN")
     assert cfg == ServeConfig(model="models:/va@champion", name="va", host="0.0.0.0", http_port=9000, grpc_port=9001,
                               enable_grpc=False, device="cuda", dtype="bfloat16", fp8=True, max_sessions=3, max_cache_gb=1.5,
                               memory_reserve_gb=4, idle_timeout_s=30, token="a-long-secret", max_request_mb=8, compute_threads=2,
-                              ahead_threads=3, defer_observations=False, max_batch=8, batch_wait_ms=0.5, torch_threads=1, warmup=False, warm_sessions=2)
+                              ahead_threads=3, defer_observations=False, max_batch=8, batch_wait_ms=0.5, torch_threads=1, compile_cache="/var/cache/vaops", warmup=False, warm_sessions=2)
     monkeypatch.delenv("VAOPS_SERVE_TOKEN", raising=False)
     assert _config("--model", "ck") == ServeConfig(model="ck")  # the defaults: no token, loopback only
 
@@ -59,3 +59,20 @@ def test_bad_settings_are_one_line_errors(capsys):
     assert main(["serve", "--model", "ck", "--http-port", "x"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["vaops serve: error: command line: field 'http_port' got 'x' (Couldn't parse 'x' into an int)"]
+
+
+def test_compile_cache_holds_inductors_and_tritons_kernels(tmp_path, monkeypatch):
+    """torch's own functions report the folder as their caches once the server has pointed them there."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir, triton_cache_dir
+
+    from vaops.serving.server import use_compile_cache
+
+    for name in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
+        monkeypatch.delenv(name, raising=False)  # restored after the test
+    use_compile_cache(str(tmp_path / "kernels"))
+    assert cache_dir() == str((tmp_path / "kernels" / "inductor").resolve())
+    assert triton_cache_dir(0) == str((tmp_path / "kernels" / "triton").resolve())
+    assert (tmp_path / "kernels" / "triton").is_dir()
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(ValueError, match=r"compile_cache .*a-file/x: cannot create .*: Not a directory"):
+        use_compile_cache(str(tmp_path / "a-file" / "x"))
