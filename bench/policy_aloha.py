@@ -29,6 +29,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import shlex
 import shutil
 import socket
@@ -323,7 +324,7 @@ def _evaluate_variant(a: argparse.Namespace, name: str, out: Path) -> None:
             raise SystemExit(f"{name}: evaluation shards {failed} failed; see {out}/shard-*.log")
         vaops("eval", "--merge", str(out), "--no-mlflow")
     finally:
-        server.terminate()
+        server.send_signal(signal.SIGINT)  # at once: SIGTERM lets the episodes under way finish first
         try:
             server.wait(timeout=30)
         except subprocess.TimeoutExpired:

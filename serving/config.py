@@ -89,6 +89,13 @@ class ServeConfig:
         "help": "sessions warmed up before ready (GPU, with --warmup): as many robots as this start at full "
                 "speed; each holds its KV cache and graphs from the start"})
     torch_threads: int | None = None
+    # On SIGTERM (a rolling update, a drained node) robots mid-episode finish before the server stops: it reports
+    # not ready at once (so no new connection is routed to it), refuses new sessions and episodes (503 /
+    # UNAVAILABLE: reconnect), and stops when none is under way or after this long. SIGINT (Ctrl-C) or a second
+    # SIGTERM stops at once.
+    drain_timeout_s: float = field(default=120.0, metadata={
+        "flag": "drain_timeout", "help": "on SIGTERM, the longest wait for the episodes under way to finish, no new "
+                                         "one started meanwhile (0: stop at once; SIGINT always does)"})
     # Compiled kernels (inductor's and Triton's caches) kept in this folder across restarts. A fresh node compiles
     # for minutes before the server is ready: one H200, ready 255 s after the weights were built on a fresh node,
     # 56 s with an earlier start's caches (bench/results/serve_load_batched_default_h200.md). The KServe
@@ -134,6 +141,8 @@ class ServeConfig:
             problems.append(f"max_sessions {self.max_sessions} must be at least 1")
         if self.max_cache_gb is not None and self.max_cache_gb <= 0:
             problems.append(f"max_cache_gb {self.max_cache_gb} must be positive")
+        if self.drain_timeout_s < 0:
+            problems.append(f"drain_timeout_s {self.drain_timeout_s} must not be negative")
         if self.memory_reserve_gb is not None and self.memory_reserve_gb < 0:
             problems.append(f"memory_reserve_gb {self.memory_reserve_gb} must not be negative")
         if self.idle_timeout_s <= 0:

@@ -264,6 +264,7 @@ class EpisodeService:
         prompt, seed, seq = check_prompt(prompt), check_count("seed", seed), check_count("seq", seq)
         async_execution = check_async_execution(async_execution)
         operating_point = check_operating_point(operating_point, self.preset)
+        self.sessions.refuse_if_draining()  # a new episode: a stopping server starts none
         async with self._operation(session, "reset", protocol):
             if self._replay(session, "reset", seq) is not _NEW:
                 return

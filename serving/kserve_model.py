@@ -30,7 +30,7 @@ import uuid
 
 import numpy as np
 from fastapi.responses import JSONResponse
-from grpc_interceptor.exceptions import Aborted, GrpcException, Internal, ResourceExhausted
+from grpc_interceptor.exceptions import Aborted, GrpcException, Internal, ResourceExhausted, Unavailable
 from kserve import InferOutput, InferRequest, InferResponse, Model
 from kserve.errors import InvalidInput
 from kserve.protocol.infer_type import to_http_parameters
@@ -38,7 +38,7 @@ from kserve.utils.numpy_codec import to_np_dtype
 
 from . import metrics
 from .episode import EpisodeFailed, EpisodeService, InputError
-from .sessions import Conflict, SessionError, SessionsFull
+from .sessions import Conflict, Draining, SessionError, SessionsFull
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,13 @@ class CapacityExhausted(ProtocolError, ResourceExhausted):
         super().__init__(details)
         self.retry_after_s = retry_after_s
         self.headers = {"Retry-After": str(retry_after_s)}
+
+
+class ServerDraining(ProtocolError, Unavailable):
+    """The server is stopping (sessions.Draining): 503 / UNAVAILABLE, retried on a new connection."""
+
+    http_status = 503
+    headers = {"Retry-After": "1"}
 
 
 class PolicyFailure(ProtocolError, Internal):
@@ -120,6 +127,9 @@ class PolicyModel(Model):
         except SessionsFull as e:
             metrics.ERRORS.labels(protocol, type(e).__name__).inc()
             raise CapacityExhausted(str(e), e.retry_after_s) from None
+        except Draining as e:
+            metrics.ERRORS.labels(protocol, type(e).__name__).inc()
+            raise ServerDraining(str(e)) from None
         except Conflict as e:
             metrics.ERRORS.labels(protocol, type(e).__name__).inc()
             raise SessionConflict(str(e)) from None

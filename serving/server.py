@@ -20,7 +20,9 @@ import hmac
 import json
 import logging
 import os
+import signal
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -29,8 +31,8 @@ import torch
 from grpc import aio
 from kserve import ModelServer
 from kserve.constants.constants import FASTAPI_APP_IMPORT_STRING
-from kserve.errors import InvalidInput
-from fastapi.responses import PlainTextResponse
+from kserve.errors import InvalidInput, ModelNotReady, ServerNotReady
+from fastapi.responses import JSONResponse, PlainTextResponse
 from kserve.model_server import app as kserve_app  # the FastAPI app kserve's REST server serves
 from kserve.protocol.dataplane import DataPlane
 from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
@@ -173,10 +175,25 @@ class PolicyExceptionInterceptor(ExceptionToStatusInterceptor):
 
 
 class PolicyDataPlane(DataPlane):
-    """kserve's data plane; the server metadata lists no extensions (the model repository one is off)."""
+    """kserve's data plane; the server metadata lists no extensions (the model repository one is off). While the
+    server drains (`draining`) its readiness routes answer not ready, so no new traffic is routed to it, and its
+    requests are still served: kserve's inference routes ask `model_ready(name, True)`, its probes without."""
+
+    draining = False
 
     def metadata(self) -> dict:
         return {**super().metadata(), "extensions": []}
+
+    async def ready(self) -> bool:
+        return not self.draining and await super().ready()
+
+    async def model_ready(self, model_name: str, disable_predictor_health_check: bool = False) -> bool:
+        ready = await super().model_ready(model_name, disable_predictor_health_check)
+        return ready and (disable_predictor_health_check or not self.draining)
+
+
+async def not_ready_handler(_, exc: Exception) -> JSONResponse:
+    return JSONResponse(status_code=503, content={"error": str(exc)})
 
 
 async def healthz() -> PlainTextResponse:
@@ -224,6 +241,8 @@ class PolicyRESTServer(RESTServer):
         super()._add_exception_handlers(app)
         app.add_exception_handler(ProtocolError, rest_error_handler)
         app.add_exception_handler(InvalidInput, invalid_input_handler)
+        for not_ready in (ModelNotReady, ServerNotReady):  # a drain's probes: 503, not a traceback a probe
+            app.add_exception_handler(not_ready, not_ready_handler)
 
 
 class PolicyServer(ModelServer):
@@ -248,6 +267,7 @@ class PolicyServer(ModelServer):
         kserve_app.add_api_route("/healthz", healthz, methods=["GET"])
         limits = UnpackLimits(max_bytes=cfg.max_request_bytes)
         kserve_app.add_api_websocket_route("/", EpisodeSocket(cfg.name, model.episodes, limits))
+        self._drain_on_signal()
         self.servers.append(self._rest_server.start())
         if cfg.enable_grpc:
             self._grpc_server = BoundGRPCServer(cfg.host, cfg.grpc_port, self.dataplane,
@@ -258,12 +278,44 @@ class PolicyServer(ModelServer):
         self.register_signal_handler()
         asyncio.run(self._serve())
 
+    def _drain_on_signal(self) -> None:
+        """Wrap uvicorn's signal handler (it replaces kserve's while serving): a first SIGTERM (Kubernetes' stop) is
+        noted for `_sweep_idle`, which drains (ServeConfig.drain_timeout_s) and then stops; SIGINT (Ctrl-C, a
+        local tool stopping its own server) or a second SIGTERM stops at once."""
+        server = self._rest_server._server
+        stop = server.handle_exit
+        self._signalled: tuple | None = None
+
+        def handle_exit(sig, frame) -> None:
+            if sig == signal.SIGTERM and self._signalled is None:
+                self._signalled = (sig, frame, stop)
+            else:
+                stop(sig, frame)
+
+        server.handle_exit = handle_exit
+
     async def _sweep_idle(self, episodes: EpisodeService) -> None:
         uvicorn_server = self._rest_server._server
+        sessions = episodes.sessions
+        deadline = None
         while not uvicorn_server.should_exit:
-            await asyncio.sleep(1.0)
-            if episodes.sessions.expire_idle():
+            await asyncio.sleep(0.25 if self._signalled else 1.0)
+            if sessions.expire_idle():
                 episodes.update_gauges()
+            if self._signalled is None:
+                continue
+            sig, frame, stop = self._signalled
+            under_way = sessions.episodes_under_way()
+            if deadline is None and under_way and self.config.drain_timeout_s > 0:
+                deadline = time.monotonic() + self.config.drain_timeout_s
+                sessions.draining = self.dataplane.draining = True  # readiness probes now fail: no new traffic
+                log.info("stopping: %d episode(s) under way may finish within %g s; no new session or episode "
+                         "meanwhile (SIGINT or another SIGTERM stops now)", under_way, self.config.drain_timeout_s)
+            if not under_way or deadline is None or time.monotonic() > deadline:
+                if deadline is not None:
+                    log.info("stopping: %s", "the episodes under way have ended" if not under_way else
+                             f"{under_way} episode(s) still under way after {self.config.drain_timeout_s:g} s")
+                stop(sig, frame)
         # REST is down (a signal, or its port was taken): take gRPC down too, so the process ends.
         if self._grpc_server is not None:
             await self._grpc_server.stop()

@@ -31,6 +31,10 @@ from vaops.models.policy import Policy, PolicyChunk, PolicyWeights
 
 log = logging.getLogger(__name__)
 _SESSION_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+# A session that has answered its last chunk's observation and sent nothing for this long has ended its episode,
+# as far as a stopping server waits for it (SessionManager.draining): within an episode the next act follows the
+# observe's reply by a round trip.
+DRAIN_QUIET_S = 2.0
 # Closed sessions remembered, so a retried close is answered like the first one.
 _CLOSED_REMEMBERED = 1024
 
@@ -49,6 +53,11 @@ class SessionsFull(SessionError):
     def __init__(self, message: str, retry_after_s: int):
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class Draining(SessionError):
+    """The server is stopping: it lets the episodes in progress finish and starts no new one (a new server takes
+    them: reconnect)."""
 
 
 class Conflict(SessionError):
@@ -84,6 +93,12 @@ class Session:
     @property
     def busy(self) -> bool:
         return self.lock.locked() or (self.ahead is not None and not self.ahead.done())
+
+    def mid_episode(self, now: float) -> bool:
+        """Whether an episode is under way: an operation running, a chunk out awaiting its observation or computed
+        ahead, or a request within the last DRAIN_QUIET_S (a robot's next act follows its observe at once)."""
+        return (self.busy or self.pending or self.ahead is not None or self.ready is not None
+                or now - self.last_used < DRAIN_QUIET_S)
 
 
 def cache_bytes(policy: Policy) -> int:
@@ -160,6 +175,8 @@ class SessionManager:
                 self._pool.append(pooled_policy(weights, warm_up))
         self._sessions: dict[str, Session] = {}
         self._closed: OrderedDict[str, None] = OrderedDict()
+        # Stopping (a signal, PolicyServer): no new session or episode, the ones under way finish.
+        self.draining = False
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -178,6 +195,7 @@ class SessionManager:
             raise SessionError(f"session id {session_id!r} must be 1-128 characters of letters, digits, '_.:-'")
         if session_id in self._sessions:
             raise SessionError(f"session {session_id!r} already exists")
+        self.refuse_if_draining()
         self.expire_idle()
         if len(self._sessions) >= self.capacity:
             wait = self.retry_after_s()
@@ -192,6 +210,15 @@ class SessionManager:
         session = Session(session_id, policy, self.clock())
         self._sessions[session_id] = session
         return session
+
+    def refuse_if_draining(self) -> None:
+        if self.draining:
+            raise Draining("this server is stopping: it finishes the episodes under way and starts no new one; "
+                           "reconnect (a new server takes new episodes)")
+
+    def episodes_under_way(self) -> int:
+        now = self.clock()
+        return sum(s.mid_episode(now) for s in self._sessions.values())
 
     def _check_memory(self) -> None:
         """Before a new policy is made: refuse (SessionsFull) while the device cannot hold one more session beside

@@ -27,7 +27,7 @@ from vaops.models.msgpack_numpy import UnpackLimits, WireError, packb, unpackb
 
 from . import metrics
 from .episode import ASYNC_MODES, EpisodeFailed, EpisodeService, InputError
-from .sessions import Session, SessionError
+from .sessions import Draining, Session, SessionError
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,8 @@ class EpisodeSocket:
                 else:
                     try:
                         session, reply = await self._handle(session, unpackb(data, self.limits))
+                    except Draining as e:  # stopping: the client reconnects to the server that takes new episodes
+                        reply = self._error("unavailable", str(e))
                     except (WireError, InputError, SessionError) as e:
                         reply = self._error("invalid", str(e))
                     except EpisodeFailed as e:  # the policy failed; the text says the episode needs a reset

@@ -10,6 +10,8 @@ Shape of what is generated (serving.kserve.io/v1beta1):
   readiness and liveness probes, Prometheus scraping annotations;
 - a volume for compiled kernels (`vaops serve --compile-cache`): an emptyDir, which a container restarted in
   its pod keeps, or a PersistentVolumeClaim, which a new pod keeps too (a fresh start compiles for minutes);
+- SIGTERM drains (`vaops serve --drain-timeout`): the episodes under way finish, no new one starts; the pod's
+  termination grace period outlasts the drain, so Kubernetes does not kill robots' episodes mid-way;
 - exactly one replica. KServe routes requests without session affinity, and an episode's KV
   cache lives in one replica's memory, so a second replica would receive chunks of sessions it
   does not hold. Scale by running one InferenceService per GPU, not by replicas.
@@ -18,6 +20,7 @@ Shape of what is generated (serving.kserve.io/v1beta1):
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Literal
@@ -33,6 +36,8 @@ KIND = "InferenceService"
 HTTP_PORT = 8080
 GRPC_PORT = 8081
 MODEL_MOUNT = "/mnt/models"
+# Seconds between the end of a drain and Kubernetes' SIGKILL: the server's shutdown after its drain.
+DRAIN_MARGIN_S = 30
 COMPILE_CACHE_MOUNT = "/var/cache/vaops"  # vaops serve --compile-cache
 COMPILE_CACHE_VOLUME = "compile-cache"
 CONTAINER_NAME = "kserve-container"  # the name KServe's storage initializer and probes expect
@@ -69,6 +74,9 @@ class ManifestSpec:
     token_secret: str | None = field(default=None, metadata={  # a Secret with key "token"
         "help": "Kubernetes Secret (key 'token') that enables bearer authentication"})
     startup_timeout_s: int = field(default=1800, metadata={"flag": None})
+    drain_timeout_s: float = field(default=120.0, metadata={
+        "flag": "drain_timeout", "help": "on the pod's stop, the longest wait for the episodes under way (vaops serve "
+                                         "--drain-timeout; the termination grace period is 30 s more)"})
     compile_cache_pvc: str | None = field(default=None, metadata={
         "help": "PersistentVolumeClaim for compiled kernels, kept across pods (default: an emptyDir, kept across "
                 "the container's restarts in its pod)"})
@@ -93,7 +101,8 @@ def build_manifest(spec: ManifestSpec) -> dict:
             "--http-port", str(HTTP_PORT), "--grpc-port", str(GRPC_PORT),
             "--device", "cuda" if spec.gpus > 0 else "cpu", "--dtype", spec.dtype,
             "--max-sessions", str(spec.max_sessions), "--idle-timeout", f"{spec.idle_timeout_s:g}",
-            "--compile-cache", COMPILE_CACHE_MOUNT, *serving_options(spec)]
+            "--compile-cache", COMPILE_CACHE_MOUNT, "--drain-timeout", f"{spec.drain_timeout_s:g}",
+            *serving_options(spec)]
     env: list[dict[str, object]] = [{"name": "STORAGE_URI", "value": spec.storage_uri},
                                     {"name": "HF_HUB_OFFLINE", "value": "1"}]
     if spec.token_secret:
@@ -131,7 +140,8 @@ def build_manifest(spec: ManifestSpec) -> dict:
             },
         },
         "spec": {"predictor": {"minReplicas": 1, "maxReplicas": 1, "containers": [container],
-                               "volumes": [compile_cache_volume(spec)]}},
+                               "volumes": [compile_cache_volume(spec)],
+                               "terminationGracePeriodSeconds": math.ceil(spec.drain_timeout_s) + DRAIN_MARGIN_S}},
     }
 
 
@@ -237,6 +247,12 @@ def validate_manifest(doc: dict) -> tuple[list[str], list[str]]:
         claim = (volumes.get(mounts.get(cache)) or {}).get("persistentVolumeClaim") or {}
         if claim and not _DNS_1123_SUBDOMAIN.match(str(claim.get("claimName", ""))):
             errors.append(f"persistentVolumeClaim claimName {claim.get('claimName')!r} must be a DNS-1123 subdomain")
+    if "--drain-timeout" in args:
+        drain = args[args.index("--drain-timeout") + 1] if args.index("--drain-timeout") + 1 < len(args) else "?"
+        grace = pred.get("terminationGracePeriodSeconds", 30)  # Kubernetes' default
+        if not re.fullmatch(r"\d+(\.\d+)?", drain) or not isinstance(grace, int) or grace <= float(drain):
+            errors.append(f"terminationGracePeriodSeconds {grace} must exceed --drain-timeout {drain} (else Kubernetes "
+                          f"kills the episodes the server lets finish)")
     probe = (c.get("startupProbe") or {}).get("httpGet") or {}
     if probe.get("path") != f"/v2/models/{name}/ready" or probe.get("port") != HTTP_PORT:
         errors.append(f"startupProbe must GET /v2/models/{name}/ready on port {HTTP_PORT}, got {probe}")

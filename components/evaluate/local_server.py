@@ -12,6 +12,7 @@ servers can start at once.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -75,7 +76,7 @@ class LocalPolicyServer:
 
     def stop(self) -> None:
         if self.proc.poll() is None:
-            self.proc.terminate()
+            self.proc.send_signal(signal.SIGINT)  # at once: SIGTERM lets the episodes under way finish first
             try:
                 self.proc.wait(timeout=5)
             except subprocess.TimeoutExpired:

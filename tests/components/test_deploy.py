@@ -59,6 +59,9 @@ def test_generated_manifest_is_valid_and_complete():
     assert c["args"][c["args"].index("--compile-cache") + 1] == "/var/cache/vaops"
     assert c["volumeMounts"] == [{"name": "compile-cache", "mountPath": "/var/cache/vaops"}]
     assert pred["volumes"] == [{"name": "compile-cache", "emptyDir": {}}]
+    # SIGTERM drains for --drain-timeout; Kubernetes waits 30 s more before it kills.
+    assert c["args"][c["args"].index("--drain-timeout") + 1] == "120"
+    assert pred["terminationGracePeriodSeconds"] == 150
     claimed = build_manifest(spec(compile_cache_pvc="vaops-kernels"))
     assert validate_manifest(claimed) == ([], [])
     assert claimed["spec"]["predictor"]["volumes"] == [{"name": "compile-cache",
@@ -84,6 +87,8 @@ def _fp8_in_float32(doc: dict) -> None:
     (_fp8_in_float32, "--fp8 needs a cuda container serving --dtype bfloat16"),
     (lambda d: d["spec"]["predictor"]["volumes"][0].update(emptydir={}),
      "spec.predictor.volumes[0].emptydir: not a Kubernetes volume field"),
+    (lambda d: d["spec"]["predictor"].pop("terminationGracePeriodSeconds"),
+     "terminationGracePeriodSeconds 30 must exceed --drain-timeout 120"),
     (lambda d: d["spec"]["predictor"].pop("volumes"), "--compile-cache /var/cache/vaops needs a volume mounted there"),
     (lambda d: d["spec"]["predictor"]["volumes"][0].update(emptyDir=None, persistentVolumeClaim={"claimName": "My_PVC"}),
      "claimName 'My_PVC' must be a DNS-1123 subdomain"),

@@ -4,6 +4,7 @@ reference (openpi) websocket client's wire behaviour, and the same episodes run 
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -66,7 +67,7 @@ class ServerProcess:
 
     def stop(self) -> None:
         if self.proc.poll() is None:
-            self.proc.terminate()
+            self.proc.send_signal(signal.SIGINT)  # at once: SIGTERM lets the episodes under way finish first
             try:
                 self.proc.wait(timeout=15)
             except subprocess.TimeoutExpired:

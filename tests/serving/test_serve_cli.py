@@ -22,12 +22,12 @@ def test_every_documented_flag_sets_its_field(monkeypatch):
     cfg = _config("--model", "models:/va@champion", "--name", "va", "--host", "0.0.0.0", "--http-port", "9000",
                   "--grpc-port", "9001", "--no-grpc", "--device", "cuda", "--dtype", "bfloat16", "--fp8", "--max-sessions", "3",
                   "--max-cache-gb", "1.5", "--memory-reserve-gb", "4", "--idle-timeout", "30", "--max-request-mb", "8", "--compute-threads", "2",
-                  "--ahead-threads", "3", "--no-defer-observations", "--max-batch", "8", "--batch-wait-ms", "0.5", "--torch-threads", "1", "--compile-cache", "/var/cache/vaops", "--no-warmup", "--warm-sessions", "2",
+                  "--ahead-threads", "3", "--no-defer-observations", "--max-batch", "8", "--batch-wait-ms", "0.5", "--torch-threads", "1", "--compile-cache", "/var/cache/vaops", "--drain-timeout", "45", "--no-warmup", "--warm-sessions", "2",
                   "--token-env", "MY_TOKEN")
     assert cfg == ServeConfig(model="models:/va@champion", name="va", host="0.0.0.0", http_port=9000, grpc_port=9001,
                               enable_grpc=False, device="cuda", dtype="bfloat16", fp8=True, max_sessions=3, max_cache_gb=1.5,
                               memory_reserve_gb=4, idle_timeout_s=30, token="a-long-secret", max_request_mb=8, compute_threads=2,
-                              ahead_threads=3, defer_observations=False, max_batch=8, batch_wait_ms=0.5, torch_threads=1, compile_cache="/var/cache/vaops", warmup=False, warm_sessions=2)
+                              ahead_threads=3, defer_observations=False, max_batch=8, batch_wait_ms=0.5, torch_threads=1, compile_cache="/var/cache/vaops", drain_timeout_s=45, warmup=False, warm_sessions=2)
     monkeypatch.delenv("VAOPS_SERVE_TOKEN", raising=False)
     assert _config("--model", "ck") == ServeConfig(model="ck")  # the defaults: no token, loopback only
 
@@ -49,6 +49,7 @@ def test_bad_settings_are_one_line_errors(capsys):
                           (["--model", "ck", "--compute-threads", "0"], "compute_threads 0 must be at least 1"),
                           (["--model", "ck", "--ahead-threads", "-1"], "ahead_threads -1 must not be negative"),
                           (["--model", "ck", "--memory-reserve-gb", "-1"], "memory_reserve_gb -1.0 must not be negative"),
+                          (["--model", "ck", "--drain-timeout", "-5"], "drain_timeout_s -5.0 must not be negative"),
                           (["--model", "ck", "--warm-sessions", "9"], "warm_sessions 9 must be between 1 and max_sessions 8"),
                           (["--model", "ck", "--fp8"], "fp8 needs --dtype bfloat16, got float32"),
                           (["--http-port", "80"], "model is required")):

@@ -342,3 +342,92 @@ def test_a_batching_server_batches_robots_action_steps_and_each_gets_its_own_epi
              for line in metrics.splitlines() if line.startswith("vaops_action_batches_total{")}
     assert sum(n * count for n, count in sizes.items()) >= 4 * 3  # every chunk's action steps, batched or not
     assert any(n > 1 for n in sizes), sizes  # robots shared batches
+
+
+def test_sigterm_lets_the_episodes_under_way_finish_and_starts_no_new_one(tiny_checkpoint, tmp_path):
+    """A rolling update's SIGTERM: the server reports not ready at once and refuses new sessions and episodes
+    (503 with Retry-After, an error text on the websocket), the robot mid-episode finishes its chunks, and the
+    server stops once that episode has ended, not at the drain timeout."""
+    import signal
+
+    srv = ServerProcess(str(tiny_checkpoint), tmp_path, tmp_path / "server.log", "--torch-threads", "1",
+                        "--no-grpc", "--drain-timeout", "60").wait_ready()
+    robot = UpstreamClient(srv.ws_url)
+    try:
+        first, keyframes = episode_script(105, 3)
+        assert robot.infer({"reset": True, "prompt": PROMPT, "seed": 15}) == {}
+        actions = robot.infer({"obs": first, "prompt": PROMPT})["action"]  # chunk 0 out: an episode under way
+        rest = InferenceRESTClient(RESTConfig(protocol="v2", timeout=60))  # and one over REST
+        loop = asyncio.new_event_loop()  # the client's connections live in one loop
+
+        def call(req):
+            return loop.run_until_complete(rest.infer(srv.url, req, model_name=MODEL))
+
+        prompt = tensor("prompt", np.array([PROMPT.encode()], dtype=object), "BYTES")
+        sid = to_http_parameters(call(request("reset", inputs=[prompt])).parameters)["session_id"]
+        rest_actions = call(request("act", sid, [tensor(CAMERA, first[CAMERA], "UINT8")])).outputs[0].as_numpy()
+        srv.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while httpx.get(f"{srv.url}/v2/health/ready").status_code == 200 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert httpx.get(f"{srv.url}/v2/models/{MODEL}/ready").status_code == 503
+        reply = httpx.post(f"{srv.url}/v2/models/{MODEL}/infer", json={
+            "inputs": [{"name": "prompt", "datatype": "BYTES", "shape": [1], "data": ["x"]}],
+            "parameters": {"op": "reset"}})
+        assert reply.status_code == 503 and reply.headers["retry-after"] == "1"
+        assert "this server is stopping" in reply.json()["error"]
+        late = UpstreamClient(srv.ws_url)
+        try:
+            with pytest.raises(RuntimeError, match="this server is stopping: it finishes the episodes under way"):
+                late.infer({"reset": True, "prompt": PROMPT})
+        finally:
+            late.close()
+        for k in range(3):  # the robot under way goes on to the end of its episode
+            assert robot.infer({"obs": keyframes[k], "compute_kv_cache": True, "state": actions}) == {}
+            if k < 2:
+                actions = robot.infer({"obs": first, "prompt": PROMPT})["action"]
+                assert actions.shape == (14, 2, 16)
+        with pytest.raises(RuntimeError, match="this server is stopping"):  # but starts no new one
+            robot.infer({"reset": True, "prompt": PROMPT})
+        stack = np.stack([f[CAMERA] for f in keyframes[0]])  # the REST robot too, to its close
+        call(request("observe", sid, [tensor(CAMERA, stack, "UINT8"), tensor("actions", rest_actions, "FP32")]))
+        assert call(request("act", sid)).outputs[0].as_numpy().shape == (14, 2, 16)
+        call(request("close", sid))
+        loop.run_until_complete(rest.close())
+        loop.close()
+        assert srv.alive()
+    finally:
+        robot.close()
+    srv.proc.wait(timeout=20)  # the episode has ended (2 s quiet): the server stops long before its 60 s
+    log = srv.log.read_text()
+    assert "stopping: 2 episode(s) under way may finish within 60 s" in log
+    assert "stopping: the episodes under way have ended" in log
+    srv.stop()
+
+
+@pytest.mark.parametrize("drain, second", [("1", None), ("60", "SIGTERM"), ("60", "SIGINT")])
+def test_a_drain_ends_at_its_timeout_or_at_the_next_signal(tiny_checkpoint, tmp_path, drain, second):
+    """An episode that never ends holds a stopping server for --drain-timeout at most; a second SIGTERM, or a
+    SIGINT, stops it at once."""
+    import signal
+
+    srv = ServerProcess(str(tiny_checkpoint), tmp_path, tmp_path / "server.log", "--torch-threads", "1",
+                        "--no-grpc", "--drain-timeout", drain).wait_ready()
+    robot = UpstreamClient(srv.ws_url)
+    try:
+        first, _ = episode_script(106, 1)
+        robot.infer({"reset": True, "prompt": PROMPT, "seed": 16})
+        robot.infer({"obs": first, "prompt": PROMPT})  # a chunk out, never observed
+        srv.proc.send_signal(signal.SIGTERM)
+        if second is not None:
+            deadline = time.monotonic() + 10  # the drain has begun: not ready
+            while httpx.get(f"{srv.url}/v2/health/ready").status_code == 200 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            srv.proc.send_signal(getattr(signal, second))
+        srv.proc.wait(timeout=15)
+    finally:
+        robot.close()
+    log = srv.log.read_text()
+    assert "stopping: 1 episode(s) under way may finish within" in log
+    assert ("stopping: 1 episode(s) still under way after 1 s" in log) == (second is None)
+    srv.stop()
