@@ -14,6 +14,9 @@ OP_SECONDS = Histogram("vaops_episode_op_seconds", "Latency of one episode opera
 SESSIONS = Gauge("vaops_sessions", "Open episode sessions")
 SESSION_CAPACITY = Gauge("vaops_session_capacity", "Most sessions the server holds at once")
 CACHE_BYTES = Gauge("vaops_kv_cache_bytes", "Bytes of KV cache held by open sessions")
+# A SIGTERM's drain (ServeConfig.drain_timeout_s): 1 from its start, with the episodes it waits for.
+DRAINING = Gauge("vaops_draining", "1 while the server lets the episodes under way finish before it stops")
+EPISODES_UNDER_WAY = Gauge("vaops_episodes_under_way", "Sessions in the middle of an episode, while draining")
 ERRORS = Counter("vaops_request_errors", "Requests answered with an error", ["protocol", "kind"])
 # A robot's chunk waits for a compute thread when more operations are due than `--compute-threads` runs at
 # once: the wait is where an overloaded server's real-time robots lose their time.

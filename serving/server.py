@@ -306,9 +306,11 @@ class PolicyServer(ModelServer):
                 continue
             sig, frame, stop = self._signalled
             under_way = sessions.episodes_under_way()
+            metrics.EPISODES_UNDER_WAY.set(under_way)
             if deadline is None and under_way and self.config.drain_timeout_s > 0:
                 deadline = time.monotonic() + self.config.drain_timeout_s
                 sessions.draining = self.dataplane.draining = True  # readiness probes now fail: no new traffic
+                metrics.DRAINING.set(1)
                 log.info("stopping: %d episode(s) under way may finish within %g s; no new session or episode "
                          "meanwhile (SIGINT or another SIGTERM stops now)", under_way, self.config.drain_timeout_s)
             if not under_way or deadline is None or time.monotonic() > deadline:

@@ -371,6 +371,8 @@ def test_sigterm_lets_the_episodes_under_way_finish_and_starts_no_new_one(tiny_c
         while httpx.get(f"{srv.url}/v2/health/ready").status_code == 200 and time.monotonic() < deadline:
             time.sleep(0.1)
         assert httpx.get(f"{srv.url}/v2/models/{MODEL}/ready").status_code == 503
+        metrics = httpx.get(f"{srv.url}/metrics").text
+        assert metric(metrics, "vaops_draining") == 1 and metric(metrics, "vaops_episodes_under_way") == 2
         reply = httpx.post(f"{srv.url}/v2/models/{MODEL}/infer", json={
             "inputs": [{"name": "prompt", "datatype": "BYTES", "shape": [1], "data": ["x"]}],
             "parameters": {"op": "reset"}})
