@@ -241,7 +241,7 @@ class PolicyRESTServer(RESTServer):
         super()._add_exception_handlers(app)
         app.add_exception_handler(ProtocolError, rest_error_handler)
         app.add_exception_handler(InvalidInput, invalid_input_handler)
-        for not_ready in (ModelNotReady, ServerNotReady):  # a drain's probes: 503, not a traceback a probe
+        for not_ready in (ModelNotReady, ServerNotReady):  # probes while draining: a 503 each, not a traceback each
             app.add_exception_handler(not_ready, not_ready_handler)
 
 
