@@ -236,3 +236,40 @@ def test_a_batch_read_through_row_tables_equals_each_robot_alone():
     assert r["sizes"].get("3", 0) >= 2 and sum(int(n) * k for n, k in r["sizes"].items()) == 9
     assert r["diff"] < 1e-5
     assert r["distinct"]
+
+
+def test_row_tables_refuse_what_the_kernels_cannot_read():
+    """The checks made before any kernel runs (none of which a client can reach: the engines make these tensors):
+    keys of another dtype than the batch's, keys or anchors off the 16-element grid the kernels' vectorised loads
+    assume, caches of two layouts in one batch, and a row table of the wrong shape."""
+    pytest.importorskip("triton")
+    from vaops.models.batch import RowTables
+    from vaops.models.split_kv import ROW_FIELDS, split_kv_rows
+
+    tables = RowTables(torch.device("cpu"), torch.float32)
+    buf = torch.zeros(4096)
+    first = (-(buf.data_ptr() - tables.anchor.data_ptr()) // 4) % 16  # buf's first element on the anchor's grid
+    aligned = buf[first:]
+    assert tables.offset(aligned) * 4 == aligned.data_ptr() - tables.anchor.data_ptr()
+    with pytest.raises(ValueError, match="must start at whole multiples of 16 elements"):
+        tables.offset(buf[first + 1:])
+    with pytest.raises(ValueError, match="a batch reads torch.float32 keys, got torch.bfloat16"):
+        tables.offset(aligned.bfloat16())
+
+    def engine(window):  # a robot's engine with a cache of this window, mid-episode
+        preset = dataclasses.replace(PRESET, sampling=dataclasses.replace(PRESET.sampling, attn_window=window))
+        policy = build_random_weights(preset, seed=0).new_policy()
+        policy.reset("pick", seed=0)
+        return policy.engine
+
+    engines = [engine(PRESET.sampling.attn_window), engine(PRESET.sampling.attn_window + 2)]
+    pending = [e.live_cache.begin(8, keep=False) for e in engines]
+    assert tables.cache(engines[:1], pending[:1], rows=1).shape == (PRESET.transformer.num_layers, 1, ROW_FIELDS.value)
+    with pytest.raises(ValueError, match="a batch's caches need one layout"):
+        tables.cache(engines, pending, rows=1)
+
+    q, rows = torch.zeros(2, 4, 2, 16), torch.zeros(2, ROW_FIELDS.value, dtype=torch.int64)
+    with pytest.raises(ValueError, match=r"rows must be int64 \[2, 5\], got torch.int32"):
+        split_kv_rows(q, aligned, aligned, torch.ones(16, dtype=torch.uint8), rows.int(), 16, (32, 16), (32, 16))
+    with pytest.raises(ValueError, match="the anchors must lie at whole multiples of 16 elements"):
+        split_kv_rows(q, buf[first + 1:], aligned, torch.ones(16, dtype=torch.uint8), rows, 16, (32, 16), (32, 16))
