@@ -508,6 +508,10 @@ def report(result: dict, args: argparse.Namespace, quiet: bool = False) -> None:
                          f"{row.get('ahead_threads', 0)} | {observation} | {batch} | {row['chunks_timed']} | "
                          f"{row['idle_p50_s']:.3f} "
                          f"| {row['idle_p99_s']:.3f} | {row['idle_max_s']:.3f} | {wait} |")
+        by_chunk = [f"- row {i + 1}: " + ", ".join(f"{k}: {v:.3f}" for k, v in row["idle_max_by_chunk_s"].items())
+                    for i, row in enumerate(result["realtime"]) if row.get("idle_max_by_chunk_s")]
+        if by_chunk:
+            lines += ["", "Longest idle (s) at each chunk index, over the robots, per row above:", *by_chunk]
     if "agreement" in result:
         a = result["agreement"]
         lines += ["", f"Batched against alone ({a['robots']} robots, {a['chunks']} chunks each, {a['operating_point']}, "
