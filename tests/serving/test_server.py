@@ -348,10 +348,22 @@ def test_sigterm_lets_the_episodes_under_way_finish_and_starts_no_new_one(tiny_c
     """A rolling update's SIGTERM: the server reports not ready at once and refuses new sessions and episodes
     (503 with Retry-After, an error text on the websocket), the robot mid-episode finishes its chunks, and the
     server stops once that episode has ended, not at the drain timeout."""
-    import signal
-
     srv = ServerProcess(str(tiny_checkpoint), tmp_path, tmp_path / "server.log", "--torch-threads", "1",
                         "--no-grpc", "--drain-timeout", "60").wait_ready()
+    try:
+        drain_one_episode(srv)
+    finally:
+        srv.stop()  # at once (SIGINT), also where an assertion failed mid-drain
+    log = srv.log.read_text()
+    assert "stopping: 2 episode(s) under way may finish within 60 s" in log
+    assert "stopping: the episodes under way have ended" in log
+
+
+def drain_one_episode(srv: ServerProcess) -> None:
+    """A websocket robot and a REST robot mid-episode when SIGTERM comes: both finish, nothing new starts, and the
+    server then stops."""
+    import signal
+
     robot = UpstreamClient(srv.ws_url)
     try:
         first, keyframes = episode_script(105, 3)
@@ -401,10 +413,6 @@ def test_sigterm_lets_the_episodes_under_way_finish_and_starts_no_new_one(tiny_c
     finally:
         robot.close()
     srv.proc.wait(timeout=20)  # the episode has ended (2 s quiet): the server stops long before its 60 s
-    log = srv.log.read_text()
-    assert "stopping: 2 episode(s) under way may finish within 60 s" in log
-    assert "stopping: the episodes under way have ended" in log
-    srv.stop()
 
 
 @pytest.mark.parametrize("drain, second", [("1", None), ("60", "SIGTERM"), ("60", "SIGINT")])
@@ -429,7 +437,7 @@ def test_a_drain_ends_at_its_timeout_or_at_the_next_signal(tiny_checkpoint, tmp_
         srv.proc.wait(timeout=15)
     finally:
         robot.close()
+        srv.stop()  # at once (SIGINT), also where an assertion failed first
     log = srv.log.read_text()
     assert "stopping: 1 episode(s) under way may finish within" in log
     assert ("stopping: 1 episode(s) still under way after 1 s" in log) == (second is None)
-    srv.stop()
