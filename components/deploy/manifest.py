@@ -145,6 +145,12 @@ def build_manifest(spec: ManifestSpec) -> dict:
     }
 
 
+def _flag_value(args: list, flag: str) -> str | None:
+    """The value after `flag` in the container's args; None where the flag is absent or last."""
+    i = args.index(flag) + 1 if flag in args else len(args)
+    return str(args[i]) if i < len(args) else None
+
+
 def _unknown_keys(raw: dict, attribute_map: dict, where: str) -> list[str]:
     known = set(attribute_map.values())
     return [f"{where}: unknown field {k!r}" for k in raw if k not in known]
@@ -232,13 +238,13 @@ def validate_manifest(doc: dict) -> tuple[list[str], list[str]]:
             warnings.append(f"STORAGE_URI {storage} is not fetchable from a cluster (scheme {scheme or 'none'!r}); "
                             f"use an s3/gs/pvc artifact store or pass --storage-uri")
     limits = (c.get("resources") or {}).get("limits") or {}
-    cuda = "--device" in args and args[args.index("--device") + 1] == "cuda"
+    cuda = _flag_value(args, "--device") == "cuda"
     if cuda and not limits.get("nvidia.com/gpu"):
         errors.append("a cuda container needs resources.limits nvidia.com/gpu")
-    if "--fp8" in args and not (cuda and "--dtype" in args and args[args.index("--dtype") + 1] == "bfloat16"):
+    if "--fp8" in args and not (cuda and _flag_value(args, "--dtype") == "bfloat16"):
         errors.append("--fp8 needs a cuda container serving --dtype bfloat16")
     if "--compile-cache" in args:
-        cache = args[args.index("--compile-cache") + 1] if args.index("--compile-cache") + 1 < len(args) else None
+        cache = _flag_value(args, "--compile-cache")
         mounts = {m.get("mountPath"): m.get("name") for m in c.get("volumeMounts") or []}
         volumes = {v.get("name"): v for v in pred.get("volumes") or []}
         if mounts.get(cache) not in volumes:
@@ -248,7 +254,7 @@ def validate_manifest(doc: dict) -> tuple[list[str], list[str]]:
         if claim and not _DNS_1123_SUBDOMAIN.match(str(claim.get("claimName", ""))):
             errors.append(f"persistentVolumeClaim claimName {claim.get('claimName')!r} must be a DNS-1123 subdomain")
     if "--drain-timeout" in args:
-        drain = args[args.index("--drain-timeout") + 1] if args.index("--drain-timeout") + 1 < len(args) else "?"
+        drain = _flag_value(args, "--drain-timeout") or "?"
         grace = pred.get("terminationGracePeriodSeconds", 30)  # Kubernetes' default
         if not re.fullmatch(r"\d+(\.\d+)?", drain) or not isinstance(grace, int) or grace <= float(drain):
             errors.append(f"terminationGracePeriodSeconds {grace} must exceed --drain-timeout {drain} (else Kubernetes "
