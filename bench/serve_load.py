@@ -224,23 +224,18 @@ def load_row(result: dict, robots: int, operating_point: str, batching: bool, wa
 
 def realtime_row(result: dict, robots: int, operating_point: str, warmup: int, threads: int = 1,
                  ahead_threads: int = 0, deferred: bool = True, staggered: bool = False) -> dict:
-    idle = [r["idle_s"] for e in result["rows"] for r in e if "idle_s" in r and r["chunk"] >= warmup]
+    timed = [(r["chunk"], r["idle_s"]) for e in result["rows"] for r in e if "idle_s" in r and r["chunk"] >= warmup]
+    idle = [s for _, s in timed]
+    # The longest idle over the robots at each chunk index: whether the tail sits in the first rounds (robots
+    # started together all need a chunk in the same window) or anywhere.
+    worst: dict[int, float] = {}
+    for chunk, s in timed:
+        worst[chunk] = max(worst.get(chunk, 0.0), s)
     return {"operating_point": operating_point, "robots": robots, "compute_threads": threads,
             "ahead_threads": ahead_threads, "deferred_observations": deferred, "staggered": staggered,
             "chunks_timed": len(idle),
             "idle_p50_s": statistics.median(idle), "idle_p99_s": percentile(idle, 99), "idle_max_s": max(idle),
-            "idle_max_by_chunk_s": idle_by_chunk(result, warmup)}
-
-
-def idle_by_chunk(result: dict, warmup: int) -> dict[int, float]:
-    """The longest idle over the robots at each chunk index: whether the tail sits in the first rounds (robots
-    started together all need a chunk in the same window) or anywhere."""
-    worst: dict[int, float] = {}
-    for e in result["rows"]:
-        for r in e:
-            if "idle_s" in r and r["chunk"] >= warmup:
-                worst[r["chunk"]] = max(worst.get(r["chunk"], 0.0), r["idle_s"])
-    return dict(sorted(worst.items()))
+            "idle_max_by_chunk_s": dict(sorted(worst.items()))}
 
 
 def agreement(weights, robots: int, chunks: int, operating_point: str) -> dict:
