@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import faulthandler
+import gc
 import json
 import multiprocessing
 import random
@@ -280,12 +281,35 @@ def agreement(weights, robots: int, chunks: int, operating_point: str) -> dict:
             "actions_max_abs_diff": actions, "latents_max_rel_l2": latents}
 
 
-def ahead_waits() -> tuple[float, float]:
-    """The served process's vaops_ahead_wait_seconds (count, sum): the observations' waits for chunks computed
-    ahead, the server's share of the robots' idle time."""
+class GcPauses:
+    """Python's garbage collections in this (the server's) process: their count, seconds and longest. A
+    collection holds the GIL, so every thread that serves robots waits for it."""
+
+    def __init__(self):
+        self.count, self.seconds, self.longest, self._start = 0, 0.0, 0.0, 0.0
+        gc.callbacks.append(self._callback)
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+            return
+        took = time.perf_counter() - self._start
+        self.count, self.seconds, self.longest = self.count + 1, self.seconds + took, max(self.longest, took)
+
+
+GC = GcPauses()
+
+
+def server_counters() -> dict[str, float]:
+    """The served process's counters a real-time row reports the increase of: the observations' waits for
+    chunks computed ahead (count, sum: the server's share of the robots' idle time), and the work that stalls every
+    robot when it happens mid-row (CUDA graphs captured, their seconds, functions compiled)."""
     from prometheus_client import REGISTRY
-    return (REGISTRY.get_sample_value("vaops_ahead_wait_seconds_count") or 0.0,
-            REGISTRY.get_sample_value("vaops_ahead_wait_seconds_sum") or 0.0)
+    names = {"ahead_waits": "vaops_ahead_wait_seconds_count", "ahead_wait_s": "vaops_ahead_wait_seconds_sum",
+             "graph_captures": "vaops_cuda_graph_captures", "graph_capture_s": "vaops_cuda_graph_capture_seconds",
+             "compiled_frames": "vaops_compiled_frames"}
+    return {**{key: REGISTRY.get_sample_value(name) or 0.0 for key, name in names.items()},
+            "gc_collections": GC.count, "gc_s": GC.seconds}
 
 
 def metric(text: str, name: str) -> float:
@@ -435,15 +459,18 @@ def main() -> None:
                     if b is not None and batcher is not None:
                         batcher.max_batch = b
                         batcher.batch_sizes.clear()
-                    waited = ahead_waits()
+                    before, GC.longest = server_counters(), 0.0
                     res = run(n, args.realtime_chunks, point, period_s=1.0 / args.control_hz, async_execution=True,
                               seed0=500, staggered=staggered)
                     row = realtime_row(res, n, point, args.warmup_chunks, c, a, deferred, staggered)
                     if batcher is not None:
                         row["max_batch"] = batcher.max_batch
                         row["batch_sizes"] = dict(sorted(batcher.batch_sizes.items()))
-                    count, total = (now - then for now, then in zip(ahead_waits(), waited))
-                    row["server_ahead_wait_mean_s"] = total / count if count else None
+                    grew = {k: v - before[k] for k, v in server_counters().items()}
+                    waits = grew["ahead_waits"]
+                    row["server_ahead_wait_mean_s"] = grew["ahead_wait_s"] / waits if waits else None
+                    row["stalls"] = {**{k: grew[k] for k in ("graph_captures", "graph_capture_s", "compiled_frames",
+                                                              "gc_collections", "gc_s")}, "gc_longest_s": GC.longest}
                     result["realtime"].append(row)
                     print(json.dumps(row), flush=True)
                     report(result, args, quiet=True)
@@ -492,17 +519,22 @@ def report(result: dict, args: argparse.Namespace, quiet: bool = False) -> None:
         lines += ["", f"Real time: asynchronous execution at {args.control_hz:g} Hz (robot idle from the end of a "
                   "chunk's last action to the next chunk in hand).", "",
                   "| operating point | robots | starts | in flight | ahead threads | observation | batch | chunks timed "
-                  "| idle p50 s | idle p99 s | idle max s | server: wait for the chunk ahead, mean s |",
-                  "| --- | ---: | --- | ---: | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+                  "| idle p50 s | idle p99 s | idle max s | server: wait for the chunk ahead, mean s "
+                  "| graphs captured (s) | compiled | GC pauses: s, longest s |",
+                  "| --- | ---: | --- | ---: | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for row in result["realtime"]:
             observation = "deferred" if row.get("deferred_observations", False) else "in the reply"
             starts = "spread" if row.get("staggered") else "together"
             wait = "-" if row.get("server_ahead_wait_mean_s") is None else f"{row['server_ahead_wait_mean_s']:.3f}"
             batch = "off" if row.get("max_batch", 1) == 1 else f"{row['max_batch']}: {row.get('batch_sizes')}"
+            stalls = row.get("stalls")  # rows of runs before stop 42 lack them
+            captured = "-" if stalls is None else f"{stalls['graph_captures']:.0f} ({stalls['graph_capture_s']:.2f})"
+            compiled = "-" if stalls is None else f"{stalls['compiled_frames']:.0f}"
+            pauses = "-" if stalls is None else f"{stalls['gc_s']:.3f}, {stalls['gc_longest_s']:.3f}"
             lines.append(f"| {row['operating_point']} | {row['robots']} | {starts} | {row['compute_threads']} | "
                          f"{row.get('ahead_threads', 0)} | {observation} | {batch} | {row['chunks_timed']} | "
                          f"{row['idle_p50_s']:.3f} "
-                         f"| {row['idle_p99_s']:.3f} | {row['idle_max_s']:.3f} | {wait} |")
+                         f"| {row['idle_p99_s']:.3f} | {row['idle_max_s']:.3f} | {wait} | {captured} | {compiled} | {pauses} |")
         by_chunk = [f"- row {i + 1}: " + ", ".join(f"{k}: {v:.3f}" for k, v in row["idle_max_by_chunk_s"].items())
                     for i, row in enumerate(result["realtime"]) if row.get("idle_max_by_chunk_s")]
         if by_chunk:

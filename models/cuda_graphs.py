@@ -7,6 +7,7 @@ faster than Python can launch them, so the steps are captured once and replayed.
 from __future__ import annotations
 
 import threading
+import time
 import weakref
 from collections import Counter
 from typing import Callable
@@ -17,6 +18,10 @@ import torch
 # blocks), which fails while another thread's stream is capturing ("operation not permitted when stream
 # is capturing"), as happens when several sessions' threads meet new shapes at once (models/batch.py).
 _CAPTURE_LOCK = threading.Lock()
+# Captures since the process started and their seconds (warm-up runs included): a capture while robots are served
+# stalls them all (it holds the lock above and synchronises the device), so the server exports these
+# (serving/metrics.py) and bench/serve_load.py counts the ones inside each timed row.
+CAPTURES = {"count": 0, "seconds": 0.0}
 
 
 # torch hands its streams out round-robin from a pool of 32 a device (`torch.cuda.Stream()`), so two live
@@ -66,6 +71,7 @@ class CapturedCall:
     def __init__(self, fn: Callable[..., torch.Tensor], inputs: list[torch.Tensor], pool=None, warmup: int = 2):
         self.inputs = [x.clone() for x in inputs]
         with _CAPTURE_LOCK:
+            start = time.perf_counter()
             current = torch.cuda.current_stream()
             own = current != torch.cuda.default_stream()  # a Policy's StreamClaim: warm up and capture there
             side = current if own else torch.cuda.Stream()  # no other pool stream drawn (see StreamClaim)
@@ -84,6 +90,8 @@ class CapturedCall:
             with torch.cuda.graph(self.graph, pool=pool, stream=current if own else None,
                                   capture_error_mode="thread_local"):
                 self.output = fn(*self.inputs)
+            CAPTURES["count"] += 1
+            CAPTURES["seconds"] += time.perf_counter() - start
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
         for dst, src in zip(self.inputs, inputs):

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
+from torch._dynamo.utils import counters as dynamo_counters
+
+from vaops.models.cuda_graphs import CAPTURES
 
 # Chunk operations take milliseconds (tiny preset) to tens of seconds (5B model, CPU fallback).
 _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -36,3 +39,15 @@ AHEAD_WAIT_SECONDS = Histogram("vaops_ahead_wait_seconds", "Time an observation 
 # Mostly size 1 while robots' chunks seldom meet; 8 robots at 50 Hz on one H200 ran sizes 1-4
 # (bench/results/batched_actions_h200.md).
 ACTION_BATCHES = Counter("vaops_action_batches", "Action phases run, by how many robots' shared one batch", ["size"])
+# Work that stalls every robot when it happens while they are served: a CUDA graph captured (a new shape, or a
+# policy's first episode: graphs are a policy's own, so a session given an unwarmed policy captures its graphs
+# mid-episode; vaops serve --warm-sessions warms policies before ready) or a function compiled by torch.compile.
+# Flat after warm-up on a steady server; bench/serve_load.py reports each real-time row's increase.
+GRAPH_CAPTURES = Gauge("vaops_cuda_graph_captures", "CUDA graphs captured since the server started")
+GRAPH_CAPTURE_SECONDS = Gauge("vaops_cuda_graph_capture_seconds", "Seconds spent capturing CUDA graphs (their warm-up "
+                              "runs included) since the server started")
+COMPILED_FRAMES = Gauge("vaops_compiled_frames", "Python frames torch.compile compiled since the server started "
+                        "(compilations and recompilations)")
+GRAPH_CAPTURES.set_function(lambda: CAPTURES["count"])
+GRAPH_CAPTURE_SECONDS.set_function(lambda: CAPTURES["seconds"])
+COMPILED_FRAMES.set_function(lambda: dynamo_counters["frames"]["ok"])

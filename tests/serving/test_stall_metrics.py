@@ -1,0 +1,37 @@
+"""The counters of work that stalls every served robot (serving/metrics.py): CUDA graphs captured and functions
+compiled. bench/serve_load.py reports their increase over each real-time row, so they must move with the work."""
+
+import torch
+from prometheus_client import REGISTRY
+
+import vaops.serving.metrics  # noqa: F401  (registers the gauges)
+from vaops.models.cuda_graphs import CAPTURES
+
+
+def sample(name: str) -> float:
+    value = REGISTRY.get_sample_value(name)
+    assert value is not None, f"{name} is not exported"
+    return value
+
+
+def test_compiled_frames_count_each_compilation():
+    before = sample("vaops_compiled_frames")
+    f = torch.compile(lambda x: x * 2 + 1, backend="eager")  # dynamo's frame count, without inductor's C++ build
+    f(torch.ones(3))
+    f(torch.ones(3))  # the same shape: no new compilation
+    assert sample("vaops_compiled_frames") == before + 1
+    f(torch.ones(2, 3))  # a new rank: recompiled
+    assert sample("vaops_compiled_frames") == before + 2
+
+
+def test_graph_capture_gauges_read_the_capture_tally():
+    count, seconds = sample("vaops_cuda_graph_captures"), sample("vaops_cuda_graph_capture_seconds")
+    assert (count, seconds) == (CAPTURES["count"], CAPTURES["seconds"])
+    if not torch.cuda.is_available():
+        assert count == 0  # nothing is captured on a CPU
+        return
+    from vaops.models.cuda_graphs import CapturedCall
+    call = CapturedCall(lambda x: x * 2, [torch.ones(4, device="cuda")])
+    assert torch.equal(call(torch.full((4,), 3.0, device="cuda")), torch.full((4,), 6.0, device="cuda"))
+    assert sample("vaops_cuda_graph_captures") == count + 1
+    assert sample("vaops_cuda_graph_capture_seconds") > seconds
