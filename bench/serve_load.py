@@ -13,13 +13,15 @@ the server for its interpreter lock); the server runs in this process with its c
    swapped between rows; 1 is one operation at a time).
 2. real time: N robots at the control rate (50 Hz: a chunk of 32 actions executes in 0.64 s) with
    asynchronous execution at the paper's operating point, all started together; a robot is idle from
-   the end of its chunk's last action to its next chunk in hand. Target: p99 at most 50 ms.
+   the end of its chunk's last action to its next chunk in hand. Target: p99 at most 50 ms. Each row also
+   records the longest idle at each chunk index, and the work inside it that stalls every robot (CUDA graphs
+   captured, with what fixed their shapes; functions compiled; Python's garbage collections).
 3. soak: `--soak-chunks` chunks over many short sessions of 8 concurrent robots; a tenth of the
    episodes drop the connection mid-episode (no close), and bad requests are mixed in on the websocket
    and on REST. Checked: no 5xx, every bad request answered in the protocol's terms and the
    connection still usable, no session left open and KV cache memory back to its level before.
 
-    python bench/serve_load.py --preset tiny --device cpu --robots 1,2 --chunks 3 --soak-chunks 20   # smoke
+    python bench/serve_load.py --preset tiny --device cpu --robots 1,2 --chunks 3 --realtime-chunks 4 --soak-chunks 20
     python bench/serve_load.py --preset robotwin --device cuda --out-dir bench/results
 """
 
@@ -40,6 +42,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import torch
+from vaops.models.cuda_graphs import CAPTURE_HOOKS
 from vaops.serving.config import ServeConfig
 from vaops.serving.server import started_pools
 from serve import PROMPT, add_server_arguments, connect, episode_frames, random_weights, serve_during, server_dtype
@@ -298,6 +301,7 @@ class GcPauses:
 
 
 GC = GcPauses()
+CAPTURED: list[tuple[str, float]] = []  # every CUDA graph captured in this process: (what fixed its shapes, s)
 
 
 def server_counters() -> dict[str, float]:
@@ -326,7 +330,9 @@ def main() -> None:
     parser.add_argument("--operating-points", default="released,paper",
                         help="operating points of the load phase; `name=1,8` gives one its own robot counts")
     parser.add_argument("--chunks", type=int, default=8, help="chunks per robot in the load phase")
-    parser.add_argument("--realtime-chunks", type=int, default=16)
+    # 48: past the robotwin window (attn_window 72: 36 chunks). A robot's idle grows as its cache fills, so rows of
+    # 16 chunks showed 8 robots in real time where 48 did not (results/serve_load_full_episodes_h200.md).
+    parser.add_argument("--realtime-chunks", type=int, default=48, help="chunks per robot of a real-time row")
     parser.add_argument("--control-hz", type=float, default=50.0)
     parser.add_argument("--soak-chunks", type=int, default=1000)
     parser.add_argument("--soak-rounds", type=int, default=1,
@@ -363,6 +369,7 @@ def main() -> None:
     args = parser.parse_args()
     phases = set(args.phases.split(","))
     faulthandler.enable()  # a crash in native code prints every thread's stack
+    CAPTURE_HOOKS.append(lambda label, took: CAPTURED.append((label, took)))
     if args.stack_dumps:
         faulthandler.dump_traceback_later(120, repeat=True, file=open(args.stack_dumps, "w"))  # noqa: SIM115
     counts = [int(n) for n in args.robots.split(",")]
@@ -459,7 +466,7 @@ def main() -> None:
                     if b is not None and batcher is not None:
                         batcher.max_batch = b
                         batcher.batch_sizes.clear()
-                    before, GC.longest = server_counters(), 0.0
+                    before, GC.longest, captured_before = server_counters(), 0.0, len(CAPTURED)
                     res = run(n, args.realtime_chunks, point, period_s=1.0 / args.control_hz, async_execution=True,
                               seed0=500, staggered=staggered)
                     row = realtime_row(res, n, point, args.warmup_chunks, c, a, deferred, staggered)
@@ -470,7 +477,8 @@ def main() -> None:
                     waits = grew["ahead_waits"]
                     row["server_ahead_wait_mean_s"] = grew["ahead_wait_s"] / waits if waits else None
                     row["stalls"] = {**{k: grew[k] for k in ("graph_captures", "graph_capture_s", "compiled_frames",
-                                                              "gc_collections", "gc_s")}, "gc_longest_s": GC.longest}
+                                                              "gc_collections", "gc_s")}, "gc_longest_s": GC.longest,
+                                     "captured": [[label, round(took, 3)] for label, took in CAPTURED[captured_before:]]}
                     result["realtime"].append(row)
                     print(json.dumps(row), flush=True)
                     report(result, args, quiet=True)
@@ -539,6 +547,10 @@ def report(result: dict, args: argparse.Namespace, quiet: bool = False) -> None:
                     for i, row in enumerate(result["realtime"]) if row.get("idle_max_by_chunk_s")]
         if by_chunk:
             lines += ["", "Longest idle (s) at each chunk index, over the robots, per row above:", *by_chunk]
+        captures = [f"- row {i + 1}: " + "; ".join(f"{label} ({took:.2f} s)" for label, took in row["stalls"]["captured"])
+                    for i, row in enumerate(result["realtime"]) if row.get("stalls", {}).get("captured")]
+        if captures:
+            lines += ["", "CUDA graphs captured during a row (what fixed their shapes):", *captures]
     if "agreement" in result:
         a = result["agreement"]
         lines += ["", f"Batched against alone ({a['robots']} robots, {a['chunks']} chunks each, {a['operating_point']}, "

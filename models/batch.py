@@ -470,7 +470,7 @@ class ChunkBatcher:
         if graph is None:
             if self._graph_pool is None:
                 self._graph_pool = torch.cuda.graph_pool_handle()
-            graph = self._graphs[shape] = CapturedCall(run, args, pool=self._graph_pool)
+            graph = self._graphs[shape] = CapturedCall(run, args, pool=self._graph_pool, label=f"batch {shape}")
         return graph(*args)
 
 

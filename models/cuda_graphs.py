@@ -22,6 +22,8 @@ _CAPTURE_LOCK = threading.Lock()
 # stalls them all (it holds the lock above and synchronises the device), so the server exports these
 # (serving/metrics.py) and bench/serve_load.py counts the ones inside each timed row.
 CAPTURES = {"count": 0, "seconds": 0.0}
+# Called after each capture with its label (what fixes its shapes) and seconds: which shape a stall came from.
+CAPTURE_HOOKS: list[Callable[[str, float], None]] = []
 
 
 # torch hands its streams out round-robin from a pool of 32 a device (`torch.cuda.Stream()`), so two live
@@ -68,7 +70,8 @@ class CapturedCall:
     The output tensor is reused by the next replay: consume it before calling again.
     """
 
-    def __init__(self, fn: Callable[..., torch.Tensor], inputs: list[torch.Tensor], pool=None, warmup: int = 2):
+    def __init__(self, fn: Callable[..., torch.Tensor], inputs: list[torch.Tensor], pool=None, warmup: int = 2,
+                 label: str = ""):
         self.inputs = [x.clone() for x in inputs]
         with _CAPTURE_LOCK:
             start = time.perf_counter()
@@ -90,8 +93,11 @@ class CapturedCall:
             with torch.cuda.graph(self.graph, pool=pool, stream=current if own else None,
                                   capture_error_mode="thread_local"):
                 self.output = fn(*self.inputs)
+            took = time.perf_counter() - start
             CAPTURES["count"] += 1
-            CAPTURES["seconds"] += time.perf_counter() - start
+            CAPTURES["seconds"] += took
+        for hook in CAPTURE_HOOKS:
+            hook(label, took)
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
         for dst, src in zip(self.inputs, inputs):

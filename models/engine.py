@@ -268,7 +268,7 @@ class InferenceEngine:
         Keyed by what fixes its shapes and addresses: the tokens, the batch and the cache read's extent."""
         key = (kind, n, tuple(x.shape), self.live_cache.static_extent())
         if key not in self._graphs and len(self._graphs) < MAX_GRAPHS:
-            self._graphs[key] = CapturedCall(run, inputs, pool=self._graph_pool)
+            self._graphs[key] = CapturedCall(run, inputs, pool=self._graph_pool, label=f"engine {key}")
         return self._graphs.get(key)
 
     def _denoise(self, kind: str, x: torch.Tensor, schedule: Schedule, guidance: float,

@@ -30,8 +30,14 @@ def test_graph_capture_gauges_read_the_capture_tally():
     if not torch.cuda.is_available():
         assert count == 0  # nothing is captured on a CPU
         return
-    from vaops.models.cuda_graphs import CapturedCall
-    call = CapturedCall(lambda x: x * 2, [torch.ones(4, device="cuda")])
+    from vaops.models.cuda_graphs import CAPTURE_HOOKS, CapturedCall
+    seen = []
+    CAPTURE_HOOKS.append(lambda label, took: seen.append((label, took)))
+    try:
+        call = CapturedCall(lambda x: x * 2, [torch.ones(4, device="cuda")], label="doubling")
+    finally:
+        CAPTURE_HOOKS.pop()
+    assert [label for label, _ in seen] == ["doubling"] and seen[0][1] > 0
     assert torch.equal(call(torch.full((4,), 3.0, device="cuda")), torch.full((4,), 6.0, device="cuda"))
     assert sample("vaops_cuda_graph_captures") == count + 1
     assert sample("vaops_cuda_graph_capture_seconds") > seconds
