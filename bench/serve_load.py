@@ -541,13 +541,14 @@ def report(result: dict, args: argparse.Namespace, quiet: bool = False) -> None:
             pauses = "-" if stalls is None else f"{stalls['gc_s']:.3f}, {stalls['gc_longest_s']:.3f}"
             lines.append(f"| {row['operating_point']} | {row['robots']} | {starts} | {row['compute_threads']} | "
                          f"{row.get('ahead_threads', 0)} | {observation} | {batch} | {row['chunks_timed']} | "
-                         f"{row['idle_p50_s']:.3f} "
-                         f"| {row['idle_p99_s']:.3f} | {row['idle_max_s']:.3f} | {wait} | {captured} | {compiled} | {pauses} |")
+                         f"{row['idle_p50_s']:.3f} | {row['idle_p99_s']:.3f} | {row['idle_max_s']:.3f} | {wait} | "
+                         f"{captured} | {compiled} | {pauses} |")
         by_chunk = [f"- row {i + 1}: " + ", ".join(f"{k}: {v:.3f}" for k, v in row["idle_max_by_chunk_s"].items())
                     for i, row in enumerate(result["realtime"]) if row.get("idle_max_by_chunk_s")]
         if by_chunk:
             lines += ["", "Longest idle (s) at each chunk index, over the robots, per row above:", *by_chunk]
-        captures = [f"- row {i + 1}: " + "; ".join(f"{label} ({took:.2f} s)" for label, took in row["stalls"]["captured"])
+        captures = [f"- row {i + 1}: " + "; ".join(f"{label} ({took:.2f} s)"
+                                                    for label, took in row["stalls"]["captured"])
                     for i, row in enumerate(result["realtime"]) if row.get("stalls", {}).get("captured")]
         if captures:
             lines += ["", "CUDA graphs captured during a row (what fixed their shapes):", *captures]

@@ -24,6 +24,7 @@ import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
@@ -344,7 +345,26 @@ def build_model(cfg: ServeConfig) -> PolicyModel:
         torch.set_num_threads(cfg.torch_threads)
     folder = resolve_checkpoint(cfg.model)
     log.info("loading %s (%s) on %s as %s", cfg.model, folder, cfg.device, cfg.dtype)
-    return model_from_weights(cfg, load_weights(folder, device=cfg.device, dtype=DTYPES[cfg.dtype]))
+    with out_of_memory_as_error(cfg, "loading the weights"):
+        weights = load_weights(folder, device=cfg.device, dtype=DTYPES[cfg.dtype])
+    return model_from_weights(cfg, weights)
+
+
+@contextmanager
+def out_of_memory_as_error(cfg: ServeConfig, stage: str):
+    """The device's memory running out while the server starts (the weights, the first session's cache and
+    graphs) as one line naming the device and what to change (a ValueError: `vaops serve` exits 2), not torch's
+    traceback. Past start-up, sessions are bounded by the memory left (serving/sessions.py)."""
+    try:
+        yield
+    except torch.OutOfMemoryError as e:
+        raise ValueError(f"{cfg.device}: out of memory while {stage} ({str(e).splitlines()[0]}); serve on a device "
+                         f"with more free memory, or use less: --fp8, --dtype bfloat16, --memory-reserve-gb") from None
+    except RuntimeError as e:  # a CPU allocation failing is a RuntimeError from torch's CPU allocator
+        if "can't allocate memory" not in str(e):
+            raise
+        raise ValueError(f"{cfg.device}: out of memory while {stage} ({str(e).splitlines()[0]}); serve on a host "
+                         f"with more free memory, or use less: --dtype bfloat16") from None
 
 
 def model_from_weights(cfg: ServeConfig, weights: PolicyWeights) -> PolicyModel:
@@ -360,9 +380,11 @@ def model_from_weights(cfg: ServeConfig, weights: PolicyWeights) -> PolicyModel:
         weights.batcher = ChunkBatcher(max_batch=batch, gather_s=cfg.batch_wait_ms / 1e3,
                                        on_batch=lambda n: metrics.ACTION_BATCHES.labels(size=str(n)).inc())
     reserve = None if cfg.memory_reserve_gb is None else int(cfg.memory_reserve_gb * 2**30)
-    sessions = SessionManager(weights, cfg.max_sessions, max_cache, cfg.idle_timeout_s,
-                              warm_up=cfg.warmup and weights.on_gpu, warm_sessions=cfg.warm_sessions,
-                              memory_reserve_bytes=reserve)
+    with out_of_memory_as_error(cfg, "making the sessions ready before serving (their KV caches, and their "
+                                     "warm-up on a GPU)"):
+        sessions = SessionManager(weights, cfg.max_sessions, max_cache, cfg.idle_timeout_s,
+                                  warm_up=cfg.warmup and weights.on_gpu, warm_sessions=cfg.warm_sessions,
+                                  memory_reserve_bytes=reserve)
     threads, ahead_threads = cfg.thread_counts(weights.on_gpu)
     if threads + ahead_threads > 1:
         allow_concurrent_policies()
