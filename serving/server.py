@@ -345,31 +345,32 @@ def build_model(cfg: ServeConfig) -> PolicyModel:
         torch.set_num_threads(cfg.torch_threads)
     folder = resolve_checkpoint(cfg.model)
     log.info("loading %s (%s) on %s as %s", cfg.model, folder, cfg.device, cfg.dtype)
-    with out_of_memory_as_error(cfg, "loading the weights"):
+    with out_of_memory_as_error(cfg, "loading the weights", ["--dtype bfloat16"] if cfg.dtype == "float32" else []):
         weights = load_weights(folder, device=cfg.device, dtype=DTYPES[cfg.dtype])
     return model_from_weights(cfg, weights)
 
 
 @contextmanager
-def out_of_memory_as_error(cfg: ServeConfig, stage: str):
-    """The device's memory running out while the server starts (the weights, the first session's cache and
-    graphs) as one line naming the device and what to change (a ValueError: `vaops serve` exits 2), not torch's
-    traceback. Past start-up, sessions are bounded by the memory left (serving/sessions.py)."""
+def out_of_memory_as_error(cfg: ServeConfig, stage: str, fixes: list[str]):
+    """The device's memory running out while the server starts (the weights, the sessions made before ready) as
+    one line naming the device, the stage and `fixes`, the flags that would take less of it at this stage (a
+    ValueError: `vaops serve` exits 2), not torch's traceback. Past start-up, sessions are bounded by the memory
+    left (serving/sessions.py)."""
     try:
         yield
-    except torch.OutOfMemoryError as e:
-        raise ValueError(f"{cfg.device}: out of memory while {stage} ({str(e).splitlines()[0]}); serve on a device "
-                         f"with more free memory, or use less: --fp8, --dtype bfloat16, --memory-reserve-gb") from None
-    except RuntimeError as e:  # a CPU allocation failing is a RuntimeError from torch's CPU allocator
-        if "can't allocate memory" not in str(e):
+    except (torch.OutOfMemoryError, RuntimeError) as e:
+        # a CPU allocation failing is a RuntimeError from torch's CPU allocator
+        if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e):
             raise
-        raise ValueError(f"{cfg.device}: out of memory while {stage} ({str(e).splitlines()[0]}); serve on a host "
-                         f"with more free memory, or use less: --dtype bfloat16") from None
+        free = "free memory on the device (other processes may hold it) or serve on a larger one"
+        advice = f"serve with {' '.join(fixes)}, or {free}" if fixes else free
+        raise ValueError(f"{cfg.device}: out of memory while {stage} ({str(e).splitlines()[0]}); {advice}") from None
 
 
 def model_from_weights(cfg: ServeConfig, weights: PolicyWeights) -> PolicyModel:
     if cfg.fp8:
-        swapped = weights.use_fp8()
+        with out_of_memory_as_error(cfg, "quantising the weights to FP8", []):
+            swapped = weights.use_fp8()
         log.info("FP8 block GEMMs: %s", f"{swapped} Linears quantised" if swapped else "the weights came quantised")
         if not weights.on_gpu:
             log.warning("FP8 on a CPU runs oneDNN's FP8 products: FP8's numbers, slower than bfloat16 "
@@ -380,8 +381,11 @@ def model_from_weights(cfg: ServeConfig, weights: PolicyWeights) -> PolicyModel:
         weights.batcher = ChunkBatcher(max_batch=batch, gather_s=cfg.batch_wait_ms / 1e3,
                                        on_batch=lambda n: metrics.ACTION_BATCHES.labels(size=str(n)).inc())
     reserve = None if cfg.memory_reserve_gb is None else int(cfg.memory_reserve_gb * 2**30)
+    fixes = [*(["--warm-sessions 1"] if cfg.warm_sessions > 1 and weights.on_gpu else []),
+             *(["--fp8"] if not cfg.fp8 else []),
+             *(["--dtype bfloat16"] if cfg.dtype == "float32" else [])]
     with out_of_memory_as_error(cfg, "making the sessions ready before serving (their KV caches, and their "
-                                     "warm-up on a GPU)"):
+                                     "warm-up on a GPU)", fixes):
         sessions = SessionManager(weights, cfg.max_sessions, max_cache, cfg.idle_timeout_s,
                                   warm_up=cfg.warmup and weights.on_gpu, warm_sessions=cfg.warm_sessions,
                                   memory_reserve_bytes=reserve)
