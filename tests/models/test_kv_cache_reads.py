@@ -20,8 +20,8 @@ from vaops.models.transformer import build_transformer
 class CountedCall:
     """CapturedCall's stand-in on CPU: runs the step eagerly; the engine's dict of them is its graphs."""
 
-    def __init__(self, fn, inputs, pool=None):
-        self.fn = fn
+    def __init__(self, fn, inputs, pool=None, label=""):
+        self.fn, self.label = fn, label
 
     def __call__(self, *inputs):
         return self.fn(*inputs)
@@ -184,6 +184,8 @@ def test_graphs_per_episode_and_their_bound(golden, model, counted, monkeypatch)
     first = episode(engine, t, 7)
     assert len(engine._graphs) == 3 * 4 + 1
     assert all(key[3] is not None for key in engine._graphs)  # no masked read
+    # each labelled with its key: the server's capture hook names the shape behind a stall (serving/metrics.py)
+    assert all(call.label == f"engine {key}" for key, call in engine._graphs.items())
     again = episode(engine, t, 7)  # a second episode reuses them all
     assert len(engine._graphs) == 3 * 4 + 1
     for a, b in zip(first, again):
