@@ -307,7 +307,7 @@ CAPTURED: list[tuple[str, float]] = []  # every CUDA graph captured in this proc
 def server_counters() -> dict[str, float]:
     """The served process's counters a real-time row reports the increase of: the observations' waits for
     chunks computed ahead (count, sum: the server's share of the robots' idle time), and the work that stalls every
-    robot when it happens mid-row (CUDA graphs captured, their seconds, functions compiled)."""
+    robot when it happens mid-row (CUDA graphs captured, their seconds, functions compiled, garbage collections)."""
     from prometheus_client import REGISTRY
     names = {"ahead_waits": "vaops_ahead_wait_seconds_count", "ahead_wait_s": "vaops_ahead_wait_seconds_sum",
              "graph_captures": "vaops_cuda_graph_captures", "graph_capture_s": "vaops_cuda_graph_capture_seconds",
