@@ -310,7 +310,8 @@ def server_counters() -> dict[str, float]:
     robot when it happens mid-row (CUDA graphs captured, their seconds, functions compiled, garbage collections)."""
     from prometheus_client import REGISTRY
     names = {"ahead_waits": "vaops_ahead_wait_seconds_count", "ahead_wait_s": "vaops_ahead_wait_seconds_sum",
-             "graph_captures": "vaops_cuda_graph_captures", "graph_capture_s": "vaops_cuda_graph_capture_seconds",
+             "graph_captures": "vaops_cuda_graph_captures_total",
+             "graph_capture_s": "vaops_cuda_graph_capture_seconds_total",
              "compiled_frames": "vaops_compiled_frames"}
     return {**{key: REGISTRY.get_sample_value(name) or 0.0 for key, name in names.items()},
             "gc_collections": GC.count, "gc_s": GC.seconds}

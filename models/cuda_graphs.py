@@ -18,11 +18,9 @@ import torch
 # blocks), which fails while another thread's stream is capturing ("operation not permitted when stream
 # is capturing"), as happens when several sessions' threads meet new shapes at once (models/batch.py).
 _CAPTURE_LOCK = threading.Lock()
-# Captures since the process started and their seconds (warm-up runs included): a capture while robots are served
-# stalls them all (it holds the lock above and synchronises the device), so the server exports these
-# (serving/metrics.py) and bench/serve_load.py counts the ones inside each timed row.
-CAPTURES = {"count": 0, "seconds": 0.0}
-# Called after each capture with its label (what fixes its shapes) and seconds: which shape a stall came from.
+# Called after each capture with its label (what fixes its shapes) and seconds (warm-up runs included): a capture
+# while robots are served stalls them all (it holds the lock above and synchronises the device), so the server
+# counts them (serving/metrics.py) and bench/serve_load.py lists the ones inside each timed row.
 CAPTURE_HOOKS: list[Callable[[str, float], None]] = []
 
 
@@ -94,8 +92,6 @@ class CapturedCall:
                                   capture_error_mode="thread_local"):
                 self.output = fn(*self.inputs)
             took = time.perf_counter() - start
-            CAPTURES["count"] += 1
-            CAPTURES["seconds"] += took
         for hook in CAPTURE_HOOKS:
             hook(label, took)
 

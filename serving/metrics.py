@@ -5,7 +5,7 @@ from __future__ import annotations
 from prometheus_client import Counter, Gauge, Histogram
 from torch._dynamo.utils import counters as dynamo_counters
 
-from vaops.models.cuda_graphs import CAPTURES
+from vaops.models.cuda_graphs import CAPTURE_HOOKS
 
 # Chunk operations take milliseconds (tiny preset) to tens of seconds (5B model, CPU fallback).
 _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -43,11 +43,17 @@ ACTION_BATCHES = Counter("vaops_action_batches", "Action phases run, by how many
 # policy's first episode: graphs are a policy's own, so a session given an unwarmed policy captures its graphs
 # mid-episode; vaops serve --warm-sessions warms policies before ready) or a function compiled by torch.compile.
 # Flat after warm-up on a steady server; bench/serve_load.py reports each real-time row's increase.
-GRAPH_CAPTURES = Gauge("vaops_cuda_graph_captures", "CUDA graphs captured since the server started")
-GRAPH_CAPTURE_SECONDS = Gauge("vaops_cuda_graph_capture_seconds", "Seconds spent capturing CUDA graphs (their warm-up "
-                              "runs included) since the server started")
+GRAPH_CAPTURES = Counter("vaops_cuda_graph_captures", "CUDA graphs captured since the server started")
+GRAPH_CAPTURE_SECONDS = Counter("vaops_cuda_graph_capture_seconds", "Seconds spent capturing CUDA graphs (their "
+                                "warm-up runs included) since the server started")
 COMPILED_FRAMES = Gauge("vaops_compiled_frames", "Python frames torch.compile compiled since the server started "
                         "(compilations and recompilations)")
-GRAPH_CAPTURES.set_function(lambda: CAPTURES["count"])
-GRAPH_CAPTURE_SECONDS.set_function(lambda: CAPTURES["seconds"])
+
+
+def _count_capture(label: str, took: float) -> None:
+    GRAPH_CAPTURES.inc()
+    GRAPH_CAPTURE_SECONDS.inc(took)
+
+
+CAPTURE_HOOKS.append(_count_capture)
 COMPILED_FRAMES.set_function(lambda: dynamo_counters["frames"]["ok"])

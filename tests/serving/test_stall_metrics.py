@@ -1,11 +1,12 @@
-"""The counters of work that stalls every served robot (serving/metrics.py): CUDA graphs captured and functions
-compiled. bench/serve_load.py reports their increase over each real-time row, so they must move with the work."""
+"""The counters of work that stalls every served robot (serving/metrics.py): CUDA graphs captured (reported by
+models/cuda_graphs.py's capture hooks) and functions compiled. bench/serve_load.py reports their increase over each
+real-time row, so they must move with the work."""
 
 import torch
 from prometheus_client import REGISTRY
 
 import vaops.serving.metrics  # noqa: F401  (registers the gauges)
-from vaops.models.cuda_graphs import CAPTURES
+from vaops.models.cuda_graphs import CAPTURE_HOOKS
 
 
 def sample(name: str) -> float:
@@ -24,13 +25,16 @@ def test_compiled_frames_count_each_compilation():
     assert sample("vaops_compiled_frames") == before + 2
 
 
-def test_graph_capture_gauges_read_the_capture_tally():
-    count, seconds = sample("vaops_cuda_graph_captures"), sample("vaops_cuda_graph_capture_seconds")
-    assert (count, seconds) == (CAPTURES["count"], CAPTURES["seconds"])
+def test_graph_capture_counters_count_each_capture_reported():
+    count, seconds = sample("vaops_cuda_graph_captures_total"), sample("vaops_cuda_graph_capture_seconds_total")
     if not torch.cuda.is_available():
         assert count == 0  # nothing is captured on a CPU
+        for hook in list(CAPTURE_HOOKS):  # what CapturedCall reports after a capture of 0.25 s
+            hook("engine ('action', 1)", 0.25)
+        assert sample("vaops_cuda_graph_captures_total") == count + 1
+        assert sample("vaops_cuda_graph_capture_seconds_total") == seconds + 0.25
         return
-    from vaops.models.cuda_graphs import CAPTURE_HOOKS, CapturedCall
+    from vaops.models.cuda_graphs import CapturedCall
     seen = []
     CAPTURE_HOOKS.append(lambda label, took: seen.append((label, took)))
     try:
@@ -39,5 +43,5 @@ def test_graph_capture_gauges_read_the_capture_tally():
         CAPTURE_HOOKS.pop()
     assert [label for label, _ in seen] == ["doubling"] and seen[0][1] > 0
     assert torch.equal(call(torch.full((4,), 3.0, device="cuda")), torch.full((4,), 6.0, device="cuda"))
-    assert sample("vaops_cuda_graph_captures") == count + 1
-    assert sample("vaops_cuda_graph_capture_seconds") > seconds
+    assert sample("vaops_cuda_graph_captures_total") == count + 1
+    assert sample("vaops_cuda_graph_capture_seconds_total") > seconds
