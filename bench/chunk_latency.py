@@ -33,7 +33,6 @@ from typing import Any
 
 import torch
 
-import vaops.models.engine as engine_module
 import vaops.models.fp8 as fp8_module
 import vaops.models.transformer as transformer_module
 from vaops.models.config import get_preset
@@ -120,7 +119,7 @@ def chunk_passes(engine: InferenceEngine) -> list[tuple[str, int, int]]:
     """(part, batch rows, tokens a row) of each denoising pass of a steady synchronous chunk at the engine's
     sampling settings, as `act` and `observe` run them: each schedule step (CFG rows only where guided),
     each schedule's final pass on both rows (a synchronous episode skips the actions'), the observation's
-    pass over its video and actions on both rows (one pass: models/engine.py JOINT_WRITES; else two)."""
+    video and action passes on both rows."""
     c, cfg = engine.config, engine.model.config
     video = c.frame_chunk_size * c.latent_height * c.latent_width // (cfg.patch_size[1] * cfg.patch_size[2])
     actions = c.frame_chunk_size * c.action_per_frame
@@ -128,8 +127,6 @@ def chunk_passes(engine: InferenceEngine) -> list[tuple[str, int, int]]:
     steps = [("video passes", 2 if s.guidance_scale > 1 else 1, video)] * len(engine.video_schedule.timesteps)
     steps.append(("video passes", both, video))
     steps += [("action passes", 2 if s.action_guidance_scale > 1 else 1, actions)] * len(engine.action_schedule.timesteps)
-    if engine_module.JOINT_WRITES:
-        return steps + [("observation", both, video + actions)]
     return steps + [("observation", both, video), ("observation", both, actions)]
 
 
@@ -215,8 +212,6 @@ BASELINES = {
                      "the attention calls (LingBotVATransformer._chain)",
     "fast-accum": "FP8 GEMMs accumulating with periodic promotion to fp32 (before 2026-12-01), not cuBLASLt's "
                   "fast accumulation (models/fp8.py FAST_ACCUM)",
-    "separate-writes": "a chunk's written entries (the observation) in a pass for its video and another for its "
-                       "actions (before 2026-12-02), not one pass over both (models/engine.py JOINT_WRITES)",
     "looped-rows": "the blocks' 3,072-wide norms and row scales reduced in inductor's loop (before 2026-12-01), "
                    "not in one pass (models/transformer.py WHOLE_ROWS); the regions recompile",
 }
@@ -238,8 +233,7 @@ def baseline(names: str):
     compile and capture their own graphs."""
     parts = baseline_parts(names)
     kept = (CachedSelfAttention.destination, fp8_module.FUSED_GELU, KVCache._pack, transformer_module.CHAIN_REGIONS,
-            fp8_module.FAST_ACCUM, transformer_module.WHOLE_ROWS, torch._inductor.config.fx_graph_cache,
-            engine_module.JOINT_WRITES)
+            fp8_module.FAST_ACCUM, transformer_module.WHOLE_ROWS, torch._inductor.config.fx_graph_cache)
     try:
         if "looped-rows" in parts:  # compiled code and inductor's graph cache would serve the other kernels
             torch._dynamo.reset()
@@ -255,13 +249,11 @@ def baseline(names: str):
             transformer_module.CHAIN_REGIONS = False
         if "fast-accum" in parts:
             fp8_module.FAST_ACCUM = False
-        if "separate-writes" in parts:
-            engine_module.JOINT_WRITES = False
         yield
     finally:
         (CachedSelfAttention.destination, fp8_module.FUSED_GELU, KVCache._pack,  # type: ignore[method-assign]
          transformer_module.CHAIN_REGIONS, fp8_module.FAST_ACCUM, transformer_module.WHOLE_ROWS,
-         torch._inductor.config.fx_graph_cache, engine_module.JOINT_WRITES) = kept
+         torch._inductor.config.fx_graph_cache) = kept
         if "looped-rows" in parts:  # the next engine compiles the served kernels again
             torch._dynamo.reset()
 

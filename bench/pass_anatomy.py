@@ -470,25 +470,18 @@ def chunk_timeline(engine: InferenceEngine, preset, seed: int, chunks: int = 4) 
     or since the chunk began)."""
     engine.set_sampling(preset.operating_point("paper"))
     gen = torch.Generator(device="cuda").manual_seed(seed)
-    forward, joint = engine._forward, engine._joint
+    forward = engine._forward
     records: list[dict] = []
 
-    def timing(kind: str, rows: int, keep: bool, run):
+    def timed(kind, x, t, keep, predicted, cond_only):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         host = time.perf_counter()
         start.record()
-        out = run()
+        out = forward(kind, x, t, keep, predicted, cond_only)
         end.record()
-        records.append({"kind": kind, "rows": rows, "keep": keep,
+        records.append({"kind": kind, "rows": 1 if cond_only else engine.batch, "keep": keep,
                         "host_ms": (time.perf_counter() - host) * 1e3, "start": start, "end": end})
         return out
-
-    def timed(kind, x, t, keep, predicted, cond_only, **k):
-        return timing(kind, 1 if cond_only else engine.batch, keep,
-                      lambda: forward(kind, x, t, keep, predicted, cond_only, **k))
-
-    def timed_joint(*a):  # an observation's video and actions in one pass (models/engine.py JOINT_WRITES)
-        return timing("video+action", engine.batch, True, lambda: joint(*a))
 
     def chunk() -> None:
         obs = observation(engine, gen)
@@ -497,7 +490,7 @@ def chunk_timeline(engine: InferenceEngine, preset, seed: int, chunks: int = 4) 
 
     for _ in range(2):
         chunk()
-    engine._forward, engine._joint = timed, timed_joint  # type: ignore[method-assign,assignment]
+    engine._forward = timed  # type: ignore[method-assign]
     out: dict = {"chunks": []}
     try:
         for _ in range(chunks):
@@ -525,10 +518,10 @@ def chunk_timeline(engine: InferenceEngine, preset, seed: int, chunks: int = 4) 
                   f"idle between {out['chunks'][-1]['idle_ms']:.1f}, after the last {prev.elapsed_time(finish):.1f}",
                   flush=True)
             for p in passes:
-                print(f"  {p['kind']:12s} x{p['rows']} keep={p['keep']!s:5s} gpu {p['gpu_ms']:6.2f} ms  "
+                print(f"  {p['kind']:6s} x{p['rows']} keep={p['keep']!s:5s} gpu {p['gpu_ms']:6.2f} ms  "
                       f"host {p['host_ms']:6.2f} ms  idle before {p['idle_before_ms']:5.2f} ms", flush=True)
     finally:
-        del engine._forward, engine._joint
+        del engine._forward
         engine.set_sampling(preset.sampling)
     return out
 

@@ -18,23 +18,18 @@ from .attention import grid_ids
 from .config import Preset, SamplingConfig, check_operating_point
 from .cuda_graphs import CapturedCall
 from .flow_matching import Schedule
-from .kv_cache import CachedSelfAttention, JointCachedSelfAttention, KVCache, PendingWrite
+from .kv_cache import CachedSelfAttention, KVCache
 from .transformer import LingBotVATransformer, TextContext
 
-# Captured graphs per engine. An episode at the robotwin preset captures 145: while the ring fills,
-# 36 video levels (CFG batch of two), 35 action levels, each for the steps' batch of one and the
-# cache pass's two, and the observation's joint pass (JOINT_WRITES) at 36 levels (142); 3 on the full ring.
-# The observation pass after an eviction reads the packed ring (KVCache._pack) as the last filling level's
-# observation does, with its graph. Grounded asynchronous execution's forward-dynamics passes add 71 (2 a
-# filling level, 1 masked). 110 took 0.57 GiB
+# Captured graphs per engine. An episode at the robotwin preset captures 109: while the ring fills,
+# 36 video levels (CFG batch of two) and 35 action levels, each for the steps' batch of one and the
+# cache pass's two (106); 3 on the full ring. The observation pass after an eviction reads the packed
+# ring (KVCache._pack) as the last filling level's observation does, with its graph. Grounded
+# asynchronous execution's forward-dynamics passes add 71 (2 a filling level, 1 masked). 110 took 0.57 GiB
 # on one H200 (their inputs, outputs and shared pool; the KV cache is 7.2 GB). Observations
 # of other lengths add shapes: past this bound a new shape runs eagerly, with the same reads, so graph
 # memory stays bounded.
 MAX_GRAPHS = 256
-# A chunk's entries (an observation, or a chunk computed ahead written again after one) are written by one pass over
-# its video and action tokens where the cache allows (InferenceEngine._write), not a pass each: the action pass,
-# weight-read bound at 2 x 32 rows, rides on the video pass's GEMMs.
-JOINT_WRITES = True
 
 
 @dataclass(frozen=True)
@@ -142,7 +137,6 @@ class InferenceEngine:
         self._slots = {kind: torch.zeros(max(self.video_tokens, self.action_tokens), dtype=torch.long,
                                          device=self.device) for kind in ("video", "action")}
         self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._written: torch.Tensor | None = None  # a joint pass's action entries (`_joint`)
         self._ahead: Chunk | None = None
         # The chunk the robot executes when it was computed ahead (its cached video is a stale forecast:
         # imagined before the observation that preceded it); None after a synchronous act.
@@ -249,19 +243,13 @@ class InferenceEngine:
             return self.model.forward_video, f, x.shape[3] // ph, x.shape[4] // pw
         return self.model.forward_actions, f, x.shape[3], x.shape[4]
 
-    def _begin(self, kind: str, x: torch.Tensor, keep: bool, predicted: bool) -> PendingWrite:
-        """The cache entries of a pass over `x`'s tokens."""
-        _, f, h, w = self._pass(kind, x)
-        return self.live_cache.begin(f * h * w, keep=keep, predicted=predicted, slots_out=self._slots[kind])
-
     def _forward(self, kind: str, x: torch.Tensor, t: torch.Tensor, keep: bool, predicted: bool,
-                 cond_only: bool, pending: PendingWrite | None = None) -> torch.Tensor:
-        """A pass over `x`'s tokens: its entries `pending` where begun already, else begun here."""
+                 cond_only: bool) -> torch.Tensor:
         batch = slice(0, 1) if cond_only else slice(None)
         n = 1 if cond_only else self.batch
         fn, f, h, w = self._pass(kind, x)
         cos, sin = self._rope(kind, f, h, w)
-        pending = pending or self._begin(kind, x, keep, predicted)
+        pending = self.live_cache.begin(f * h * w, keep=keep, predicted=predicted, slots_out=self._slots[kind])
         text = self.live_text.select(batch) if cond_only else self.live_text
 
         def run(x: torch.Tensor, t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -270,17 +258,15 @@ class InferenceEngine:
 
         x = x.expand(n, *x.shape[1:]).to(self.dtype)
         t = t.expand(n, -1)
-        graph = self._graph((kind, n, tuple(x.shape), pending.extent), run, [x, t, cos, sin])
+        graph = self._graph(kind, n, x, run, [x, t, cos, sin]) if self.cuda_graphs else None
         out = run(x, t, cos, sin) if graph is None else graph(x, t, cos, sin)
         self.live_cache.end(pending)
         return out
 
-    def _graph(self, key: tuple, run, inputs: list[torch.Tensor]) -> CapturedCall | None:
-        """This step's captured graph, captured on first use; None without CUDA graphs or past MAX_GRAPHS (run
-        it eagerly). `key`: what fixes its shapes and addresses: the tokens, the batch and the cache reads'
-        extents."""
-        if not self.cuda_graphs:
-            return None
+    def _graph(self, kind: str, n: int, x: torch.Tensor, run, inputs: list[torch.Tensor]) -> CapturedCall | None:
+        """This step's captured graph, captured on first use; None past MAX_GRAPHS (run it eagerly).
+        Keyed by what fixes its shapes and addresses: the tokens, the batch and the cache read's extent."""
+        key = (kind, n, tuple(x.shape), self.live_cache.static_extent())
         if key not in self._graphs and len(self._graphs) < MAX_GRAPHS:
             self._graphs[key] = CapturedCall(run, inputs, pool=self._graph_pool, label=f"engine {key}")
         return self._graphs.get(key)
@@ -459,50 +445,11 @@ class InferenceEngine:
         self._write(video, chunk.actions, predicted=True, video_t=chunk.cached_t)
 
     def _write(self, video: torch.Tensor, actions: torch.Tensor, predicted: bool, video_t: float = 0.0) -> None:
-        """A chunk's video entries at timestep `video_t`, then its actions' at t = 0: in one pass over both where
-        the cache allows (JOINT_WRITES), else a pass each."""
+        """A chunk's video entries at timestep `video_t`, then its actions' at t = 0."""
         level = torch.full((1, video.shape[2]), video_t, device=self.device)
+        self._forward("video", video, level, keep=True, predicted=predicted, cond_only=False)
         zeros = torch.zeros(1, actions.shape[2], device=self.device)
-        actions = actions * self.action_mask
-        first = self._begin("video", video, keep=True, predicted=predicted)
-        if JOINT_WRITES and first.extent is not None and self.live_cache.begins_unpacked(self.action_tokens):
-            self._joint(video, level, actions, zeros, first, self._begin("action", actions, True, predicted))
-            return
-        self._forward("video", video, level, keep=True, predicted=predicted, cond_only=False, pending=first)
-        self._forward("action", actions, zeros, keep=True, predicted=predicted, cond_only=False)
-
-    def _joint(self, video: torch.Tensor, level: torch.Tensor, actions: torch.Tensor, zeros: torch.Tensor,
-               first: PendingWrite, second: PendingWrite) -> None:
-        """The joint pass of `_write`: the video entries `first`, then the actions' `second`
-        (JointCachedSelfAttention). The pass overwrites the second's slots layer by layer, where the first's tokens
-        may still have to read what they held (the oldest entries it evicts, or the copies of a packed ring), so a
-        run puts those back and returns the new entries, stored after it: each run (a graph's warm-up runs too) then
-        reads what the two passes would."""
-        cache, n = self.live_cache, self.batch
-        _, f, h, w = self._pass("video", video)
-        rope = [torch.cat(pair, dim=-2) for pair in zip(self._rope("video", f, h, w),
-                                                       self._rope("action", *actions.shape[2:]))]
-        slots = second.slots
-        if self._written is None:  # the new entries between a run and their store: one buffer, not one a graph
-            self._written = cache.k.new_empty(2, *cache.k.shape[:2], self.action_tokens, *cache.k.shape[3:])
-        written = self._written
-
-        def run(xv: torch.Tensor, tv: torch.Tensor, xa: torch.Tensor, ta: torch.Tensor, cos: torch.Tensor,
-                sin: torch.Tensor) -> torch.Tensor:
-            attn = JointCachedSelfAttention(cache, first, second, self.backend, static=self.static_reads)
-            held = cache.k[:, :, slots], cache.v[:, :, slots]
-            self.model.forward_written(xv, tv, xa, ta, (cos, sin), self.live_text, attn, self.backend)
-            torch.index_select(cache.k, 2, slots, out=written[0])
-            torch.index_select(cache.v, 2, slots, out=written[1])
-            cache.k[:, :, slots], cache.v[:, :, slots] = held
-            return written
-
-        inputs = [video.expand(n, *video.shape[1:]).to(self.dtype), level.expand(n, -1),
-                  actions.expand(n, *actions.shape[1:]).to(self.dtype), zeros.expand(n, -1), *rope]
-        graph = self._graph(("joint", n, tuple(video.shape), tuple(actions.shape), first.extent, second.extent),
-                            run, inputs)
-        run(*inputs) if graph is None else graph(*inputs)
-        cache.k[:, :, slots], cache.v[:, :, slots] = written[0], written[1]
+        self._forward("action", actions * self.action_mask, zeros, keep=True, predicted=predicted, cond_only=False)
 
     def advance(self) -> None:
         """Continue from the imagined chunk instead of an observation (image-to-video-action

@@ -35,11 +35,6 @@ class PendingWrite:
     length: int
     keep: bool
     slots: torch.Tensor  # ring slots of the new entries, on the cache's device
-    # The read this write's pass makes, as `begin` left the cache: the static extent (see
-    # `KVCache.static_extent`; None: masked) and the live range [head, tail). A joint pass (`read(..., at=)`)
-    # reads each of its writes as its own pass would, after the next write has begun.
-    extent: int | None = None
-    live_range: tuple[int, int] = (0, 0)
 
 
 class KVCache:
@@ -129,14 +124,7 @@ class KVCache:
         # Only masked reads use it: two kernels saved per pass otherwise.
         if self.static_extent() is None or (ring and not self.full):
             self._update_valid()
-        write.extent, write.live_range = self.static_extent(), (self.head, self.tail)
         return write
-
-    def begins_unpacked(self, length: int) -> bool:
-        """Whether `begin(length)` now would leave the ring full or a prefix, so that it neither packs (which
-        copies entries into free slots before the pass) nor needs the live-slot mask: a write begun after another
-        whose pass has not run yet may only begin so (`read(..., at=)`)."""
-        return len(self) + length >= self.capacity or self.head == 0
 
     def _pack(self, w: PendingWrite) -> None:
         """Make the live entries the ring's first len(self) slots: copy the live ones among the last f slots
@@ -175,15 +163,12 @@ class KVCache:
             self.tail = max(self.head, self.predicted_from)
             self.predicted_from = None
 
-    def live(self, layer: int, batch: slice, live_range: tuple[int, int] | None = None
-             ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys/values of every live entry (in ring order; attention does not depend on order); `live_range`:
-        those of an earlier state's [head, tail)."""
+    def live(self, layer: int, batch: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys/values of every live entry (in ring order; attention does not depend on order)."""
         k, v = self.k[layer, batch], self.v[layer, batch]
-        head, tail = live_range or (self.head, self.tail)
-        if tail - head == self.capacity:
+        if self.full:
             return k, v
-        h, t = head % self.capacity, tail % self.capacity
+        h, t = self.head % self.capacity, self.tail % self.capacity
         if h < t or t == 0:
             end = t or self.capacity
             return k[:, h:end], v[:, h:end]
@@ -204,20 +189,14 @@ class KVCache:
         keys.index_copy_(1, slots, k)
         values.index_copy_(1, slots, v)
 
-    def read(self, layer: int, batch: slice = slice(None), static: bool = False, at: PendingWrite | None = None
+    def read(self, layer: int, batch: slice = slice(None), static: bool = False
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Every live entry's keys/values and a mask, the new entries stored.
 
         static: read at fixed addresses for captured graphs (see `static_extent`): a prefix of the
         ring with no mask, or the whole ring with the live-slot mask; otherwise the live entries alone
-        and no mask. `at`: the entries live when that write began (its pass's read), not now; never masked.
+        and no mask.
         """
-        if at is not None:
-            if not static:
-                return *self.live(layer, batch, at.live_range), None
-            if at.extent is None:
-                raise ValueError("a read as of an earlier write needs its static extent (it begins unpacked)")
-            return self.k[layer, batch, :at.extent], self.v[layer, batch, :at.extent], None
         if not static:
             return *self.live(layer, batch), None
         n = self.static_extent()
@@ -248,38 +227,3 @@ class CachedSelfAttention:
             self.cache.store(layer, self.pending, k, v, self.batch)
         keys, values, mask = self.cache.read(layer, self.batch, self.static)
         return attention(q, keys, values, mask, self.backend)
-
-
-@dataclass
-class JointCachedSelfAttention:
-    """Self-attention of two kept writes' new tokens in one pass (a chunk's video entries, then its actions':
-    one pass over both instead of two, so the actions' rows ride on the video pass's GEMMs). The first write's
-    tokens read the cache as their own pass would (`read(..., at=first)`: without the second's entries, and with
-    what the second's slots held before it); then the second's entries are stored and its tokens read as their
-    own pass would. Both writes must have begun unpacked (`KVCache.begins_unpacked`). The pass overwrites the
-    second's slots during each layer, so a caller that may run it more than once (a CUDA graph's warm-up)
-    restores them between runs (`InferenceEngine._joint`)."""
-
-    cache: KVCache
-    first: PendingWrite
-    second: PendingWrite
-    backend: str = "sdpa"
-    static: bool = False
-
-    def destination(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The first write's entries, which the compiled attn_in region stores (it returns the second's)."""
-        return self.cache.destination(layer, self.first)
-
-    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None) -> torch.Tensor:
-        """k, v: the second write's new keys/values, or both writes' where no region stored the first's."""
-        if k is None or v is None:
-            raise ValueError("a joint pass takes the second write's keys and values with the call")
-        n = self.first.length
-        if k.shape[1] == n + self.second.length:
-            self.cache.store(layer, self.first, k[:, :n], v[:, :n])
-            k, v = k[:, n:], v[:, n:]
-        keys, values, _ = self.cache.read(layer, static=self.static, at=self.first)
-        first = attention(q[:, :n], keys, values, None, self.backend)
-        self.cache.store(layer, self.second, k, v)
-        keys, values, _ = self.cache.read(layer, static=self.static, at=self.second)
-        return torch.cat([first, attention(q[:, n:], keys, values, None, self.backend)], dim=1)

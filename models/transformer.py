@@ -160,9 +160,8 @@ def _modulation(block: TransformerBlock, mod: torch.Tensor, i: int) -> torch.Ten
 
 
 def _block_attn_in(block: TransformerBlock, x, mod, cos, sin, destination=None):
-    """norm1 -> modulate -> q, k (QK RMSNorm, rotary), v. With a destination (keys, values, slots), the first
-    len(slots) tokens' k and v are stored there (compiled, in the rotary's kernel); the rest are returned (a
-    joint pass's second write: JointCachedSelfAttention), or None where there is no rest."""
+    """norm1 -> modulate -> q, k (QK RMSNorm, rotary), v. With a destination (keys, values, slots), k and v
+    are stored there (compiled, in the rotary's kernel) and returned as None."""
     shift, scale = _modulation(block, mod, 0), _modulation(block, mod, 1)
     g = shift.shape[1]
     h = (_grouped(block.norm1(x.float()), g) * (1 + scale) + shift).flatten(1, 2).type_as(x)
@@ -171,14 +170,9 @@ def _block_attn_in(block: TransformerBlock, x, mod, cos, sin, destination=None):
     if destination is None:
         return q, k, v
     keys, values, slots = destination
-    n = slots.shape[0]
-    if n == k.shape[1]:
-        keys[:, slots] = k
-        values[:, slots] = v
-        return q, None, None
-    keys[:, slots] = k[:, :n]
-    values[:, slots] = v[:, :n]
-    return q, k[:, n:], v[:, n:]
+    keys[:, slots] = k
+    values[:, slots] = v
+    return q, None, None
 
 
 def _block_attn_out(block: TransformerBlock, x, attn, mod):
@@ -365,23 +359,18 @@ class LingBotVATransformer(nn.Module):
               rope: tuple[torch.Tensor, torch.Tensor], text: TextAttentionFn,
               self_attention: SelfAttentionFn, backend: str = "sdpa") -> torch.Tensor:
         """x [B, L, D]; temb [B, G, D] and mod [B, G, 6, D] per group of L/G consecutive tokens."""
-        x = self._blocks(x, mod, rope, text, self_attention, backend)
+        if CHAIN_REGIONS and not torch.is_grad_enabled():
+            x = self._chain(x, mod, rope, text, self_attention, backend)
+        else:  # training: block by block, the unit of activation checkpointing and of its memory tables
+            for i, block in enumerate(self.blocks):
+                args = (i, x, text, mod, rope, self_attention, backend, self.regions)
+                if self.gradient_checkpointing and torch.is_grad_enabled() and i % self.checkpoint_every == 0:
+                    x = torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+                else:
+                    x = block(*args)
         shift, scale = (self.scale_shift_table.unsqueeze(0) + temb.unsqueeze(2)).unsqueeze(2).unbind(3)
         out = _grouped(self.norm_out(x.float()), temb.shape[1]) * (1 + scale) + shift
         return out.flatten(1, 2).type_as(x)
-
-    def _blocks(self, x: torch.Tensor, mod: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                text: TextAttentionFn, self_attention: SelfAttentionFn, backend: str) -> torch.Tensor:
-        """The blocks over x [B, L, D] (the trunk before its output norm)."""
-        if CHAIN_REGIONS and not torch.is_grad_enabled():
-            return self._chain(x, mod, rope, text, self_attention, backend)
-        for i, block in enumerate(self.blocks):  # training: the unit of activation checkpointing and of its memory tables
-            args = (i, x, text, mod, rope, self_attention, backend, self.regions)
-            if self.gradient_checkpointing and torch.is_grad_enabled() and i % self.checkpoint_every == 0:
-                x = torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
-            else:
-                x = block(*args)
-        return x
 
     def _chain(self, x: torch.Tensor, mod: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                text: TextAttentionFn, self_attention: SelfAttentionFn, backend: str) -> torch.Tensor:
@@ -415,23 +404,6 @@ class LingBotVATransformer(nn.Module):
         temb, mod = self.time_embed(timesteps, action=True)
         out = self.trunk(self.embed_actions(actions), temb, mod, rope, text, self_attention, backend)
         return self.action_proj_out(out).transpose(1, 2).reshape(b, a, f, n, w)
-
-    def forward_written(self, latents: torch.Tensor, video_t: torch.Tensor, actions: torch.Tensor,
-                        action_t: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], text: TextAttentionFn,
-                        self_attention: SelfAttentionFn, backend: str = "sdpa") -> torch.Tensor:
-        """One pass over a chunk's video tokens then its action tokens, each modulated by its own timesteps [B, F]
-        and embedder, for a cache write of both (models/kv_cache.JointCachedSelfAttention): the blocks only, as a
-        write's predictions are not used. rope: the video tokens' then the actions'. Returns the last hidden
-        states [B, L, D]."""
-        _, mv = self.time_embed(video_t, action=False)
-        _, ma = self.time_embed(action_t, action=True)
-        xv, xa = self.embed_video(latents), self.embed_actions(actions)
-        per_v, per_a = xv.shape[1] // video_t.shape[1], xa.shape[1] // action_t.shape[1]
-        # Groups of equal size for the blocks' grouped modulation: robotwin's 120 video and 16 action tokens a
-        # frame make 15 and 2 groups of 8.
-        g = math.gcd(per_v, per_a)
-        mod = torch.cat([mv.repeat_interleave(per_v // g, dim=1), ma.repeat_interleave(per_a // g, dim=1)], dim=1)
-        return self._blocks(torch.cat([xv, xa], dim=1), mod, rope, text, self_attention, backend)
 
     def forward_train(self, video_noisy: torch.Tensor, video_clean: torch.Tensor, video_t: torch.Tensor,
                       video_cond_t: torch.Tensor, action_noisy: torch.Tensor, action_clean: torch.Tensor,

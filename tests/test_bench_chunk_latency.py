@@ -31,28 +31,21 @@ def engine() -> InferenceEngine:
 def recorded_passes(engine: InferenceEngine) -> Counter:
     """(rows, tokens) of every pass one synchronous act + observe runs, once the cache is full."""
     passes: Counter = Counter()
-    forward, joint = engine._forward, engine._joint
+    forward = engine._forward
 
-    def tokens(kind, x):
+    def counting(kind, x, t, keep, predicted, cond_only):
         _, f, h, w = engine._pass(kind, x)
-        return f * h * w
-
-    def counting(kind, x, t, keep, predicted, cond_only, **k):
-        passes[(1 if cond_only else engine.batch, tokens(kind, x))] += 1
-        return forward(kind, x, t, keep, predicted, cond_only, **k)
-
-    def counting_joint(video, level, actions, *a):  # the observation's video and actions in one pass
-        passes[(engine.batch, tokens("video", video) + tokens("action", actions))] += 1
-        return joint(video, level, actions, *a)
+        passes[(1 if cond_only else engine.batch, f * h * w)] += 1
+        return forward(kind, x, t, keep, predicted, cond_only)
 
     gen = torch.Generator().manual_seed(1)
     obs = observation(engine, gen)
-    engine._forward, engine._joint = counting, counting_joint  # type: ignore[method-assign,assignment]
+    engine._forward = counting  # type: ignore[method-assign]
     try:
         engine.act(generator=gen)
         engine.observe(*obs)
     finally:
-        del engine._forward, engine._joint
+        del engine._forward
     return passes
 
 

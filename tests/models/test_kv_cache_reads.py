@@ -131,11 +131,7 @@ def episode(engine, t, chunks, reads=None):
     engine.reset(t["infer.in.prompt_emb"], t["infer.in.negative_emb"])
     read = engine.cache.read
     if reads is not None:
-        def spy(*a, at=None, **k):  # a joint pass reads each write as of its begin (`at`)
-            reads[-1].add(engine.cache.static_extent() if at is None else at.extent)
-            return read(*a, at=at, **k)
-
-        engine.cache.read = spy
+        engine.cache.read = lambda *a, **k: reads[-1].add(engine.cache.static_extent()) or read(*a, **k)
     out = []
     for c in range(chunks):
         if reads is not None:
@@ -177,128 +173,21 @@ def test_static_read_episode_equals_the_compact_read_episode(golden, model):  # 
                 assert diff <= 1e-5, f"chunk {c} {name}: {diff}"
 
 
-class WarmedCall(CountedCall):
-    """CapturedCall's stand-in that runs the step as often as CapturedCall does at its capture (two warm-up runs,
-    then the replay): a step must leave the cache as one run would."""
-
-    def __init__(self, fn, inputs, pool=None, label=""):
-        super().__init__(fn, inputs, pool, label)
-        self.new = True
-
-    def __call__(self, *inputs):
-        if self.new:
-            self.new = False
-            for _ in range(2):
-                self.fn(*inputs)
-        return self.fn(*inputs)
-
-
-def ahead_episode(engine, t, chunks, grounded):
-    """An asynchronous episode: each chunk computed ahead, then the executing chunk observed (perturbed)."""
-    gen = torch.Generator().manual_seed(2)
-    engine.reset(t["infer.in.prompt_emb"], t["infer.in.negative_emb"])
-    vn, an = noise(engine, gen)
-    executing = engine.act(first_latent=t["infer.in.init_latent"], video_noise=vn, action_noise=an)
-    out = [executing]
-    for _ in range(chunks - 1):
-        vn, an = noise(engine, gen)
-        ahead = engine.act_ahead(video_noise=vn, action_noise=an, grounded=grounded,
-                                 ground_noise=noise(engine, gen)[0])
-        engine.observe(executing.video + 0.1 * vn, executing.actions)
-        out.append(executing := ahead)
-    return out
-
-
-def test_a_chunk_written_in_one_pass_equals_a_pass_each(golden, model, monkeypatch):  # noqa: F811
-    """JOINT_WRITES: an observation (and a chunk computed ahead, written again after one) in one pass over its
-    video and action tokens, the video reading the cache as its own pass would (the action entries' slots as they
-    were) and the actions after storing theirs. Over the ring's states (filling, full, the packed read after an
-    eviction) and with the steps run three times, as a graph's capture runs them: the chunks and the cache of a
-    pass each, within float tolerance."""
-    cases, t = golden
-    cfg = windowed(cases, 8)  # a ring of 4 chunks, evicting from chunk 4
-    monkeypatch.setattr(engine_module, "CapturedCall", WarmedCall)
-
-    def run(joint: bool, play):
-        monkeypatch.setattr(engine_module, "JOINT_WRITES", joint)
-        engine = graphed(InferenceEngine(model, cfg, cuda_graphs=True))
-        return play(engine), engine
-
-    for i, play in enumerate((lambda e: episode(e, t, 7), lambda e: ahead_episode(e, t, 7, False),
-                              lambda e: ahead_episode(e, t, 7, True))):
-        (one, joint), (each, separate) = run(True, play), run(False, play)
-        keys = {key[4:] for key in joint._graphs if key[0] == "joint"}
-        assert keys and not any(key[0] == "joint" for key in separate._graphs)
-        if i == 0:  # each observation: filling (prefixes), then after an eviction the video read packed, the actions
-            # the full ring
-            assert keys == {(12, 20), (32, 40), (52, 60), (72, 80)}, keys
-        for c, (a, b) in enumerate(zip(one, each)):
-            for name in ("video", "actions"):
-                diff = (getattr(a, name) - getattr(b, name)).abs().max().item()
-                assert diff <= 1e-6, f"chunk {c} {name}: {diff}"
-        assert (joint.cache.head, joint.cache.tail) == (separate.cache.head, separate.cache.tail)
-        for layer in range(model.config.num_layers):
-            for x, y in zip(joint.cache.live(layer, slice(None)), separate.cache.live(layer, slice(None))):
-                torch.testing.assert_close(x, y, atol=1e-6, rtol=0)
-
-
-def test_a_joint_pass_captured_where_its_video_reads_the_action_slots(golden, model, monkeypatch):  # noqa: F811
-    """The hazard of a graph's repeated runs: an observation after an eviction whose packed read puts copies of
-    live entries in the very slots its actions then take. Captured first in that state (the joint pass switched
-    on from that chunk), the runs before the replay must each see those copies: the same chunks and cache as a
-    pass each."""
-    cases, t = golden
-    cfg = windowed(cases, 8)
-    monkeypatch.setattr(engine_module, "CapturedCall", WarmedCall)
-    copied = []
-    pack = KVCache._pack
-
-    def counted_pack(self, w):
-        before = self.k.clone()
-        pack(self, w)
-        copied.append(not torch.equal(before, self.k))
-
-    monkeypatch.setattr(KVCache, "_pack", counted_pack)
-
-    def play(joint_from: int):
-        engine = graphed(InferenceEngine(model, cfg, cuda_graphs=True))
-        gen = torch.Generator().manual_seed(1)
-        engine.reset(t["infer.in.prompt_emb"], t["infer.in.negative_emb"])
-        out = []
-        for c in range(6):
-            vn, an = noise(engine, gen)
-            out.append(engine.act(first_latent=t["infer.in.init_latent"] if c == 0 else None, video_noise=vn,
-                                  action_noise=an))
-            monkeypatch.setattr(engine_module, "JOINT_WRITES", c >= joint_from)
-            copied.clear()
-            engine.observe(out[-1].video + 0.1 * vn, out[-1].actions)
-            if c == joint_from:
-                assert copied == [True] and getattr(engine._graphs[next(reversed(engine._graphs))], "new") is False
-        return out, engine
-
-    (joint, a), (each, _) = play(4), play(99)  # chunk 4's observation is the first after the eviction
-    assert [key[4:] for key in a._graphs if key[0] == "joint"] == [(72, 80)]
-    for c, (x, y) in enumerate(zip(joint, each)):
-        for name in ("video", "actions"):
-            diff = (getattr(x, name) - getattr(y, name)).abs().max().item()
-            assert diff <= 1e-6, f"chunk {c} {name}: {diff}"
-
-
 def test_graphs_per_episode_and_their_bound(golden, model, counted, monkeypatch):  # noqa: F811
-    """4 per level while the ring of C chunks fills (video at CFG batch 2; actions at batch 1 for the
-    steps and 2 for the cache pass; the observation's joint pass over its video and actions), less the last
-    action level, which is the full ring: 4C + 1 with the full ring's 3. The observation after an eviction reads the packed prefix as the last filling
+    """3 per level while the ring of C chunks fills (video at CFG batch 2; actions at batch 1 for the
+    steps and 2 for the cache pass), less the last action level, which is the full ring: 3C + 1 with
+    the full ring's 3. The observation after an eviction reads the packed prefix as the last filling
     level's observation does, with its graph. Past MAX_GRAPHS new shapes run eagerly."""
     cases, t = golden
     cfg = windowed(cases, 8)
     engine = graphed(InferenceEngine(model, cfg, cuda_graphs=True))
     first = episode(engine, t, 7)
-    assert len(engine._graphs) == 4 * 4 + 1
-    assert all(None not in key[3:] for key in engine._graphs)  # no masked read
+    assert len(engine._graphs) == 3 * 4 + 1
+    assert all(key[3] is not None for key in engine._graphs)  # no masked read
     # each labelled with its key: the server's capture hook names the shape behind a stall (serving/metrics.py)
     assert all(call.label == f"engine {key}" for key, call in engine._graphs.items())
     again = episode(engine, t, 7)  # a second episode reuses them all
-    assert len(engine._graphs) == 4 * 4 + 1
+    assert len(engine._graphs) == 3 * 4 + 1
     for a, b in zip(first, again):
         assert torch.equal(a.actions, b.actions) and torch.equal(a.video, b.video)
 
@@ -311,7 +200,7 @@ def test_graphs_per_episode_and_their_bound(golden, model, counted, monkeypatch)
 
 def test_warm_up_runs_every_level_of_the_robotwin_ring(counted):
     """The robotwin layout (24x20 latents, 240 video + 32 action tokens a chunk, window 72: a ring of
-    36 chunks, 9,792 slots) on a one-layer model: the warm-up's pass over the levels captures the 145
+    36 chunks, 9,792 slots) on a one-layer model: the warm-up's pass over the levels captures the 109
     graphs of an episode, and an episode after it (filling, full, evicting) captures none."""
     preset = get_preset("robotwin")
     tiny = TransformerConfig(num_layers=1, num_attention_heads=1, attention_head_dim=24, ffn_dim=32, text_dim=16,
@@ -329,26 +218,26 @@ def test_warm_up_runs_every_level_of_the_robotwin_ring(counted):
     start()
     assert engine.cache.capacity == 9792
     assert engine.warm_up_cache_levels() == 36  # chunks 1-36; the 36th evicts, its observation reads packed
-    assert len(engine._graphs) == 145
+    assert len(engine._graphs) == 109
     assert engine.config.sampling.video_steps == 2  # the session's settings are back
     start()
     for _ in range(37):  # the 36th evicts, the 37th runs on the evicted ring
         chunk = engine.act()
         engine.observe(chunk.video, chunk.actions)
-    assert engine.cache.head > 0 and len(engine._graphs) == 145
+    assert engine.cache.head > 0 and len(engine._graphs) == 109
     # Grounded asynchronous execution adds the forward-dynamics passes' own levels, well within MAX_GRAPHS.
     engine.reset(torch.randn(1, 5, tiny.text_dim), torch.randn(1, 5, tiny.text_dim))
     engine.act(first_latent=first)
     assert engine.warm_up_cache_levels(grounded=True) == 36
     # 71 more: 2 a filling level, and a read under the mask after the eviction (its new entries land among
     # the ring's last free-count slots, so it cannot be packed)
-    assert len(engine._graphs) == 216 <= engine_module.MAX_GRAPHS
+    assert len(engine._graphs) == 180 <= engine_module.MAX_GRAPHS
     engine.reset(torch.randn(1, 5, tiny.text_dim), torch.randn(1, 5, tiny.text_dim))
     engine.act(first_latent=first)
     for _ in range(4):  # an episode's first grounded levels (the tiny policy's test runs one through eviction)
         ahead = engine.act_ahead(grounded=True)
         engine.observe(ahead.video, ahead.actions)
-    assert engine.grounded is not None and len(engine._graphs) == 216
+    assert engine.grounded is not None and len(engine._graphs) == 180
 
 
 def test_policy_warm_up_leaves_nothing_to_capture_in_the_first_episode(counted):
