@@ -173,6 +173,8 @@ class SessionManager:
         if warm_up:  # more policies, each with its own cache and graphs; popped first (the pool's end)
             for _ in range(min(warm_sessions, self.capacity) - 1):
                 self._pool.append(pooled_policy(weights, warm_up))
+        # Where policies are warmed up (a GPU), the policies made after start-up are not: `open` says so.
+        self.warmed = len(self._pool) if warm_up else 0
         self._sessions: dict[str, Session] = {}
         self._closed: OrderedDict[str, None] = OrderedDict()
         # Stopping (a signal, PolicyServer): no new session or episode, the ones under way finish.
@@ -206,10 +208,21 @@ class SessionManager:
         if not self._pool:
             self._check_memory()
         self._closed.pop(session_id, None)
-        policy = self._pool.pop() if self._pool else self.weights.new_policy()
+        policy = self._pool.pop() if self._pool else self._new_policy(session_id)
         session = Session(session_id, policy, self.clock())
         self._sessions[session_id] = session
         return session
+
+    def _new_policy(self, session_id: str) -> Policy:
+        """A policy made for a session, every pooled one being in use. One that is not warmed up captures its CUDA
+        graphs during its first episodes, and later at each cache level where it first runs its action steps alone
+        (one H200: 0.53 s for one such graph, bench/results/serve_load_capture_source_h200.md), so the operator is
+        told how to avoid it."""
+        if self.warmed:
+            log.warning("session %s gets a policy that was not warmed up (the %d warmed at start are in use): it "
+                        "captures its CUDA graphs during its first episodes, each capture holding its robot up for "
+                        "0.2-0.6 s; `vaops serve --warm-sessions N` warms N before ready", session_id, self.warmed)
+        return self.weights.new_policy()
 
     def refuse_if_draining(self) -> None:
         if self.draining:

@@ -128,9 +128,10 @@ def test_busy_sessions_neither_expire_nor_get_pooled_until_done(tiny_weights):
     asyncio.run(scenario())
 
 
-def test_warm_sessions_are_warmed_before_any_client_and_handed_out_first(tiny_weights, monkeypatch):
+def test_warm_sessions_are_warmed_before_any_client_and_handed_out_first(tiny_weights, monkeypatch, caplog):
     """`warm_sessions`: that many pooled policies run Policy.warm_up (their CUDA graphs captured on a GPU)
-    before the server reports ready, bounded by the capacity; robots get them before any new policy."""
+    before the server reports ready, bounded by the capacity; robots get them before any new policy, and a session
+    given a new one is logged with the flag that avoids it."""
     from vaops.models.policy import Policy
 
     warmed = []
@@ -138,10 +139,24 @@ def test_warm_sessions_are_warmed_before_any_client_and_handed_out_first(tiny_we
     manager = SessionManager(tiny_weights, max_sessions=3, max_cache_bytes=None, idle_timeout_s=60, warm_up=True,
                              warm_sessions=2)
     assert len(warmed) == 2 and len(set(map(id, warmed))) == 2
-    a, b, c = manager.open("a"), manager.open("b"), manager.open("c")
+    with caplog.at_level("WARNING", logger="vaops.serving.sessions"):
+        a, b = manager.open("a"), manager.open("b")
+        assert caplog.records == []  # warmed policies
+        c = manager.open("c")
     assert {id(a.policy), id(b.policy)} == set(map(id, warmed)) and c.policy not in warmed
+    [record] = caplog.records
+    assert record.getMessage().startswith("session c gets a policy that was not warmed up (the 2 warmed at start are "
+                                          "in use)") and "--warm-sessions N" in record.getMessage()
+    caplog.clear()
+    manager.close("c")
+    with caplog.at_level("WARNING", logger="vaops.serving.sessions"):
+        manager.open("d")  # c's policy, back in the pool
+    assert caplog.records == []
     assert len(SessionManager(tiny_weights, max_sessions=2, max_cache_bytes=None, idle_timeout_s=60, warm_up=True,
                               warm_sessions=5)._pool) == 2
     warmed.clear()
-    SessionManager(tiny_weights, max_sessions=3, max_cache_bytes=None, idle_timeout_s=60, warm_sessions=2)
+    cpu = SessionManager(tiny_weights, max_sessions=3, max_cache_bytes=None, idle_timeout_s=60, warm_sessions=2)
     assert warmed == []  # no warm-up asked for (CPU servers)
+    with caplog.at_level("WARNING", logger="vaops.serving.sessions"):
+        cpu.open("a"), cpu.open("b")
+    assert caplog.records == []  # no policy is warmed there, so none is singled out
