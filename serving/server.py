@@ -345,9 +345,14 @@ def build_model(cfg: ServeConfig) -> PolicyModel:
         torch.set_num_threads(cfg.torch_threads)
     folder = resolve_checkpoint(cfg.model)
     log.info("loading %s (%s) on %s as %s", cfg.model, folder, cfg.device, cfg.dtype)
-    with out_of_memory_as_error(cfg, "loading the weights", ["--dtype bfloat16"] if cfg.dtype == "float32" else []):
+    with out_of_memory_as_error(cfg, "loading the weights", half_precision_flag(cfg)):
         weights = load_weights(folder, device=cfg.device, dtype=DTYPES[cfg.dtype])
     return model_from_weights(cfg, weights)
+
+
+def half_precision_flag(cfg: ServeConfig) -> list[str]:
+    """The flag that halves the weights' and caches' memory, where they are float32."""
+    return ["--dtype bfloat16"] if cfg.dtype == "float32" else []
 
 
 @contextmanager
@@ -383,7 +388,7 @@ def model_from_weights(cfg: ServeConfig, weights: PolicyWeights) -> PolicyModel:
     reserve = None if cfg.memory_reserve_gb is None else int(cfg.memory_reserve_gb * 2**30)
     fixes = [*(["--warm-sessions 1"] if cfg.warm_sessions > 1 and weights.on_gpu else []),
              *(["--fp8"] if not cfg.fp8 else []),
-             *(["--dtype bfloat16"] if cfg.dtype == "float32" else [])]
+             *half_precision_flag(cfg)]
     with out_of_memory_as_error(cfg, "making the sessions ready before serving (their KV caches, and their "
                                      "warm-up on a GPU)", fixes):
         sessions = SessionManager(weights, cfg.max_sessions, max_cache, cfg.idle_timeout_s,
